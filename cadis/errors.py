@@ -1,0 +1,12 @@
+"""The one exception type that the command line turns into a one-line message and exit code 2."""
+
+
+class CadisError(Exception):
+    """A problem with the user's input or environment, stated in one line.
+
+    Raised for bad configuration values, missing data or models and similar; the CLI prints
+    ``cadis: error: <message>`` and exits with :data:`EXIT_USAGE` instead of a traceback.
+    """
+
+
+EXIT_USAGE = 2
