@@ -1,0 +1,40 @@
+# Two commands for a new user: `make demo` and `make test`. Both set up what is missing first:
+# the virtualenv with the Python dependencies, and Debian's Fashion-MNIST package.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cadis-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+MODELS := models/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: setup data demo test pretrain clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data:
+	@if [ -f "$(FASHION_MNIST)" ] || [ -n "$$CADIS_DATA" ]; then exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" \
+		     "or set CADIS_DATA to a folder with its IDX files" >&2; exit 1; \
+	fi
+
+pretrain: setup
+	$(BIN)/cadis pretrain --dataset fashion-mnist --out $(MODELS)
+
+demo: pretrain
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from cadis.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""Parsing of ``key=value`` overrides, shared by every command that takes ``--set``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from cadis.errors import CadisError
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is read as YAML (numbers, booleans, lists, mappings)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise CadisError(f"--set takes key=value, got {item!r}")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise CadisError(f"--set {key}: cannot parse value {raw!r}") from None
+
+
+def coerce_like(key: str, value: Any, current: Any) -> Any:
+    """Convert ``value`` to the type of the setting's current value, or raise naming the key.
+
+    YAML reads ``3e-3`` as a string and ``1`` as an int where a float is meant; numbers given as
+    strings are converted here so that one place decides what a setting's type is.
+    """
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise CadisError(f"{key} must be true or false, got {value!r}")
+    if isinstance(current, (int, float)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise CadisError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(current, int):
+            if not number.is_integer():
+                raise CadisError(f"{key} must be an integer, got {value!r}")
+            return int(number)
+        return number
+    if isinstance(current, str) and not isinstance(value, str):
+        raise CadisError(f"{key} must be a string, got {value!r}")
+    if isinstance(current, (list, tuple)) and not isinstance(value, (list, tuple)):
+        raise CadisError(f"{key} must be a list, got {value!r}")
+    if isinstance(current, dict) and not isinstance(value, dict):
+        raise CadisError(f"{key} must be a mapping, got {value!r}")
+    return value

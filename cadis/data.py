@@ -1,0 +1,275 @@
+"""Image datasets by name, as float tensors in [0, 1] (C x H x W) with integer labels.
+
+Every dataset reports its channels, image size and class names through :class:`DatasetInfo`, so
+the models and the denoiser can be built to match without the caller repeating them. Test subsets
+are deterministic (:func:`subset_indices`), which is what makes certification records resumable
+and comparable across trials.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cadis.errors import CadisError
+
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "digits")
+IN_MEMORY_DATASETS = ("fashion-mnist", "cifar10", "digits")
+SPLITS = ("train", "test")
+AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
+
+# Where Debian's dataset-fashion-mnist package puts the IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+# scikit-learn's digits has no split of its own: a fixed seeded permutation makes one.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+# Padding of the random-crop augmentation, in pixels (the usual CIFAR recipe uses 4 at 32 px).
+CROP_PADDING_FRACTION = 0.125
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the models need to know about a dataset."""
+
+    name: str
+    channels: int
+    image_size: int
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The directory data sets are read from and downloaded to: ``root``, else ``$CADIS_DATA``,
+    else ``~/.cache/cadis/data``."""
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get("CADIS_DATA"):
+        return Path(os.environ["CADIS_DATA"]).expanduser()
+    return Path.home() / ".cache" / "cadis" / "data"
+
+
+class ImageTensorDataset(Dataset):
+    """Images held in memory as uint8 N x C x H x W; items are ``(float image in [0,1], label)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo,
+                 augment: str = "none") -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("images must be a uint8 tensor of shape N x C x H x W")
+        _check_choice("augment", augment, AUGMENTATIONS)
+        self.images = images
+        self.labels = labels.long()
+        self.info = info
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index].float().div_(255.0)
+        if self.augment != "none":
+            image = augment_image(image, self.augment)
+        return image, int(self.labels[index])
+
+
+class FolderDataset(Dataset):
+    """A folder-per-class tree (ImageNet's layout) read lazily, resized to a square size."""
+
+    def __init__(self, root: Path, image_size: int, augment: str = "none") -> None:
+        from torchvision.datasets import ImageFolder
+        from torchvision.transforms import v2
+
+        _check_choice("augment", augment, AUGMENTATIONS)
+        resize = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        self.folder = ImageFolder(str(root), transform=v2.Compose(
+            [v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True)]))
+        first, _ = self.folder[0]
+        self.info = DatasetInfo("imagefolder", first.shape[0], image_size,
+                                tuple(self.folder.classes))
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.folder[index]
+        if self.augment != "none":
+            image = augment_image(image, self.augment)
+        return image, label
+
+
+def augment_image(image: torch.Tensor, augment: str) -> torch.Tensor:
+    """Random crop (zero padding) and/or horizontal flip of one C x H x W image."""
+    if "crop" in augment:
+        size = image.shape[-1]
+        pad = max(1, round(size * CROP_PADDING_FRACTION))
+        padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+        top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+        image = padded[:, top:top + image.shape[-2], left:left + size]
+    if "flip" in augment and torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    return image
+
+
+def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
+                 augment: str = "none", image_size: int | None = None,
+                 download: bool = True) -> ImageTensorDataset | FolderDataset:
+    """Load a dataset split by name.
+
+    ``root`` overrides where the files are looked for (for ``imagefolder`` it is the tree itself,
+    with ``train/`` and ``val/`` or ``test/`` sub-trees, or class folders directly).
+    ``image_size`` is only used by ``imagefolder``, whose images have no size of their own.
+    Raises :class:`CadisError` with a one-line hint when the data is missing.
+    """
+    _check_choice("dataset", name, DATASETS)
+    _check_choice("split", split, SPLITS)
+    if name == "fashion-mnist":
+        return _fashion_mnist(split, root, augment, download)
+    if name == "cifar10":
+        return _cifar10(split, root, augment, download)
+    if name == "digits":
+        return _digits(split, augment)
+    return _image_folder(split, root, augment, image_size)
+
+
+def subset_indices(length: int, skip: int = 1, max_images: int | None = None,
+                   offset: int = 0) -> list[int]:
+    """Deterministic test subset: every ``skip``-th index from ``offset``, at most ``max_images``."""
+    if skip < 1:
+        raise CadisError(f"skip must be an integer >= 1, got {skip}")
+    if max_images is not None and max_images < 1:
+        raise CadisError(f"max_images must be an integer >= 1, got {max_images}")
+    indices = list(range(offset, length, skip))
+    return indices if max_images is None else indices[:max_images]
+
+
+def stack_images(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels at ``indices`` as one batch (for evaluation on a fixed subset)."""
+    items = [dataset[i] for i in indices]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
+def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise CadisError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if dtype_code != 0x08:  # unsigned byte: the only type the (Fashion-)MNIST files use
+        raise CadisError(f"{path}: unsupported IDX element type 0x{dtype_code:02x}")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem,
+                      directory / "FashionMNIST" / "raw" / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _fashion_mnist(split: str, root, augment: str, download: bool) -> ImageTensorDataset:
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    candidates = [data_root(root)] if root is not None else [data_root(), DEBIAN_FASHION_MNIST]
+    for directory in candidates:
+        paths = [_find_idx(directory, stem) for stem in stems]
+        if all(paths):
+            break
+    else:
+        directory = candidates[0]
+        if download:
+            _torchvision_download("FashionMNIST", directory, split)
+        paths = [_find_idx(directory, stem) for stem in stems]
+        if not all(paths):
+            raise CadisError(
+                f"Fashion-MNIST not found in {', '.join(str(c) for c in candidates)}: "
+                "install Debian's package (apt-get install dataset-fashion-mnist) or set "
+                "CADIS_DATA to a directory holding the IDX files")
+    images = torch.from_numpy(_read_idx(paths[0]).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(paths[1]).astype(np.int64))
+    info = DatasetInfo("fashion-mnist", 1, images.shape[-1], FASHION_MNIST_CLASSES)
+    return ImageTensorDataset(images, labels, info, augment)
+
+
+def _torchvision_download(class_name: str, directory: Path, split: str) -> None:
+    """Try torchvision's downloader; stay silent on failure (the caller reports what is missing)."""
+    import torchvision.datasets
+
+    try:
+        getattr(torchvision.datasets, class_name)(str(directory), train=split == "train",
+                                                  download=True)
+    except (OSError, RuntimeError, ValueError):
+        pass
+
+
+def _cifar10(split: str, root, augment: str, download: bool) -> ImageTensorDataset:
+    import torchvision.datasets
+
+    directory = data_root(root)
+    if download:
+        _torchvision_download("CIFAR10", directory, split)
+    try:
+        cifar = torchvision.datasets.CIFAR10(str(directory), train=split == "train", download=False)
+    except RuntimeError:
+        raise CadisError(
+            f"CIFAR-10 not found in {directory}: download it with network access "
+            "(torchvision fetches it automatically) or set CADIS_DATA to a directory holding "
+            "cifar-10-batches-py") from None
+    images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(cifar.targets)
+    return ImageTensorDataset(images, labels, DatasetInfo("cifar10", 3, 32, CIFAR10_CLASSES),
+                              augment)
+
+
+def _digits(split: str, augment: str) -> ImageTensorDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Values are 0..16; scale to the uint8 range the in-memory datasets share.
+    images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8))
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    num_test = int(len(labels) * DIGITS_TEST_FRACTION)
+    chosen = order[:num_test] if split == "test" else order[num_test:]
+    info = DatasetInfo("digits", 1, 8, tuple(str(d) for d in range(10)))
+    return ImageTensorDataset(images[chosen].unsqueeze(1), labels[chosen], info, augment)
+
+
+def _image_folder(split: str, root, augment: str, image_size: int | None) -> FolderDataset:
+    if root is None:
+        raise CadisError("dataset imagefolder needs a root: the folder-per-class tree "
+                         "(set data.root in the config or --data-root)")
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise CadisError(f"imagefolder root {base} does not exist")
+    names = ("train",) if split == "train" else ("val", "test")
+    tree = next((base / n for n in names if (base / n).is_dir()), base)
+    if not any(p.is_dir() for p in tree.iterdir()):
+        raise CadisError(f"imagefolder root {tree} holds no class folders")
+    if image_size is None or image_size < 1:
+        raise CadisError(f"dataset imagefolder needs image_size >= 1, got {image_size}")
+    return FolderDataset(tree, image_size, augment)

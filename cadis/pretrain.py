@@ -1,0 +1,394 @@
+"""`cadis pretrain`: make the off-the-shelf pair that the embedded default starts from.
+
+Trains, on clean images only, a timm classifier and a diffusers DDPM (epsilon prediction, the
+ordinary DDPM loss), writes both in the Hugging Face layout that the hub loaders read, and
+measures on the test set what the pair achieves: clean accuracy, and accuracy after one-shot
+denoising of one noise draw at each evaluation sigma. Each part is written to a temporary
+folder and moved into place only when complete; a rerun reuses finished parts whose settings
+match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cadis.config import coerce_like, parse_override
+from cadis.data import IN_MEMORY_DATASETS, DatasetInfo, ImageTensorDataset, load_dataset
+from cadis.denoise import OneShotDenoiser, timestep_for_sigma, to_diffusion_space
+from cadis.errors import CadisError
+from cadis.models import (Classifier, count_parameters, load_classifier, load_denoiser,
+                          save_classifier, save_denoiser)
+
+MANIFEST = "manifest.json"
+SETTINGS_FILE = "cadis_pretrain.json"
+CLASSIFIER_DIR = "classifier"
+DENOISER_DIR = "denoiser"
+# Our own classifiers see [0, 1] images normalised to [-1, 1], like the diffusion model.
+NORMALISATION = (0.5, 0.5)
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass
+class ClassifierRecipe:
+    architecture: str = "vit_tiny_patch16_224"
+    # Overrides of the architecture's defaults: timm's ViT takes a smaller size, patch, depth.
+    model_args: dict[str, Any] = field(default_factory=lambda: {
+        "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2.0})
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    augment: str = "crop-flip"
+
+
+@dataclass
+class DenoiserRecipe:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    # Self-attention at the coarsest resolution only: it costs little there.
+    attention: bool = True
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    # Share of training timesteps drawn from the range one-shot denoising uses at these sigmas;
+    # the rest are uniform over the whole schedule, so it stays an ordinary DDPM.
+    focus_fraction: float = 0.8
+    focus_sigma_range: tuple[float, float] = (0.12, 1.0)
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    seed: int = 0
+    classifier: ClassifierRecipe = field(default_factory=ClassifierRecipe)
+    denoiser: DenoiserRecipe = field(default_factory=DenoiserRecipe)
+    eval_sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    eval_max_images: int | None = None
+
+
+def apply_overrides(config: PretrainConfig, overrides: list[str]) -> PretrainConfig:
+    """Apply ``key=value`` overrides (dotted keys, values parsed as YAML) to a copy of ``config``."""
+    data = dataclasses.asdict(config)
+    for item in overrides:
+        key, value = parse_override(item)
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise CadisError(f"unknown pretrain key {key!r}; allowed: {_allowed_keys(data)}")
+            node = node[part]
+        if leaf not in node and not (parents and parents[-1] == "model_args"):
+            raise CadisError(f"unknown pretrain key {key!r}; allowed: {_allowed_keys(data)}")
+        node[leaf] = coerce_like(key, value, node.get(leaf))
+    return config_from_dict(data)
+
+
+def _allowed_keys(data: dict, prefix: str = "") -> str:
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "model_args":
+            keys.append(_allowed_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return ", ".join(keys)
+
+
+def config_from_dict(data: dict) -> PretrainConfig:
+    try:
+        denoiser = dict(data["denoiser"])
+        denoiser["block_out_channels"] = tuple(denoiser["block_out_channels"])
+        denoiser["focus_sigma_range"] = tuple(denoiser["focus_sigma_range"])
+        return PretrainConfig(**{**data, "classifier": ClassifierRecipe(**data["classifier"]),
+                                 "denoiser": DenoiserRecipe(**denoiser),
+                                 "eval_sigmas": tuple(data["eval_sigmas"])})
+    except (TypeError, ValueError) as error:
+        raise CadisError(f"invalid pretrain config: {error}") from None
+
+
+def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse) the classifier and the denoiser, evaluate the pair, write the manifest."""
+    torch.manual_seed(config.seed)
+    out_dir = Path(out_dir)
+    train_set = load_dataset(config.dataset, "train", config.data_root,
+                             augment=config.classifier.augment)
+    test_set = load_dataset(config.dataset, "test", config.data_root)
+    if not all(isinstance(d, ImageTensorDataset) for d in (train_set, test_set)):
+        raise CadisError(f"pretrain takes in-memory datasets ({', '.join(IN_MEMORY_DATASETS)}); "
+                         f"got {config.dataset!r}")
+    info = train_set.info
+    _check_eval_sigmas(config)
+    classifier_settings = {"dataset": config.dataset, "seed": config.seed,
+                           **dataclasses.asdict(config.classifier)}
+    denoiser_settings = {"dataset": config.dataset, "seed": config.seed,
+                         **dataclasses.asdict(config.denoiser)}
+    # Build both models first: a bad architecture fails before any training starts.
+    classifier = _new_classifier(config.classifier, info)
+    _new_unet(config.denoiser, info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    seconds: dict[str, float] = {}
+    classifier_dir = out_dir / CLASSIFIER_DIR
+    if force or not _settings_match(classifier_dir, classifier_settings):
+        started = time.perf_counter()
+        _train_classifier(classifier, config.classifier, train_set, progress)
+        seconds["classifier"] = time.perf_counter() - started
+        _write_component(classifier_dir, classifier_settings, seconds["classifier"],
+                         lambda d: save_classifier(classifier, d, _model_args(config.classifier,
+                                                                              info),
+                                                   *_normalisation(info)))
+    denoiser_dir = out_dir / DENOISER_DIR
+    if force or not _settings_match(denoiser_dir, denoiser_settings):
+        started = time.perf_counter()
+        unet, scheduler = _train_denoiser(config.denoiser, train_set, info, progress)
+        seconds["denoiser"] = time.perf_counter() - started
+        _write_component(denoiser_dir, denoiser_settings, seconds["denoiser"],
+                         lambda d: save_denoiser(unet, scheduler, d))
+
+    manifest_path = out_dir / MANIFEST
+    if not seconds and manifest_path.is_file() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config") == _jsonable(config):
+            return manifest
+    # Evaluate what was saved, through the same loaders every other command uses.
+    classifier = load_classifier(str(classifier_dir)).eval()
+    unet, scheduler = load_denoiser(str(denoiser_dir))
+    manifest = {
+        "dataset": config.dataset,
+        "classifier": str(classifier_dir),
+        "denoiser": str(denoiser_dir),
+        **_evaluate(classifier, unet, scheduler, test_set, config, progress),
+        "train_seconds": {name: _read_settings(out_dir / d)["train_seconds"]
+                          for name, d in (("classifier", CLASSIFIER_DIR),
+                                          ("denoiser", DENOISER_DIR))},
+        "parameters": {"classifier": count_parameters(classifier),
+                       "denoiser": count_parameters(unet)},
+        "denoiser_timesteps": _timestep_note(config.denoiser, scheduler),
+        "config": _jsonable(config),
+    }
+    write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _check_eval_sigmas(config: PretrainConfig) -> None:
+    if not config.eval_sigmas or any(s <= 0 for s in config.eval_sigmas):
+        raise CadisError(f"eval_sigmas must be positive numbers, got {config.eval_sigmas}")
+
+
+def _model_args(recipe: ClassifierRecipe, info: DatasetInfo) -> dict[str, Any]:
+    """The architecture's arguments for this data: its channels and, for fixed-size models
+    (ViTs), its image size; other models keep their defaults and the adapter resizes."""
+    from timm.models import get_pretrained_cfg
+
+    args = {"in_chans": info.channels, **recipe.model_args}
+    default_cfg = get_pretrained_cfg(recipe.architecture)
+    if default_cfg is not None and default_cfg.fixed_input_size:
+        args.setdefault("img_size", info.image_size)
+    return args
+
+
+def _normalisation(info: DatasetInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = NORMALISATION
+    return (mean,) * info.channels, (std,) * info.channels
+
+
+def _new_classifier(recipe: ClassifierRecipe, info: DatasetInfo) -> Classifier:
+    classifier = load_classifier(recipe.architecture, num_classes=info.num_classes,
+                                 **_model_args(recipe, info))
+    # A fresh timm model carries its architecture's ImageNet statistics; ours are NORMALISATION.
+    classifier.input_size = (info.image_size, info.image_size)
+    mean, std = _normalisation(info)
+    classifier.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
+    classifier.std.copy_(torch.tensor(std).view(1, -1, 1, 1))
+    return classifier
+
+
+def _settings_match(directory: Path, settings: dict[str, Any]) -> bool:
+    saved = _read_settings(directory)
+    return saved is not None and saved.get("settings") == _jsonable(settings)
+
+
+def _read_settings(directory: Path) -> dict[str, Any] | None:
+    path = directory / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_component(directory: Path, settings: dict[str, Any], seconds: float, save) -> None:
+    """Save into a temporary sibling folder, then swap it in: never a half-written model."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        save(staging)
+        (staging / SETTINGS_FILE).write_text(json.dumps(
+            {"settings": _jsonable(settings), "train_seconds": round(seconds, 1)}, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value))
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train_classifier(classifier: Classifier, recipe: ClassifierRecipe, train_set,
+                      progress: bool) -> None:
+    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True)
+    total = recipe.epochs * len(loader)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=recipe.lr,
+                                  weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, int(recipe.warmup_epochs * len(loader))))
+    classifier.train()
+    bar = tqdm(total=total, desc="classifier", unit="step", disable=not progress)
+    for epoch in range(recipe.epochs):
+        correct = seen = 0
+        for images, labels in loader:
+            logits = classifier(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}",
+                            train_acc=f"{correct / seen:.3f}")
+    bar.close()
+    classifier.eval()
+
+
+def _new_unet(recipe: DenoiserRecipe, info: DatasetInfo):
+    from diffusers import UNet2DModel
+
+    levels = len(recipe.block_out_channels)
+    if info.image_size % (2 ** (levels - 1)):
+        raise CadisError(f"denoiser.block_out_channels has {levels} levels, which needs an image "
+                         f"size divisible by {2 ** (levels - 1)}; the data is {info.image_size} px")
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if recipe.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=info.image_size, in_channels=info.channels,
+                       out_channels=info.channels, block_out_channels=recipe.block_out_channels,
+                       layers_per_block=recipe.layers_per_block, down_block_types=tuple(down),
+                       up_block_types=tuple(up),
+                       norm_num_groups=min(32, math.gcd(*recipe.block_out_channels)))
+
+
+def _train_denoiser(recipe: DenoiserRecipe, train_set, info: DatasetInfo, progress: bool):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=recipe.num_train_timesteps,
+                              beta_schedule=recipe.beta_schedule, prediction_type="epsilon")
+    unet = _new_unet(recipe, info)
+    ema = torch.optim.swa_utils.AveragedModel(
+        unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay))
+    alphas_cumprod = scheduler.alphas_cumprod
+    focus_low, focus_high = (timestep_for_sigma(alphas_cumprod, s)
+                             for s in recipe.focus_sigma_range)
+    sqrt_ac = alphas_cumprod.sqrt()
+    sqrt_one_minus_ac = (1.0 - alphas_cumprod).sqrt()
+    # The denoiser learns clean images: no augmentation beyond what the data is.
+    images_all = train_set.images
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, recipe.steps, recipe.warmup_steps))
+    unet.train()
+    bar = tqdm(total=recipe.steps, desc="denoiser", unit="step", disable=not progress)
+    for _ in range(recipe.steps):
+        index = torch.randint(0, len(images_all), (recipe.batch_size,))
+        clean = to_diffusion_space(images_all[index].float() / 255.0)
+        focused = torch.rand(recipe.batch_size) < recipe.focus_fraction
+        timesteps = torch.where(
+            focused, torch.randint(focus_low, focus_high + 1, (recipe.batch_size,)),
+            torch.randint(0, recipe.num_train_timesteps, (recipe.batch_size,)))
+        noise = torch.randn_like(clean)
+        noisy = (sqrt_ac[timesteps].view(-1, 1, 1, 1) * clean
+                 + sqrt_one_minus_ac[timesteps].view(-1, 1, 1, 1) * noise)
+        loss = F.mse_loss(unet(noisy, timesteps).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        ema.update_parameters(unet)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return ema.module.eval(), scheduler
+
+
+def _timestep_note(recipe: DenoiserRecipe, scheduler) -> dict[str, Any]:
+    low, high = (timestep_for_sigma(scheduler.alphas_cumprod, s)
+                 for s in recipe.focus_sigma_range)
+    return {"sampling": f"{recipe.focus_fraction:.0%} uniform over the one-shot range, "
+                        "the rest uniform over the whole schedule",
+            "focus_sigma_range": list(recipe.focus_sigma_range),
+            "focus_timesteps": [low, high], "num_train_timesteps": recipe.num_train_timesteps,
+            "beta_schedule": recipe.beta_schedule}
+
+
+@torch.inference_mode()
+def _evaluate(classifier: Classifier, unet: nn.Module, scheduler, test_set,
+              config: PretrainConfig, progress: bool) -> dict[str, Any]:
+    count = len(test_set) if config.eval_max_images is None else min(len(test_set),
+                                                                     config.eval_max_images)
+    images = test_set.images[:count].float() / 255.0
+    labels = test_set.labels[:count]
+    generator = torch.Generator().manual_seed(config.seed)
+    denoisers = {sigma: OneShotDenoiser(unet, scheduler, sigma) for sigma in config.eval_sigmas}
+    correct = {"clean": 0, **{sigma: 0 for sigma in config.eval_sigmas}}
+    bar = tqdm(total=count, desc="evaluate", unit="img", disable=not progress)
+    for start in range(0, count, EVAL_BATCH_SIZE):
+        batch, batch_labels = images[start:start + EVAL_BATCH_SIZE], labels[
+            start:start + EVAL_BATCH_SIZE]
+        correct["clean"] += int((classifier(batch).argmax(1) == batch_labels).sum())
+        for sigma, denoiser in denoisers.items():
+            noisy = batch + sigma * torch.randn(batch.shape, generator=generator)
+            predictions = classifier(denoiser(noisy)).argmax(1)
+            correct[sigma] += int((predictions == batch_labels).sum())
+        bar.update(len(batch))
+    bar.close()
+    return {"num_test_images": count,
+            "clean_accuracy": correct["clean"] / count,
+            "denoised_accuracy": {str(sigma): correct[sigma] / count
+                                  for sigma in config.eval_sigmas}}

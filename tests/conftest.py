@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models made locally, the way hub models are laid out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadis.models import load_classifier, save_classifier, save_denoiser
+
+TINY_VIT_ARGS = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1,
+                 "num_heads": 2, "mlp_ratio": 2.0}
+
+
+def make_tiny_unet(channels: int = 1, size: int = 8):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
+                       block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                         prediction_type="epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    classifier = load_classifier("vit_tiny_patch16_224", num_classes=10, **TINY_VIT_ARGS)
+    directory = tmp_path_factory.mktemp("classifier")
+    save_classifier(classifier, directory, TINY_VIT_ARGS, mean=(0.5,), std=(0.5,))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_denoiser_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("denoiser")
+    save_denoiser(make_tiny_unet(), make_scheduler(), directory)
+    return directory

@@ -1,0 +1,130 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cadis.data import (AUGMENTATIONS, DEBIAN_FASHION_MNIST, augment_image, load_dataset,
+                        stack_images, subset_indices)
+from cadis.errors import CadisError
+
+has_fashion_mnist = (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file()
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                    *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.skipif(not has_fashion_mnist, reason="Debian's dataset-fashion-mnist not installed")
+@pytest.mark.parametrize("split,count", [("train", 60000), ("test", 10000)])
+def test_fashion_mnist_from_debian_package(split, count, monkeypatch):
+    monkeypatch.delenv("CADIS_DATA", raising=False)
+    dataset = load_dataset("fashion-mnist", split)
+    assert len(dataset) == count
+    assert (dataset.info.channels, dataset.info.image_size, dataset.info.num_classes) == (1, 28, 10)
+    image, label = dataset[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.max() > 0.5
+    assert torch.bincount(dataset.labels).tolist() == [count // 10] * 10
+    assert 0 <= label < 10
+
+
+def test_fashion_mnist_from_cadis_data(tmp_path, monkeypatch):
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.array([7, 0, 3]))
+    monkeypatch.setenv("CADIS_DATA", str(tmp_path))
+    dataset = load_dataset("fashion-mnist", "test", download=False)
+    assert len(dataset) == 3 and dataset.labels.tolist() == [7, 0, 3]
+    image, _ = dataset[1]
+    assert torch.allclose(image[0] * 255, torch.from_numpy(images[1]).float())
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(CadisError, match="apt-get install dataset-fashion-mnist") as error:
+        load_dataset("fashion-mnist", "train", root=tmp_path, download=False)
+    assert "\n" not in str(error.value)
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    assert len(train) + len(test) == 1797
+    assert train.info.image_size == 8 and train.info.num_classes == 10
+    again = load_dataset("digits", "test")
+    assert torch.equal(test.images, again.images)
+    assert not torch.equal(train.images[:len(test)], test.images)
+    image, _ = train[0]
+    assert image.shape == (1, 8, 8) and 0 <= image.min() and image.max() <= 1
+
+
+def test_imagefolder_on_a_generated_tree(tmp_path):
+    classes = ("cat", "dog", "fox")
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for k in range(2):
+                colour = (index * 100, k * 50, 0)
+                Image.new("RGB", (20, 12), colour).save(folder / f"{k}.png")
+    dataset = load_dataset("imagefolder", "test", root=tmp_path, image_size=16)
+    assert dataset.info.class_names == classes and dataset.info.channels == 3
+    images, labels = stack_images(dataset, range(len(dataset)))
+    assert images.shape == (6, 3, 16, 16)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert 0 <= images.min() and images.max() <= 1
+    # The red channel carries the class: 0, 100/255, 200/255.
+    assert torch.allclose(images[::2, 0].mean((1, 2)), torch.tensor([0, 100, 200]) / 255,
+                          atol=0.01)
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("mnist", {}, "unknown dataset 'mnist'; allowed: fashion-mnist, cifar10"),
+    ("imagefolder", {}, "needs a root"),
+    ("imagefolder", {"root": "/nonexistent/tree", "image_size": 8}, "does not exist"),
+    ("cifar10", {"download": False}, "CIFAR-10 not found"),
+])
+def test_bad_dataset_requests_raise_one_line(name, kwargs, match, tmp_path, monkeypatch):
+    monkeypatch.setenv("CADIS_DATA", str(tmp_path))
+    with pytest.raises(CadisError, match=match):
+        load_dataset(name, "test", **kwargs)
+
+
+def test_unknown_split():
+    with pytest.raises(CadisError, match="unknown split 'val'"):
+        load_dataset("digits", "val")
+
+
+@pytest.mark.parametrize("length,skip,max_images,expected", [
+    (100, 20, None, [0, 20, 40, 60, 80]),
+    (100, 20, 2, [0, 20]),
+    (5, 1, None, [0, 1, 2, 3, 4]),
+])
+def test_subset_indices(length, skip, max_images, expected):
+    assert subset_indices(length, skip, max_images) == expected
+
+
+@pytest.mark.parametrize("skip,max_images", [(0, None), (1, 0)])
+def test_subset_indices_rejects_bad_values(skip, max_images):
+    with pytest.raises(CadisError):
+        subset_indices(10, skip, max_images)
+
+
+@pytest.mark.parametrize("augment", AUGMENTATIONS)
+def test_augmentation_keeps_shape_and_range(augment):
+    torch.manual_seed(0)
+    image = torch.rand(3, 16, 16)
+    out = augment_image(image, augment) if augment != "none" else image
+    assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1
+
+
+def test_crop_moves_content():
+    torch.manual_seed(0)
+    image = torch.rand(1, 16, 16)
+    outputs = [augment_image(image, "crop") for _ in range(20)]
+    assert any(not torch.equal(out, image) for out in outputs)
