@@ -14,7 +14,6 @@ image selected.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple, Union
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cadis.config import is_real, non_negative_float, positive_int
 from cadis.errors import CadisError
 
 #: The reference hallucination rule: a draw is credible when its argmax is the label.
@@ -35,23 +35,6 @@ ConfidenceThreshold = Union[float, Literal["argmax"]]
 # --------------------------------------------------------------------------- validation
 
 
-def _is_real(value: object) -> bool:
-    # bool is an int subclass; ``lambda: true`` in a sweep file is a typo, not 1.0.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _non_negative_float(value: object, key: str) -> float:
-    if _is_real(value) and math.isfinite(float(value)) and float(value) >= 0.0:
-        return float(value)
-    raise CadisError(f"{key} must be a finite number >= 0, got {value!r}")
-
-
-def _positive_int(value: object, key: str) -> int:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise CadisError(f"{key} must be an integer >= 1, got {value!r}")
-
-
 def validate_confidence_threshold(
     value: object, key: str = "confidence_threshold"
 ) -> ConfidenceThreshold:
@@ -62,7 +45,7 @@ def validate_confidence_threshold(
     """
     if isinstance(value, str) and value == ARGMAX_RULE:
         return ARGMAX_RULE
-    if _is_real(value) and 0.0 <= float(value) <= 1.0:
+    if is_real(value) and 0.0 <= float(value) <= 1.0:
         return float(value)
     raise CadisError(
         f"{key} must be a number in [0, 1] or {ARGMAX_RULE!r}, got {value!r}"
@@ -71,7 +54,7 @@ def validate_confidence_threshold(
 
 def validate_adv_weight(value: object, key: str = "lambda") -> float:
     """Return the adversarial weight λ as a float; :class:`CadisError` unless finite and >= 0."""
-    return _non_negative_float(value, key)
+    return non_negative_float(value, key)
 
 
 def validate_epsilon(value: object, key: str = "epsilon") -> float:
@@ -79,17 +62,17 @@ def validate_epsilon(value: object, key: str = "epsilon") -> float:
 
     Raises :class:`CadisError` unless finite and >= 0.
     """
-    return _non_negative_float(value, key)
+    return non_negative_float(value, key)
 
 
 def validate_num_noises(value: object, key: str = "num_noises") -> int:
     """Return the number of noise draws M per image; :class:`CadisError` unless an integer >= 1."""
-    return _positive_int(value, key)
+    return positive_int(value, key)
 
 
 def validate_attack_steps(value: object, key: str = "attack_steps") -> int:
     """Return the number of PGD steps K; :class:`CadisError` unless an integer >= 1."""
-    return _positive_int(value, key)
+    return positive_int(value, key)
 
 
 # ------------------------------------------------------------------------------- losses

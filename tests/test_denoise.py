@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from cadis.denoise import (DIFFUSION_SCALE, DenoisedClassifier, OneShotDenoiser, noise_level,
-                           timestep_for_sigma, to_diffusion_space, to_image_space)
+from cadis.denoise import (DIFFUSION_SCALE, DenoisedClassifier, OneShotDenoiser, timestep_for_sigma, to_diffusion_space, to_image_space)
 from cadis.errors import CadisError
 from cadis.models import load_classifier, load_denoiser
 from tests.conftest import make_scheduler

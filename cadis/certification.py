@@ -1,0 +1,160 @@
+"""Certify a data set image by image into an output folder that can be resumed.
+
+The folder holds ``settings.json`` (what the records were made with), ``records.tsv`` (one
+row per certified image, appended as it goes), and, derived from the records,
+``summary.json`` and ``certified_accuracy.png``. Running again with the same settings
+certifies only the images that have no record yet; running with other settings is refused
+rather than mixing two experiments in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from cadis.certify import Smooth, validate_certification_parameters
+from cadis.errors import CadisError
+from cadis.records import (PLOT_FILENAME, RECORDS_FILENAME, SUMMARY_FIELDS, SUMMARY_FILENAME,
+                           Record, RecordWriter, atomic_write_text, plot_certified_accuracy,
+                           read_records, write_summary)
+
+SETTINGS_FILENAME: Final = "settings.json"
+
+#: The settings that the certification itself fixes; the caller's settings must agree.
+CERTIFICATION_SETTINGS: Final = ("sigma", "n", "n0", "alpha")
+
+
+class ImageDataset(Protocol):
+    """``dataset[i]`` is ``(image, label)``: a C x H x W tensor in [0, 1] and a class index."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+def _as_json(value: Any) -> Any:
+    # What the value becomes once written to settings.json and read back: the form in which
+    # the settings of two runs are compared.
+    return json.loads(json.dumps(value, default=str))
+
+
+def _run_settings(settings: Mapping[str, Any], *, sigma: float, n: int, n0: int,
+                  alpha: float) -> dict[str, Any]:
+    """The caller's settings completed with the certification's own; a disagreement between
+    the two is a caller's mistake that would mislabel the records."""
+    actual = {"sigma": sigma, "n": n, "n0": n0, "alpha": alpha}
+    # Checked now rather than when the summary is written, after hours of certification.
+    reserved = sorted(set(settings) & (set(SUMMARY_FIELDS) - set(actual)))
+    if reserved:
+        raise CadisError(f"settings may not be named {', '.join(reserved)}: "
+                         "the summary computes them")
+    disagreeing = [f"{key}={settings[key]!r} (certifying with {value!r})"
+                   for key, value in actual.items() if key in settings and settings[key] != value]
+    if disagreeing:
+        raise CadisError(f"settings disagree with the certification: {', '.join(disagreeing)}")
+    return _as_json({**settings, **actual})
+
+
+def _claim(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Make ``out_dir`` the home of records made with ``settings``.
+
+    Raises :class:`CadisError`, naming the differing keys and touching nothing, if it holds
+    records made with other settings (or records whose settings are unknown).
+    """
+    settings_path = out_dir / SETTINGS_FILENAME
+    if (out_dir / RECORDS_FILENAME).exists():
+        if not settings_path.is_file():
+            raise CadisError(f"{out_dir / RECORDS_FILENAME} exists without {SETTINGS_FILENAME}, "
+                             "so how it was made is unknown; use another out_dir")
+        try:
+            previous = json.loads(settings_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise CadisError(f"{settings_path} is not valid JSON ({error})") from None
+        absent = object()
+        differing = sorted(key for key in previous.keys() | settings.keys()
+                           if previous.get(key, absent) != settings.get(key, absent))
+        if differing:
+            details = "; ".join(f"{key}: {previous.get(key, '<unset>')!r} there, "
+                                f"{settings.get(key, '<unset>')!r} now" for key in differing)
+            raise CadisError(f"{out_dir} holds records made with different settings "
+                             f"({details}); use another out_dir")
+        return
+    # Settings first: records never exist without the settings that made them.
+    atomic_write_text(settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def images_per_forward(n0: int, n: int, batch_size: int) -> int:
+    """How many images' draws (``n0 + n`` each) fill one forward of ``batch_size`` draws: the
+    number certified together; 1 (image by image) when one image needs a forward or more."""
+    return max(1, batch_size // (n0 + n))
+
+
+def _groups(indices: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), size):
+        yield list(indices[start:start + size])
+
+
+def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int], n0: int,
+                    n: int, alpha: float, batch_size: int, out_dir: str | os.PathLike,
+                    settings: Mapping[str, Any], radii: Sequence[float],
+                    progress: bool = True) -> dict[str, Any]:
+    """CERTIFY ``dataset[i]`` for each ``i`` of ``indices`` into ``out_dir`` and summarise.
+
+    Writes ``settings.json`` (``settings`` completed with sigma, n, n0 and alpha), appends one
+    record per image to ``records.tsv`` (skipping images already recorded there, so an
+    interrupted run resumes), then writes ``summary.json`` and ``certified_accuracy.png`` for
+    the records of ``indices`` (a records file may hold more) and returns the summary, whose
+    extra fields are the settings. When several images' draws fit in one forward they are
+    certified together (:meth:`Smooth.certify_batch`, same statistics) and each record's
+    ``seconds`` is its share of the group's time.
+
+    Raises :class:`CadisError`, leaving ``out_dir`` untouched, if it holds records made with
+    other settings, or for invalid parameters.
+    """
+    validate_certification_parameters(n0, n, alpha, batch_size)
+    wanted = list(dict.fromkeys(int(index) for index in indices))
+    if not wanted:
+        raise CadisError("no images to certify: indices is empty")
+    out_dir = Path(out_dir)
+    run_settings = _run_settings(settings, sigma=smooth.sigma, n=n, n0=n0, alpha=alpha)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir, run_settings)
+
+    records_path = out_dir / RECORDS_FILENAME
+    wanted_set = set(wanted)
+    recorded = {record.idx: record for record in read_records(records_path)
+                if record.idx in wanted_set} if records_path.exists() else {}
+    todo = [index for index in wanted if index not in recorded]
+    correct = sum(record.correct for record in recorded.values())
+    device = smooth.device
+
+    with RecordWriter(records_path) as writer, tqdm(total=len(wanted), initial=len(recorded),
+                                                     unit="img", desc="certify",
+                                                     disable=not progress) as bar:
+        for group in _groups(todo, images_per_forward(n0, n, batch_size)):
+            examples = [dataset[index] for index in group]
+            images = torch.stack([image for image, _ in examples]).to(device)
+            start = time.perf_counter()
+            results = smooth.certify_batch(images, n0, n, alpha, batch_size)
+            seconds = (time.perf_counter() - start) / len(group)
+            for index, (_, label), (prediction, radius) in zip(group, examples, results):
+                record = Record.from_prediction(index, int(label), prediction, radius, seconds)
+                writer.write(record)
+                recorded[index] = record
+                correct += record.correct
+            bar.update(len(group))
+            bar.set_postfix(cert_acc_r0=f"{correct / len(recorded):.3f}")
+
+    records = [recorded[index] for index in wanted]
+    extra = {key: value for key, value in run_settings.items()
+             if key not in CERTIFICATION_SETTINGS}
+    summary = write_summary(out_dir / SUMMARY_FILENAME, records, radii, sigma=smooth.sigma,
+                            n=n, n0=n0, alpha=alpha, extra=extra)
+    plot_certified_accuracy({f"sigma={smooth.sigma:g}, n={n}": records}, out_dir / PLOT_FILENAME,
+                            title=f"certified accuracy ({len(records)} images, alpha={alpha:g})")
+    return summary
