@@ -24,6 +24,59 @@ def _pretrain(args: argparse.Namespace) -> None:
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
 
 
+def _certify(args: argparse.Namespace) -> None:
+    from cadis.evaluate import ModelSources, certify_models
+    from cadis.records import RECORDS_FILENAME, format_table, read_records
+
+    sources = ModelSources.resolve(args.models, args.classifier, args.denoiser, args.dataset,
+                                   args.data_root, args.image_size)
+    out = Path(args.out)
+    summary = certify_models(sources, args.sigma, out, n=args.n, n0=args.n0, alpha=args.alpha,
+                             skip=args.skip, max_images=args.max_images,
+                             batch_size=args.batch_size, checkpoint=args.checkpoint,
+                             radii=args.radii, seed=args.seed, device=args.device,
+                             progress=not args.quiet)
+    radii = [float(r) for r in summary["certified_accuracy"]]
+    records = read_records(out / RECORDS_FILENAME)
+    label = f"sigma={args.sigma:g}"
+    print(format_table({label: records}, radii, fmt="markdown").rstrip("\n"))
+    print(f"{summary['num_images']} images, n={args.n}, n0={args.n0}, alpha={args.alpha:g}; "
+          f"records, summary and plot in {out}")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from cadis.records import (
+        RECORDS_FILENAME,
+        default_radii,
+        format_table,
+        plot_certified_accuracy,
+        read_records,
+    )
+
+    paths = [Path(p) / RECORDS_FILENAME if Path(p).is_dir() else Path(p) for p in args.records]
+    if args.labels and len(args.labels) != len(paths):
+        raise CadisError(f"--labels needs one label per records file: {len(paths)} files, "
+                         f"{len(args.labels)} labels")
+    labels = args.labels or [str(p.parent if p.name == RECORDS_FILENAME else p) for p in paths]
+    record_sets = {}
+    for label, path in zip(labels, paths):
+        if not path.is_file():
+            raise CadisError(f"records file {path} not found")
+        record_sets[label] = read_records(path)
+    radii = sorted(set(args.radii)) if args.radii else default_radii(args.scale)
+    print(format_table(record_sets, radii, fmt=args.format).rstrip("\n"))
+    if args.plot:
+        plot_certified_accuracy(record_sets, Path(args.plot))
+        print(f"plot: {args.plot}", file=sys.stderr)
+
+
+def _radii(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"radii must be comma-separated numbers, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadis", description="Certifiably robust classifiers by FT-CADIS denoised "
@@ -45,6 +98,43 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--force", action="store_true", help="retrain even if outputs exist")
     pretrain.add_argument("--quiet", action="store_true", help="no progress bars")
     pretrain.set_defaults(handler=_pretrain)
+
+    certify = commands.add_parser(
+        "certify", help="certify denoised smoothing on a test subset (Cohen et al. CERTIFY)",
+        description="Certify classifier(denoiser(x + noise)) image by image: records.tsv "
+                    "(resumable), summary.json and certified_accuracy.png in --out.")
+    certify.add_argument("--models", help="a folder written by `cadis pretrain`")
+    certify.add_argument("--classifier", help="timm name, hf-hub:ID or folder (overrides --models)")
+    certify.add_argument("--denoiser", help="diffusers hub id or folder (overrides --models)")
+    certify.add_argument("--dataset", help="dataset name (default: the models' own)")
+    certify.add_argument("--data-root", help="where the dataset files are")
+    certify.add_argument("--image-size", type=int, help="image size, for imagefolder data")
+    certify.add_argument("--checkpoint", help="a fine-tuned classifier from `cadis train`")
+    certify.add_argument("--sigma", type=float, required=True, help="noise level (in [0,1] units)")
+    certify.add_argument("--n", type=int, default=10_000, help="draws for the bound (10000)")
+    certify.add_argument("--n0", type=int, default=100, help="draws to pick the class (100)")
+    certify.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    certify.add_argument("--skip", type=int, default=1, help="certify every skip-th test image")
+    certify.add_argument("--max-images", type=int, help="at most this many images")
+    certify.add_argument("--batch-size", type=int, default=1000, help="noise draws per forward")
+    certify.add_argument("--radii", type=_radii, help="radius grid of the table, e.g. 0,0.5,1")
+    certify.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    certify.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    certify.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    certify.add_argument("--quiet", action="store_true", help="no progress bar")
+    certify.set_defaults(handler=_certify)
+
+    analyze = commands.add_parser(
+        "analyze", help="certified accuracy per radius of record files, side by side",
+        description="Tables and curves derived from records.tsv files (or folders holding one).")
+    analyze.add_argument("records", nargs="+", help="records.tsv files or folders")
+    analyze.add_argument("--labels", nargs="+", help="one label per records file")
+    analyze.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    analyze.add_argument("--radii", type=_radii, help="radius grid, e.g. 0,0.25,0.5")
+    analyze.add_argument("--scale", choices=("cifar", "imagenet"), default="cifar",
+                         help="default radius grid: 0.25 steps (cifar) or 0.5 (imagenet)")
+    analyze.add_argument("--plot", help="write the curves to this PNG")
+    analyze.set_defaults(handler=_analyze)
     return parser
 
 

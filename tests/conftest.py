@@ -42,3 +42,16 @@ def tiny_denoiser_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("denoiser")
     save_denoiser(make_tiny_unet(), make_scheduler(), directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory, tiny_classifier_dir, tiny_denoiser_dir):
+    """A models folder as `cadis pretrain` lays it out, for digits (1 x 8 x 8), untrained."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_classifier_dir, folder / "classifier")
+    shutil.copytree(tiny_denoiser_dir, folder / "denoiser")
+    (folder / "manifest.json").write_text(json.dumps({"dataset": "digits", "config": {}}))
+    return folder

@@ -1,0 +1,95 @@
+"""`cadis certify` and `cadis analyze` end to end on tiny local models and digits."""
+
+import json
+
+import pytest
+
+from cadis.cli import main
+from cadis.records import read_records
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _certify(models, out, *extra):
+    return main(["certify", "--models", str(models), "--sigma", "0.5", "--n", "40", "--n0", "10",
+                 "--skip", "3", "--out", str(out), "--quiet", *extra])
+
+
+def test_certify_writes_records_summary_and_plot(tiny_models_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _certify(tiny_models_dir, out, "--max-images", "4") == 0
+    records = read_records(out / "records.tsv")
+    assert [r.idx for r in records] == [0, 3, 6, 9]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_images"] == 4 and summary["n"] == 40 and summary["sigma"] == 0.5
+    assert summary["certified_accuracy"]["0.0"] == pytest.approx(
+        sum(r.correct for r in records) / 4)
+    assert "0.25" in summary["certified_accuracy"]
+    assert (out / "certified_accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
+    table = capsys.readouterr().out
+    assert "sigma=0.5" in table and "ACR" in table
+
+
+def test_certify_resumes_only_missing_images(tiny_models_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _certify(tiny_models_dir, out, "--max-images", "2") == 0
+    first = (out / "records.tsv").read_text().splitlines()
+    assert _certify(tiny_models_dir, out, "--max-images", "5") == 0
+    second = (out / "records.tsv").read_text().splitlines()
+    assert second[:len(first)] == first and len(second) == len(first) + 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sigma", "0"], "sigma must be > 0"),
+    (["--sigma", "-0.5"], "sigma must be > 0"),
+    (["--alpha", "1.5"], "alpha must be a number strictly between 0 and 1"),
+    (["--n", "0"], "n must be an integer >= 1"),
+    (["--n0", "0"], "n0 must be an integer >= 1"),
+    (["--skip", "0"], "skip must be an integer >= 1"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_bad_input_is_one_line_and_exit_two(tiny_models_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code = main(["certify", "--models", str(tiny_models_dir), "--sigma", "0.5", "--n", "10",
+                 "--n0", "5", "--max-images", "1", "--out", str(out), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (out / "records.tsv").exists()
+
+
+def test_missing_models_directory(tmp_path, capsys):
+    code = main(["certify", "--models", str(tmp_path / "nope"), "--sigma", "0.5",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2 and "has no manifest.json" in capsys.readouterr().err
+
+
+def test_out_with_other_settings_is_refused_untouched(tiny_models_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _certify(tiny_models_dir, out, "--max-images", "2") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = main(["certify", "--models", str(tiny_models_dir), "--sigma", "0.25", "--n", "40",
+                 "--n0", "10", "--skip", "3", "--max-images", "3", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different settings" in err and "sigma" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_analyze_puts_runs_side_by_side(tiny_models_dir, tmp_path, capsys):
+    for name in ("a", "b"):
+        assert _certify(tiny_models_dir, tmp_path / name, "--max-images", "3") == 0
+    capsys.readouterr()
+    plot = tmp_path / "curves.png"
+    assert main(["analyze", str(tmp_path / "a"), str(tmp_path / "b" / "records.tsv"),
+                 "--labels", "first", "second", "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    header = table.splitlines()[0]
+    assert "first" in header and "second" in header
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    assert main(["analyze", str(tmp_path / "a"), "--format", "csv", "--radii", "0,0.5"]) == 0
+    csv = capsys.readouterr().out.splitlines()
+    assert len(csv) == 4  # header, two radii, ACR
+
+
+def test_analyze_missing_file_and_label_count(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "missing.tsv")]) == 2
+    assert "not found" in capsys.readouterr().err
