@@ -70,6 +70,38 @@ def _analyze(args: argparse.Namespace) -> None:
         print(f"plot: {args.plot}", file=sys.stderr)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from cadis.evaluate import certify_models
+    from cadis.records import RECORDS_FILENAME, format_table, read_records
+    from cadis.train import fit, preflight
+    from cadis.train_config import from_mapping, load_sweep_file
+
+    sweep = load_sweep_file(args.sweep)
+    overrides = list(args.set) + ([f"workers={args.workers}"] if args.workers else [])
+    config = from_mapping(sweep.get("base", {}), overrides)
+    sources = preflight(config)
+    out = Path(args.out or Path("runs") / "train" / str(sweep.get("name", Path(args.sweep).stem)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    checkpoint, certify_dir = None, out / "certify"
+    if config.method != "none":
+        checkpoint, history = fit(config, out, resume=args.resume, progress=not args.quiet)
+        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        print(f"checkpoint: {checkpoint}")
+        # One folder per trained state: resuming to more epochs certifies anew beside it.
+        certify_dir = out / f"certify_epoch_{int(history[-1]['epoch']):03d}"
+    certify = config.certify
+    summary = certify_models(
+        sources, config.sigma, certify_dir, n=certify.n, n0=certify.n0, alpha=certify.alpha,
+        skip=certify.skip, max_images=certify.max_images, batch_size=certify.batch_size,
+        checkpoint=None if checkpoint is None else str(checkpoint), seed=config.seed,
+        device=config.device, progress=not args.quiet)
+    radii = [float(r) for r in summary["certified_accuracy"]]
+    records = read_records(certify_dir / RECORDS_FILENAME)
+    print(format_table({config.method: records}, radii).rstrip("\n"))
+    print(f"records, summary and plot in {certify_dir}")
+
+
 def _radii(text: str) -> list[float]:
     try:
         return [float(value) for value in text.split(",") if value.strip()]
@@ -123,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     certify.add_argument("--quiet", action="store_true", help="no progress bar")
     certify.set_defaults(handler=_certify)
+
+    train = commands.add_parser(
+        "train", help="fine-tune with FT-CADIS (or a baseline) and certify the result",
+        description="Run the base: section of a sweep file once, in this process or on Ray "
+                    "Train workers, then certify the fine-tuned classifier.")
+    train.add_argument("sweep", help="a sweep file, e.g. sweeps/default.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a base: value, e.g. lambda=4 or certify.n=500")
+    train.add_argument("--workers", type=int, help="Ray Train workers (more than 1 uses Ray)")
+    train.add_argument("--out", help="output folder (default runs/train/NAME)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
 
     analyze = commands.add_parser(
         "analyze", help="certified accuracy per radius of record files, side by side",

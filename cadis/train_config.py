@@ -1,0 +1,223 @@
+"""The training configuration: the ``base:`` section of a sweep file, validated once.
+
+One flat mapping of the names users write (``lambda``, ``epsilon``, ``num_noises``,
+``lora_rank``, ``confidence_threshold`` ...), read from YAML, overridden with ``--set
+key=value`` and checked here, so that every later stage can trust it. Every error names the
+key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cadis.config import coerce_like, non_negative_float, parse_override, positive_int
+from cadis.errors import CadisError
+from cadis.finetune import FINETUNE_MODES, FinetuneConfig
+from cadis.losses import (
+    FTCadisLossConfig,
+    validate_adv_weight,
+    validate_attack_steps,
+    validate_confidence_threshold,
+    validate_epsilon,
+    validate_num_noises,
+)
+
+METHODS = ("ft_cadis", "denoised_ce", "none")
+CONFIDENCE_MODELS = ("live", "frozen")
+DEVICES = ("auto", "cpu", "cuda")
+# Keys that take more than one type (a number or "argmax"; "auto" or a list of names).
+UNION_KEYS = ("confidence_threshold", "lora_target_modules")
+# Keys whose Python attribute differs from what users write (``lambda`` is a keyword).
+RENAMED = {"lambda": "adv_weight"}
+
+
+@dataclass
+class CertifyConfig:
+    """How the result of training is certified (DESIGN §3)."""
+
+    n: int = 1000
+    n0: int = 100
+    alpha: float = 0.001
+    skip: int = 20
+    max_images: int | None = 500
+    batch_size: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    # The off-the-shelf pair: a `cadis pretrain` folder, or explicit names that override it.
+    models: str | None = "models/fashion-mnist"
+    classifier: str | None = None
+    denoiser: str | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    image_size: int | None = None
+    # The method: ft_cadis, denoised_ce (all draws, no attack), none (certify as is).
+    method: str = "ft_cadis"
+    sigma: float = 0.5
+    num_noises: int = 2
+    adv_weight: float = 2.0
+    epsilon: float = 0.25
+    attack_steps: int = 1
+    confidence_threshold: float | str = "argmax"
+    confidence_model: str = "live"
+    warm_start: bool = True
+    detach_target: bool = False
+    require_all_selected: bool = True
+    # How the classifier is fine-tuned.
+    finetune: str = "lora"
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "auto"
+    # Optimisation: batch_size images per micro-batch (each with num_noises draws),
+    # effective_batch_size images per optimizer step (gradient accumulation).
+    epochs: int = 2
+    max_steps_per_epoch: int | None = None
+    batch_size: int = 32
+    effective_batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    augment: str = "none"
+    max_train_images: int | None = None
+    # Per-epoch evaluation on images held out of the training split.
+    val_images: int = 500
+    proxy_images: int = 100
+    proxy_n: int = 100
+    proxy_n0: int = 10
+    proxy_alpha: float = 0.001
+    seed: int = 0
+    # Where it runs: Ray Train workers (1 = in this process unless a Ray address is set).
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    device: str = "auto"
+    amp: bool = True
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+    def loss_config(self) -> FTCadisLossConfig:
+        denoised_ce = self.method == "denoised_ce"
+        return FTCadisLossConfig(
+            adv_weight=0.0 if denoised_ce else self.adv_weight,
+            confidence_threshold=0.0 if denoised_ce else self.confidence_threshold,
+            warm_start=self.warm_start, detach_target=self.detach_target,
+            require_all_selected=self.require_all_selected)
+
+    def finetune_config(self) -> FinetuneConfig:
+        return FinetuneConfig(mode=self.finetune, lora_rank=self.lora_rank,
+                              lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                              lora_target_modules=self.lora_target_modules)
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.effective_batch_size // self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as users write it (``lambda``, not ``adv_weight``): logged whole."""
+        data = dataclasses.asdict(self)
+        for user_key, attribute in RENAMED.items():
+            data[user_key] = data.pop(attribute)
+        return data
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise CadisError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check every value (raising :class:`CadisError` naming the key); returns ``config``."""
+    _choice("method", config.method, METHODS)
+    _choice("confidence_model", config.confidence_model, CONFIDENCE_MODELS)
+    _choice("finetune", config.finetune, FINETUNE_MODES)
+    _choice("device", config.device, DEVICES)
+    if not config.sigma > 0:
+        raise CadisError(f"sigma must be > 0, got {config.sigma!r}")
+    validate_num_noises(config.num_noises)
+    validate_adv_weight(config.adv_weight)
+    validate_epsilon(config.epsilon)
+    validate_attack_steps(config.attack_steps)
+    validate_confidence_threshold(config.confidence_threshold)
+    config.finetune_config().validate()
+    for key in ("epochs", "batch_size", "effective_batch_size", "val_images", "proxy_images",
+                "proxy_n", "proxy_n0", "workers"):
+        positive_int(getattr(config, key), key)
+    for key in ("max_steps_per_epoch", "max_train_images", "image_size"):
+        if getattr(config, key) is not None:
+            positive_int(getattr(config, key), key)
+    if config.effective_batch_size % config.batch_size:
+        raise CadisError(f"effective_batch_size ({config.effective_batch_size}) must be a "
+                         f"multiple of batch_size ({config.batch_size})")
+    for key in ("lr", "weight_decay", "warmup_steps", "cpus_per_worker"):
+        non_negative_float(getattr(config, key), key)
+    if not 0 < config.proxy_alpha < 1:
+        raise CadisError(f"proxy_alpha must be in (0, 1), got {config.proxy_alpha!r}")
+    certify = config.certify
+    for key in ("n", "n0", "skip", "batch_size"):
+        positive_int(getattr(certify, key), f"certify.{key}")
+    if certify.max_images is not None:
+        positive_int(certify.max_images, "certify.max_images")
+    if not 0 < certify.alpha < 1:
+        raise CadisError(f"certify.alpha must be in (0, 1), got {certify.alpha!r}")
+    if not (config.models or (config.classifier and config.denoiser and config.dataset)):
+        raise CadisError("models is empty: name a `cadis pretrain` folder, or classifier, "
+                         "denoiser and dataset")
+    return config
+
+
+def from_mapping(base: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a ``base:`` mapping and ``--set`` items."""
+    defaults = TrainConfig().to_dict()
+    values = dict(defaults)
+    certify = dict(defaults["certify"])
+    items = [(key, value) for key, value in (base or {}).items()]
+    items += [parse_override(item) for item in overrides]
+    for key, value in items:
+        if key.startswith("certify.") or key == "certify":
+            updates = value if key == "certify" else {key.split(".", 1)[1]: value}
+            if not isinstance(updates, dict):
+                raise CadisError("certify must be a mapping of n, n0, alpha, skip, max_images, "
+                                 "batch_size")
+            for sub_key, sub_value in updates.items():
+                if sub_key not in certify:
+                    raise CadisError(f"unknown key certify.{sub_key}; allowed: "
+                                     f"{', '.join(certify)}")
+                certify[sub_key] = coerce_like(f"certify.{sub_key}", sub_value,
+                                               defaults["certify"][sub_key])
+            continue
+        if key not in values:
+            raise CadisError(f"unknown key {key!r}; allowed: {', '.join(sorted(values))}")
+        if key in UNION_KEYS:
+            values[key] = value  # more than one type allowed: validated below
+        else:
+            values[key] = coerce_like(key, value, defaults[key])
+    values["certify"] = CertifyConfig(**certify)
+    for user_key, attribute in RENAMED.items():
+        values[attribute] = values.pop(user_key)
+    if isinstance(values["confidence_threshold"], str) and values["confidence_threshold"] != \
+            "argmax":
+        try:
+            values["confidence_threshold"] = float(values["confidence_threshold"])
+        except ValueError:
+            pass
+    return validate(TrainConfig(**values))
+
+
+def load_sweep_file(path: str | Path) -> dict[str, Any]:
+    """Read a sweep file; a missing file or bad YAML is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CadisError(f"sweep file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise CadisError(f"sweep file {path} is not valid YAML: "
+                         f"{str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("base", {}), dict):
+        raise CadisError(f"sweep file {path} must be a mapping with a base: section")
+    return data
