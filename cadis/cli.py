@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     certify.add_argument("--skip", type=int, default=1, help="certify every skip-th test image")
     certify.add_argument("--max-images", type=int, help="at most this many images")
-    certify.add_argument("--batch-size", type=int, default=1000, help="noise draws per forward")
+    certify.add_argument("--batch-size", type=int,
+                         help="noise draws per forward (default: 100 on CPU, 1000 on CUDA)")
     certify.add_argument("--radii", type=_radii, help="radius grid of the table, e.g. 0,0.5,1")
     certify.add_argument("--seed", type=int, default=0, help="seed of the noise")
     certify.add_argument("--device", default="auto", help="auto (default), cpu or cuda")

@@ -32,7 +32,7 @@ from cadis.certify import Smooth
 from cadis.data import load_dataset, stack_images
 from cadis.denoise import DenoisedClassifier, OneShotDenoiser, to_image_space
 from cadis.errors import CadisError
-from cadis.evaluate import ModelSources, pick_device, radius_grid
+from cadis.evaluate import ModelSources, default_batch_size, pick_device, radius_grid
 from cadis.finetune import (
     FINETUNE_CONFIG,
     TRAINED_WEIGHTS,
@@ -232,9 +232,10 @@ def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indice
     images, labels = stack_images(dataset, indices)
     images, labels = images.to(device), labels.to(device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
+    batch_size = config.certify.batch_size or default_batch_size(device)
     correct = 0
-    for start in range(0, len(images), config.certify.batch_size):
-        batch = images[start:start + config.certify.batch_size]
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
         noisy = batch + config.sigma * torch.randn(batch.shape, generator=generator, device=device)
         predictions = classifier(denoiser(noisy)).argmax(1)
         correct += int((predictions == labels[start:start + len(batch)]).sum())
@@ -242,7 +243,7 @@ def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indice
     smooth = Smooth(DenoisedClassifier(denoiser, classifier), num_classes, config.sigma,
                     generator=torch.Generator(device=device).manual_seed(config.seed))
     results = smooth.certify_batch(images[:proxy_count], config.proxy_n0, config.proxy_n,
-                                   config.proxy_alpha, config.certify.batch_size)
+                                   config.proxy_alpha, batch_size)
     records = [Record.from_prediction(i, int(labels[i]), prediction, radius, 0.0)
                for i, (prediction, radius) in enumerate(results)]
     radii = radius_grid(config.sigma, config.proxy_n, config.proxy_alpha, image_size)

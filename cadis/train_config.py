@@ -45,7 +45,7 @@ class CertifyConfig:
     alpha: float = 0.001
     skip: int = 20
     max_images: int | None = 500
-    batch_size: int = 1000
+    batch_size: int | None = None  # noise draws per forward; None: what is fast on the device
 
 
 @dataclass
@@ -158,10 +158,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not 0 < config.proxy_alpha < 1:
         raise CadisError(f"proxy_alpha must be in (0, 1), got {config.proxy_alpha!r}")
     certify = config.certify
-    for key in ("n", "n0", "skip", "batch_size"):
+    for key in ("n", "n0", "skip"):
         positive_int(getattr(certify, key), f"certify.{key}")
-    if certify.max_images is not None:
-        positive_int(certify.max_images, "certify.max_images")
+    for key in ("max_images", "batch_size"):
+        if getattr(certify, key) is not None:
+            positive_int(getattr(certify, key), f"certify.{key}")
     if not 0 < certify.alpha < 1:
         raise CadisError(f"certify.alpha must be in (0, 1), got {certify.alpha!r}")
     if not (config.models or (config.classifier and config.denoiser and config.dataset)):
