@@ -84,7 +84,9 @@ def test_rerun_reuses_outputs_and_force_retrains(pretrained, capsys):
     (["--set", "classifier.nope=1"], "unknown pretrain key 'classifier.nope'"),
     (["--set", "classifier.epochs=many"], "classifier.epochs must be a number"),
     (["--set", "classifier.model_args={patch_size: 3}"], "cannot take 8x8 images with patch"),
-    (["--set", "denoiser.block_out_channels=[8, 8, 8, 8, 8]"], "divisible by 16; the data is 8"),
+    (["--set", "denoiser.block_out_channels=[8, 8, 8, 8, 8]",
+      "--set", "classifier.model_args={patch_size: 2}"], "divisible by 16; the data is 8"),
+    ([], "cannot take 8x8 images with patch size 7"),  # the default ViT is for 28 px
 ])
 def test_bad_input_is_one_line_exit_two_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
