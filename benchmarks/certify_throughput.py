@@ -2,9 +2,11 @@
 
 Both certify the same test images with the same models, sigma, n0, n and alpha, in one run.
 The reference is the loop of Cohen et al.'s code: one image at a time, a fixed batch of noise
-draws, fp32, eager, under torch.no_grad. The engine is `Smooth.certify_batch` as
-`cadis certify` runs it: large batches, several images per forward when n is small,
-inference mode (and autocast on CUDA). Prints noise samples per second of each and the ratio.
+draws (their default is 1000), fp32, eager, under torch.no_grad; it is measured at each
+--reference-batches size, so that the gain of the engine's batch choice and the rest of the
+engine show apart. The engine is `Smooth.certify_batch` as `cadis certify` runs it: the
+device's default batch (100 on CPU), several images per forward when their draws fit one,
+inference mode (and autocast on CUDA). Prints noise samples per second of each and the ratios.
 
     .venv/bin/python benchmarks/certify_throughput.py --models models/fashion-mnist
 """
@@ -21,7 +23,8 @@ from scipy.stats import beta, norm
 from cadis.certification import images_per_forward
 from cadis.certify import Smooth
 from cadis.data import load_dataset
-from cadis.evaluate import ModelSources, build_denoised_classifier, pick_device
+from cadis.evaluate import (ModelSources, build_denoised_classifier, default_batch_size,
+                            pick_device)
 
 
 def reference_certify(base, x, num_classes, sigma, n0, n, alpha, batch):
@@ -53,44 +56,44 @@ def main() -> None:
     parser.add_argument("--settings", default="100:10,1000:100",
                         help="n:n0 pairs to measure, e.g. 100:10 (a sweep's proxy), 1000:100")
     parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--reference-batch", type=int, default=100)
-    parser.add_argument("--engine-batch", type=int, default=1000)
+    parser.add_argument("--reference-batches", default="1000,100",
+                        help="comma-separated fixed batch sizes of the reference loop")
+    parser.add_argument("--engine-batch", type=int, help="default: the device's default")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     device = pick_device(args.device)
+    engine_batch = args.engine_batch or default_batch_size(device)
+    reference_batches = [int(b) for b in args.reference_batches.split(",")]
     sources = ModelSources.resolve(args.models)
     test_set = load_dataset(sources.dataset, "test", sources.data_root)
     base = build_denoised_classifier(sources, args.sigma, device=device)
     images = torch.stack([test_set[i][0] for i in range(args.images)]).to(device)
     num_classes = test_set.info.num_classes
     print(f"device={device} threads={torch.get_num_threads()} sigma={args.sigma} "
-          f"images={args.images} reference batch={args.reference_batch} "
-          f"engine batch={args.engine_batch}")
+          f"images={args.images} engine batch={engine_batch}")
     for pair in args.settings.split(","):
         n, n0 = (int(v) for v in pair.split(":"))
         samples = args.images * (n + n0)
-        # Warm both paths up once so that neither pays one-time costs in the measurement.
-        reference_certify(base, images[0], num_classes, args.sigma, n0, n, args.alpha,
-                          args.reference_batch)
+        # Warm every path up once so that none pays one-time costs in the measurement.
         smooth = Smooth(base, num_classes, args.sigma,
                         generator=torch.Generator(device=device).manual_seed(0))
-        smooth.certify(images[0], n0, n, args.alpha, args.engine_batch)
-
-        start = time.perf_counter()
-        for image in images:
-            reference_certify(base, image, num_classes, args.sigma, n0, n, args.alpha,
-                              args.reference_batch)
-        reference_rate = samples / (time.perf_counter() - start)
-
-        group = images_per_forward(n0, n, args.engine_batch)
+        smooth.certify(images[0], n0, n, args.alpha, engine_batch)
+        group = images_per_forward(n0, n, engine_batch)
         start = time.perf_counter()
         for first in range(0, len(images), group):
-            smooth.certify_batch(images[first:first + group], n0, n, args.alpha,
-                                 args.engine_batch)
+            smooth.certify_batch(images[first:first + group], n0, n, args.alpha, engine_batch)
         engine_rate = samples / (time.perf_counter() - start)
-        print(f"n={n:>6} n0={n0:>4}: reference {reference_rate:8.0f} samples/s   "
-              f"engine {engine_rate:8.0f} samples/s   ratio {engine_rate / reference_rate:.2f}x")
+        line = f"n={n:>6} n0={n0:>4}: engine {engine_rate:6.0f} samples/s"
+        for batch in reference_batches:
+            reference_certify(base, images[0], num_classes, args.sigma, n0, n, args.alpha, batch)
+            start = time.perf_counter()
+            for image in images:
+                reference_certify(base, image, num_classes, args.sigma, n0, n, args.alpha, batch)
+            reference_rate = samples / (time.perf_counter() - start)
+            line += (f" | reference@{batch} {reference_rate:6.0f} samples/s, "
+                     f"ratio {engine_rate / reference_rate:.2f}x")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
