@@ -52,6 +52,7 @@ from cadis.records import (
 from cadis.train_config import TrainConfig, from_mapping
 
 OPTIMIZER_STATE = "optimizer.safetensors"
+RNG_STATE_KEY = "rng::cpu"
 RAY_RUN_NAME = "train"
 # Worker failures (a lost node, say) restart the run from the last checkpoint this often.
 RAY_MAX_FAILURES = 2
@@ -128,9 +129,10 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     if checkpoint is not None:
         state = _restore(checkpoint, classifier, optimizer)
 
+    shuffle = torch.Generator()
     loader = session.prepare_loader(DataLoader(
         Subset(train_set, train_indices), batch_size=config.batch_size, shuffle=True,
-        drop_last=True, generator=torch.Generator().manual_seed(config.seed)))
+        drop_last=True, generator=shuffle))
     steps_per_epoch = len(loader) // config.accumulation_steps
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -142,6 +144,9 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     amp = config.amp and session.device.type == "cuda"
 
     for epoch in range(state.epoch, config.epochs):
+        # The order of an epoch depends on the epoch alone, so a resumed run sees the data
+        # an uninterrupted one would (Ray's distributed sampler does the same by set_epoch).
+        shuffle.manual_seed(config.seed + epoch)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
@@ -257,12 +262,13 @@ def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indice
 
 def _save(directory: Path, classifier: Classifier, optimizer: torch.optim.Optimizer,
           config: TrainConfig, state: TrainState, metrics: dict[str, float]) -> None:
-    """Trained weights + optimizer state (safetensors) + config and step (finetune.json)."""
+    """Trained weights, optimizer and random state (safetensors), config and step (json)."""
     names = {id(p): name for name, p in classifier.named_parameters() if p.requires_grad}
     tensors = {}
     for parameter, values in optimizer.state.items():
         for key, value in values.items():
             tensors[f"{names[id(parameter)]}::{key}"] = torch.as_tensor(value).detach().cpu()
+    tensors[RNG_STATE_KEY] = torch.get_rng_state()
     save_file(tensors, str(directory / OPTIMIZER_STATE))
     save_trained(classifier, directory, config.finetune_config(),
                  {"epoch": state.epoch, "global_step": state.global_step,
@@ -276,7 +282,11 @@ def _restore(directory: Path, classifier: Classifier, optimizer: torch.optim.Opt
     # Not strict: the checkpoint holds only what training changes (the frozen base is absent).
     classifier.load_state_dict(load_file(str(directory / TRAINED_WEIGHTS)), strict=False)
     parameters = dict(classifier.named_parameters())
-    for key, value in load_file(str(directory / OPTIMIZER_STATE)).items():
+    saved = load_file(str(directory / OPTIMIZER_STATE))
+    # The noise and augmentation continue where they stopped: in one process, a resumed run
+    # trains exactly as an uninterrupted one (other ranks of a Ray run restart rank 0's stream).
+    torch.set_rng_state(saved.pop(RNG_STATE_KEY))
+    for key, value in saved.items():
         name, _, field_name = key.rpartition("::")
         optimizer.state[parameters[name]][field_name] = value.to(parameters[name].device)
     return TrainState(epoch=metadata["epoch"], global_step=metadata["global_step"])

@@ -1,8 +1,10 @@
 """FT-CADIS training: config validation, the loop in this process, resume, Ray Train workers."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from cadis.cli import main
 from cadis.errors import CadisError
@@ -94,6 +96,21 @@ def test_resume_continues_the_step_count(tiny_models_dir, tmp_path):
     assert json.loads((out / "checkpoints" / "epoch_001" / "finetune.json").read_text()) == first
     assert (out / "certify_epoch_001" / "records.tsv").is_file()
     assert (out / "certify_epoch_002" / "records.tsv").is_file()
+
+
+def test_resumed_run_trains_exactly_as_an_uninterrupted_one(tiny_models_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(tiny_models_dir, straight, "epochs=2") == 0
+    assert _train(tiny_models_dir, resumed, "epochs=2") == 0
+    # Interrupt after epoch 1: drop the second epoch's checkpoint, then resume.
+    shutil.rmtree(resumed / "checkpoints" / "epoch_002")
+    assert _train(tiny_models_dir, resumed, "epochs=2", flags=["--resume"]) == 0
+    first = load_file(str(straight / "checkpoints" / "epoch_002" / "trained.safetensors"))
+    second = load_file(str(resumed / "checkpoints" / "epoch_002" / "trained.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_denoised_ce_skips_the_attack(tiny_models_dir, tmp_path):
