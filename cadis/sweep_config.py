@@ -1,0 +1,725 @@
+"""The schema of a whole sweep file, validated once at the edge.
+
+A sweep file names a training configuration (``base:``, see :mod:`cadis.train_config`), the
+base keys to search and how, the objective, the ASHA scheduler, the trial budget, what one
+trial needs of a cluster, the final certification and where MLflow tracks the sweep.
+:func:`load_sweep` reads one, applies ``--set`` overrides and checks, before any cluster
+starts, everything a trial could trip on: every value a distribution can produce passes the
+base's own validation, so a bad range fails here with the base's message and not as a failed
+trial an hour later.
+
+Search space, as users write it under ``search:`` (exactly one distribution per key)::
+
+    lambda: {uniform: [0.5, 8]}             # a float in [low, high]
+    epsilon: {loguniform: [0.05, 0.5]}      # a float, uniform in log space; low > 0
+    num_noises: {int: [1, 4]}               # an integer in [low, high], BOTH bounds included
+    lora_rank: {choice: [2, 4, 8]}          # one of the values, picked by the searcher
+    confidence_threshold: {grid: [0.0, 0.5, argmax]}   # every value, each in its own trial
+    variant: {grid: [{finetune: lora, lora_rank: 4}, {finetune: full}]}
+
+``variant`` is reserved (no base key has that name): its grid values are mappings of base
+keys applied together, for ablations whose arms are not a product of single keys (LoRA at
+several ranks *and* full fine-tuning).
+
+Grids and trial counts: Optuna cannot take Tune's ``grid_search`` (Ray refuses to convert
+it), so a sweep with any ``grid`` runs on Tune's BasicVariantGenerator instead: every grid
+point (the product over grid keys) is run ``num_trials`` times, the other distributions drawn
+at random for each. ``num_trials`` then counts repeats of the grid, not trials;
+:attr:`SweepConfig.total_trials` is what runs. Without a grid, Optuna's TPE proposes
+``num_trials`` trials (two objectives: a Pareto front).
+
+Ray is imported only by :func:`tune_search_space`: validating and describing a sweep
+(``cadis sweep --dry-run``) must not pay for importing Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from cadis.certify import max_certifiable_radius
+from cadis.config import is_real, parse_override
+from cadis.errors import CadisError
+from cadis.records import radius_key
+from cadis.train import PROXY_ACR, PROXY_PREFIX
+from cadis.train_config import (
+    RENAMED,
+    CertifyConfig,
+    TrainConfig,
+    from_mapping,
+    load_sweep_file,
+)
+
+DistributionKind = Literal["uniform", "loguniform", "int", "choice", "grid"]
+DISTRIBUTIONS: tuple[DistributionKind, ...] = ("uniform", "loguniform", "int", "choice", "grid")
+RANGE_KINDS = ("uniform", "loguniform", "int")
+# The reserved searched key whose grid values are mappings of base keys applied together.
+VARIANT_KEY = "variant"
+# Base keys a sweep sets from its own sections: searching them would contradict those.
+NOT_SEARCHABLE = {
+    "certify": "the sweep's certify: section sets it",
+    "workers": "resources.workers_per_trial sets it",
+    "cpus_per_worker": "resources.cpus_per_worker sets it",
+}
+# Integer ranges up to this many values are validated value by value (base checks such as
+# effective_batch_size % batch_size are not intervals); wider ones by their bounds.
+MAX_ENUMERATED_INTS = 1024
+
+MODES = ("max", "min")
+# Final metrics, known once a trial's model is certified: ACR and accuracy per radius.
+FINAL_ACR = "acr"
+FINAL_ACCURACY_PREFIX = "certified_accuracy_r"
+# Per-epoch metrics as cadis.train reports them, with the direction that is better. ASHA can
+# only stop on these: it compares trials after every epoch.
+EPOCH_METRIC_MODES = {PROXY_ACR: "max", "val_denoised_accuracy": "max",
+                      "hallucination_rate": "min", "loss": "min"}
+METRIC_FORMS = (f"{FINAL_ACCURACY_PREFIX}<radius>, {FINAL_ACR}, {PROXY_PREFIX}<radius>, "
+                f"{', '.join(EPOCH_METRIC_MODES)}")
+
+# A Tune function trainable holds one CPU itself while its Train workers run (STACK.md).
+TRIAL_DRIVER_CPUS = 1.0
+MLFLOW_DB = "mlflow.db"
+SWEEPS_DIR = "runs/sweeps"
+# The name becomes a folder and an MLflow experiment: nothing that needs quoting.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+SEARCHER_OPTUNA = "optuna"
+SEARCHER_BASIC = "basic-variant"
+
+ASHA_KEYS = ("metric", "mode", "grace_period", "reduction_factor", "max_t")
+RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")
+MLFLOW_KEYS = ("tracking_uri", "experiment")
+OBJECTIVE_KEYS = ("metric", "mode")
+CERTIFY_KEYS = tuple(field.name for field in fields(CertifyConfig))
+# Top-level sections that are mappings, with their keys (search's are base keys, checked by
+# _parse_search): ``--set section.key=value`` writes into them.
+SECTIONS = {"search": None, "objective": OBJECTIVE_KEYS, "scheduler": ASHA_KEYS,
+            "resources": RESOURCE_KEYS, "certify": CERTIFY_KEYS, "mlflow": MLFLOW_KEYS}
+TOP_LEVEL_KEYS = ("name", "base", "search", "objective", "scheduler", "num_trials",
+                  "max_concurrent_trials", "resources", "certify", "mlflow", "results_dir")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """How one searched key is drawn. Guaranteed after loading: every value it can produce
+    passed the base's validation (integer ranges wider than :data:`MAX_ENUMERATED_INTS`
+    values and continuous ranges by their bounds).
+
+    ``values`` is ``(low, high)`` for the ranges (floats; ints for ``int``, both included),
+    the options for ``choice`` and ``grid`` (mappings of base keys for ``variant``).
+    """
+
+    kind: DistributionKind
+    values: tuple[Any, ...]
+
+    def describe(self) -> str:
+        if self.kind in RANGE_KINDS:
+            low, high = self.values
+            included = " (both included)" if self.kind == "int" else ""
+            return f"{self.kind} [{low}, {high}]{included}"
+        return f"{self.kind} [{', '.join(_format_value(value) for value in self.values)}]"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A final (or per-epoch) metric the searcher optimises, by its canonical name."""
+
+    metric: str
+    mode: Literal["max", "min"]
+
+
+@dataclass(frozen=True)
+class AshaSettings:
+    """Early stopping on a per-epoch metric; one time unit is one epoch (one report).
+
+    A file without ``scheduler:`` gets ASHA with the defaults: ``metric`` the first
+    objective's per-epoch proxy (``proxy_acr`` for certified accuracy or ACR), ``mode`` the
+    metric's better direction, ``grace_period`` 1, ``reduction_factor`` 2, ``max_t`` the most
+    epochs any trial runs. ``scheduler: null`` turns it off.
+    """
+
+    metric: str
+    mode: Literal["max", "min"]
+    grace_period: int
+    reduction_factor: float
+    max_t: int
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    """What each trial's Ray Train workers take; the trial's driver adds one CPU."""
+
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """``tracking_uri`` None means a local SQLite store in the sweep's results folder."""
+
+    tracking_uri: str | None
+    experiment: str
+
+
+@dataclass
+class SweepConfig:
+    """A validated sweep. Guaranteed: ``base`` passed :func:`cadis.train_config.validate`,
+    with ``base.certify is certify``, ``base.workers == resources.workers_per_trial`` and
+    ``base.cpus_per_worker == resources.cpus_per_worker``; ``search`` is not empty and every
+    value it can produce is valid on ``base``; one or two objectives; ``scheduler`` (None:
+    every trial runs all its epochs) stops on a per-epoch metric with ``max_t`` at least the
+    most epochs any trial runs."""
+
+    name: str
+    base: TrainConfig
+    search: dict[str, Distribution]
+    objective: list[Objective]
+    scheduler: AshaSettings | None
+    num_trials: int
+    max_concurrent_trials: int
+    resources: ResourceSettings
+    certify: CertifyConfig
+    mlflow: MlflowSettings
+    results_dir: str
+
+    @property
+    def grid_size(self) -> int:
+        """Grid points: the product of the grid lengths (1 without a grid)."""
+        return math.prod(len(d.values) for d in self.search.values() if d.kind == "grid")
+
+    @property
+    def searcher(self) -> str:
+        """:data:`SEARCHER_OPTUNA`, or :data:`SEARCHER_BASIC` when a grid is searched."""
+        has_grid = any(d.kind == "grid" for d in self.search.values())
+        return SEARCHER_BASIC if has_grid else SEARCHER_OPTUNA
+
+    @property
+    def total_trials(self) -> int:
+        """Trials that run: ``num_trials`` repeats of the grid (``num_trials`` without one)."""
+        return self.num_trials * self.grid_size
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI: the file's, else ``sqlite:///<results_dir>/mlflow.db``
+        made absolute on the machine that calls this (the sweep's driver)."""
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{(Path(self.results_dir) / MLFLOW_DB).resolve()}"
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read a sweep file, apply ``--set key=value`` items in order and validate it all.
+
+    Override keys: ``base.KEY`` (also ``base.certify.n``) or a bare base key (``lr=1e-3``) go
+    to the base; ``section.KEY`` writes into ``search``, ``objective``, ``scheduler`` (turning
+    ASHA on if the file had ``scheduler: null``), ``resources``, ``certify`` or ``mlflow``;
+    other top-level keys are replaced whole. ``name`` defaults to the file's stem. Raises
+    :class:`CadisError` with one line naming the key.
+    """
+    data = dict(load_sweep_file(path))
+    data.setdefault("name", Path(path).stem)
+    for item in overrides:
+        _apply_override(data, item)
+    return sweep_from_mapping(data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, value = parse_override(item)
+    head, _, rest = key.partition(".")
+    if head == "base" and rest:
+        data["base"] = {**_mapping_or_empty("base", data.get("base")), rest: value}
+    elif head in SECTIONS and rest:
+        data[head] = {**_mapping_or_empty(head, data.get(head)), rest: value}
+    elif key in TOP_LEVEL_KEYS:
+        data[key] = value
+    elif head in _base_keys():
+        data["base"] = {**_mapping_or_empty("base", data.get("base")), key: value}
+    else:
+        raise CadisError(f"--set {key}: unknown key; allowed: {', '.join(TOP_LEVEL_KEYS)}, "
+                         f"SECTION.KEY, base.KEY or a base key")
+
+
+def _mapping_or_empty(key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CadisError(f"{key} must be a mapping, got {value!r}")
+    return value
+
+
+def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
+    """Validate a sweep file's mapping (as read, overrides applied); see :func:`load_sweep`."""
+    unknown = [key for key in data if key not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise CadisError(f"unknown key {unknown[0]!r}; allowed: {', '.join(TOP_LEVEL_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise CadisError(f"name must be letters, digits, '.', '_' or '-' (it names a folder "
+                         f"and an MLflow experiment), got {name!r}")
+    raw_base = _mapping_or_empty("base", data.get("base"))
+    try:
+        base = from_mapping(raw_base)
+    except CadisError as error:
+        raise CadisError(f"base: {error}") from None
+    resources = _parse_resources(_section(data, "resources"), raw_base, base)
+    certify_section = _section(data, "certify")
+    # The base and resources passed above: all this can still refuse is a certify value,
+    # and from_mapping's messages for those already name certify.KEY.
+    base = from_mapping({**base.to_dict(), "workers": resources.workers_per_trial,
+                         "cpus_per_worker": resources.cpus_per_worker,
+                         "certify": {**base.to_dict()["certify"], **certify_section}})
+    search = _parse_search(data.get("search"), base)
+    num_trials = _positive_integer("num_trials", data.get("num_trials"),
+                                   "trials to run; with a grid, repeats of the grid")
+    max_concurrent = _positive_integer("max_concurrent_trials",
+                                       data.get("max_concurrent_trials", 1),
+                                       "trials that run at once")
+    objectives = _parse_objectives(data.get("objective"), base, search)
+    scheduler = None if "scheduler" in data and data["scheduler"] is None else \
+        _parse_scheduler(_section(data, "scheduler"), objectives, base, search)
+    mlflow = _section(data, "mlflow")
+    tracking_uri = mlflow.get("tracking_uri")
+    if tracking_uri is not None and not (isinstance(tracking_uri, str) and tracking_uri):
+        raise CadisError(f"mlflow.tracking_uri must be a URI such as http://127.0.0.1:5000, or "
+                         f"null for a SQLite store in results_dir; got {tracking_uri!r}")
+    experiment = mlflow.get("experiment", name)
+    if not isinstance(experiment, str) or not experiment:
+        raise CadisError(f"mlflow.experiment must be a non-empty string, got {experiment!r}")
+    results_dir = data.get("results_dir", f"{SWEEPS_DIR}/{name}")
+    if not isinstance(results_dir, str) or not results_dir:
+        raise CadisError(f"results_dir must be a folder path, got {results_dir!r}")
+    return SweepConfig(name=name, base=base, search=search, objective=objectives,
+                       scheduler=scheduler, num_trials=num_trials,
+                       max_concurrent_trials=max_concurrent, resources=resources,
+                       certify=base.certify, mlflow=MlflowSettings(tracking_uri, experiment),
+                       results_dir=results_dir)
+
+
+def _section(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A top-level mapping section (absent or null: empty), its keys checked."""
+    section = data.get(key)
+    if section is None:
+        return {}
+    allowed = SECTIONS[key]
+    if not isinstance(section, dict):
+        raise CadisError(f"{key} must be a mapping of {', '.join(allowed)}, got {section!r}")
+    for sub_key in section:
+        if sub_key not in allowed:
+            raise CadisError(f"unknown key '{key}.{sub_key}'; allowed: {', '.join(allowed)}")
+    return section
+
+
+def _number(key: str, value: Any) -> float:
+    """A finite real; strings too, since YAML reads ``1e-3`` (no dot) as a string."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if is_real(value) and math.isfinite(float(value)):
+        return float(value)
+    raise CadisError(f"{key} must be a number, got {value!r}")
+
+
+def _integer(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise CadisError(f"{key} must be an integer, got {value!r}")
+
+
+def _positive_integer(key: str, value: Any, meaning: str) -> int:
+    if value is None:
+        raise CadisError(f"{key} is required: an integer >= 1 ({meaning})")
+    if _integer(key, value) < 1:
+        raise CadisError(f"{key} must be an integer >= 1 ({meaning}), got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def _parse_resources(section: dict[str, Any], raw_base: Mapping[str, Any],
+                     base: TrainConfig) -> ResourceSettings:
+    """Resources, defaulting to the base's workers and cpus_per_worker; the two must agree
+    where both are written, since a trial runs with exactly one of them."""
+    chosen: dict[str, Any] = {}
+    for resource_key, base_key in (("workers_per_trial", "workers"),
+                                   ("cpus_per_worker", "cpus_per_worker")):
+        if resource_key not in section:
+            chosen[resource_key] = getattr(base, base_key)
+            continue
+        chosen[resource_key] = section[resource_key]
+        if base_key in raw_base and getattr(base, base_key) != section[resource_key]:
+            raise CadisError(f"resources.{resource_key} ({section[resource_key]!r}) and "
+                             f"base.{base_key} ({getattr(base, base_key)!r}) disagree: a "
+                             f"sweep's trials run with resources; drop base.{base_key}")
+    workers = _integer("resources.workers_per_trial", chosen["workers_per_trial"])
+    if workers < 1:
+        raise CadisError(f"resources.workers_per_trial must be an integer >= 1, got {workers}")
+    cpus = _number("resources.cpus_per_worker", chosen["cpus_per_worker"])
+    gpus = _number("resources.gpus_per_worker", section.get("gpus_per_worker", 0.0))
+    for key, amount in (("cpus_per_worker", cpus), ("gpus_per_worker", gpus)):
+        if amount < 0:
+            raise CadisError(f"resources.{key} must be a number >= 0, got {amount}")
+    if gpus > 0 and base.device == "cpu":
+        raise CadisError(f"resources.gpus_per_worker is {gpus} but base.device is cpu: set "
+                         "device to auto or cuda, or gpus_per_worker to 0")
+    if gpus == 0 and base.device == "cuda":
+        raise CadisError("resources.gpus_per_worker is 0 but base.device is cuda: Ray would "
+                         "give the workers no GPU; set gpus_per_worker")
+    return ResourceSettings(workers, cpus, gpus)
+
+
+def required_per_trial(sweep: SweepConfig) -> dict[str, float]:
+    """``{"CPU": ..., "GPU": ...}`` one running trial holds: its workers plus one CPU for the
+    trial's driver. ``max_concurrent_trials`` times this must fit the cluster."""
+    resources = sweep.resources
+    return {"CPU": TRIAL_DRIVER_CPUS + resources.workers_per_trial * resources.cpus_per_worker,
+            "GPU": resources.workers_per_trial * resources.gpus_per_worker}
+
+
+# -------------------------------------------------------------------------------- search
+
+
+def _base_keys() -> list[str]:
+    return list(TrainConfig().to_dict())
+
+
+def _integer_keys() -> set[str]:
+    """Base keys (as users write them) that take only integers, ``None`` aside."""
+    user_keys = {attribute: user for user, attribute in RENAMED.items()}
+    hints = typing.get_type_hints(TrainConfig)
+    return {user_keys.get(name, name) for name, hint in hints.items()
+            if hint is int or set(typing.get_args(hint)) == {int, type(None)}}
+
+
+def _with(base_values: Mapping[str, Any], params: Mapping[str, Any]) -> TrainConfig:
+    """The base with searched values applied (a variant's mapping applied key by key)."""
+    values = dict(base_values)
+    for key, value in params.items():
+        if key == VARIANT_KEY:
+            values.update(value)
+        else:
+            values[key] = value
+    return from_mapping(values)
+
+
+def _parse_search(spec: Any, base: TrainConfig) -> dict[str, Distribution]:
+    if not spec:
+        raise CadisError("search is empty: name at least one base key to search, e.g. "
+                         "search: {lambda: {uniform: [0.5, 8]}}")
+    if not isinstance(spec, dict):
+        raise CadisError(f"search must be a mapping of base keys to distributions, got {spec!r}")
+    base_keys = _base_keys()
+    search = {}
+    for key, key_spec in spec.items():
+        if key in NOT_SEARCHABLE:
+            raise CadisError(f"search.{key}: not searchable: {NOT_SEARCHABLE[key]}")
+        if key not in base_keys and key != VARIANT_KEY:
+            raise CadisError(f"search.{key}: unknown key; allowed: {VARIANT_KEY} or a base key "
+                             f"({', '.join(k for k in base_keys if k not in NOT_SEARCHABLE)})")
+        search[key] = _parse_distribution(key, key_spec)
+    base_values = base.to_dict()
+    for key, distribution in search.items():
+        if key == VARIANT_KEY:
+            _check_variants(distribution, search, base_values)
+        else:
+            _check_values(key, distribution, base_values)
+    if not any(d.kind == "grid" for d in search.values()):
+        # Optuna's categorical distribution holds only scalars; Tune's grid holds anything.
+        for key, distribution in search.items():
+            if distribution.kind == "choice" and not all(
+                    value is None or isinstance(value, (bool, int, float, str))
+                    for value in distribution.values):
+                raise CadisError(f"search.{key}: choice takes numbers, strings, booleans or null "
+                                 "(Optuna's categories); use grid for lists and mappings")
+    return search
+
+
+def _parse_distribution(key: str, spec: Any) -> Distribution:
+    where = f"search.{key}"
+    if not isinstance(spec, dict) or not spec:
+        raise CadisError(f"{where}: write one of {', '.join(DISTRIBUTIONS)}, e.g. "
+                         f"{{uniform: [0.5, 8]}}; got {spec!r}")
+    unknown = [name for name in spec if name not in DISTRIBUTIONS]
+    if unknown:
+        raise CadisError(f"{where}: unknown distribution {unknown[0]!r}; allowed: "
+                         f"{', '.join(DISTRIBUTIONS)}")
+    if len(spec) > 1:
+        raise CadisError(f"{where}: one distribution per key, got {' and '.join(spec)}")
+    (kind, values), = spec.items()
+    if kind in ("choice", "grid"):
+        if not isinstance(values, list) or not values:
+            raise CadisError(f"{where}: {kind} takes a non-empty list of values, got {values!r}")
+        if key == VARIANT_KEY and kind != "grid":
+            raise CadisError(f"{where}: only grid is allowed: a variant is a set of base keys "
+                             f"applied together, each in its own trials; got {kind}")
+        return Distribution(kind, tuple(values))
+    if key == VARIANT_KEY:
+        raise CadisError(f"{where}: only grid is allowed: a variant is a set of base keys "
+                         f"applied together; got {kind}")
+    if not isinstance(values, list) or len(values) != 2:
+        raise CadisError(f"{where}: {kind} takes [low, high], got {values!r}")
+    if kind == "int":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise CadisError(f"{where}: int takes integer bounds [low, high], got {values!r}")
+        low, high = values
+    else:
+        low, high = (_number(f"{where} bound", value) for value in values)
+    if not low < high:
+        raise CadisError(f"{where}: {kind} needs low < high, got [{low}, {high}]"
+                         + ("; for one value, leave the key out of search and set it in base"
+                            if low == high else ""))
+    if kind == "loguniform" and not low > 0:
+        raise CadisError(f"{where}: loguniform needs low > 0, got [{low}, {high}]")
+    return Distribution(kind, (low, high))
+
+
+def _check_values(key: str, distribution: Distribution, base_values: Mapping[str, Any]) -> None:
+    """Every value the distribution can produce must pass the base's validation."""
+    if distribution.kind in ("uniform", "loguniform") and key in _integer_keys():
+        raise CadisError(f"search.{key}: {key} takes integers but {distribution.kind} draws "
+                         "fractions; use int")
+    candidates: Sequence[Any] = distribution.values
+    if distribution.kind == "int":
+        low, high = distribution.values
+        if high - low < MAX_ENUMERATED_INTS:
+            candidates = range(low, high + 1)
+    for value in candidates:
+        try:
+            _with(base_values, {key: value})
+        except CadisError as error:
+            raise CadisError(f"search.{key}: {error}") from None
+
+
+def _check_variants(distribution: Distribution, search: Mapping[str, Distribution],
+                    base_values: Mapping[str, Any]) -> None:
+    base_keys = _base_keys()
+    for index, variant in enumerate(distribution.values):
+        where = f"search.{VARIANT_KEY}[{index}]"
+        if not isinstance(variant, dict) or not variant:
+            raise CadisError(f"{where}: a variant is a non-empty mapping of base keys, e.g. "
+                             f"{{finetune: lora, lora_rank: 4}}; got {variant!r}")
+        for key in variant:
+            if key in NOT_SEARCHABLE:
+                raise CadisError(f"{where}.{key}: not searchable: {NOT_SEARCHABLE[key]}")
+            if key not in base_keys:
+                raise CadisError(f"{where}.{key}: unknown key; allowed: a base key "
+                                 f"({', '.join(k for k in base_keys if k not in NOT_SEARCHABLE)})")
+            if key in search:
+                raise CadisError(f"{where}.{key}: {key} is also searched on its own; search it "
+                                 "in one place")
+        try:
+            _with(base_values, {VARIANT_KEY: variant})
+        except CadisError as error:
+            raise CadisError(f"{where}: {error}") from None
+
+
+def _largest(search: Mapping[str, Distribution], base: TrainConfig, key: str) -> float:
+    """The largest value of a numeric base key over every trial of the search."""
+    base_value = base.to_dict()[key]
+    distribution = search.get(key)
+    if distribution is not None:
+        if distribution.kind in RANGE_KINDS:
+            return distribution.values[1]
+        return max(float(value) for value in distribution.values)
+    variants = search.get(VARIANT_KEY)
+    if variants is not None:
+        return max(float(variant.get(key, base_value)) for variant in variants.values)
+    return base_value
+
+
+# --------------------------------------------------------------------- objective and ASHA
+
+
+def _canonical_metric(where: str, name: Any) -> str:
+    """The metric's name as the sweep reports it (radii written as ``radius_key`` does)."""
+    if isinstance(name, str):
+        if name == FINAL_ACR or name in EPOCH_METRIC_MODES:
+            return name
+        # The proxy prefix ends with the final one: try it first.
+        for prefix in (PROXY_PREFIX, FINAL_ACCURACY_PREFIX):
+            if name.startswith(prefix):
+                try:
+                    radius = float(name[len(prefix):])
+                except ValueError:
+                    break
+                if math.isfinite(radius) and radius >= 0:
+                    return f"{prefix}{radius_key(radius)}"
+                break
+    raise CadisError(f"{where}: unknown metric {name!r}; allowed: {METRIC_FORMS}")
+
+
+def _check_reachable(where: str, metric: str, sweep_search: Mapping[str, Distribution],
+                     base: TrainConfig) -> None:
+    """A radius beyond what n draws can certify, even at the largest sigma searched, has
+    accuracy 0 in every trial: refuse it."""
+    sigma = _largest(sweep_search, base, "sigma")
+    if metric.startswith(PROXY_PREFIX):
+        radius = float(metric[len(PROXY_PREFIX):])
+        n, alpha, source = int(_largest(sweep_search, base, "proxy_n")), base.proxy_alpha, \
+            "proxy_n"
+    elif metric.startswith(FINAL_ACCURACY_PREFIX):
+        radius = float(metric[len(FINAL_ACCURACY_PREFIX):])
+        n, alpha, source = base.certify.n, base.certify.alpha, "certify.n"
+    else:
+        return
+    reach = max_certifiable_radius(sigma, n, alpha)
+    if radius > reach:
+        raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify at sigma "
+                         f"{sigma} (at most {reach:.3f}): raise {source} or pick a smaller "
+                         "radius")
+
+
+def _parse_objectives(spec: Any, base: TrainConfig,
+                      search: Mapping[str, Distribution]) -> list[Objective]:
+    if spec is None:
+        raise CadisError("objective is required: {metric: NAME, mode: max|min}, or two of each "
+                         f"as lists for a Pareto front; metrics: {METRIC_FORMS}")
+    section = _section({"objective": spec}, "objective")
+    metrics = section.get("metric")
+    modes = section.get("mode")
+    metrics = [metrics] if isinstance(metrics, str) else metrics
+    modes = [modes] if isinstance(modes, str) else modes
+    if not isinstance(metrics, list) or len(metrics) not in (1, 2):
+        raise CadisError(f"objective.metric: one metric, or a list of two for a Pareto front; "
+                         f"got {section.get('metric')!r}")
+    if len(metrics) == 2 and (not isinstance(modes, list) or len(modes) != 2):
+        raise CadisError(f"objective: two objectives need two modes, e.g. mode: [max, max]; "
+                         f"got {section.get('mode')!r}")
+    if not isinstance(modes, list) or len(modes) != len(metrics):
+        raise CadisError(f"objective.mode: one mode per metric (max or min), got "
+                         f"{section.get('mode')!r}")
+    objectives = []
+    for metric, mode in zip(metrics, modes):
+        if mode not in MODES:
+            raise CadisError(f"objective.mode must be max or min, got {mode!r}")
+        name = _canonical_metric("objective.metric", metric)
+        _check_reachable("objective.metric", name, search, base)
+        objectives.append(Objective(name, mode))
+    if len(objectives) == 2 and objectives[0].metric == objectives[1].metric:
+        raise CadisError(f"objective.metric: the two objectives are the same metric "
+                         f"({objectives[0].metric})")
+    return objectives
+
+
+def _proxy_metric(objective: Objective) -> str:
+    """What ASHA stops on for an objective: the objective itself when it is reported every
+    epoch; else the proxy ACR, which is always reported (a per-radius proxy exists only at
+    radii the proxy's few draws can certify) and rises with certified accuracy at any
+    radius."""
+    if objective.metric in EPOCH_METRIC_MODES or objective.metric.startswith(PROXY_PREFIX):
+        return objective.metric
+    return PROXY_ACR
+
+
+def _parse_scheduler(section: dict[str, Any], objectives: Sequence[Objective],
+                     base: TrainConfig, search: Mapping[str, Distribution]) -> AshaSettings:
+    metric = _canonical_metric("scheduler.metric",
+                               section.get("metric", _proxy_metric(objectives[0])))
+    if metric not in EPOCH_METRIC_MODES and not metric.startswith(PROXY_PREFIX):
+        raise CadisError(f"scheduler.metric: {metric} is known only after the final "
+                         f"certification; ASHA needs a metric reported every epoch: "
+                         f"{', '.join(EPOCH_METRIC_MODES)} or {PROXY_PREFIX}<radius>")
+    _check_reachable("scheduler.metric", metric, search, base)
+    mode = section.get("mode", EPOCH_METRIC_MODES.get(metric, "max"))
+    if mode not in MODES:
+        raise CadisError(f"scheduler.mode must be max or min, got {mode!r}")
+    grace_period = _positive_integer("scheduler.grace_period", section.get("grace_period", 1),
+                                     "epochs every trial runs before it can be stopped")
+    reduction_factor = _number("scheduler.reduction_factor",
+                               section.get("reduction_factor", 2))
+    if not reduction_factor > 1:
+        raise CadisError(f"scheduler.reduction_factor must be > 1 (ASHA keeps 1/factor of the "
+                         f"trials at each rung), got {reduction_factor}")
+    most_epochs = int(_largest(search, base, "epochs"))
+    max_t = _positive_integer("scheduler.max_t", section.get("max_t", most_epochs),
+                              "epochs after which ASHA stops any trial")
+    if max_t < most_epochs:
+        raise CadisError(f"scheduler.max_t ({max_t}) is below the {most_epochs} epochs a trial "
+                         "can run: it would stop trials before their last epoch")
+    if grace_period > max_t:
+        raise CadisError(f"scheduler.grace_period ({grace_period}) must be <= max_t ({max_t})")
+    return AshaSettings(metric, mode, grace_period, reduction_factor, max_t)
+
+
+# ---------------------------------------------------------------------- Tune and people
+
+
+def tune_search_space(sweep: SweepConfig) -> dict[str, Any]:
+    """The Tune ``param_space``: ``uniform``, ``loguniform``, ``randint(low, high + 1)`` (Tune's
+    upper bound is exclusive; the sweep file's ``int`` includes ``high``), ``choice`` and
+    ``grid_search`` (``variant``: a grid of mappings; apply a trial's with
+    :func:`trial_config`)."""
+    from ray import tune
+
+    def domain(distribution: Distribution) -> Any:
+        values = distribution.values
+        if distribution.kind == "uniform":
+            return tune.uniform(*values)
+        if distribution.kind == "loguniform":
+            return tune.loguniform(*values)
+        if distribution.kind == "int":
+            return tune.randint(values[0], values[1] + 1)
+        if distribution.kind == "choice":
+            return tune.choice(list(values))
+        return tune.grid_search(list(values))
+
+    return {key: domain(distribution) for key, distribution in sweep.search.items()}
+
+
+def trial_config(sweep: SweepConfig, params: Mapping[str, Any]) -> TrainConfig:
+    """One trial's training configuration: the base with the values Tune chose (``params``,
+    keyed like :func:`tune_search_space`). Validated; a combination of separately searched
+    keys that the base refuses (checked one key at a time at load) raises here."""
+    try:
+        return _with(sweep.base.to_dict(), params)
+    except CadisError as error:
+        raise CadisError(f"trial with {dict(params)}: {error}") from None
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {item}" for key, item in value.items()) + "}"
+    return str(value)
+
+
+def describe(sweep: SweepConfig) -> str:
+    """The resolved sweep in a few lines: trials and searcher, search space, objective,
+    scheduler, resources, certification and where it is tracked."""
+    if sweep.searcher == SEARCHER_BASIC:
+        trials = (f"{sweep.total_trials} trials ({sweep.grid_size} grid points x num_trials "
+                  f"{sweep.num_trials}); Tune's grid and random search (Optuna cannot take a grid)")
+    else:
+        front = " (a Pareto front)" if len(sweep.objective) == 2 else ""
+        trials = f"{sweep.num_trials} trials; Optuna TPE{front}"
+    resources = sweep.resources
+    need = required_per_trial(sweep)
+    certify = sweep.certify
+    lines = [f"sweep {sweep.name}: {trials}; at most {sweep.max_concurrent_trials} at a time",
+             "search:"]
+    lines += [f"  {key}: {distribution.describe()}" for key, distribution in sweep.search.items()]
+    lines.append("objective: " + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objective))
+    if sweep.scheduler is None:
+        lines.append("scheduler: none, every trial runs all its epochs")
+    else:
+        asha = sweep.scheduler
+        lines.append(f"scheduler: ASHA on {asha.metric} ({asha.mode}) per epoch, grace_period "
+                     f"{asha.grace_period}, reduction_factor {asha.reduction_factor:g}, "
+                     f"max_t {asha.max_t}")
+    lines.append(f"resources per trial: {resources.workers_per_trial} worker(s) x "
+                 f"({resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker:g} GPU) + "
+                 f"{TRIAL_DRIVER_CPUS:g} CPU for the trial's driver = {need['CPU']:g} CPU, "
+                 f"{need['GPU']:g} GPU")
+    lines.append(f"certify: n={certify.n} n0={certify.n0} alpha={certify.alpha:g} "
+                 f"skip={certify.skip} max_images={certify.max_images}")
+    lines.append(f"mlflow: {sweep.tracking_uri()} (experiment {sweep.mlflow.experiment})")
+    lines.append(f"results: {sweep.results_dir}")
+    return "\n".join(lines)

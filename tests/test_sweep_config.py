@@ -1,0 +1,364 @@
+"""The sweep file schema: good files load, bad ones fail at the edge with one line naming the
+key, and the search space becomes the Tune domains it says. No Ray cluster is started."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cadis.errors import CadisError
+from cadis.sweep_config import (
+    SEARCHER_BASIC,
+    SEARCHER_OPTUNA,
+    AshaSettings,
+    Distribution,
+    Objective,
+    describe,
+    load_sweep,
+    required_per_trial,
+    trial_config,
+    tune_search_space,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
+# The smallest valid sweep: the base's defaults, one searched key, one objective.
+MINIMAL = {"name": "t", "search": {"lambda": {"uniform": [0.5, 8]}}, "num_trials": 2,
+           "objective": {"metric": "certified_accuracy_r0.25", "mode": "max"}}
+
+
+def write_sweep(tmp_path: Path, data: dict, filename: str = "sweep.yaml") -> Path:
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def with_changes(**changes) -> dict:
+    """MINIMAL with top-level keys replaced (a value of None removes the key)."""
+    data = copy.deepcopy(MINIMAL)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def search(**keys) -> dict:
+    return with_changes(search=keys)
+
+
+def has_search_section(path: Path) -> bool:
+    return bool((yaml.safe_load(path.read_text()) or {}).get("search"))
+
+
+# ----------------------------------------------------------------------------- bad files
+
+BAD_CASES = [
+    pytest.param({**MINIMAL, "schedular": {"grace_period": 2}}, "unknown key 'schedular'",
+                 id="unknown-top-level-key"),
+    pytest.param(with_changes(name="my sweep"), "name must be", id="name-with-space"),
+    pytest.param(search(lambdaa={"uniform": [0, 1]}), "search.lambdaa: unknown key",
+                 id="unknown-searched-key"),
+    pytest.param(search(workers={"choice": [1, 2]}), "search.workers: not searchable",
+                 id="resource-key-searched"),
+    pytest.param(search(**{"lambda": {"normal": [0, 1]}}),
+                 "search.lambda: unknown distribution 'normal'", id="bad-distribution-name"),
+    pytest.param(search(**{"lambda": {"uniform": [0, 1], "choice": [1, 2]}}),
+                 "search.lambda: one distribution per key", id="two-distributions"),
+    pytest.param(search(**{"lambda": 2.0}), "search.lambda: write one of",
+                 id="value-instead-of-distribution"),
+    pytest.param(search(**{"lambda": {"uniform": [2, 1]}}),
+                 "search.lambda: uniform needs low < high", id="low-above-high"),
+    pytest.param(search(**{"lambda": {"uniform": [1, 1]}}),
+                 "search.lambda: uniform needs low < high", id="low-equals-high"),
+    pytest.param(search(**{"lambda": {"uniform": [1]}}),
+                 "search.lambda: uniform takes [low, high]", id="one-bound"),
+    pytest.param(search(epsilon={"loguniform": [0, 0.5]}),
+                 "search.epsilon: loguniform needs low > 0", id="loguniform-from-zero"),
+    pytest.param(search(num_noises={"int": [1.5, 4]}),
+                 "search.num_noises: int takes integer bounds", id="int-fractional-bounds"),
+    pytest.param(search(lora_rank={"uniform": [2, 8]}),
+                 "search.lora_rank: lora_rank takes integers", id="uniform-on-integer-key"),
+    pytest.param(search(lora_rank={"choice": []}),
+                 "search.lora_rank: choice takes a non-empty list", id="empty-choice"),
+    pytest.param(with_changes(search={}), "search is empty", id="empty-search"),
+    pytest.param(with_changes(search=None), "search is empty", id="no-search"),
+    pytest.param(search(**{"lambda": {"uniform": [-1, 2]}}),
+                 "search.lambda: lambda must be a finite number >= 0", id="negative-lambda"),
+    pytest.param(search(confidence_threshold={"grid": [0.0, 0.5, 1.5, "argmax"]}),
+                 "search.confidence_threshold: confidence_threshold must be a number in [0, 1]",
+                 id="threshold-above-one"),
+    pytest.param(search(finetune={"choice": ["lora", "partial"]}),
+                 "search.finetune: finetune must be one of", id="unknown-choice-value"),
+    # 17..63 pass the bounds' checks one by one but not effective_batch_size % batch_size.
+    pytest.param(search(batch_size={"int": [16, 64]}),
+                 "search.batch_size: effective_batch_size (64) must be a multiple",
+                 id="int-range-checked-value-by-value"),
+    pytest.param(search(lora_target_modules={"choice": [["qkv"], ["qkv", "proj"]]}),
+                 "search.lora_target_modules: choice takes numbers, strings",
+                 id="optuna-choice-of-lists"),
+    pytest.param(search(variant={"grid": [{"finetune": "full"}, {"lora_rnak": 2}]}),
+                 "search.variant[1].lora_rnak: unknown key", id="variant-unknown-base-key"),
+    pytest.param(search(variant={"grid": [{"finetune": "full"}, {"lora_rank": 0}]}),
+                 "search.variant[1]: lora_rank must be an integer >= 1", id="variant-bad-value"),
+    pytest.param(search(variant={"grid": ["full"]}),
+                 "search.variant[0]: a variant is a non-empty mapping", id="variant-not-mapping"),
+    pytest.param(search(variant={"choice": [{"finetune": "full"}]}),
+                 "search.variant: only grid is allowed", id="variant-choice"),
+    pytest.param(search(variant={"grid": [{"lora_rank": 2}]}, lora_rank={"choice": [2, 4]}),
+                 "search.variant[0].lora_rank: lora_rank is also searched", id="variant-overlap"),
+    pytest.param(with_changes(objective={"metric": ["certified_accuracy_r0.25",
+                                                    "certified_accuracy_r1.0"], "mode": "max"}),
+                 "objective: two objectives need two modes", id="two-objectives-one-mode"),
+    pytest.param(with_changes(objective={"metric": ["acr", "acr"], "mode": ["max", "max"]}),
+                 "objective.metric: the two objectives are the same", id="same-objective-twice"),
+    pytest.param(with_changes(objective={"metric": "accuracy", "mode": "max"}),
+                 "objective.metric: unknown metric 'accuracy'", id="unknown-metric"),
+    pytest.param(with_changes(objective={"metric": "acr", "mode": "maximise"}),
+                 "objective.mode must be max or min", id="bad-mode"),
+    pytest.param(with_changes(objective=None), "objective is required", id="no-objective"),
+    pytest.param(with_changes(objective={"metric": "certified_accuracy_r2.0", "mode": "max"},
+                              certify={"n": 100}),
+                 "objective.metric: certified_accuracy_r2.0 is beyond what certify.n=100",
+                 id="radius-out-of-reach"),
+    pytest.param(with_changes(num_trials=0), "num_trials must be an integer >= 1",
+                 id="zero-trials"),
+    pytest.param(with_changes(num_trials=None), "num_trials is required", id="no-num-trials"),
+    pytest.param(with_changes(max_concurrent_trials=0),
+                 "max_concurrent_trials must be an integer >= 1", id="zero-concurrent"),
+    pytest.param(with_changes(scheduler={"metric": "acr"}),
+                 "scheduler.metric: acr is known only after the final certification",
+                 id="asha-on-final-metric"),
+    pytest.param(with_changes(scheduler={"reduction_factor": 1}),
+                 "scheduler.reduction_factor must be > 1", id="asha-reduction-one"),
+    pytest.param(with_changes(scheduler={"max_t": 1}), "scheduler.max_t (1) is below the 2 epochs",
+                 id="asha-max-t-below-epochs"),
+    pytest.param(with_changes(scheduler={"grace": 1}), "unknown key 'scheduler.grace'",
+                 id="asha-unknown-key"),
+    pytest.param(with_changes(resources={"workers_per_trial": 2}, base={"workers": 1}),
+                 "resources.workers_per_trial (2) and base.workers (1) disagree",
+                 id="workers-disagree"),
+    pytest.param(with_changes(resources={"gpus_per_worker": 1}, base={"device": "cpu"}),
+                 "resources.gpus_per_worker is 1.0 but base.device is cpu", id="gpu-on-cpu"),
+    pytest.param(with_changes(resources={"cpus_per_worker": -1}),
+                 "resources.cpus_per_worker must be a number >= 0", id="negative-cpus"),
+    pytest.param(with_changes(base={"lr": -1}), "base: lr must be", id="bad-base-value"),
+    pytest.param(with_changes(certify={"alpha": 2}), "certify.alpha must be in (0, 1)",
+                 id="bad-certify-value"),
+    pytest.param(with_changes(mlflow={"tracking_uri": ""}), "mlflow.tracking_uri must be",
+                 id="empty-tracking-uri"),
+]
+
+
+@pytest.mark.parametrize("data, expected", BAD_CASES)
+def test_bad_sweep_is_one_line_naming_the_key(tmp_path, data, expected):
+    with pytest.raises(CadisError) as caught:
+        load_sweep(write_sweep(tmp_path, data))
+    message = str(caught.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------- good files
+
+
+def test_minimal_sweep_resolves_defaults(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, MINIMAL))
+    assert sweep.search == {"lambda": Distribution("uniform", (0.5, 8.0))}
+    assert sweep.objective == [Objective("certified_accuracy_r0.25", "max")]
+    # ASHA is on by default and stops on the proxy ACR, reported every epoch.
+    assert sweep.scheduler == AshaSettings("proxy_acr", "max", grace_period=1,
+                                           reduction_factor=2.0, max_t=sweep.base.epochs)
+    assert (sweep.num_trials, sweep.max_concurrent_trials) == (2, 1)
+    assert sweep.searcher == SEARCHER_OPTUNA and sweep.total_trials == 2
+    assert sweep.results_dir == "runs/sweeps/t"
+    assert sweep.mlflow.tracking_uri is None and sweep.mlflow.experiment == "t"
+    assert sweep.tracking_uri() == f"sqlite:///{Path('runs/sweeps/t/mlflow.db').resolve()}"
+    assert sweep.base.certify is sweep.certify
+    assert required_per_trial(sweep) == {"CPU": 2.0, "GPU": 0.0}
+
+
+def test_name_defaults_to_the_file_stem(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, with_changes(name=None), "my_sweep.yaml"))
+    assert sweep.name == "my_sweep" and sweep.results_dir == "runs/sweeps/my_sweep"
+
+
+def test_metric_names_are_canonical_radii(tmp_path):
+    data = with_changes(objective={"metric": ["certified_accuracy_r1", "acr"],
+                                   "mode": ["max", "max"]})
+    sweep = load_sweep(write_sweep(tmp_path, data))
+    assert [o.metric for o in sweep.objective] == ["certified_accuracy_r1.0", "acr"]
+
+
+def test_searched_epochs_raise_asha_max_t(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, search(epochs={"choice": [2, 5]})))
+    assert sweep.scheduler.max_t == 5
+
+
+def test_scheduler_null_turns_asha_off(tmp_path):
+    assert load_sweep(write_sweep(tmp_path, {**MINIMAL, "scheduler": None})).scheduler is None
+
+
+def test_resources_set_the_base(tmp_path):
+    data = with_changes(resources={"workers_per_trial": 2, "cpus_per_worker": 0.5,
+                                   "gpus_per_worker": 0.25})
+    sweep = load_sweep(write_sweep(tmp_path, data))
+    assert (sweep.base.workers, sweep.base.cpus_per_worker) == (2, 0.5)
+    assert required_per_trial(sweep) == {"CPU": 2.0, "GPU": 0.5}
+
+
+def test_certify_section_overrides_base_certify(tmp_path):
+    data = with_changes(base={"certify": {"n": 500, "skip": 7}}, certify={"n": 2000})
+    certify = load_sweep(write_sweep(tmp_path, data)).certify
+    assert (certify.n, certify.skip) == (2000, 7)
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-5 as a string; the sweep reads it as the number it means.
+    sweep = load_sweep(write_sweep(tmp_path, search(lr={"loguniform": ["1e-5", "1e-3"]})))
+    assert sweep.search["lr"].values == (1e-5, 1e-3)
+
+
+OVERRIDES = [
+    pytest.param(["base.lr=1e-3"], lambda s: s.base.lr == 1e-3, id="base-dotted"),
+    pytest.param(["lr=5e-4"], lambda s: s.base.lr == 5e-4, id="bare-base-key"),
+    pytest.param(["base.certify.n=300"], lambda s: s.certify.n == 300, id="base-certify"),
+    pytest.param(["certify.n=3000"], lambda s: s.certify.n == s.base.certify.n == 3000,
+                 id="certify-section"),
+    pytest.param(["num_trials=4"], lambda s: s.num_trials == 4, id="num-trials"),
+    pytest.param(["mlflow.tracking_uri=http://127.0.0.1:5000"],
+                 lambda s: s.tracking_uri() == "http://127.0.0.1:5000", id="tracking-uri"),
+    pytest.param(["scheduler.grace_period=2"], lambda s: s.scheduler.grace_period == 2,
+                 id="scheduler-key"),
+    pytest.param(["scheduler=null"], lambda s: s.scheduler is None, id="scheduler-off"),
+    pytest.param(["search.epsilon={loguniform: [0.1, 0.5]}"],
+                 lambda s: s.search["epsilon"] == Distribution("loguniform", (0.1, 0.5)),
+                 id="search-key"),
+    pytest.param(["name=renamed"], lambda s: s.results_dir == "runs/sweeps/renamed"
+                 and s.mlflow.experiment == "renamed", id="name"),
+]
+
+
+@pytest.mark.parametrize("overrides, holds", OVERRIDES)
+def test_set_overrides(tmp_path, overrides, holds):
+    assert holds(load_sweep(write_sweep(tmp_path, MINIMAL), overrides))
+
+
+def test_override_turns_asha_on_in_a_file_without_it(tmp_path):
+    path = write_sweep(tmp_path, {**MINIMAL, "scheduler": None})
+    assert load_sweep(path, ["scheduler.grace_period=2"]).scheduler.grace_period == 2
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("nonsense=1", "--set nonsense: unknown key"),
+    ("num_trials=0", "num_trials must be"),
+    ("base.lr=-1", "base: lr must be"),
+    ("search.lambda={uniform: [-2, 1]}", "search.lambda: lambda must be"),
+    ("resources.gpu=1", "unknown key 'resources.gpu'"),
+])
+def test_bad_override_names_the_key(tmp_path, item, expected):
+    with pytest.raises(CadisError) as caught:
+        load_sweep(write_sweep(tmp_path, MINIMAL), [item])
+    assert str(caught.value).startswith(expected)
+
+
+# ------------------------------------------------------------------- the project's files
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda path: path.name)
+def test_every_sweep_file_loads_and_describes_its_search(path):
+    if not has_search_section(path):
+        pytest.skip(f"{path.name} has no search: section (a training file, not yet a sweep)")
+    sweep = load_sweep(path)
+    text = describe(sweep)
+    assert all(key in text for key in sweep.search)
+    assert sweep.name in text and str(sweep.total_trials) in text
+
+
+def test_ablation_files_run_each_grid_point_once_on_two_cores():
+    for name, size in (("ablation_threshold", 6), ("ablation_lora_rank", 6)):
+        sweep = load_sweep(REPO / "sweeps" / f"{name}.yaml")
+        assert sweep.searcher == SEARCHER_BASIC and sweep.total_trials == size
+        assert sweep.scheduler is None
+        assert required_per_trial(sweep)["CPU"] * sweep.max_concurrent_trials <= 2
+
+
+def test_cifar10_file_is_the_papers_setting():
+    sweep = load_sweep(REPO / "sweeps" / "cifar10.yaml")
+    base = sweep.base
+    assert (base.finetune, base.num_noises, base.adv_weight, base.epsilon, base.attack_steps,
+            base.epochs, base.lr) == ("full", 4, 4.0, 0.25, 4, 30, 5e-5)
+    assert base.effective_batch_size * sweep.resources.workers_per_trial == 128
+    assert [o.metric for o in sweep.objective] == ["certified_accuracy_r0.25",
+                                                   "certified_accuracy_r1.0"]
+    assert sweep.scheduler.metric == "proxy_acr"
+    assert required_per_trial(sweep) == {"CPU": 33.0, "GPU": 4.0}
+    assert (sweep.certify.n, sweep.certify.n0, sweep.certify.skip) == (100_000, 100, 20)
+
+
+# ------------------------------------------------------------------------------ Tune
+
+
+def test_tune_search_space_builds_the_domains(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
+
+    data = search(**{"lambda": {"uniform": [0.5, 8]}, "epsilon": {"loguniform": [0.05, 0.5]},
+                     "num_noises": {"int": [1, 4]}, "lora_rank": {"choice": [2, 4, 8]},
+                     "confidence_threshold": {"grid": [0.0, 0.5, "argmax"]}})
+    sweep = load_sweep(write_sweep(tmp_path, data))
+    space = tune_search_space(sweep)
+    assert isinstance(space["lambda"], Float) and isinstance(space["lambda"].get_sampler(), Uniform)
+    assert (space["lambda"].lower, space["lambda"].upper) == (0.5, 8.0)
+    assert isinstance(space["epsilon"].get_sampler(), LogUniform)
+    assert all(0.05 <= x <= 0.5 for x in space["epsilon"].sample(size=200))
+    # The file's int range includes its high bound; Tune's randint excludes its upper.
+    assert isinstance(space["num_noises"], Integer)
+    assert (space["num_noises"].lower, space["num_noises"].upper) == (1, 5)
+    assert set(space["num_noises"].sample(size=400)) == {1, 2, 3, 4}
+    assert isinstance(space["lora_rank"], Categorical)
+    assert space["lora_rank"].categories == [2, 4, 8]
+    assert space["confidence_threshold"] == {"grid_search": [0.0, 0.5, "argmax"]}
+
+
+def test_grid_mixed_with_random_repeats_the_grid(tmp_path):
+    from ray.tune.search.variant_generator import generate_variants
+
+    data = search(**{"lambda": {"uniform": [0.5, 8]},
+                     "confidence_threshold": {"grid": [0.0, 0.5, "argmax"]},
+                     "lora_rank": {"grid": [2, 4]}})
+    sweep = load_sweep(write_sweep(tmp_path, {**data, "num_trials": 3}))
+    assert sweep.searcher == SEARCHER_BASIC
+    assert (sweep.grid_size, sweep.total_trials) == (6, 18)
+    # One pass of Tune's variant generator is one repeat of the grid: num_trials of them run.
+    assert len(list(generate_variants(tune_search_space(sweep)))) == sweep.grid_size
+
+
+def test_variant_grid_applies_its_keys_together():
+    sweep = load_sweep(REPO / "sweeps" / "ablation_lora_rank.yaml")
+    grid = tune_search_space(sweep)["variant"]["grid_search"]
+    configs = [trial_config(sweep, {"variant": variant}) for variant in grid]
+    assert [(c.finetune, c.lora_rank, c.lora_alpha) for c in configs[:2]] == [
+        ("lora", 1, 2.0), ("lora", 2, 4.0)]
+    assert configs[-1].finetune == "full"
+    assert all(c.epochs == sweep.base.epochs for c in configs)
+
+
+def test_trial_config_refuses_a_bad_combination(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, search(batch_size={"choice": [16, 32]},
+                                                    effective_batch_size={"choice": [32, 64]})))
+    config = trial_config(sweep, {"batch_size": 32, "effective_batch_size": 64})
+    assert config.accumulation_steps == 2
+    with pytest.raises(CadisError, match="^trial with .*effective_batch_size"):
+        trial_config(sweep, {"batch_size": 32, "effective_batch_size": 48})
+
+
+def test_loading_a_sweep_does_not_import_ray():
+    code = ("import sys, cadis.sweep_config as s; s.load_sweep('sweeps/cifar10.yaml'); "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
