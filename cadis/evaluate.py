@@ -25,9 +25,9 @@ from cadis.data import load_dataset, subset_indices
 from cadis.denoise import DenoisedClassifier, OneShotDenoiser
 from cadis.errors import CadisError
 from cadis.models import load_classifier, load_denoiser
+from cadis.pretrain import CLASSIFIER_DIR, DENOISER_DIR, MANIFEST
 from cadis.records import RADIUS_STEPS, default_radii
 
-MANIFEST = "manifest.json"
 DEVICES = ("auto", "cpu", "cuda")
 # Noise draws per forward when none is given. On a 2-core CPU smaller batches stay in cache:
 # 706 draws/s at 100 against 422 at 1000 with the default models (benchmarks/, README).
@@ -59,8 +59,8 @@ class ModelSources:
                 raise CadisError(f"models directory {folder} not found or has no {MANIFEST} "
                                  "(make one with `cadis pretrain`)")
             manifest = json.loads((folder / MANIFEST).read_text())
-            defaults = {"classifier": str(folder / "classifier"),
-                        "denoiser": str(folder / "denoiser"),
+            defaults = {"classifier": str(folder / CLASSIFIER_DIR),
+                        "denoiser": str(folder / DENOISER_DIR),
                         "dataset": manifest.get("dataset"),
                         "data_root": manifest.get("config", {}).get("data_root")}
         chosen = {"classifier": classifier or defaults.get("classifier"),

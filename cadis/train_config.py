@@ -17,6 +17,7 @@ import yaml
 
 from cadis.config import coerce_like, non_negative_float, parse_override, positive_int
 from cadis.errors import CadisError
+from cadis.evaluate import DEVICES
 from cadis.finetune import FINETUNE_MODES, FinetuneConfig
 from cadis.losses import (
     FTCadisLossConfig,
@@ -29,7 +30,6 @@ from cadis.losses import (
 
 METHODS = ("ft_cadis", "denoised_ce", "none")
 CONFIDENCE_MODELS = ("live", "frozen")
-DEVICES = ("auto", "cpu", "cuda")
 # Keys that take more than one type (a number or "argmax"; "auto" or a list of names).
 UNION_KEYS = ("confidence_threshold", "lora_target_modules")
 # Keys whose Python attribute differs from what users write (``lambda`` is a keyword).
