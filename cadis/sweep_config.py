@@ -45,6 +45,7 @@ from cadis.certify import max_certifiable_radius
 from cadis.config import is_real, parse_override
 from cadis.errors import CadisError
 from cadis.records import radius_key
+from cadis.tracking import ACR, CERTIFIED_ACCURACY_PREFIX, default_tracking_uri
 from cadis.train import PROXY_ACR, PROXY_PREFIX
 from cadis.train_config import (
     RENAMED,
@@ -71,8 +72,8 @@ MAX_ENUMERATED_INTS = 1024
 
 MODES = ("max", "min")
 # Final metrics, known once a trial's model is certified: ACR and accuracy per radius.
-FINAL_ACR = "acr"
-FINAL_ACCURACY_PREFIX = "certified_accuracy_r"
+FINAL_ACR = ACR
+FINAL_ACCURACY_PREFIX = CERTIFIED_ACCURACY_PREFIX
 # Per-epoch metrics as cadis.train reports them, with the direction that is better. ASHA can
 # only stop on these: it compares trials after every epoch.
 EPOCH_METRIC_MODES = {PROXY_ACR: "max", "val_denoised_accuracy": "max",
@@ -80,9 +81,10 @@ EPOCH_METRIC_MODES = {PROXY_ACR: "max", "val_denoised_accuracy": "max",
 METRIC_FORMS = (f"{FINAL_ACCURACY_PREFIX}<radius>, {FINAL_ACR}, {PROXY_PREFIX}<radius>, "
                 f"{', '.join(EPOCH_METRIC_MODES)}")
 
-# A Tune function trainable holds one CPU itself while its Train workers run (STACK.md).
-TRIAL_DRIVER_CPUS = 1.0
-MLFLOW_DB = "mlflow.db"
+# A trial's Tune function only starts its Train run and waits (certification runs in a task
+# with one worker's resources): a quarter CPU, not Tune's default of one (STACK.md), lets two
+# trials of 0.75-CPU workers share two cores.
+TRIAL_DRIVER_CPUS = 0.25
 SWEEPS_DIR = "runs/sweeps"
 # The name becomes a folder and an MLflow experiment: nothing that needs quoting.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -160,7 +162,7 @@ class ResourceSettings:
 
 @dataclass(frozen=True)
 class MlflowSettings:
-    """``tracking_uri`` None means a local SQLite store in the sweep's results folder."""
+    """``tracking_uri`` None means ``$MLFLOW_TRACKING_URI``, else the local SQLite store."""
 
     tracking_uri: str | None
     experiment: str
@@ -204,11 +206,10 @@ class SweepConfig:
         return self.num_trials * self.grid_size
 
     def tracking_uri(self) -> str:
-        """The MLflow tracking URI: the file's, else ``sqlite:///<results_dir>/mlflow.db``
-        made absolute on the machine that calls this (the sweep's driver)."""
-        if self.mlflow.tracking_uri:
-            return self.mlflow.tracking_uri
-        return f"sqlite:///{(Path(self.results_dir) / MLFLOW_DB).resolve()}"
+        """The MLflow tracking URI: the file's (or ``--set``'s), else
+        ``$MLFLOW_TRACKING_URI``, else the local SQLite store ``runs/sweeps/mlflow.db`` made
+        absolute on the machine that calls this (the sweep's driver)."""
+        return self.mlflow.tracking_uri or default_tracking_uri()
 
 
 # ------------------------------------------------------------------------------- loading
@@ -288,7 +289,7 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     tracking_uri = mlflow.get("tracking_uri")
     if tracking_uri is not None and not (isinstance(tracking_uri, str) and tracking_uri):
         raise CadisError(f"mlflow.tracking_uri must be a URI such as http://127.0.0.1:5000, or "
-                         f"null for a SQLite store in results_dir; got {tracking_uri!r}")
+                         f"null for $MLFLOW_TRACKING_URI or the local SQLite store; got {tracking_uri!r}")
     experiment = mlflow.get("experiment", name)
     if not isinstance(experiment, str) or not experiment:
         raise CadisError(f"mlflow.experiment must be a non-empty string, got {experiment!r}")

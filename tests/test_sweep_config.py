@@ -179,9 +179,9 @@ def test_minimal_sweep_resolves_defaults(tmp_path):
     assert sweep.searcher == SEARCHER_OPTUNA and sweep.total_trials == 2
     assert sweep.results_dir == "runs/sweeps/t"
     assert sweep.mlflow.tracking_uri is None and sweep.mlflow.experiment == "t"
-    assert sweep.tracking_uri() == f"sqlite:///{Path('runs/sweeps/t/mlflow.db').resolve()}"
+    assert sweep.tracking_uri() == f"sqlite:///{Path('runs/sweeps/mlflow.db').resolve()}"
     assert sweep.base.certify is sweep.certify
-    assert required_per_trial(sweep) == {"CPU": 2.0, "GPU": 0.0}
+    assert required_per_trial(sweep) == {"CPU": 1.25, "GPU": 0.0}
 
 
 def test_name_defaults_to_the_file_stem(tmp_path):
@@ -210,7 +210,7 @@ def test_resources_set_the_base(tmp_path):
                                    "gpus_per_worker": 0.25})
     sweep = load_sweep(write_sweep(tmp_path, data))
     assert (sweep.base.workers, sweep.base.cpus_per_worker) == (2, 0.5)
-    assert required_per_trial(sweep) == {"CPU": 2.0, "GPU": 0.5}
+    assert required_per_trial(sweep) == {"CPU": 1.25, "GPU": 0.5}
 
 
 def test_certify_section_overrides_base_certify(tmp_path):
@@ -282,7 +282,7 @@ def test_every_sweep_file_loads_and_describes_its_search(path):
 
 
 def test_ablation_files_run_each_grid_point_once_on_two_cores():
-    for name, size in (("ablation_threshold", 6), ("ablation_lora_rank", 6)):
+    for name, size in (("ablation_threshold", 5), ("ablation_lora_rank", 4)):
         sweep = load_sweep(REPO / "sweeps" / f"{name}.yaml")
         assert sweep.searcher == SEARCHER_BASIC and sweep.total_trials == size
         assert sweep.scheduler is None
@@ -298,7 +298,7 @@ def test_cifar10_file_is_the_papers_setting():
     assert [o.metric for o in sweep.objective] == ["certified_accuracy_r0.25",
                                                    "certified_accuracy_r1.0"]
     assert sweep.scheduler.metric == "proxy_acr"
-    assert required_per_trial(sweep) == {"CPU": 33.0, "GPU": 4.0}
+    assert required_per_trial(sweep) == {"CPU": 32.25, "GPU": 4.0}
     assert (sweep.certify.n, sweep.certify.n0, sweep.certify.skip) == (100_000, 100, 20)
 
 
@@ -344,7 +344,7 @@ def test_variant_grid_applies_its_keys_together():
     grid = tune_search_space(sweep)["variant"]["grid_search"]
     configs = [trial_config(sweep, {"variant": variant}) for variant in grid]
     assert [(c.finetune, c.lora_rank, c.lora_alpha) for c in configs[:2]] == [
-        ("lora", 1, 2.0), ("lora", 2, 4.0)]
+        ("lora", 1, 2.0), ("lora", 4, 8.0)]
     assert configs[-1].finetune == "full"
     assert all(c.epochs == sweep.base.epochs for c in configs)
 

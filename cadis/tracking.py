@@ -1,0 +1,150 @@
+"""MLflow bookkeeping of sweeps: one parent run per sweep, one child run per trial.
+
+The names here are the contract between the sweep (which writes) and ``cadis compare`` (which
+reads): tags that say what a run is, the metric names of the final certification, and the
+artifacts each trial leaves. Only :mod:`cadis.sweep` and :mod:`cadis.compare` import this.
+
+A child run holds: every key of the trial's training configuration as a param (``certify.n``
+and so on flattened with dots; a searched ``variant`` also as one param), the per-epoch
+metrics with ``step`` = epoch, the final certified accuracy per radius
+(``certified_accuracy_r0.25``), ``acr``, ``clean_accuracy`` (certified accuracy at radius 0:
+the smoothed classifier is right and does not abstain), the last epoch's
+``hallucination_rate`` and ``trainable_fraction``, and the artifacts ``records.tsv``,
+``summary.json`` and ``certified_accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from cadis.errors import CadisError
+
+# Tags. ``mlflow.parentRunId`` makes the MLflow UI nest trials under their sweep.
+PARENT_RUN_TAG = "mlflow.parentRunId"
+ROLE_TAG = "cadis.role"
+ROLE_SWEEP = "sweep"
+ROLE_TRIAL = "trial"
+SWEEP_TAG = "cadis.sweep"
+TRIAL_ID_TAG = "cadis.trial_id"
+# Comma-separated names of the searched keys (params of the same names hold their values).
+SEARCHED_TAG = "cadis.searched"
+# How a trial ended: completed (trained and certified), stopped_early (ASHA), failed.
+OUTCOME_TAG = "cadis.outcome"
+OUTCOME_COMPLETED = "completed"
+OUTCOME_STOPPED = "stopped_early"
+OUTCOME_FAILED = "failed"
+BEST_TRIAL_TAG = "cadis.best_trial_id"
+
+# Final metrics of a certified trial.
+CERTIFIED_ACCURACY_PREFIX = "certified_accuracy_r"
+ACR = "acr"
+CLEAN_ACCURACY = "clean_accuracy"
+HALLUCINATION_RATE = "hallucination_rate"
+TRAINABLE_FRACTION = "trainable_fraction"
+# The parent run repeats the best trial's final metrics under this prefix.
+BEST_PREFIX = "best."
+
+SQLITE_SCHEME = "sqlite:///"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# One local store for every sweep, so that one `mlflow ui` and `cadis compare` see them all.
+DEFAULT_STORE = Path("runs/sweeps/mlflow.db")
+ARTIFACTS_DIR = "mlartifacts"
+HEALTH_TIMEOUT_SECONDS = 5.0
+# MLflow caps a param value at 6000 characters; longer values are cut, never refused.
+MAX_PARAM_CHARS = 6000
+
+
+def certified_accuracy_metric(radius: float) -> str:
+    """``certified_accuracy_r0.25``: the metric that holds certified accuracy at ``radius``."""
+    return f"{CERTIFIED_ACCURACY_PREFIX}{float(radius)}"
+
+
+def radius_of_metric(name: str) -> float | None:
+    """The radius a ``certified_accuracy_r<radius>`` metric is about; None for other names."""
+    if not name.startswith(CERTIFIED_ACCURACY_PREFIX):
+        return None
+    try:
+        return float(name[len(CERTIFIED_ACCURACY_PREFIX):])
+    except ValueError:
+        return None
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the local SQLite store :data:`DEFAULT_STORE` (made
+    absolute here: a Ray trial runs in another working directory)."""
+    return os.environ.get(TRACKING_URI_ENV) or f"{SQLITE_SCHEME}{DEFAULT_STORE.resolve()}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a SQLite store (MLflow's default is
+    ``./mlruns`` of whatever directory a process runs in); a server's own choice otherwise."""
+    if uri.startswith(SQLITE_SCHEME):
+        return (Path(uri[len(SQLITE_SCHEME):]).parent / ARTIFACTS_DIR).resolve().as_uri()
+    return None
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: ``{"certify": {"n": 1}}`` -> ``{"certify.n": "1"}``."""
+    params: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            params.update(flatten_params(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            params[name] = text[:MAX_PARAM_CHARS]
+    return params
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise :class:`CadisError` (one line) unless ``uri`` can take runs: an HTTP server must
+    answer ``/health`` within :data:`HEALTH_TIMEOUT_SECONDS`; a SQLite file's folder must be
+    creatable. Checked before a sweep starts any trial: MLflow's own client retries an
+    unreachable server for minutes."""
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_SECONDS) as response:
+                if response.status != 200:
+                    raise CadisError(f"MLflow tracking server {uri} answered {response.status} "
+                                     f"on /health")
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise CadisError(f"MLflow tracking server {uri} is unreachable ({reason}); start "
+                             f"it (cluster/cadis-cluster start) or name another store"
+                             ) from None
+    elif uri.startswith(SQLITE_SCHEME):
+        folder = Path(uri[len(SQLITE_SCHEME):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CadisError(f"MLflow store {uri}: cannot create {folder} ({error.strerror})"
+                             ) from None
+    elif "://" not in uri and not uri.startswith(("databricks", "file:")):
+        raise CadisError(f"mlflow.tracking_uri {uri!r} is not a URI; use http://HOST:PORT or "
+                         f"sqlite:///PATH")
+
+
+def trial_runs(client: Any, experiment_id: str, parent_run_id: str | None = None,
+               ) -> list[Any]:
+    """Every trial run of an experiment (of one sweep when ``parent_run_id`` is given)."""
+    query = f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
+    if parent_run_id:
+        query += f" and tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"
+    return list(_all_runs(client, [experiment_id], query))
+
+
+def _all_runs(client: Any, experiment_ids: list[str], query: str) -> Iterable[Any]:
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=query, max_results=1000,
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
