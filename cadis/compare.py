@@ -1,0 +1,395 @@
+"""``cadis compare``: the trials of a sweep side by side, read back from MLflow.
+
+A table with one row per trial run (its outcome, searched params, certified accuracy per
+radius, ACR, clean accuracy, ...) and, on request, a plot: with ``--by PARAM`` an ablation
+(certified accuracy over the param's values, one line per radius, repeats averaged), else
+certified accuracy over radius, one curve per trial. What a trial run holds is defined in
+:mod:`cadis.tracking`; MLflow is imported only when a store is read (it takes seconds).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from cadis import tracking
+from cadis.errors import CadisError
+
+TableFormat = Literal["markdown", "csv"]
+TABLE_FORMATS: Final = ("markdown", "csv")
+# As `cadis analyze`: 3 decimals to read, 6 in a CSV for further processing.
+MARKDOWN_DIGITS: Final = 3
+CSV_DIGITS: Final = 6
+MARKDOWN_MISSING: Final = "-"
+
+#: Final metrics shown after the certified accuracy columns, when any trial has them.
+EXTRA_METRICS: Final = (tracking.ACR, tracking.CLEAN_ACCURACY, tracking.HALLUCINATION_RATE,
+                        tracking.TRAINABLE_FRACTION)
+#: Parameter values longer than this turn the plot's x labels sideways.
+LONG_LABEL: Final = 8
+RESULT_FILE_MODE: Final = 0o644
+
+
+# --------------------------------------------------------------------------- trials
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial run as the comparison sees it: its name, how it ended, its params (MLflow
+    strings) and its latest metric values."""
+
+    name: str
+    outcome: str
+    params: Mapping[str, str]
+    metrics: Mapping[str, float]
+    searched: tuple[str, ...] = ()
+    run_id: str = ""
+    start_time: int = 0
+    accuracy: Mapping[float, float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_radius = {}
+        for name, value in self.metrics.items():
+            radius = tracking.radius_of_metric(name)
+            if radius is not None:
+                by_radius[radius] = float(value)
+        object.__setattr__(self, "accuracy", dict(sorted(by_radius.items())))
+
+    @property
+    def certified(self) -> bool:
+        """Whether the trial has final certified accuracy (it completed and was certified)."""
+        return bool(self.accuracy)
+
+    @property
+    def label(self) -> str:
+        """The trial's name with its searched values: ``trial_0 (confidence_threshold=0.5)``."""
+        values = ", ".join(f"{key}={self.params[key]}" for key in self.searched
+                           if key in self.params)
+        return f"{self.name} ({values})" if values else self.name
+
+
+def trial_row(run: Any) -> TrialRow:
+    """A :class:`TrialRow` of an MLflow run of a trial."""
+    tags = run.data.tags
+    searched = tuple(name.strip() for name in tags.get(tracking.SEARCHED_TAG, "").split(",")
+                     if name.strip())
+    name = run.info.run_name or tags.get(tracking.TRIAL_ID_TAG) or run.info.run_id
+    outcome = tags.get(tracking.OUTCOME_TAG) or str(run.info.status).lower()
+    return TrialRow(name=name, outcome=outcome, params=dict(run.data.params),
+                    metrics=dict(run.data.metrics), searched=searched,
+                    run_id=run.info.run_id, start_time=int(run.info.start_time or 0))
+
+
+def load_trials(client: Any, experiment: str | None = None,
+                sweep_run_id: str | None = None) -> list[TrialRow]:
+    """The trial runs of an experiment (by name) or of one sweep (its parent run's id), in
+    the order they started. Raises :class:`CadisError` for an unknown experiment or run and
+    when there are no trial runs."""
+    if (experiment is None) == (sweep_run_id is None):
+        raise CadisError("name either an experiment or a sweep's run id")
+    if experiment is not None:
+        experiment_id = _experiment_id(client, experiment)
+        runs = tracking.trial_runs(client, experiment_id)
+        where = f"experiment {experiment!r}"
+    else:
+        parent = _sweep_run(client, sweep_run_id)
+        runs = tracking.trial_runs(client, parent.info.experiment_id,
+                                   parent_run_id=sweep_run_id)
+        where = f"sweep run {sweep_run_id}"
+    if not runs:
+        raise CadisError(f"{where} has no trial runs")
+    rows = [trial_row(run) for run in runs]
+    return sorted(rows, key=lambda row: (row.start_time, row.name))
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is None or found.lifecycle_stage != "active":
+        names = sorted(experiment.name for experiment in client.search_experiments())
+        raise CadisError(f"no MLflow experiment named {name!r}; existing: "
+                         f"{', '.join(names) or 'none'}")
+    return found.experiment_id
+
+
+def _sweep_run(client: Any, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise CadisError(f"no MLflow run with id {run_id!r}; pass a sweep's parent run id "
+                         f"(the MLflow UI shows it) or use --experiment") from None
+    if run.data.tags.get(tracking.ROLE_TAG) == tracking.ROLE_TRIAL:
+        parent = run.data.tags.get(tracking.PARENT_RUN_TAG, "?")
+        raise CadisError(f"run {run_id} is a trial, not a sweep; its sweep's run id is {parent}")
+    return run
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def searched_params(rows: Sequence[TrialRow]) -> list[str]:
+    """The searched param names of all rows, in the order first seen."""
+    return list(dict.fromkeys(name for row in rows for name in row.searched))
+
+
+def available_params(rows: Sequence[TrialRow]) -> list[str]:
+    """Every param name some row has, sorted."""
+    return sorted({name for row in rows for name in row.params})
+
+
+def check_by(rows: Sequence[TrialRow], by: str) -> None:
+    """Raise :class:`CadisError` unless ``by`` is a param of some trial run."""
+    if any(by in row.params for row in rows):
+        return
+    searched = searched_params(rows)
+    raise CadisError(f"--by {by}: no trial run has a param {by!r}; searched params: "
+                     f"{', '.join(searched) or 'none'}")
+
+
+def value_key(value: str | None) -> tuple[int, float, str]:
+    """Sort key of a param value: numbers ascending, then other text (``argmax``, variants
+    such as ``finetune=lora,lora_rank=4``) by name, then a missing value."""
+    if value is None:
+        return (2, 0.0, "")
+    try:
+        number = float(value)
+    except ValueError:
+        return (1, 0.0, value)
+    if math.isnan(number):
+        return (1, 0.0, value)
+    return (0, number, value)
+
+
+def sort_rows(rows: Sequence[TrialRow], by: str | None = None) -> list[TrialRow]:
+    """Rows in the order they started, or by their value of ``by`` (:func:`value_key`),
+    ties in the order they started."""
+    started = sorted(rows, key=lambda row: (row.start_time, row.name))
+    if by is None:
+        return started
+    return sorted(started, key=lambda row: value_key(row.params.get(by)))
+
+
+def radii_of(rows: Sequence[TrialRow]) -> list[float]:
+    """Every radius that some row has certified accuracy at, ascending."""
+    return sorted({radius for row in rows for radius in row.accuracy})
+
+
+def radius_label(radius: float) -> str:
+    """``r=0.25``: a certified-accuracy column's header and a plot's legend entry."""
+    return f"r={float(radius)}"
+
+
+# --------------------------------------------------------------------------- table
+
+
+def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
+                      fmt: TableFormat = "markdown") -> str:
+    """The table: one row per trial (ordered as :func:`sort_rows`), columns trial, outcome,
+    the searched params (and ``by``), ``r=<radius>`` per radius, then those of
+    :data:`EXTRA_METRICS` that any trial has."""
+    if fmt not in TABLE_FORMATS:
+        raise CadisError(f"table format must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
+    if not rows:
+        raise CadisError("no trial runs to compare")
+    if by is not None:
+        check_by(rows, by)
+    params = searched_params(rows)
+    if by is not None and by not in params:
+        params.insert(0, by)
+    radii = radii_of(rows)
+    extras = [name for name in EXTRA_METRICS if any(name in row.metrics for row in rows)]
+    header = ["trial", "outcome", *params, *map(radius_label, radii), *extras]
+    digits = MARKDOWN_DIGITS if fmt == "markdown" else CSV_DIGITS
+    missing = MARKDOWN_MISSING if fmt == "markdown" else ""
+
+    def number(value: float | None) -> str:
+        return missing if value is None else f"{value:.{digits}f}"
+
+    table = [[row.name, row.outcome, *(row.params.get(name, missing) for name in params),
+              *(number(row.accuracy.get(radius)) for radius in radii),
+              *(number(row.metrics.get(name)) for name in extras)]
+             for row in sort_rows(rows, by)]
+    if fmt == "csv":
+        return _csv(header, table)
+    return _markdown(header, table, text_columns=2 + len(params))
+
+
+def _csv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
+    """A markdown table: the first ``text_columns`` columns left-aligned, numbers right."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    rule = "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns)
+    return "\n".join([line(header), rule, *map(line, rows)]) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plottable(rows: Sequence[TrialRow], by: str | None = None
+              ) -> tuple[list[TrialRow], list[TrialRow]]:
+    """The rows a plot shows (certified, and with a value of ``by`` when given) and those
+    it leaves out."""
+    kept = [row for row in rows if row.certified and (by is None or by in row.params)]
+    kept_ids = {id(row) for row in kept}
+    left_out = [row for row in rows if id(row) not in kept_ids]
+    return kept, left_out
+
+
+def ablation_series(rows: Sequence[TrialRow], by: str
+                    ) -> tuple[list[str], dict[float, list[float]]]:
+    """What :func:`plot_ablation` draws: the values of ``by`` among the plotted rows (see
+    :func:`plottable`) in :func:`value_key` order, and per radius the certified accuracy at
+    each value, averaged over the trials that share it (NaN where none has that radius)."""
+    kept, _ = plottable(rows, by)
+    values = sorted({row.params[by] for row in kept}, key=value_key)
+    series = {radius: [_mean([row.accuracy.get(radius) for row in kept
+                              if row.params[by] == value]) for value in values]
+              for radius in radii_of(kept)}
+    return values, series
+
+
+def _why_left_out(row: TrialRow, by: str | None) -> str:
+    if not row.certified:
+        return f"{row.outcome}, no certified accuracy"
+    return f"no param {by}"
+
+
+def plot_ablation(rows: Sequence[TrialRow], by: str, path: str | os.PathLike) -> Path:
+    """Save certified accuracy over the values of param ``by`` as a PNG: the values as
+    categories, one line with markers per radius (:func:`ablation_series`)."""
+    check_by(rows, by)
+    values, series = ablation_series(rows, by)
+    if not values:
+        raise CadisError(f"no certified trial with a value of {by} to plot")
+    figure, axes = _figure(width=max(6.0, 0.9 * len(values) + 2.0))
+    positions = list(range(len(values)))
+    for radius, accuracy in series.items():
+        axes.plot(positions, accuracy, marker="o", label=radius_label(radius), clip_on=False)
+    sideways = any(len(value) > LONG_LABEL for value in values)
+    axes.set_xticks(positions)
+    axes.set_xticklabels(values, rotation=25 if sideways else 0,
+                         ha="right" if sideways else "center")
+    axes.set_xlabel(by)
+    axes.set_title(f"certified accuracy vs {by}")
+    return _save(figure, axes, path)
+
+
+def plot_curves(rows: Sequence[TrialRow], path: str | os.PathLike) -> Path:
+    """Save certified accuracy over radius as a PNG, one line per certified trial labelled
+    with its name and searched values."""
+    kept, _ = plottable(rows)
+    if not kept:
+        raise CadisError("no certified trial to plot")
+    figure, axes = _figure(width=6.0)
+    for row in sort_rows(kept):
+        axes.plot(list(row.accuracy), list(row.accuracy.values()), marker="o",
+                  label=row.label, clip_on=False)
+    axes.set_xlabel("radius (l2)")
+    axes.set_xlim(left=0.0)
+    axes.set_title("certified accuracy vs radius")
+    return _save(figure, axes, path)
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else math.nan
+
+
+def _figure(width: float) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, 4.0))
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _save(figure: Any, axes: Any, path: str | os.PathLike) -> Path:
+    axes.set_ylabel("certified accuracy")
+    axes.set_ylim(0.0, 1.0)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(path, buffer.getvalue())
+    except OSError as error:
+        raise CadisError(f"cannot write the plot to {path} ({error.strerror or error})"
+                         ) from None
+    return path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    # records.atomic_write_bytes does the same, but importing records imports torch.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.chmod(temporary, RESULT_FILE_MODE)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- command
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``uri``, else :func:`cadis.tracking.default_tracking_uri`; raises :class:`CadisError`
+    for a SQLite store that does not exist (reading must not create one) or an unreachable
+    server."""
+    uri = uri or tracking.default_tracking_uri()
+    if uri.startswith(tracking.SQLITE_SCHEME):
+        store = Path(uri[len(tracking.SQLITE_SCHEME):])
+        if not store.is_file():
+            raise CadisError(f"no MLflow store at {store}; run a sweep first or pass "
+                             f"--tracking-uri")
+    else:
+        tracking.check_tracking_uri(uri)
+    return uri
+
+
+def run_compare(args: Any) -> None:
+    """The ``compare`` command: print the table to stdout, write the plot if asked."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    client = MlflowClient(uri)
+    rows = load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
+    if args.by is not None:
+        check_by(rows, args.by)
+    sys.stdout.write(format_comparison(rows, by=args.by, fmt=args.format))
+    if args.plot:
+        _, left_out = plottable(rows, args.by)
+        if left_out:
+            names = ", ".join(f"{row.name} ({_why_left_out(row, args.by)})"
+                              for row in sort_rows(left_out))
+            print(f"compare: left out of the plot: {names}", file=sys.stderr)
+        if args.by is None:
+            path = plot_curves(rows, args.plot)
+        else:
+            path = plot_ablation(rows, args.by, args.plot)
+        print(f"plot: {path}", file=sys.stderr)
