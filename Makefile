@@ -6,10 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cadis-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 MODELS := models/fashion-mnist
-RESULTS := results/demo
-# The demo certifies a quick subset (every 100th test image, n = 500); the README's table uses
-# 500 images and n = 1000.
-DEMO_CERTIFY := --n 500 --n0 100 --alpha 0.001 --skip 100 --quiet
+SWEEP := runs/sweeps/default
+STORE := runs/sweeps/mlflow.db
 PYTEST_ARGS ?=
 
 .PHONY: setup data demo test pretrain clean
@@ -35,11 +33,14 @@ data:
 pretrain: setup
 	$(BIN)/cadis pretrain --dataset fashion-mnist --out $(MODELS)
 
+# The default sweep on a Ray started for it, then its trials side by side from MLflow. A second
+# `make demo` resumes the sweep (a finished one just prints its table again).
 demo: pretrain
-	$(BIN)/cadis certify --models $(MODELS) --sigma 0.25 $(DEMO_CERTIFY) --out $(RESULTS)/baseline-sigma0.25
-	$(BIN)/cadis certify --models $(MODELS) --sigma 0.5 $(DEMO_CERTIFY) --out $(RESULTS)/baseline-sigma0.5
-	$(BIN)/cadis analyze $(RESULTS)/baseline-sigma0.25 $(RESULTS)/baseline-sigma0.5 \
-		--labels "sigma=0.25" "sigma=0.5" --radii 0,0.25,0.5,0.75,1.0 --plot $(RESULTS)/baseline.png
+	$(BIN)/cadis sweep sweeps/default.yaml $$(test -f $(SWEEP)/sweep.json && echo --resume)
+	$(BIN)/cadis compare --experiment cadis-default --plot $(SWEEP)/certified_accuracy.png
+	@echo "Browse every run in MLflow's UI:"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port 5000"
+	@echo "  then open http://127.0.0.1:5000"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -102,6 +102,18 @@ def _train(args: argparse.Namespace) -> None:
     print(f"records, summary and plot in {certify_dir}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from cadis.sweep import run_sweep
+
+    run_sweep(args.sweep, args.set, resume=args.resume, dry_run=args.dry_run)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from cadis.compare import run_compare
+
+    run_compare(args)
+
+
 def _radii(text: str) -> list[float]:
     try:
         return [float(value) for value in text.split(",") if value.strip()]
@@ -169,6 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
+
+    sweep = commands.add_parser(
+        "sweep", help="search FT-CADIS settings with Ray Tune + Optuna + ASHA, tracked in MLflow",
+        description="Run a sweep file: every trial fine-tunes on Ray Train workers, reports a "
+                    "certified-accuracy proxy each epoch (ASHA stops weak trials), is certified "
+                    "with the file's certify: settings and logged to MLflow as a child run.")
+    sweep.add_argument("sweep", help="a sweep file, e.g. sweeps/default.yaml")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value: lambda=4 (a base key), base.lr=1e-3, "
+                            "num_trials=8, scheduler.grace_period=2, "
+                            "mlflow.tracking_uri=http://127.0.0.1:5000 (repeatable)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the interrupted sweep in results_dir; finished trials "
+                            "are not run again")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the resolved search space, trials and resources; train "
+                            "nothing")
+    sweep.set_defaults(handler=_sweep)
+
+    compare = commands.add_parser(
+        "compare", help="trials of a sweep side by side from MLflow, with ablation plots",
+        description="Read trial runs from MLflow: certified accuracy per radius, ACR and the "
+                    "searched params per trial; with --by, one line per radius over a param.")
+    source = compare.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", help="an MLflow experiment name (a sweep's name)")
+    source.add_argument("--sweep", metavar="RUN_ID", help="a sweep's parent run id")
+    compare.add_argument("--tracking-uri",
+                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                              "sqlite:///runs/sweeps/mlflow.db)")
+    compare.add_argument("--by", metavar="PARAM",
+                         help="a param to put on the x axis, e.g. confidence_threshold")
+    compare.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    compare.add_argument("--plot", metavar="FILE", help="write the ablation plot (PNG) here")
+    compare.set_defaults(handler=_compare)
 
     analyze = commands.add_parser(
         "analyze", help="certified accuracy per radius of record files, side by side",

@@ -423,7 +423,7 @@ def _fit_with_ray(config: TrainConfig, out_dir: Path, resume: bool
         # The same run name under the same storage resumes: a fresh run must start clean.
         shutil.rmtree(storage / RAY_RUN_NAME, ignore_errors=True)
     trainer = TorchTrainer(
-        ray_train_worker, train_loop_config=_portable(config).to_dict(),
+        ray_train_worker, train_loop_config=portable_config(config).to_dict(),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(storage),
@@ -435,7 +435,7 @@ def _fit_with_ray(config: TrainConfig, out_dir: Path, resume: bool
     return Path(result.checkpoint.path), history
 
 
-def _portable(config: TrainConfig) -> TrainConfig:
+def portable_config(config: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray workers need not share the driver's directory."""
     portable = copy.deepcopy(config)
     for key in ("models", "classifier", "denoiser", "data_root"):

@@ -1,0 +1,188 @@
+"""cadis sweep end to end: a real local Ray (Tune + Train), Optuna, ASHA and an MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cadis.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_sweep(models: Path, tmp_path: Path, **changes) -> dict:
+    """Two trials of two 2-step epochs on digits with the tiny untrained models of conftest."""
+    sweep = {
+        "name": "tiny",
+        "base": {"models": str(models), "epochs": 2, "max_steps_per_epoch": 2, "batch_size": 4,
+                 "effective_batch_size": 8, "val_images": 20, "proxy_images": 4,
+                 "proxy_n": 10, "proxy_n0": 4, "warmup_steps": 1},
+        "search": {"lambda": {"uniform": [0.5, 2.0]},
+                   "confidence_threshold": {"choice": [0.5, "argmax"]}},
+        "num_trials": 2,
+        "max_concurrent_trials": 2,
+        "objective": {"metric": "acr", "mode": "max"},
+        "scheduler": {"metric": "proxy_acr", "mode": "max", "grace_period": 1,
+                      "reduction_factor": 2, "max_t": 2},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5},
+        "certify": {"n": 20, "n0": 5, "skip": 1, "max_images": 3},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
+        "results_dir": str(tmp_path / "results"),
+    }
+    sweep.update(changes)
+    return sweep
+
+
+def write(tmp_path: Path, sweep: dict) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def mlflow_runs(tmp_path: Path) -> tuple[object, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return client, runs
+
+
+def by_role(runs, role):
+    return [run for run in runs if run.data.tags.get("cadis.role") == role]
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"mlflow": {"tracking_uri": "http://127.0.0.1:9"}}, "is unreachable"),
+    ({"resources": {"workers_per_trial": 1, "cpus_per_worker": 64}},
+     "one trial needs 64.25 CPU (the cluster has"),
+    ({"search": {}}, "search"),
+    ({"objective": {"metric": ["acr", "certified_accuracy_r0.0"], "mode": "max"}}, "mode"),
+])
+def test_bad_sweeps_fail_before_any_trial_or_run(tiny_models_dir, tmp_path, capsys, changes,
+                                                 message):
+    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path, **changes))
+    assert main(["sweep", str(path)]) == 2
+    # The resources are known once Ray is up, which logs first: the error is the last line.
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("cadis: error: ")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_models_dir, tmp_path, capsys):
+    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path))
+    assert main(["sweep", str(path), "--dry-run", "--set", "num_trials=3"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep tiny: 3 trials; Optuna TPE" in out and "lambda: uniform [0.5, 2.0]" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("name", ["default", "ablation_threshold", "ablation_lora_rank",
+                                  "cifar10", "imagenet"])
+def test_shipped_sweep_files_dry_run(name, capsys):
+    assert main(["sweep", str(REPO / "sweeps" / f"{name}.yaml"), "--dry-run"]) == 0
+    assert f"sweep {name}:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ a sweep
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_with_asha_tracks_every_trial(tiny_models_dir, tmp_path, capsys):
+    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path))
+    assert main(["sweep", str(path)]) == 0
+    assert "| trial" in capsys.readouterr().out
+    client, runs = mlflow_runs(tmp_path)
+    [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and len(trials) == 2
+    assert all(run.info.status in ("FINISHED", "KILLED") for run in runs)
+    completed = [run for run in trials if run.data.tags["cadis.outcome"] == "completed"]
+    assert completed, "ASHA keeps the best trial of a rung"
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"lambda", "confidence_threshold", "certify.n", "sigma"} <= set(run.data.params)
+        history = client.get_metric_history(run.info.run_id, "proxy_acr")
+        assert [m.step for m in history][:1] == [1]
+    for run in completed:
+        metrics = run.data.metrics
+        assert {"certified_accuracy_r0.0", "acr", "clean_accuracy", "hallucination_rate",
+                "trainable_fraction"} <= set(metrics)
+        assert metrics["clean_accuracy"] == metrics["certified_accuracy_r0.0"]
+        assert run.info.status == "FINISHED"
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {"records.tsv", "summary.json", "certified_accuracy.png"} <= artifacts
+        assert len(client.get_metric_history(run.info.run_id, "proxy_acr")) == 2
+    for run in trials:
+        if run.data.tags["cadis.outcome"] == "stopped_early":
+            assert run.info.status == "KILLED" and "acr" not in run.data.metrics
+    best = max(completed, key=lambda run: run.data.metrics["acr"])
+    assert parent.data.tags["cadis.best_trial_id"] == best.data.tags["cadis.trial_id"]
+    assert parent.data.metrics["best.acr"] == best.data.metrics["acr"]
+    results = tmp_path / "results"
+    assert (results / "optuna.db").is_file() and (results / "sweep.yaml").is_file()
+    # A second run into the same results would mix two sweeps, and resuming with other
+    # settings would make another sweep: refused, nothing touched.
+    assert main(["sweep", str(path)]) == 2
+    assert "already holds a sweep" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--resume", "--set", "num_trials=3"]) == 2
+    assert "the sweep differs from the one in" in capsys.readouterr().err
+    assert len(by_role(mlflow_runs(tmp_path)[1], "trial")) == 2
+
+
+def test_resume_needs_a_sweep_to_resume(tiny_models_dir, tmp_path, capsys):
+    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path))
+    assert main(["sweep", str(path), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed_runs_no_trial_twice(tiny_models_dir, tmp_path):
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, num_trials=3, max_concurrent_trials=1,
+                       scheduler=None)
+    path = write(tmp_path, sweep)
+    command = [sys.executable, "-m", "cadis", "sweep", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill the driver (and the Ray it started) once the first trial has finished.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            if (tmp_path / "mlflow.db").exists() and _finished_trials(tmp_path) >= 1:
+                break
+            time.sleep(2)
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert _finished_trials(tmp_path) < 3
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _, runs = mlflow_runs(tmp_path)
+    trials = by_role(runs, "trial")
+    trial_ids = [run.data.tags["cadis.trial_id"] for run in trials]
+    assert len(trial_ids) == 3 == len(set(trial_ids))
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert all(run.data.tags["cadis.outcome"] == "completed" for run in trials)
+    state = json.loads((tmp_path / "results" / "sweep.json").read_text())
+    assert [run.info.run_id for run in by_role(runs, "sweep")] == [state["parent_run_id"]]
+
+
+def _finished_trials(tmp_path: Path) -> int:
+    try:
+        _, runs = mlflow_runs(tmp_path)
+    except Exception:  # the store is being created by the driver
+        return 0
+    return sum(run.info.status == "FINISHED" for run in by_role(runs, "trial"))
