@@ -24,6 +24,7 @@ Layout of ``results_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -106,6 +107,8 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     Every check that can fail on input runs before a trial starts or an MLflow run opens:
     the file, the models and data of the base, the tracking store and the cluster's resources.
     """
+    # Absolute now: connecting to a cluster from a Ray job moves this process elsewhere.
+    path = Path(path).absolute()
     sweep = load_sweep(path, overrides)
     print(describe(sweep), flush=True)
     if dry_run:
@@ -123,12 +126,16 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     import ray
 
     started_ray = not ray.is_initialized()
+    working_dir = os.getcwd()
     if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
                  log_to_driver=True)
     try:
         concurrent = _concurrent_trials(sweep, ray.cluster_resources())
         results.mkdir(parents=True, exist_ok=True)
+        # Inside a Ray job, Ray may replace the job's working directory (its unpacked copy)
+        # once the driver connects; every path is absolute by now, and this one stays.
+        os.chdir(results)
         tracker = SweepTracker(uri, sweep, results, state)
         if state is None:
             shutil.copyfile(path, results / SWEEP_FILE_COPY)
@@ -144,6 +151,8 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     finally:
         if started_ray:
             ray.shutdown()
+        with contextlib.suppress(OSError):  # gone, if Ray replaced it
+            os.chdir(working_dir)
 
 
 def _fingerprint(sweep: SweepConfig) -> dict[str, Any]:
