@@ -155,27 +155,43 @@ def check_by(rows: Sequence[TrialRow], by: str) -> None:
                      f"{', '.join(searched) or 'none'}")
 
 
-def value_key(value: str | None) -> tuple[int, float, str]:
+def value_key(value: str | None, first_seen: Mapping[str, int] | None = None
+              ) -> tuple[int, float, str | int]:
     """Sort key of a param value: numbers ascending, then other text (``argmax``, variants
-    such as ``finetune=lora,lora_rank=4``) by name, then a missing value."""
+    such as ``finetune=lora,lora_rank=4``) in the order of ``first_seen`` (by name without
+    it), then a missing value."""
     if value is None:
         return (2, 0.0, "")
     try:
         number = float(value)
     except ValueError:
-        return (1, 0.0, value)
+        number = math.nan
     if math.isnan(number):
-        return (1, 0.0, value)
+        return (1, 0.0, value if first_seen is None else first_seen.get(value, len(first_seen)))
     return (0, number, value)
 
 
+def _started(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    return sorted(rows, key=lambda row: (row.start_time, row.name))
+
+
+def _first_seen(rows: Sequence[TrialRow], by: str) -> dict[str, int]:
+    """Each value of ``by`` by the first trial that ran it: a grid's own order (LoRA ranks,
+    then full fine-tuning), which names do not sort into."""
+    order: dict[str, int] = {}
+    for row in _started(rows):
+        order.setdefault(row.params.get(by), len(order))
+    return order
+
+
 def sort_rows(rows: Sequence[TrialRow], by: str | None = None) -> list[TrialRow]:
-    """Rows in the order they started, or by their value of ``by`` (:func:`value_key`),
-    ties in the order they started."""
-    started = sorted(rows, key=lambda row: (row.start_time, row.name))
+    """Rows in the order they started, or by their value of ``by`` (:func:`value_key`: text
+    values in the order the sweep first ran them), ties in the order they started."""
+    started = _started(rows)
     if by is None:
         return started
-    return sorted(started, key=lambda row: value_key(row.params.get(by)))
+    first_seen = _first_seen(rows, by)
+    return sorted(started, key=lambda row: value_key(row.params.get(by), first_seen))
 
 
 def radii_of(rows: Sequence[TrialRow]) -> list[float]:
@@ -259,7 +275,8 @@ def ablation_series(rows: Sequence[TrialRow], by: str
     :func:`plottable`) in :func:`value_key` order, and per radius the certified accuracy at
     each value, averaged over the trials that share it (NaN where none has that radius)."""
     kept, _ = plottable(rows, by)
-    values = sorted({row.params[by] for row in kept}, key=value_key)
+    first_seen = _first_seen(kept, by)
+    values = sorted({row.params[by] for row in kept}, key=lambda v: value_key(v, first_seen))
     series = {radius: [_mean([row.accuracy.get(radius) for row in kept
                               if row.params[by] == value]) for value in values]
               for radius in radii_of(kept)}
@@ -279,9 +296,13 @@ def plot_ablation(rows: Sequence[TrialRow], by: str, path: str | os.PathLike) ->
     values, series = ablation_series(rows, by)
     if not values:
         raise CadisError(f"no certified trial with a value of {by} to plot")
-    figure, axes = _figure(width=max(6.0, 0.9 * len(values) + 2.0))
+    figure, axes = _figure(width=max(7.0, 1.2 * len(values) + 3.0))
     positions = list(range(len(values)))
     for radius, accuracy in series.items():
+        # A radius no trial certified anything at (beyond what n can reach) draws only a
+        # line at zero over the others: the table still shows it.
+        if not any(value > 0 for value in accuracy):
+            continue
         axes.plot(positions, accuracy, marker="o", label=radius_label(radius), clip_on=False)
     sideways = any(len(value) > LONG_LABEL for value in values)
     axes.set_xticks(positions)
@@ -299,7 +320,7 @@ def plot_curves(rows: Sequence[TrialRow], path: str | os.PathLike) -> Path:
     if not kept:
         raise CadisError("no certified trial to plot")
     figure, axes = _figure(width=6.0)
-    for row in sort_rows(kept):
+    for row in _started(kept):
         axes.plot(list(row.accuracy), list(row.accuracy.values()), marker="o",
                   label=row.label, clip_on=False)
     axes.set_xlabel("radius (l2)")
@@ -317,7 +338,7 @@ def _figure(width: float) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, 4.0))
+    figure = Figure(figsize=(width, 4.5))
     FigureCanvasAgg(figure)
     return figure, figure.add_subplot()
 
@@ -326,7 +347,8 @@ def _save(figure: Any, axes: Any, path: str | os.PathLike) -> Path:
     axes.set_ylabel("certified accuracy")
     axes.set_ylim(0.0, 1.0)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    # Beside the axes, not over lines that may run anywhere between 0 and 1.
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -386,7 +408,7 @@ def run_compare(args: Any) -> None:
         _, left_out = plottable(rows, args.by)
         if left_out:
             names = ", ".join(f"{row.name} ({_why_left_out(row, args.by)})"
-                              for row in sort_rows(left_out))
+                              for row in _started(left_out))
             print(f"compare: left out of the plot: {names}", file=sys.stderr)
         if args.by is None:
             path = plot_curves(rows, args.plot)

@@ -205,14 +205,15 @@ def test_variant_values_are_categories_and_repeats_are_averaged():
             _row("lora4_a", 3, (0.6, 0.4, 0.2), variant="finetune=lora,lora_rank=4"),
             _row("lora4_b", 4, (0.8, 0.6, 0.2), variant="finetune=lora,lora_rank=4"),
             _row("pending", 5, None, variant="finetune=full")]
+    # Text values come in the order the sweep first ran them (a grid's order), not by name.
     _header, *table = markdown_rows(format_comparison(rows, by="variant"))
-    assert [row[0] for row in table] == ["full", "pending", "lora4_a", "lora4_b", "lora8"]
+    assert [row[0] for row in table] == ["lora8", "full", "pending", "lora4_a", "lora4_b"]
     values, series = ablation_series(rows, "variant")
-    assert values == ["finetune=full", "finetune=lora,lora_rank=4",
-                      "finetune=lora,lora_rank=8"]
+    assert values == ["finetune=lora,lora_rank=8", "finetune=full",
+                      "finetune=lora,lora_rank=4"]
     assert list(series) == list(RADII)
-    assert series[0.0] == pytest.approx([0.9, 0.7, 0.5])
-    assert series[0.25] == pytest.approx([0.7, 0.5, 0.3])
+    assert series[0.0] == pytest.approx([0.5, 0.9, 0.7])
+    assert series[0.25] == pytest.approx([0.3, 0.7, 0.5])
 
 
 def test_a_radius_only_some_trials_have_is_missing_elsewhere():
