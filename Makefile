@@ -10,7 +10,7 @@ SWEEP := runs/sweeps/default
 STORE := runs/sweeps/mlflow.db
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test pretrain clean
+.PHONY: setup data tools demo test pretrain clean
 
 setup: $(STAMP) data
 
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-data:
+# What cluster/cadis-cluster (and its tests) call besides Ray and MLflow.
+SYSTEM_TOOLS := curl pgrep setsid
+
+data: tools
 	@if [ -f "$(FASHION_MNIST)" ] || [ -n "$$CADIS_DATA" ]; then exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		echo "installing Debian's dataset-fashion-mnist"; \
@@ -28,6 +31,16 @@ data:
 	else \
 		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" \
 		     "or set CADIS_DATA to a folder with its IDX files" >&2; exit 1; \
+	fi
+
+tools:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -z "$$missing" ]; then exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing curl, procps and util-linux for cluster/cadis-cluster"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl procps util-linux; \
+	else \
+		echo "cluster/cadis-cluster needs $(SYSTEM_TOOLS): sudo apt-get install curl procps util-linux" >&2; \
 	fi
 
 pretrain: setup
