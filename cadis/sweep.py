@@ -131,7 +131,8 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
                  log_to_driver=True)
     try:
-        concurrent = _concurrent_trials(sweep, ray.cluster_resources())
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        concurrent = _concurrent_trials(sweep, ray.cluster_resources(), nodes)
         results.mkdir(parents=True, exist_ok=True)
         # Inside a Ray job, Ray may replace the job's working directory (its unpacked copy)
         # once the driver connects; every path is absolute by now, and this one stays.
@@ -196,9 +197,19 @@ def _preflight_trials(sweep: SweepConfig) -> None:
             preflight(config)
 
 
-def _concurrent_trials(sweep: SweepConfig, cluster: Mapping[str, float]) -> int:
+def _concurrent_trials(sweep: SweepConfig, cluster: Mapping[str, float],
+                       nodes: Sequence[Mapping[str, float]]) -> int:
     """``max_concurrent_trials``, lowered to what the cluster holds at once (trials that wait
-    for each other's Train workers starve); an error when not even one trial fits."""
+    for each other's Train workers starve); an error when not even one trial fits, or when
+    no single node holds one worker (its resources cannot be split over nodes)."""
+    resources = sweep.resources
+    if not any(node.get("CPU", 0.0) >= resources.cpus_per_worker - 1e-9
+               and node.get("GPU", 0.0) >= resources.gpus_per_worker - 1e-9 for node in nodes):
+        largest = max(nodes, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)),
+                      default={})
+        raise CadisError(f"one worker needs {resources.cpus_per_worker:g} CPU and "
+                         f"{resources.gpus_per_worker:g} GPU on one node; the largest node has "
+                         f"{largest.get('CPU', 0.0):g} CPU and {largest.get('GPU', 0.0):g} GPU")
     need = required_per_trial(sweep)
     have = {key: float(cluster.get(key, 0.0)) for key in need}
     short = [f"{need[key]:g} {key} (the cluster has {have[key]:g})"

@@ -65,8 +65,10 @@ def by_role(runs, role):
 
 @pytest.mark.parametrize("changes,message", [
     ({"mlflow": {"tracking_uri": "http://127.0.0.1:9"}}, "is unreachable"),
-    ({"resources": {"workers_per_trial": 1, "cpus_per_worker": 64}},
+    ({"resources": {"workers_per_trial": 64, "cpus_per_worker": 1}},
      "one trial needs 64.25 CPU (the cluster has"),
+    ({"resources": {"workers_per_trial": 2, "cpus_per_worker": 0.5, "gpus_per_worker": 1}},
+     "one worker needs 0.5 CPU and 1 GPU on one node; the largest node has"),
     ({"search": {}}, "search"),
     ({"objective": {"metric": ["acr", "certified_accuracy_r0.0"], "mode": "max"}}, "mode"),
 ])
