@@ -93,6 +93,8 @@ TUNE_KEYS = {"training_iteration", "time_total_s", "time_this_iter_s", "timestam
              "should_checkpoint"}
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch
 MAX_METRICS_PER_BATCH = 1000
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_GROUP_START_TIMEOUT_S = 600
 # The per-epoch time axis of ASHA: an epoch survives resume, Tune's iteration count does not.
 EPOCH = "epoch"
 
@@ -340,6 +342,10 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(sweep, params)
+    # Train gives a worker group 60 s to start, then retries; on a loaded machine starting a
+    # worker (importing torch) took longer, and each retry left its placement group reserved
+    # until no worker fitted (seen with Ray 2.60). Train passes this on to its controller.
+    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, str(WORKER_GROUP_START_TIMEOUT_S))
     resources = sweep.resources
     use_gpu = resources.gpus_per_worker > 0
     worker = {"CPU": resources.cpus_per_worker}
