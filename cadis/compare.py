@@ -29,6 +29,8 @@ TABLE_FORMATS: Final = ("markdown", "csv")
 MARKDOWN_DIGITS: Final = 3
 CSV_DIGITS: Final = 6
 MARKDOWN_MISSING: Final = "-"
+#: Significant digits of a long sampled float param in markdown (as logged in CSV).
+MAX_PARAM_DIGITS: Final = 4
 
 #: Final metrics shown after the certified accuracy columns, when any trial has them.
 EXTRA_METRICS: Final = (tracking.ACR, tracking.CLEAN_ACCURACY, tracking.HALLUCINATION_RATE,
@@ -230,13 +232,27 @@ def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
     def number(value: float | None) -> str:
         return missing if value is None else f"{value:.{digits}f}"
 
-    table = [[row.name, row.outcome, *(row.params.get(name, missing) for name in params),
+    table = [[row.name, row.outcome,
+              *(_param_cell(row.params.get(name), missing, fmt) for name in params),
               *(number(row.accuracy.get(radius)) for radius in radii),
               *(number(row.metrics.get(name)) for name in extras)]
              for row in sort_rows(rows, by)]
     if fmt == "csv":
         return _csv(header, table)
     return _markdown(header, table, text_columns=2 + len(params))
+
+
+def _param_cell(value: str | None, missing: str, fmt: TableFormat) -> str:
+    """A param as logged, except that a sampled float reads as 4 significant digits in
+    markdown (0.3242 for 0.3242492436303472); a CSV keeps the logged text."""
+    if value is None:
+        return missing
+    if fmt == "markdown" and "." in value and len(value) > MAX_PARAM_DIGITS + 2:
+        try:
+            return f"{float(value):.{MAX_PARAM_DIGITS}g}"
+        except ValueError:
+            pass
+    return value
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -349,9 +365,10 @@ def _save(figure: Any, axes: Any, path: str | os.PathLike) -> Path:
     axes.grid(alpha=0.3)
     # Beside the axes, not over lines that may run anywhere between 0 and 1.
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    # "tight" grows the canvas to hold the legend and long labels (tight_layout cannot when
+    # the legend's trial labels are long, and warns).
+    figure.savefig(buffer, format="png", bbox_inches="tight")
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -307,3 +307,11 @@ def test_cli_missing_store_exits_2(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["compare", "--experiment", EXPERIMENT, "--tracking-uri", uri]) == 2
     assert "no MLflow store at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt,shown", [("markdown", "0.3242"), ("csv", "0.3242492436303472")])
+def test_sampled_floats_read_short_in_markdown_only(fmt, shown):
+    rows = [_row("a", 1, (0.5, 0.4, 0.3), epsilon="0.3242492436303472", tau="0.5")]
+    text = format_comparison(rows, fmt=fmt)
+    assert shown in text and ("0.3242492436303472" in text) == (fmt == "csv")
+    assert "0.5" in text
