@@ -14,7 +14,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Final, Literal
 
 from cadis import tracking
 from cadis.errors import CadisError
+from cadis.files import atomic_write_bytes
 
 TableFormat = Literal["markdown", "csv"]
 TABLE_FORMATS: Final = ("markdown", "csv")
@@ -37,7 +37,6 @@ EXTRA_METRICS: Final = (tracking.ACR, tracking.CLEAN_ACCURACY, tracking.HALLUCIN
                         tracking.TRAINABLE_FRACTION)
 #: Parameter values longer than this turn the plot's x labels sideways.
 LONG_LABEL: Final = 8
-RESULT_FILE_MODE: Final = 0o644
 
 
 # --------------------------------------------------------------------------- trials
@@ -372,25 +371,11 @@ def _save(figure: Any, axes: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError as error:
         raise CadisError(f"cannot write the plot to {path} ({error.strerror or error})"
                          ) from None
     return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # records.atomic_write_bytes does the same, but importing records imports torch.
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.chmod(temporary, RESULT_FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- command

@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from cadis.certify import ABSTAIN
 from cadis.errors import CadisError
+from cadis.files import atomic_write_bytes, atomic_write_text
 
 RECORDS_FILENAME: Final = "records.tsv"
 SUMMARY_FILENAME: Final = "summary.json"
@@ -49,8 +49,6 @@ TABLE_FORMATS: Final = ("markdown", "csv")
 MARKDOWN_DIGITS: Final = 3
 CSV_DIGITS: Final = 6
 
-# mkstemp makes files only their owner can read; results get ordinary permissions.
-RESULT_FILE_MODE: Final = 0o644
 
 
 # --------------------------------------------------------------------------- records
@@ -216,28 +214,7 @@ def radius_key(radius: float) -> str:
     return str(float(radius))
 
 
-# --------------------------------------------------------------------------- files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of it."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, RESULT_FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+# --------------------------------------------------------------------------- summaries
 
 
 def summarize(records: Sequence[Record], radii: Sequence[float], *, sigma: float, n: int,
