@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from scipy.stats import beta, norm
 
-from cadis.certification import images_per_forward
-from cadis.certify import Smooth
+from cadis.certify_models import build_denoised_classifier
 from cadis.data import load_dataset
-from cadis.evaluate import (ModelSources, build_denoised_classifier, default_batch_size,
-                            pick_device)
+from cadis.models.devices import pick_device
+from cadis.models.sources import ModelSources
+from cadis.smoothing.runner import images_per_forward
+from cadis.smoothing.smooth import Smooth, default_batch_size
 
 
 def reference_certify(base, x, num_classes, sigma, n0, n, alpha, batch):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from cadis.errors import EXIT_USAGE, CadisError
+from cadis.files import atomic_write_text
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -25,8 +26,9 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _certify(args: argparse.Namespace) -> None:
-    from cadis.evaluate import ModelSources, certify_models
-    from cadis.records import RECORDS_FILENAME, format_table, read_records
+    from cadis.certify_models import certify_models
+    from cadis.models.sources import ModelSources
+    from cadis.smoothing.records import RECORDS_FILENAME, format_table, read_records
 
     sources = ModelSources.resolve(args.models, args.classifier, args.denoiser, args.dataset,
                                    args.data_root, args.image_size)
@@ -45,7 +47,7 @@ def _certify(args: argparse.Namespace) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    from cadis.records import (
+    from cadis.smoothing.records import (
         RECORDS_FILENAME,
         default_radii,
         format_table,
@@ -71,10 +73,10 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from cadis.evaluate import certify_models
-    from cadis.records import RECORDS_FILENAME, format_table, read_records
-    from cadis.train import fit, preflight
-    from cadis.train_config import from_mapping, load_sweep_file
+    from cadis.certify_models import certify_models
+    from cadis.finetuning.config import from_mapping, load_sweep_file
+    from cadis.finetuning.fit import fit, preflight
+    from cadis.smoothing.records import RECORDS_FILENAME, format_table, read_records
 
     sweep = load_sweep_file(args.sweep)
     overrides = list(args.set) + ([f"workers={args.workers}"] if args.workers else [])
@@ -82,11 +84,11 @@ def _train(args: argparse.Namespace) -> None:
     sources = preflight(config)
     out = Path(args.out or Path("runs") / "train" / str(sweep.get("name", Path(args.sweep).stem)))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     checkpoint, certify_dir = None, out / "certify"
     if config.method != "none":
         checkpoint, history = fit(config, out, resume=args.resume, progress=not args.quiet)
-        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
         print(f"checkpoint: {checkpoint}")
         # One folder per trained state: resuming to more epochs certifies anew beside it.
         certify_dir = out / f"certify_epoch_{int(history[-1]['epoch']):03d}"
@@ -103,13 +105,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from cadis.sweep import run_sweep
+    from cadis.sweeps.driver import run_sweep
 
     run_sweep(args.sweep, args.set, resume=args.resume, dry_run=args.dry_run)
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from cadis.compare import run_compare
+    from cadis.tracking.compare import run_compare
 
     run_compare(args)
 

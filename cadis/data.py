@@ -149,14 +149,13 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
     return _image_folder(split, root, augment, image_size)
 
 
-def subset_indices(length: int, skip: int = 1, max_images: int | None = None,
-                   offset: int = 0) -> list[int]:
-    """Deterministic test subset: every ``skip``-th index from ``offset``, at most ``max_images``."""
+def subset_indices(length: int, skip: int = 1, max_images: int | None = None) -> list[int]:
+    """Deterministic test subset: every ``skip``-th index from 0, at most ``max_images``."""
     if skip < 1:
         raise CadisError(f"skip must be an integer >= 1, got {skip}")
     if max_images is not None and max_images < 1:
         raise CadisError(f"max_images must be an integer >= 1, got {max_images}")
-    indices = list(range(offset, length, skip))
+    indices = list(range(0, length, skip))
     return indices if max_images is None else indices[:max_images]
 
 

@@ -10,3 +10,10 @@ class CadisError(Exception):
 
 
 EXIT_USAGE = 2
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): a
+    library's multi-line error folded into a :class:`CadisError`'s one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

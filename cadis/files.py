@@ -1,17 +1,23 @@
-"""Result files written whole or not at all: a reader never sees half a summary or plot.
+"""Results written whole or not at all: a reader never sees half a summary, plot, model or
+checkpoint. The one place that writes atomically: files through a temporary sibling and
+``os.replace``, folders through a staging sibling swapped in when complete.
 
 Torch-free, so that commands that only read MLflow (``cadis compare``) can write too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 # mkstemp makes files only their owner can read; results get ordinary permissions.
 RESULT_FILE_MODE: Final = 0o644
+RESULT_FOLDER_MODE: Final = 0o755
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -33,3 +39,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; when the block ends without an error,
+    the staging folder replaces ``path`` (an older one is removed first), else it is removed.
+
+    So ``path`` never holds a half-written model or checkpoint: a crash leaves the old
+    folder, or none, and at worst a hidden staging folder beside it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", suffix=".partial",
+                                    dir=path.parent))
+    staging.chmod(RESULT_FOLDER_MODE)  # mkdtemp makes it private; results are meant to be shared
+    try:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -13,9 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,28 +24,20 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cadis.config import coerce_like, parse_override
 from cadis.data import IN_MEMORY_DATASETS, DatasetInfo, ImageTensorDataset, load_dataset
-from cadis.denoise import OneShotDenoiser, timestep_for_sigma, to_diffusion_space
 from cadis.errors import CadisError
-from cadis.models import (
-    Classifier,
-    count_parameters,
-    load_classifier,
-    load_denoiser,
-    save_classifier,
-    save_denoiser,
-)
-from cadis.records import atomic_write_text
+from cadis.files import atomic_directory, atomic_write_text
+from cadis.finetuning.schedule import warmup_cosine
+from cadis.models.classifier import Classifier, count_parameters, load_classifier, save_classifier
+from cadis.models.denoiser import load_denoiser, save_denoiser
+from cadis.models.sources import CLASSIFIER_DIR, DENOISER_DIR, MANIFEST
+from cadis.overrides import coerce_like, parse_override
+from cadis.smoothing.denoise import OneShotDenoiser, timestep_for_sigma, to_diffusion_space
 
-MANIFEST = "manifest.json"
 SETTINGS_FILE = "cadis_pretrain.json"
-CLASSIFIER_DIR = "classifier"
-DENOISER_DIR = "denoiser"
 # Our own classifiers see [0, 1] images normalised to [-1, 1], like the diffusion model.
 NORMALISATION = (0.5, 0.5)
 EVAL_BATCH_SIZE = 256
-FOLDER_MODE = 0o755
 
 
 @dataclass
@@ -248,32 +237,17 @@ def _read_settings(directory: Path) -> dict[str, Any] | None:
 
 
 def _write_component(directory: Path, settings: dict[str, Any], seconds: float, save) -> None:
-    """Save into a temporary sibling folder, then swap it in: never a half-written model."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    staging.chmod(FOLDER_MODE)  # mkdtemp makes it private; models are meant to be shared
-    try:
+    """Save into a staging folder swapped in when complete: never a half-written model."""
+    with atomic_directory(directory) as staging:
         save(staging)
-        (staging / SETTINGS_FILE).write_text(json.dumps(
+        atomic_write_text(staging / SETTINGS_FILE, json.dumps(
             {"settings": _jsonable(settings), "train_seconds": round(seconds, 1)}, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
     return json.loads(json.dumps(value))
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _train_classifier(classifier: Classifier, recipe: ClassifierRecipe, train_set,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cadis.models import load_classifier, save_classifier, save_denoiser
+from cadis.models.classifier import load_classifier, save_classifier
+from cadis.models.denoiser import save_denoiser
 
 TINY_VIT_ARGS = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1,
                  "num_heads": 2, "mlp_ratio": 2.0}

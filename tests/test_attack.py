@@ -1,4 +1,4 @@
-"""ℓ2 PGD in the denoised domain on tiny seeded classifiers of 1×4×4 images (DESIGN.md §4)."""
+"""ℓ2 PGD in the denoised domain on tiny seeded classifiers of 1×4×4 images (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cadis.attack import frozen, pgd_l2_denoised, soft_kl
+from cadis.finetuning.attack import frozen, pgd_l2_denoised, soft_kl
 
 NUM_SAMPLES, NUM_CLASSES = 6, 3
 

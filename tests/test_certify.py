@@ -11,9 +11,11 @@ import torch
 from scipy.stats import binom, norm
 from torch import nn
 
-from cadis.certify import (ABSTAIN, Smooth, certified_radius, certify_from_counts,
-                           lower_confidence_bound, max_certifiable_radius, predict_from_counts)
 from cadis.errors import CadisError
+from cadis.smoothing.bounds import (ABSTAIN, certified_radius, certify_from_counts,
+                                    lower_confidence_bound, max_certifiable_radius,
+                                    predict_from_counts)
+from cadis.smoothing.smooth import Smooth
 
 IMAGE_SHAPE = (1, 2, 2)
 

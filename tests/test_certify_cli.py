@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cadis.cli import main
-from cadis.records import read_records
+from cadis.smoothing.records import read_records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from cadis import tracking
 from cadis.cli import main
-from cadis.compare import (
+from cadis.tracking import contract as tracking
+from cadis.tracking.compare import (
     TrialRow,
     ablation_series,
     format_comparison,

@@ -3,9 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from cadis.denoise import (DIFFUSION_SCALE, DenoisedClassifier, OneShotDenoiser, timestep_for_sigma, to_diffusion_space, to_image_space)
 from cadis.errors import CadisError
-from cadis.models import load_classifier, load_denoiser
+from cadis.models.classifier import load_classifier
+from cadis.models.denoiser import load_denoiser
+from cadis.smoothing.denoise import (DIFFUSION_SCALE, DenoisedClassifier, OneShotDenoiser,
+                                     noise_level, timestep_for_sigma, to_diffusion_space,
+                                     to_image_space)
 from tests.conftest import make_scheduler
 
 
@@ -37,7 +40,9 @@ def test_told_sigma_of_the_denoiser_is_at_least_sigma(tiny_denoiser_dir):
     unet, scheduler = load_denoiser(str(tiny_denoiser_dir))
     for sigma in (0.12, 0.25, 0.5, 1.0):
         denoiser = OneShotDenoiser(unet, scheduler, sigma)
-        assert sigma <= denoiser.told_sigma < sigma * 1.05
+        # The noise std (in [0, 1] units) the model is told it sees at its timestep.
+        told_sigma = float(noise_level(torch.tensor([denoiser.alpha_bar]))) / DIFFUSION_SCALE
+        assert sigma <= told_sigma < sigma * 1.05
 
 
 def test_factor_two_between_image_and_diffusion_space():
@@ -52,6 +57,8 @@ def test_factor_two_between_image_and_diffusion_space():
 
 
 @pytest.mark.parametrize("bad_sigma,match", [(0.0, "must be > 0"), (-1.0, "must be > 0"),
+                                             (float("nan"), "must be > 0"),
+                                             (float("inf"), "must be > 0"),
                                              (200.0, "beyond the denoiser's schedule")])
 def test_bad_sigma(bad_sigma, match):
     with pytest.raises(CadisError, match=match):

@@ -10,18 +10,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from cadis.errors import CadisError
-from cadis.finetune import (
+from cadis.finetuning.checkpoint import (
     FINETUNE_CONFIG,
     TRAINED_WEIGHTS,
+    load_trained,
+    save_trained,
+    trained_state_dict,
+)
+from cadis.finetuning.lora import (
     FinetuneConfig,
     apply_finetuning,
     count_trainable,
-    load_trained,
-    save_trained,
     trainable_fraction,
-    trained_state_dict,
 )
-from cadis.models import Classifier, load_classifier
+from cadis.models.classifier import Classifier, load_classifier
 from tests.conftest import TINY_VIT_ARGS
 
 NUM_CLASSES = 3
@@ -244,3 +246,49 @@ def test_adapters_are_not_injected_twice():
     classifier = apply_finetuning(tiny_vit(), FinetuneConfig())
     with pytest.raises(CadisError, match="already has LoRA adapters"):
         apply_finetuning(classifier, FinetuneConfig())
+
+
+def test_restore_continues_weights_optimizer_and_random_state(tmp_path):
+    from cadis.finetuning.checkpoint import OPTIMIZER_STATE, read_metadata, restore_training_state
+
+    config = FinetuneConfig(mode="lora", lora_rank=2)
+    trained = apply_finetuning(tiny_vit(), config)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+    trained(torch.rand(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    torch.manual_seed(123)
+    save_trained(trained, tmp_path, config, {"epoch": 3, "global_step": 7}, optimizer=optimizer)
+    after_save = torch.rand(4)
+    assert (tmp_path / OPTIMIZER_STATE).is_file()
+
+    resumed = apply_finetuning(tiny_vit(), config)
+    resumed_optimizer = torch.optim.AdamW(
+        [p for p in resumed.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(999)  # the restore must bring the saved stream back
+    metadata = restore_training_state(tmp_path, resumed, resumed_optimizer)
+    assert metadata == {"epoch": 3, "global_step": 7} == read_metadata(tmp_path)
+    assert torch.equal(torch.rand(4), after_save)
+    saved_weights = dict(trained.named_parameters())
+    for name, parameter in resumed.named_parameters():
+        assert torch.equal(parameter, saved_weights[name]), name
+    by_name = {name: p for name, p in trained.named_parameters()}
+    resumed_by_name = {name: p for name, p in resumed.named_parameters()}
+    for name, parameter in resumed_by_name.items():
+        if not parameter.requires_grad:
+            continue
+        original = optimizer.state[by_name[name]]
+        restored = resumed_optimizer.state[parameter]
+        assert set(restored) == set(original)
+        assert all(torch.equal(torch.as_tensor(restored[key]), torch.as_tensor(original[key]))
+                   for key in original)
+
+
+def test_a_checkpoint_without_optimizer_state_cannot_resume_training(tmp_path):
+    from cadis.finetuning.checkpoint import restore_training_state
+
+    config = FinetuneConfig(mode="lora", lora_rank=2)
+    save_trained(apply_finetuning(tiny_vit(), config), tmp_path, config, {"epoch": 1})
+    classifier = apply_finetuning(tiny_vit(), config)
+    optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad])
+    with pytest.raises(CadisError, match="no readable optimizer.safetensors"):
+        restore_training_state(tmp_path, classifier, optimizer)

@@ -1,4 +1,4 @@
-"""The FT-CADIS losses against hand-made logits and hand computations (DESIGN.md §4)."""
+"""The FT-CADIS losses against hand-made logits and hand computations (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cadis.errors import CadisError
-from cadis.losses import (
-    ARGMAX_RULE,
+from cadis.finetuning.hallucination import ARGMAX_RULE, validate_confidence_threshold
+from cadis.finetuning.losses import (
     FTCadisLossConfig,
     ft_cadis_loss,
     masked_adversarial_kl,
@@ -19,7 +19,6 @@ from cadis.losses import (
     soft_target,
     validate_adv_weight,
     validate_attack_steps,
-    validate_confidence_threshold,
     validate_epsilon,
     validate_num_noises,
 )

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from cadis.errors import CadisError
-from cadis.models import (Classifier, classifier_source, load_classifier, load_denoiser,
-                          save_classifier)
+from cadis.models.classifier import (Classifier, classifier_source, load_classifier,
+                                    save_classifier)
+from cadis.models.denoiser import load_denoiser
 from tests.conftest import TINY_VIT_ARGS
 
 

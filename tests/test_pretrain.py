@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cadis.cli import main
-from cadis.models import load_classifier, load_denoiser
+from cadis.models.classifier import load_classifier
+from cadis.models.denoiser import load_denoiser
 
 TINY_RECIPE = [
     "classifier.epochs=8", "classifier.augment=none", "classifier.lr=3e-3",

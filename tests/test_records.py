@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from cadis.certification import SETTINGS_FILENAME, certify_dataset, images_per_forward
-from cadis.certify import ABSTAIN, Smooth
 from cadis.errors import CadisError
-from cadis.records import (PLOT_FILENAME, RECORDS_FILENAME, RECORDS_HEADER, SUMMARY_FILENAME,
+from cadis.smoothing.bounds import ABSTAIN, CertificationParameters
+from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, images_per_forward
+from cadis.smoothing.smooth import Smooth
+from cadis.smoothing.records import (PLOT_FILENAME, RECORDS_FILENAME, RECORDS_HEADER, SUMMARY_FILENAME,
                            Record, RecordWriter, average_certified_radius, certified_accuracy,
                            default_radii, format_table, plot_certified_accuracy, read_records,
                            write_summary)
@@ -219,7 +220,8 @@ SETTINGS = {"classifier": "linear", "denoiser": "none"}
 
 def run(base, out_dir, indices, batch_size=1000, settings=SETTINGS, n=N, progress=False):
     smooth = Smooth(base, 2, 0.5, generator=torch.Generator().manual_seed(0))
-    return certify_dataset(smooth, tiny_dataset(), indices, N0, n, ALPHA, batch_size, out_dir,
+    return certify_dataset(smooth, tiny_dataset(), indices,
+                           CertificationParameters(N0, n, ALPHA, batch_size), out_dir,
                            settings, RADII, progress=progress)
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cadis.errors import CadisError
-from cadis.sweep_config import (
+from cadis.sweeps.schema import (
     SEARCHER_BASIC,
     SEARCHER_OPTUNA,
     AshaSettings,
@@ -22,7 +22,6 @@ from cadis.sweep_config import (
     load_sweep,
     required_per_trial,
     trial_config,
-    tune_search_space,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,7 +148,7 @@ BAD_CASES = [
     pytest.param(with_changes(resources={"cpus_per_worker": -1}),
                  "resources.cpus_per_worker must be a number >= 0", id="negative-cpus"),
     pytest.param(with_changes(base={"lr": -1}), "base: lr must be", id="bad-base-value"),
-    pytest.param(with_changes(certify={"alpha": 2}), "certify.alpha must be in (0, 1)",
+    pytest.param(with_changes(certify={"alpha": 2}), "certify.alpha must be a number strictly between 0 and 1",
                  id="bad-certify-value"),
     pytest.param(with_changes(mlflow={"tracking_uri": ""}), "mlflow.tracking_uri must be",
                  id="empty-tracking-uri"),
@@ -308,6 +307,8 @@ def test_cifar10_file_is_the_papers_setting():
 def test_tune_search_space_builds_the_domains(tmp_path):
     from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
 
+    from cadis.sweeps.searcher import tune_search_space  # imports Ray
+
     data = search(**{"lambda": {"uniform": [0.5, 8]}, "epsilon": {"loguniform": [0.05, 0.5]},
                      "num_noises": {"int": [1, 4]}, "lora_rank": {"choice": [2, 4, 8]},
                      "confidence_threshold": {"grid": [0.0, 0.5, "argmax"]}})
@@ -329,6 +330,8 @@ def test_tune_search_space_builds_the_domains(tmp_path):
 def test_grid_mixed_with_random_repeats_the_grid(tmp_path):
     from ray.tune.search.variant_generator import generate_variants
 
+    from cadis.sweeps.searcher import tune_search_space  # imports Ray
+
     data = search(**{"lambda": {"uniform": [0.5, 8]},
                      "confidence_threshold": {"grid": [0.0, 0.5, "argmax"]},
                      "lora_rank": {"grid": [2, 4]}})
@@ -340,6 +343,8 @@ def test_grid_mixed_with_random_repeats_the_grid(tmp_path):
 
 
 def test_variant_grid_applies_its_keys_together():
+    from cadis.sweeps.searcher import tune_search_space  # imports Ray
+
     sweep = load_sweep(REPO / "sweeps" / "ablation_lora_rank.yaml")
     grid = tune_search_space(sweep)["variant"]["grid_search"]
     configs = [trial_config(sweep, {"variant": variant}) for variant in grid]
@@ -359,6 +364,6 @@ def test_trial_config_refuses_a_bad_combination(tmp_path):
 
 
 def test_loading_a_sweep_does_not_import_ray():
-    code = ("import sys, cadis.sweep_config as s; s.load_sweep('sweeps/cifar10.yaml'); "
+    code = ("import sys, cadis.sweeps.schema as s; s.load_sweep('sweeps/cifar10.yaml'); "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

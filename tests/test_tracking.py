@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cadis.errors import CadisError
-from cadis.tracking import (
+from cadis.tracking.contract import (
     artifact_location,
     certified_accuracy_metric,
     check_tracking_uri,

@@ -8,7 +8,7 @@ import torch
 
 from cadis.cli import main
 from cadis.errors import CadisError
-from cadis.train_config import from_mapping
+from cadis.finetuning.config import from_mapping
 
 # A few steps on digits with the tiny untrained models of conftest: exercises every stage.
 TINY = ["epochs=1", "max_steps_per_epoch=2", "batch_size=4", "effective_batch_size=8",

@@ -5,6 +5,9 @@ output of a certification; certified accuracy, ACR, ``summary.json``, tables and
 computed from them, never the other way round. Result files are written atomically (a
 temporary file, then ``os.replace``), so a reader never sees half of one; the records file is
 appended one flushed line at a time and survives a crash mid-line.
+
+Torch-free: ``cadis analyze`` and ``cadis compare`` read records and draw tables without
+importing torch.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from cadis.certify import ABSTAIN
 from cadis.errors import CadisError
 from cadis.files import atomic_write_bytes, atomic_write_text
+from cadis.smoothing.bounds import ABSTAIN, max_certifiable_radius
 
 RECORDS_FILENAME: Final = "records.tsv"
 SUMMARY_FILENAME: Final = "summary.json"
@@ -35,6 +38,8 @@ RECORDS_HEADER: Final = "\t".join(RECORD_COLUMNS)
 #: Radius grids of the papers' tables: step and default largest radius per image scale.
 RADIUS_STEPS: Final = {"cifar": 0.25, "imagenet": 0.5}
 DEFAULT_MAX_RADII: Final = {"cifar": 1.0, "imagenet": 2.0}
+#: Images larger than this are certified on the ImageNet-scale radius grid (0, 0.5, 1, ...).
+CIFAR_SCALE_MAX_SIZE: Final = 64
 
 #: The summary's own fields; extra fields may not reuse these names.
 SUMMARY_FIELDS: Final = ("sigma", "n", "n0", "alpha", "num_images", "certified_accuracy", "acr")
@@ -48,7 +53,6 @@ TableFormat = Literal["markdown", "csv"]
 TABLE_FORMATS: Final = ("markdown", "csv")
 MARKDOWN_DIGITS: Final = 3
 CSV_DIGITS: Final = 6
-
 
 
 # --------------------------------------------------------------------------- records
@@ -209,6 +213,19 @@ def default_radii(scale: Literal["cifar", "imagenet"],
     return [index * step for index in range(int(math.floor(limit / step + 1e-9)) + 1)]
 
 
+def radius_grid(sigma: float, n: int, alpha: float, image_size: int,
+                radii: Sequence[float] | None = None) -> list[float]:
+    """The table's radii: given ones, else the scale's grid up to what ``n`` can certify."""
+    if radii:
+        if any(r < 0 for r in radii):
+            raise CadisError(f"radii must be >= 0, got {list(radii)}")
+        return sorted(set(float(r) for r in radii))
+    scale = "cifar" if image_size <= CIFAR_SCALE_MAX_SIZE else "imagenet"
+    step = RADIUS_STEPS[scale]
+    reachable = math.ceil(max_certifiable_radius(sigma, n, alpha) / step) * step
+    return default_radii(scale, max_radius=max(reachable, step))
+
+
 def radius_key(radius: float) -> str:
     """How a radius names a certified-accuracy entry in JSON: "0.0", "0.25", "1.5"."""
     return str(float(radius))
@@ -251,8 +268,6 @@ def format_table(record_sets: Mapping[str, Sequence[Record]], radii: Sequence[fl
                  fmt: TableFormat = "markdown") -> str:
     """Certified accuracy of each labelled record set side by side: one row per radius, one
     column per label, and a last row ``ACR``. Accuracies are fractions in [0, 1]."""
-    if fmt not in TABLE_FORMATS:
-        raise CadisError(f"table format must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
     if not record_sets:
         raise CadisError("no record sets to tabulate")
     labels = list(record_sets)
@@ -262,7 +277,15 @@ def format_table(record_sets: Mapping[str, Sequence[Record]], radii: Sequence[fl
     rows = [[radius_key(radius), *(f"{curve[row]:.{digits}f}" for curve in curves)]
             for row, radius in enumerate(radii)]
     rows.append(["ACR", *(f"{acr:.{digits}f}" for acr in acrs)])
-    header = ["radius", *labels]
+    return render_table(["radius", *labels], rows, fmt)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], fmt: TableFormat,
+                 text_columns: int = 0) -> str:
+    """Cells as a CSV or a markdown pipe table whose first ``text_columns`` columns are
+    left-aligned and the others (numbers) right-aligned; ``|`` in a cell is escaped."""
+    if fmt not in TABLE_FORMATS:
+        raise CadisError(f"table format must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -273,9 +296,8 @@ def format_table(record_sets: Mapping[str, Sequence[Record]], radii: Sequence[fl
     def markdown_row(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
-    lines = [markdown_row(header), "|" + "---:|" * len(header)]
-    lines += [markdown_row(row) for row in rows]
-    return "\n".join(lines) + "\n"
+    rule = "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns)
+    return "\n".join([markdown_row(header), rule, *map(markdown_row, rows)]) + "\n"
 
 
 def plot_certified_accuracy(record_sets: Mapping[str, Sequence[Record]],

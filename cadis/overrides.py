@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import yaml
@@ -51,22 +49,3 @@ def coerce_like(key: str, value: Any, current: Any) -> Any:
     if isinstance(current, dict) and not isinstance(value, dict):
         raise CadisError(f"{key} must be a mapping, got {value!r}")
     return value
-
-
-def is_real(value: object) -> bool:
-    """A real number that is not a bool (``lambda: true`` in a sweep file is a typo, not 1.0)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def positive_int(value: object, key: str) -> int:
-    """``value`` as an int >= 1, or :class:`CadisError` naming ``key``."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise CadisError(f"{key} must be an integer >= 1, got {value!r}")
-
-
-def non_negative_float(value: object, key: str) -> float:
-    """``value`` as a finite float >= 0, or :class:`CadisError` naming ``key``."""
-    if is_real(value) and math.isfinite(float(value)) and float(value) >= 0.0:
-        return float(value)
-    raise CadisError(f"{key} must be a finite number >= 0, got {value!r}")

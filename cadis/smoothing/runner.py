@@ -19,11 +19,21 @@ from typing import Any, Final, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from cadis.certify import Smooth, validate_certification_parameters
 from cadis.errors import CadisError
-from cadis.records import (PLOT_FILENAME, RECORDS_FILENAME, SUMMARY_FIELDS, SUMMARY_FILENAME,
-                           Record, RecordWriter, atomic_write_text, plot_certified_accuracy,
-                           read_records, write_summary)
+from cadis.files import atomic_write_text
+from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.records import (
+    PLOT_FILENAME,
+    RECORDS_FILENAME,
+    SUMMARY_FIELDS,
+    SUMMARY_FILENAME,
+    Record,
+    RecordWriter,
+    plot_certified_accuracy,
+    read_records,
+    write_summary,
+)
+from cadis.smoothing.smooth import Smooth
 
 SETTINGS_FILENAME: Final = "settings.json"
 
@@ -99,8 +109,8 @@ def _groups(indices: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(indices[start:start + size])
 
 
-def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int], n0: int,
-                    n: int, alpha: float, batch_size: int, out_dir: str | os.PathLike,
+def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int],
+                    parameters: CertificationParameters, out_dir: str | os.PathLike,
                     settings: Mapping[str, Any], radii: Sequence[float],
                     progress: bool = True) -> dict[str, Any]:
     """CERTIFY ``dataset[i]`` for each ``i`` of ``indices`` into ``out_dir`` and summarise.
@@ -114,9 +124,9 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
     ``seconds`` is its share of the group's time.
 
     Raises :class:`CadisError`, leaving ``out_dir`` untouched, if it holds records made with
-    other settings, or for invalid parameters.
+    other settings.
     """
-    validate_certification_parameters(n0, n, alpha, batch_size)
+    n0, n, alpha = parameters.n0, parameters.n, parameters.alpha
     wanted = list(dict.fromkeys(int(index) for index in indices))
     if not wanted:
         raise CadisError("no images to certify: indices is empty")
@@ -136,11 +146,11 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
     with RecordWriter(records_path) as writer, tqdm(total=len(wanted), initial=len(recorded),
                                                      unit="img", desc="certify",
                                                      disable=not progress) as bar:
-        for group in _groups(todo, images_per_forward(n0, n, batch_size)):
+        for group in _groups(todo, images_per_forward(n0, n, parameters.batch_size)):
             examples = [dataset[index] for index in group]
             images = torch.stack([image for image, _ in examples]).to(device)
             start = time.perf_counter()
-            results = smooth.certify_batch(images, n0, n, alpha, batch_size)
+            results = smooth.certify_images(images, parameters)
             seconds = (time.perf_counter() - start) / len(group)
             for index, (_, label), (prediction, radius) in zip(group, examples, results):
                 record = Record.from_prediction(index, int(label), prediction, radius, seconds)

@@ -2,7 +2,7 @@
 
 Images are in [0, 1] for the user and for the certificate; the diffusion model works in
 [-1, 1], where x~ = 2x - 1, so Gaussian noise of std sigma in [0, 1] units has std 2*sigma there.
-The smoothing layer (cadis.certify) adds exactly N(0, sigma^2) noise in [0, 1] units; this module
+The smoothing layer (:mod:`cadis.smoothing.smooth`) adds exactly N(0, sigma^2) noise in [0, 1] units; this module
 only removes it, which keeps the certificate exact whatever the denoiser does.
 """
 
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from cadis.errors import CadisError
-from cadis.models import Classifier
+from cadis.models.classifier import Classifier
+from cadis.validation import check_sigma
 
 # [0, 1] -> [-1, 1] is x -> 2x - 1: noise std scales by this factor.
 DIFFUSION_SCALE = 2.0
@@ -37,10 +38,10 @@ def timestep_for_sigma(alphas_cumprod: torch.Tensor, sigma: float) -> int:
 
     Timesteps are diffusers' 0-based indices into ``alphas_cumprod`` (index 0 is the paper's
     t = 1). Choosing the first level >= 2*sigma tells the model at least as much noise as the
-    input holds. Raises :class:`CadisError` if the schedule never gets that noisy.
+    input holds. Raises :class:`CadisError` for a sigma that is not finite and > 0, or that the
+    schedule never reaches.
     """
-    if sigma <= 0:
-        raise CadisError(f"sigma must be > 0, got {sigma}")
+    sigma = check_sigma(sigma)
     levels = noise_level(alphas_cumprod)
     reached = torch.nonzero(levels >= DIFFUSION_SCALE * sigma)
     if len(reached) == 0:
@@ -60,7 +61,7 @@ class OneShotDenoiser(nn.Module):
     def __init__(self, unet: nn.Module, scheduler, sigma: float) -> None:
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
-        self.sigma = float(sigma)
+        self.sigma = check_sigma(sigma)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise CadisError(f"unsupported denoiser prediction_type {self.prediction_type!r}; "
@@ -71,11 +72,6 @@ class OneShotDenoiser(nn.Module):
         self.image_channels = int(unet.config.in_channels)
         size = unet.config.sample_size
         self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-
-    @property
-    def told_sigma(self) -> float:
-        """The noise std (in [0, 1] units) that the model is told it sees: >= ``sigma``."""
-        return float(noise_level(torch.tensor([self.alpha_bar]))) / DIFFUSION_SCALE
 
     def check_input(self, channels: int, height: int, width: int) -> None:
         """Raise :class:`CadisError` when the data cannot be fed to this denoiser."""

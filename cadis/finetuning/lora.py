@@ -1,9 +1,8 @@
 """What of a classifier is trained: LoRA adapters plus the head, or every parameter.
 
-:func:`apply_finetuning` prepares a :class:`~cadis.models.Classifier` in place; the training
-loop then optimises exactly the parameters that require grad. :func:`save_trained` writes only
-what training can change, and :func:`load_trained` puts it back on a freshly loaded
-off-the-shelf classifier, refusing a checkpoint that does not fit it exactly.
+:func:`apply_finetuning` prepares a :class:`~cadis.models.classifier.Classifier` in place; the
+training loop then optimises exactly the parameters that require grad, and
+:mod:`cadis.finetuning.checkpoint` saves and restores exactly those.
 
 ``peft`` is imported inside the functions that need it: importing it takes seconds, which
 commands that never fine-tune should not pay.
@@ -11,29 +10,20 @@ commands that never fine-tune should not pay.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from cadis.errors import CadisError
-from cadis.models import Classifier
+from cadis.errors import CadisError, first_line
+from cadis.models.classifier import Classifier
 
 FINETUNE_MODES = ("lora", "full")
 AUTO_TARGETS = "auto"
 # timm's ViTs (and most of its attention models) name their fused q/k/v projection this.
 VIT_ATTENTION_TARGET = "qkv"
-TRAINED_WEIGHTS = "trained.safetensors"
-FINETUNE_CONFIG = "finetune.json"
 # peft's prefix for the adapter parameters it adds.
 LORA_PARAMETER_PREFIX = "lora_"
-# Written first, renamed over the real name once complete.
-PARTIAL_SUFFIX = ".partial"
 # How many module names an error about unknown target modules lists.
 MODULE_NAMES_SHOWN = 8
 
@@ -174,9 +164,8 @@ def _inject_lora(model: nn.Module, config: FinetuneConfig, targets: list[str]) -
     try:
         peft.inject_adapter_in_model(lora_config, model)
     except ValueError as error:  # e.g. a targeted layer of a type peft cannot adapt
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CadisError(f"lora_target_modules {config.lora_target_modules!r} cannot be "
-                         f"adapted: {first_line}") from None
+                         f"adapted: {first_line(error)}") from None
 
 
 def count_trainable(module: nn.Module) -> tuple[int, int]:
@@ -193,94 +182,3 @@ def trainable_fraction(module: nn.Module) -> float:
     """The fraction of ``module``'s parameter elements that require grad (0.0 without any)."""
     trainable, total = count_trainable(module)
     return trainable / total if total else 0.0
-
-
-def trained_state_dict(classifier: Classifier) -> dict[str, torch.Tensor]:
-    """What training can change: every parameter that requires grad and every persistent buffer.
-
-    Buffers are included because training in train mode updates them even in a frozen
-    backbone (batch-norm running statistics of a CNN under LoRA); without them a reloaded
-    classifier would not reproduce the trained one. ViTs have none, so for them this is
-    exactly the adapters and the head. Values are detached contiguous clones on the CPU.
-    """
-    return {name: value.detach().to("cpu", copy=True).contiguous()
-            for name, value in classifier.state_dict(keep_vars=True).items()
-            if not isinstance(value, nn.Parameter) or value.requires_grad}
-
-
-def save_trained(classifier: Classifier, directory: Path, config: FinetuneConfig,
-                 metadata: dict[str, Any]) -> None:
-    """Write ``trained.safetensors`` (:func:`trained_state_dict`) and ``finetune.json``.
-
-    ``finetune.json`` (``{"finetune": config, "metadata": metadata}``) marks the checkpoint
-    complete: an existing one is removed first and the new one is renamed into place last, so
-    a crash at any point leaves either a complete checkpoint or none that loads, never the
-    tensors of one save with the description of another.
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    description = json.dumps({"finetune": asdict(config), "metadata": metadata}, indent=2)
-    (directory / FINETUNE_CONFIG).unlink(missing_ok=True)
-
-    weights_partial = directory / (TRAINED_WEIGHTS + PARTIAL_SUFFIX)
-    save_file(trained_state_dict(classifier), str(weights_partial))
-    _replace_durably(weights_partial, directory / TRAINED_WEIGHTS)
-
-    config_partial = directory / (FINETUNE_CONFIG + PARTIAL_SUFFIX)
-    config_partial.write_text(description)
-    _replace_durably(config_partial, directory / FINETUNE_CONFIG)
-
-
-def _replace_durably(partial: Path, final: Path) -> None:
-    # fsync before the rename, so that after a power loss the name never points at
-    # a file whose contents were not yet written.
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, final)
-
-
-def load_trained(classifier: Classifier, directory: Path) -> tuple[Classifier, dict[str, Any]]:
-    """Apply a :func:`save_trained` checkpoint to a freshly loaded off-the-shelf ``classifier``.
-
-    The saved fine-tuning config is applied first, then every saved tensor is loaded; the
-    checkpoint must hold exactly the tensors that config trains on this classifier, with the
-    same shapes, otherwise :class:`CadisError` (one line) says how it differs. Returns the
-    same classifier and the saved metadata.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    description_path = directory / FINETUNE_CONFIG
-    if not description_path.is_file():
-        raise CadisError(f"{directory} is not a cadis checkpoint (no {FINETUNE_CONFIG})")
-    try:
-        description = json.loads(description_path.read_text())
-        config = FinetuneConfig(**description["finetune"])
-        metadata = description["metadata"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CadisError(f"{description_path} is not a valid cadis checkpoint description "
-                         f"({type(error).__name__}: {error})") from None
-    try:
-        saved = load_file(str(directory / TRAINED_WEIGHTS))
-    except (OSError, SafetensorError) as error:
-        raise CadisError(f"checkpoint {directory} has no readable {TRAINED_WEIGHTS} "
-                         f"({type(error).__name__}: {error})") from None
-
-    apply_finetuning(classifier, config)
-    expected = trained_state_dict(classifier)
-    missing = expected.keys() - saved.keys()
-    unexpected = saved.keys() - expected.keys()
-    reshaped = [name for name in expected.keys() & saved.keys()
-                if expected[name].shape != saved[name].shape]
-    if missing or unexpected or reshaped:
-        raise CadisError(f"checkpoint {directory} does not fit this classifier: "
-                         f"{len(missing)} keys missing, {len(unexpected)} unexpected, "
-                         f"{len(reshaped)} of another shape (a checkpoint of another "
-                         "architecture?)")
-    # Not strict: the frozen base weights are absent on purpose; the exact key match above is
-    # the strict check for everything the checkpoint is meant to hold.
-    classifier.load_state_dict(saved, strict=False)
-    return classifier, metadata

@@ -4,12 +4,12 @@ A table with one row per trial run (its outcome, searched params, certified accu
 radius, ACR, clean accuracy, ...) and, on request, a plot: with ``--by PARAM`` an ablation
 (certified accuracy over the param's values, one line per radius, repeats averaged), else
 certified accuracy over radius, one curve per trial. What a trial run holds is defined in
-:mod:`cadis.tracking`; MLflow is imported only when a store is read (it takes seconds).
+:mod:`cadis.tracking.contract`; MLflow is imported only when a store is read (it takes
+seconds), and torch never.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -17,17 +17,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-from cadis import tracking
 from cadis.errors import CadisError
 from cadis.files import atomic_write_bytes
+from cadis.smoothing.records import CSV_DIGITS, MARKDOWN_DIGITS, TableFormat, render_table
+from cadis.tracking import contract as tracking
 
-TableFormat = Literal["markdown", "csv"]
-TABLE_FORMATS: Final = ("markdown", "csv")
-# As `cadis analyze`: 3 decimals to read, 6 in a CSV for further processing.
-MARKDOWN_DIGITS: Final = 3
-CSV_DIGITS: Final = 6
 MARKDOWN_MISSING: Final = "-"
 #: Significant digits of a long sampled float param in markdown (as logged in CSV).
 MAX_PARAM_DIGITS: Final = 4
@@ -142,11 +138,6 @@ def searched_params(rows: Sequence[TrialRow]) -> list[str]:
     return list(dict.fromkeys(name for row in rows for name in row.searched))
 
 
-def available_params(rows: Sequence[TrialRow]) -> list[str]:
-    """Every param name some row has, sorted."""
-    return sorted({name for row in rows for name in row.params})
-
-
 def check_by(rows: Sequence[TrialRow], by: str) -> None:
     """Raise :class:`CadisError` unless ``by`` is a param of some trial run."""
     if any(by in row.params for row in rows):
@@ -213,8 +204,6 @@ def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
     """The table: one row per trial (ordered as :func:`sort_rows`), columns trial, outcome,
     the searched params (and ``by``), ``r=<radius>`` per radius, then those of
     :data:`EXTRA_METRICS` that any trial has."""
-    if fmt not in TABLE_FORMATS:
-        raise CadisError(f"table format must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
     if not rows:
         raise CadisError("no trial runs to compare")
     if by is not None:
@@ -236,9 +225,7 @@ def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
               *(number(row.accuracy.get(radius)) for radius in radii),
               *(number(row.metrics.get(name)) for name in extras)]
              for row in sort_rows(rows, by)]
-    if fmt == "csv":
-        return _csv(header, table)
-    return _markdown(header, table, text_columns=2 + len(params))
+    return render_table(header, table, fmt, text_columns=2 + len(params))
 
 
 def _param_cell(value: str | None, missing: str, fmt: TableFormat) -> str:
@@ -252,23 +239,6 @@ def _param_cell(value: str | None, missing: str, fmt: TableFormat) -> str:
         except ValueError:
             pass
     return value
-
-
-def _csv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
-    """A markdown table: the first ``text_columns`` columns left-aligned, numbers right."""
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-    rule = "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns)
-    return "\n".join([line(header), rule, *map(line, rows)]) + "\n"
 
 
 # --------------------------------------------------------------------------- plots
@@ -382,7 +352,7 @@ def _save(figure: Any, axes: Any, path: str | os.PathLike) -> Path:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri``, else :func:`cadis.tracking.default_tracking_uri`; raises :class:`CadisError`
+    """``uri``, else :func:`cadis.tracking.contract.default_tracking_uri`; raises :class:`CadisError`
     for a SQLite store that does not exist (reading must not create one) or an unreachable
     server."""
     uri = uri or tracking.default_tracking_uri()

@@ -8,6 +8,7 @@ key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,22 +16,25 @@ from typing import Any
 
 import yaml
 
-from cadis.config import coerce_like, non_negative_float, parse_override, positive_int
 from cadis.errors import CadisError
-from cadis.evaluate import DEVICES
-from cadis.finetune import FINETUNE_MODES, FinetuneConfig
-from cadis.losses import (
+from cadis.finetuning.hallucination import validate_confidence_threshold
+from cadis.finetuning.lora import FINETUNE_MODES, FinetuneConfig
+from cadis.finetuning.losses import (
     FTCadisLossConfig,
     validate_adv_weight,
     validate_attack_steps,
-    validate_confidence_threshold,
     validate_epsilon,
     validate_num_noises,
 )
+from cadis.models.devices import DEVICES
+from cadis.overrides import coerce_like, parse_override
+from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.smooth import CPU_BATCH_SIZE
+from cadis.validation import check_sigma, non_negative_float, positive_int
 
 METHODS = ("ft_cadis", "denoised_ce", "none")
 CONFIDENCE_MODELS = ("live", "frozen")
-# Keys that take more than one type (a number or "argmax"; "auto" or a list of names).
+# Keys that take more than one type (a number or a rule's name; "auto" or a list of names).
 UNION_KEYS = ("confidence_threshold", "lora_target_modules")
 # Keys whose Python attribute differs from what users write (``lambda`` is a keyword).
 RENAMED = {"lambda": "adv_weight"}
@@ -38,7 +42,7 @@ RENAMED = {"lambda": "adv_weight"}
 
 @dataclass
 class CertifyConfig:
-    """How the result of training is certified (DESIGN §3)."""
+    """How the result of training is certified (docs/design.md §3)."""
 
     n: int = 1000
     n0: int = 100
@@ -46,6 +50,12 @@ class CertifyConfig:
     skip: int = 20
     max_images: int | None = 500
     batch_size: int | None = None  # noise draws per forward; None: what is fast on the device
+
+    def parameters(self, default_batch_size: int) -> CertificationParameters:
+        """The certification's parameters (``batch_size`` None: ``default_batch_size``);
+        :class:`CadisError` naming ``certify.KEY`` for an invalid one."""
+        return _parameters("certify.", self.n0, self.n, self.alpha,
+                           self.batch_size or default_batch_size)
 
 
 @dataclass
@@ -113,6 +123,12 @@ class TrainConfig:
                               lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                               lora_target_modules=self.lora_target_modules)
 
+    def proxy_parameters(self, batch_size: int) -> CertificationParameters:
+        """The per-epoch proxy's certification parameters (the certify batch size, else
+        ``batch_size``); :class:`CadisError` naming ``proxy_KEY`` for an invalid one."""
+        return _parameters("proxy_", self.proxy_n0, self.proxy_n, self.proxy_alpha,
+                           self.certify.batch_size or batch_size)
+
     @property
     def accumulation_steps(self) -> int:
         return self.effective_batch_size // self.batch_size
@@ -123,6 +139,16 @@ class TrainConfig:
         for user_key, attribute in RENAMED.items():
             data[user_key] = data.pop(attribute)
         return data
+
+
+def _parameters(prefix: str, n0: Any, n: Any, alpha: Any,
+                batch_size: Any) -> CertificationParameters:
+    # The one validator of certification parameters; its messages start with the key, which
+    # the prefix turns into the config's (certify.n, proxy_alpha).
+    try:
+        return CertificationParameters(n0, n, alpha, batch_size)
+    except CadisError as error:
+        raise CadisError(f"{prefix}{error}") from None
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -136,16 +162,15 @@ def validate(config: TrainConfig) -> TrainConfig:
     _choice("confidence_model", config.confidence_model, CONFIDENCE_MODELS)
     _choice("finetune", config.finetune, FINETUNE_MODES)
     _choice("device", config.device, DEVICES)
-    if not config.sigma > 0:
-        raise CadisError(f"sigma must be > 0, got {config.sigma!r}")
+    check_sigma(config.sigma)
     validate_num_noises(config.num_noises)
     validate_adv_weight(config.adv_weight)
     validate_epsilon(config.epsilon)
     validate_attack_steps(config.attack_steps)
-    validate_confidence_threshold(config.confidence_threshold)
+    config.confidence_threshold = validate_confidence_threshold(config.confidence_threshold)
     config.finetune_config().validate()
     for key in ("epochs", "batch_size", "effective_batch_size", "val_images", "proxy_images",
-                "proxy_n", "proxy_n0", "workers"):
+                "workers"):
         positive_int(getattr(config, key), key)
     for key in ("max_steps_per_epoch", "max_train_images", "image_size"):
         if getattr(config, key) is not None:
@@ -155,16 +180,12 @@ def validate(config: TrainConfig) -> TrainConfig:
                          f"multiple of batch_size ({config.batch_size})")
     for key in ("lr", "weight_decay", "warmup_steps", "cpus_per_worker"):
         non_negative_float(getattr(config, key), key)
-    if not 0 < config.proxy_alpha < 1:
-        raise CadisError(f"proxy_alpha must be in (0, 1), got {config.proxy_alpha!r}")
-    certify = config.certify
-    for key in ("n", "n0", "skip"):
-        positive_int(getattr(certify, key), f"certify.{key}")
-    for key in ("max_images", "batch_size"):
-        if getattr(certify, key) is not None:
-            positive_int(getattr(certify, key), f"certify.{key}")
-    if not 0 < certify.alpha < 1:
-        raise CadisError(f"certify.alpha must be in (0, 1), got {certify.alpha!r}")
+    # certify first: its batch_size is the proxy's too, and named as certify's.
+    config.certify.parameters(CPU_BATCH_SIZE)
+    config.proxy_parameters(CPU_BATCH_SIZE)
+    positive_int(config.certify.skip, "certify.skip")
+    if config.certify.max_images is not None:
+        positive_int(config.certify.max_images, "certify.max_images")
     if not (config.models or (config.classifier and config.denoiser and config.dataset)):
         raise CadisError("models is empty: name a `cadis pretrain` folder, or classifier, "
                          "denoiser and dataset")
@@ -200,12 +221,6 @@ def from_mapping(base: dict[str, Any], overrides: list[str] = ()) -> TrainConfig
     values["certify"] = CertifyConfig(**certify)
     for user_key, attribute in RENAMED.items():
         values[attribute] = values.pop(user_key)
-    if isinstance(values["confidence_threshold"], str) and values["confidence_threshold"] != \
-            "argmax":
-        try:
-            values["confidence_threshold"] = float(values["confidence_threshold"])
-        except ValueError:
-            pass
     return validate(TrainConfig(**values))
 
 
@@ -222,3 +237,14 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("base", {}), dict):
         raise CadisError(f"sweep file {path} must be a mapping with a base: section")
     return data
+
+
+def portable_config(config: TrainConfig) -> TrainConfig:
+    """A copy whose local paths are absolute: Ray workers and trials run in other working
+    directories (perhaps on other machines, where the paths must be shared storage)."""
+    portable = copy.deepcopy(config)
+    for key in ("models", "classifier", "denoiser", "data_root"):
+        value = getattr(portable, key)
+        if value and Path(value).expanduser().exists():
+            setattr(portable, key, str(Path(value).expanduser().resolve()))
+    return portable

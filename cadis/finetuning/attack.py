@@ -1,4 +1,4 @@
-"""ℓ2 PGD in the denoised domain (DESIGN.md §4, step 5), in pure torch.
+"""ℓ2 PGD in the denoised domain (docs/design.md §4, step 5), in pure torch.
 
 The perturbation η is added to the denoiser's output ``x̂`` in the diffusion model's
 ``[-1,1]`` space, so ε is in those units; the model attacked is the classifier behind its

@@ -1,4 +1,4 @@
-"""The FT-CADIS fine-tuning losses (DESIGN.md §4), in pure torch.
+"""The FT-CADIS fine-tuning losses (docs/design.md §4), in pure torch.
 
 Shapes: ``B`` images, ``M`` noise draws per image, ``C`` classes. Logits of the denoised
 draws are ``[B, M, C]``, labels ``[B]``, masks ``[B, M]`` booleans. Per-image losses are
@@ -15,41 +15,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal, NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cadis.config import is_real, non_negative_float, positive_int
 from cadis.errors import CadisError
-
-#: The reference hallucination rule: a draw is credible when its argmax is the label.
-ARGMAX_RULE: Final = "argmax"
-
-#: A hallucination threshold τ in [0, 1] on the confidence ``softmax(z)[y]``, or the
-#: reference argmax rule.
-ConfidenceThreshold = Union[float, Literal["argmax"]]
+from cadis.finetuning.hallucination import (
+    ARGMAX_RULE,
+    ConfidenceThreshold,
+    mask_rule,
+    validate_confidence_threshold,
+)
+from cadis.validation import non_negative_float, positive_int
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def validate_confidence_threshold(
-    value: object, key: str = "confidence_threshold"
-) -> ConfidenceThreshold:
-    """Return ``value`` as a float τ in [0, 1] or :data:`ARGMAX_RULE`.
-
-    Raises :class:`CadisError` naming ``key`` for anything else (other strings, booleans,
-    NaN, numbers outside [0, 1]).
-    """
-    if isinstance(value, str) and value == ARGMAX_RULE:
-        return ARGMAX_RULE
-    if is_real(value) and 0.0 <= float(value) <= 1.0:
-        return float(value)
-    raise CadisError(
-        f"{key} must be a number in [0, 1] or {ARGMAX_RULE!r}, got {value!r}"
-    )
 
 
 def validate_adv_weight(value: object, key: str = "lambda") -> float:
@@ -99,23 +81,18 @@ def _per_draw_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 def non_hallucinated_mask(
     score_logits: Tensor, labels: Tensor, confidence_threshold: ConfidenceThreshold
 ) -> Tensor:
-    """The mask ``m_ij`` of draws judged credible, a ``[B, M]`` bool tensor.
+    """The mask ``m_ij`` of draws judged credible, a ``[B, M]`` bool tensor, by the rule
+    ``confidence_threshold`` names (:mod:`cadis.finetuning.hallucination`).
 
     With a float τ: ``softmax(score_logits_ij)[y_i] >= τ`` (so τ = 0 selects every draw);
-    with :data:`ARGMAX_RULE`: ``argmax score_logits_ij == y_i``. Whichever model produced
-    ``score_logits`` (the one being fine-tuned or the frozen original), the mask carries no
-    gradient.
+    with ``"argmax"``: ``argmax score_logits_ij == y_i``; with ``"none"``: every draw.
+    Whichever model produced ``score_logits`` (the one being fine-tuned or the frozen
+    original), the mask carries no gradient.
     """
     _check_draw_shapes(score_logits, labels, "score_logits")
-    threshold = validate_confidence_threshold(confidence_threshold)
+    rule = mask_rule(confidence_threshold)
     with torch.no_grad():
-        scores = score_logits.detach()
-        label_index = labels.reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)
-        if threshold == ARGMAX_RULE:
-            return scores.argmax(dim=-1) == label_index.squeeze(-1)
-        # float32 at least: a half-precision softmax would round confidences near τ.
-        probs = scores.float().softmax(dim=-1)
-        return probs.gather(-1, label_index).squeeze(-1) >= threshold
+        return rule(score_logits.detach(), labels)
 
 
 class SelectiveCrossEntropy(NamedTuple):

@@ -1,6 +1,6 @@
 """The schema of a whole sweep file, validated once at the edge.
 
-A sweep file names a training configuration (``base:``, see :mod:`cadis.train_config`), the
+A sweep file names a training configuration (``base:``, see :mod:`cadis.finetuning.config`), the
 base keys to search and how, the objective, the ASHA scheduler, the trial budget, what one
 trial needs of a cluster, the final certification and where MLflow tracks the sweep.
 :func:`load_sweep` reads one, applies ``--set`` overrides and checks, before any cluster
@@ -28,8 +28,8 @@ at random for each. ``num_trials`` then counts repeats of the grid, not trials;
 :attr:`SweepConfig.total_trials` is what runs. Without a grid, Optuna's TPE proposes
 ``num_trials`` trials (two objectives: a Pareto front).
 
-Ray is imported only by :func:`tune_search_space`: validating and describing a sweep
-(``cadis sweep --dry-run``) must not pay for importing Ray.
+Nothing here imports Ray: validating and describing a sweep (``cadis sweep --dry-run``) must
+not pay for it. :mod:`cadis.sweeps.searcher` turns the search space into Tune's domains.
 """
 
 from __future__ import annotations
@@ -41,19 +41,25 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from cadis.certify import max_certifiable_radius
-from cadis.config import is_real, parse_override
 from cadis.errors import CadisError
-from cadis.records import radius_key
-from cadis.tracking import ACR, CERTIFIED_ACCURACY_PREFIX, default_tracking_uri
-from cadis.train import PROXY_ACR, PROXY_PREFIX
-from cadis.train_config import (
+from cadis.finetuning.config import (
     RENAMED,
     CertifyConfig,
     TrainConfig,
     from_mapping,
     load_sweep_file,
 )
+from cadis.overrides import parse_override
+from cadis.smoothing.bounds import max_certifiable_radius
+from cadis.smoothing.records import radius_key
+from cadis.tracking.contract import (
+    ACR,
+    CERTIFIED_ACCURACY_PREFIX,
+    PROXY_ACR,
+    PROXY_PREFIX,
+    default_tracking_uri,
+)
+from cadis.validation import is_real
 
 DistributionKind = Literal["uniform", "loguniform", "int", "choice", "grid"]
 DISTRIBUTIONS: tuple[DistributionKind, ...] = ("uniform", "loguniform", "int", "choice", "grid")
@@ -74,7 +80,7 @@ MODES = ("max", "min")
 # Final metrics, known once a trial's model is certified: ACR and accuracy per radius.
 FINAL_ACR = ACR
 FINAL_ACCURACY_PREFIX = CERTIFIED_ACCURACY_PREFIX
-# Per-epoch metrics as cadis.train reports them, with the direction that is better. ASHA can
+# Per-epoch metrics as the fine-tuning loop reports them, with the direction that is better. ASHA can
 # only stop on these: it compares trials after every epoch.
 EPOCH_METRIC_MODES = {PROXY_ACR: "max", "val_denoised_accuracy": "max",
                       "hallucination_rate": "min", "loss": "min"}
@@ -82,8 +88,8 @@ METRIC_FORMS = (f"{FINAL_ACCURACY_PREFIX}<radius>, {FINAL_ACR}, {PROXY_PREFIX}<r
                 f"{', '.join(EPOCH_METRIC_MODES)}")
 
 # A trial's Tune function only starts its Train run and waits (certification runs in a task
-# with one worker's resources): a quarter CPU, not Tune's default of one (STACK.md), lets two
-# trials of 0.75-CPU workers share two cores.
+# with one worker's resources): a quarter CPU, not Tune's default of one, lets two trials of
+# 0.5-CPU workers share two 1-CPU nodes (docs/design.md).
 TRIAL_DRIVER_CPUS = 0.25
 SWEEPS_DIR = "runs/sweeps"
 # The name becomes a folder and an MLflow experiment: nothing that needs quoting.
@@ -153,7 +159,8 @@ class AshaSettings:
 
 @dataclass(frozen=True)
 class ResourceSettings:
-    """What each trial's Ray Train workers take; the trial's driver adds one CPU."""
+    """What each trial's Ray Train workers take; the trial's Tune function adds
+    :data:`TRIAL_DRIVER_CPUS`."""
 
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
@@ -170,7 +177,7 @@ class MlflowSettings:
 
 @dataclass
 class SweepConfig:
-    """A validated sweep. Guaranteed: ``base`` passed :func:`cadis.train_config.validate`,
+    """A validated sweep. Guaranteed: ``base`` passed :func:`cadis.finetuning.config.validate`,
     with ``base.certify is certify``, ``base.workers == resources.workers_per_trial`` and
     ``base.cpus_per_worker == resources.cpus_per_worker``; ``search`` is not empty and every
     value it can produce is valid on ``base``; one or two objectives; ``scheduler`` (None:
@@ -379,8 +386,8 @@ def _parse_resources(section: dict[str, Any], raw_base: Mapping[str, Any],
 
 
 def required_per_trial(sweep: SweepConfig) -> dict[str, float]:
-    """``{"CPU": ..., "GPU": ...}`` one running trial holds: its workers plus one CPU for the
-    trial's driver. ``max_concurrent_trials`` times this must fit the cluster."""
+    """``{"CPU": ..., "GPU": ...}`` one running trial holds: its workers plus
+    :data:`TRIAL_DRIVER_CPUS` for the trial's Tune function. ``max_concurrent_trials`` times this must fit the cluster."""
     resources = sweep.resources
     return {"CPU": TRIAL_DRIVER_CPUS + resources.workers_per_trial * resources.cpus_per_worker,
             "GPU": resources.workers_per_trial * resources.gpus_per_worker}
@@ -654,31 +661,9 @@ def _parse_scheduler(section: dict[str, Any], objectives: Sequence[Objective],
 # ---------------------------------------------------------------------- Tune and people
 
 
-def tune_search_space(sweep: SweepConfig) -> dict[str, Any]:
-    """The Tune ``param_space``: ``uniform``, ``loguniform``, ``randint(low, high + 1)`` (Tune's
-    upper bound is exclusive; the sweep file's ``int`` includes ``high``), ``choice`` and
-    ``grid_search`` (``variant``: a grid of mappings; apply a trial's with
-    :func:`trial_config`)."""
-    from ray import tune
-
-    def domain(distribution: Distribution) -> Any:
-        values = distribution.values
-        if distribution.kind == "uniform":
-            return tune.uniform(*values)
-        if distribution.kind == "loguniform":
-            return tune.loguniform(*values)
-        if distribution.kind == "int":
-            return tune.randint(values[0], values[1] + 1)
-        if distribution.kind == "choice":
-            return tune.choice(list(values))
-        return tune.grid_search(list(values))
-
-    return {key: domain(distribution) for key, distribution in sweep.search.items()}
-
-
 def trial_config(sweep: SweepConfig, params: Mapping[str, Any]) -> TrainConfig:
     """One trial's training configuration: the base with the values Tune chose (``params``,
-    keyed like :func:`tune_search_space`). Validated; a combination of separately searched
+    keyed like :attr:`SweepConfig.search`). Validated; a combination of separately searched
     keys that the base refuses (checked one key at a time at load) raises here."""
     try:
         return _with(sweep.base.to_dict(), params)

@@ -1,8 +1,8 @@
-"""The two off-the-shelf models: a timm classifier behind an input adapter, and a diffusers DDPM.
+"""The off-the-shelf classifier: a timm model behind an input adapter.
 
-Both load through one code path whatever their source: a timm architecture name (optionally
-``pretrained``), a Hugging Face hub id (``hf-hub:org/name`` for timm; ``org/name`` for diffusers)
-or a local directory in the hub's layout, which is exactly what ``cadis pretrain`` writes.
+It loads through one code path whatever its source: a timm architecture name (optionally
+``pretrained``), a Hugging Face hub id (``hf-hub:org/name``) or a local directory in the hub's
+layout, which is exactly what ``cadis pretrain`` writes.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cadis.errors import CadisError
+from cadis.errors import CadisError, first_line
 
 CLASSIFIER_WEIGHTS = "model.safetensors"
 TIMM_CONFIG = "config.json"
-DENOISER_INDEX = "model_index.json"
 # Normalisation used when a model's config does not state one (our own models train with it).
 DEFAULT_MEAN_STD = (0.5, 0.5)
 
@@ -134,9 +133,9 @@ def load_classifier(name: str, num_classes: int | None = None, pretrained: bool 
         model = timm.create_model(source, pretrained=pretrained or from_checkpoint, **kwargs)
     except (AssertionError, TypeError, ValueError) as error:
         raise CadisError(f"classifier {name!r} cannot be built with {kwargs}: "
-                         f"{_one_line(error)}") from None
+                         f"{first_line(error)}") from None
     except (OSError, RuntimeError) as error:
-        raise CadisError(f"classifier {name!r} could not be loaded: {_one_line(error)}") from None
+        raise CadisError(f"classifier {name!r} could not be loaded: {first_line(error)}") from None
     _check_patch_grid(name, model)
     return Classifier(model)
 
@@ -168,41 +167,6 @@ def save_classifier(classifier: Classifier, directory: Path, model_args: dict[st
                 data_config=data_config)
 
 
-def load_denoiser(name: str):
-    """Load a diffusers DDPM (``UNet2DModel`` + its scheduler) by hub id or local directory.
-
-    Returns ``(unet, scheduler)``. The UNet is put in eval mode with gradients off: the
-    denoiser is never differentiated.
-    """
-    from diffusers import DDPMPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()  # a bar for loading two components is noise
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith(("/", ".", "~"))
-    if looks_local and not (path / DENOISER_INDEX).is_file():
-        raise CadisError(f"denoiser directory {path} not found or has no {DENOISER_INDEX} "
-                         "(expected a diffusers DDPM pipeline folder)")
-    try:
-        pipeline = DDPMPipeline.from_pretrained(str(path) if looks_local else name)
-    except (OSError, ValueError, EnvironmentError) as error:
-        raise CadisError(f"denoiser {name!r} could not be loaded: {_one_line(error)}") from None
-    unet = pipeline.unet.eval().requires_grad_(False)
-    return unet, pipeline.scheduler
-
-
-def save_denoiser(unet: nn.Module, scheduler, directory: Path) -> None:
-    """Write a DDPM in diffusers' pipeline layout (safetensors), as the hub stores them."""
-    from diffusers import DDPMPipeline
-
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(directory),
-                                                                 safe_serialization=True)
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def count_parameters(module: nn.Module) -> int:
+    """The number of parameter elements of ``module``."""
+    return sum(p.numel() for p in module.parameters())

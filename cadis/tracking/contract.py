@@ -1,8 +1,10 @@
 """MLflow bookkeeping of sweeps: one parent run per sweep, one child run per trial.
 
-The names here are the contract between the sweep (which writes) and ``cadis compare`` (which
-reads): tags that say what a run is, the metric names of the final certification, and the
-artifacts each trial leaves. Only :mod:`cadis.sweep` and :mod:`cadis.compare` import this.
+The names here are the contract between what writes runs (the fine-tuning loop names the
+per-epoch proxy metrics, the sweep's MLflow writer everything else) and ``cadis compare``
+(which reads): tags that say what a run is, the metric names of the per-epoch proxy and of
+the final certification, and the artifacts each trial leaves. It imports neither MLflow nor
+torch at module level, so the lowest layers may use its names.
 
 A child run holds: every key of the trial's training configuration as a param (``certify.n``
 and so on flattened with dots; a searched ``variant`` also as one param), the per-epoch
@@ -39,6 +41,12 @@ OUTCOME_COMPLETED = "completed"
 OUTCOME_STOPPED = "stopped_early"
 OUTCOME_FAILED = "failed"
 BEST_TRIAL_TAG = "cadis.best_trial_id"
+
+# Per-epoch metrics of the certified-accuracy proxy (small n on held-out training images):
+# accuracy per radius, and the average certified radius, one number that rewards robustness
+# at every radius, for early stopping and ranking trials without a large n.
+PROXY_PREFIX = "proxy_certified_accuracy_r"
+PROXY_ACR = "proxy_acr"
 
 # Final metrics of a certified trial.
 CERTIFIED_ACCURACY_PREFIX = "certified_accuracy_r"

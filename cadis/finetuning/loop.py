@@ -1,0 +1,263 @@
+"""FT-CADIS fine-tuning: one per-worker loop, whatever runs it (:mod:`cadis.finetuning.fit`
+in this process, :mod:`cadis.finetuning.ray_train` in Ray Train workers).
+
+Each optimizer step takes ``effective_batch_size`` images (micro-batches of ``batch_size``,
+gradients accumulated), draws ``num_noises`` Gaussian noises per image, denoises them in one
+shot (no gradient), scores which draws are credible, attacks the credible ones in the
+denoised domain, and minimises the selective cross-entropy plus the masked adversarial KL
+(:mod:`cadis.finetuning.losses`); the learning rate follows
+:func:`cadis.finetuning.schedule.warmup_cosine` by optimizer step. After each epoch the worker
+of rank 0 measures denoised accuracy and a cheap certified-accuracy proxy on images held out of
+the training split, and reports a checkpoint (:mod:`cadis.finetuning.checkpoint`) holding the
+trained weights, the optimizer state, the config and every epoch's metrics so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from cadis.data import load_dataset, stack_images
+from cadis.errors import CadisError
+from cadis.finetuning.attack import pgd_l2_denoised
+from cadis.finetuning.checkpoint import restore_training_state, save_trained
+from cadis.finetuning.config import TrainConfig
+from cadis.finetuning.lora import apply_finetuning, trainable_fraction
+from cadis.finetuning.losses import FTCadisLossConfig, ft_cadis_loss, soft_target
+from cadis.finetuning.schedule import warmup_cosine
+from cadis.models.classifier import Classifier, load_classifier
+from cadis.models.denoiser import load_denoiser
+from cadis.models.sources import ModelSources
+from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser, to_image_space
+from cadis.smoothing.records import (
+    Record,
+    average_certified_radius,
+    certified_accuracy,
+    radius_grid,
+    radius_key,
+)
+from cadis.smoothing.smooth import Smooth, default_batch_size
+from cadis.tracking.contract import PROXY_ACR, PROXY_PREFIX
+
+
+class Session(Protocol):
+    """What the loop needs from where it runs: its rank, device, and how to report."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader: ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+
+class DiffusionSpaceClassifier(torch.nn.Module):
+    """The classifier seen from the denoiser's [-1, 1] output space, where PGD perturbs."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, denoised: torch.Tensor) -> torch.Tensor:
+        return self.classifier(to_image_space(denoised))
+
+
+@dataclass
+class TrainState:
+    """Where training stands: epochs done, optimizer steps taken, each epoch's metrics."""
+
+    epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> None:
+    """Fine-tune per ``config``; reports metrics and a checkpoint after every epoch."""
+    torch.manual_seed(config.seed + session.rank)
+    sources = ModelSources.resolve(config.models, config.classifier, config.denoiser,
+                                   config.dataset, config.data_root, config.image_size)
+    train_set = load_dataset(sources.dataset, "train", sources.data_root, augment=config.augment,
+                             image_size=config.image_size)
+    plain_set = load_dataset(sources.dataset, "train", sources.data_root,
+                             image_size=config.image_size)
+    info = train_set.info
+    # The last val_images training images are held out: validation never touches the test set.
+    train_indices = list(range(len(train_set) - config.val_images))[:config.max_train_images]
+    val_indices = list(range(len(train_set) - config.val_images, len(train_set)))
+
+    classifier = load_classifier(sources.classifier)
+    classifier.check_input(info.channels)
+    scorer = None
+    if config.confidence_model == "frozen":
+        scorer = copy.deepcopy(classifier).eval().requires_grad_(False).to(session.device)
+    apply_finetuning(classifier, config.finetune_config())
+    unet, scheduler = load_denoiser(sources.denoiser)
+    denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(session.device)
+    denoiser.check_input(info.channels, info.image_size, info.image_size)
+    classifier.to(session.device)
+    model = session.prepare_model(classifier)
+    attacked_model = DiffusionSpaceClassifier(classifier)
+    trainable = [p for p in classifier.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+    state = TrainState()
+    checkpoint = session.latest_checkpoint()
+    if checkpoint is not None:
+        metadata = restore_training_state(checkpoint, classifier, optimizer)
+        state = TrainState(metadata["epoch"], metadata["global_step"], metadata["history"])
+
+    shuffle = torch.Generator()
+    loader = session.prepare_loader(DataLoader(
+        Subset(train_set, train_indices), batch_size=config.batch_size, shuffle=True,
+        drop_last=True, generator=shuffle))
+    steps_per_epoch = len(loader) // config.accumulation_steps
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise CadisError(f"the training split ({len(train_indices)} images) is smaller than one "
+                         f"effective batch ({config.effective_batch_size} images)")
+    total_steps = config.epochs * steps_per_epoch
+    loss_config = config.loss_config()
+    amp = config.amp and session.device.type == "cuda"
+
+    for epoch in range(state.epoch, config.epochs):
+        # The order of an epoch depends on the epoch alone, so a resumed run sees the data
+        # an uninterrupted one would (Ray's distributed sampler does the same by set_epoch).
+        shuffle.manual_seed(config.seed + epoch)
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        started = time.perf_counter()
+        micro_batches = iter(loader)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="step", disable=not progress or session.rank != 0)
+        for _ in range(steps_per_epoch):
+            lr = config.lr * warmup_cosine(state.global_step, total_steps, config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(config.accumulation_steps):
+                images, labels = next(micro_batches)
+                images, labels = images.to(session.device), labels.to(session.device)
+                last = micro == config.accumulation_steps - 1
+                sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    logged = _micro_step(images, labels, model, attacked_model, scorer, denoiser,
+                                         config, loss_config, amp)
+                for key, value in logged.items():
+                    sums[key] = sums.get(key, 0.0) + value
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{logged['loss']:.3f}",
+                            masked=f"{logged['hallucination_rate']:.2f}")
+        bar.close()
+        micro_count = steps_per_epoch * config.accumulation_steps
+        seconds = time.perf_counter() - started
+        metrics = {key: value / micro_count for key, value in sums.items()}
+        metrics.update(epoch=epoch + 1, global_step=state.global_step, lr=lr,
+                       epoch_seconds=seconds,
+                       images_per_second=micro_count * config.batch_size * session.world_size
+                       / seconds,
+                       trainable_fraction=trainable_fraction(classifier))
+        state.epoch = epoch + 1
+        if session.rank == 0:
+            metrics.update(_evaluate(classifier, denoiser, plain_set, val_indices, config,
+                                     info.num_classes, info.image_size))
+            state.history.append(metrics)
+            with tempfile.TemporaryDirectory() as directory:
+                save_trained(classifier, Path(directory), config.finetune_config(),
+                             {"epoch": state.epoch, "global_step": state.global_step,
+                              "config": config.to_dict(), "metrics": metrics,
+                              "history": state.history}, optimizer=optimizer)
+                session.report(metrics, Path(directory))
+        else:
+            session.report(metrics, None)
+
+
+def _micro_step(images: torch.Tensor, labels: torch.Tensor, model: torch.nn.Module,
+                attacked_model: torch.nn.Module, scorer: torch.nn.Module | None,
+                denoiser: OneShotDenoiser, config: TrainConfig, loss_config: FTCadisLossConfig,
+                amp: bool) -> dict[str, float]:
+    """Forward and backward of one micro-batch (gradients accumulate); returns logged values.
+
+    The ``num_noises`` draws of an image are adjacent (image-major: draw j of image i is row
+    ``i * M + j``), which is the ``[B, M, C]`` layout the losses read; the denoiser receives
+    no gradient; the loss is divided by the accumulation steps, so the accumulated gradient
+    is that of the mean over the effective batch.
+    """
+    draws = config.num_noises
+    noisy = images.repeat_interleave(draws, 0)
+    noisy = noisy + config.sigma * torch.randn_like(noisy)
+    denoised = denoiser.denoise(noisy)  # [-1, 1], no gradient: the denoiser stays frozen
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    with torch.no_grad(), autocast:
+        score_logits = None if scorer is None else scorer(to_image_space(denoised)).float()
+    perturbation = None
+    if loss_config.uses_adversarial_term:
+        with autocast, torch.no_grad():
+            clean_logits = model(to_image_space(denoised)).float()
+        target = soft_target(clean_logits.view(-1, draws, clean_logits.shape[-1]))
+        perturbation = pgd_l2_denoised(attacked_model, denoised, target.repeat_interleave(draws, 0),
+                                       config.epsilon, config.attack_steps)
+    # One forward for the clean and the attacked draws: a single DDP forward per backward.
+    inputs = denoised if perturbation is None else torch.cat([denoised, denoised + perturbation])
+    with autocast:
+        logits = model(to_image_space(inputs)).float()
+    num_classes = logits.shape[-1]
+    clean = logits[:len(denoised)].view(-1, draws, num_classes)
+    adversarial = None if perturbation is None else \
+        logits[len(denoised):].view(-1, draws, num_classes)
+    score = None if score_logits is None else score_logits.view(-1, draws, num_classes)
+    loss, terms = ft_cadis_loss(clean, adversarial, score, labels, loss_config)
+    (loss / config.accumulation_steps).backward()
+    accuracy = (clean.argmax(-1) == labels[:, None]).float().mean()
+    return {"loss": float(loss.detach()), "train_denoised_accuracy": float(accuracy),
+            **{key: float(value) for key, value in terms.items()}}
+
+
+@torch.inference_mode()
+def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indices: list[int],
+              config: TrainConfig, num_classes: int, image_size: int) -> dict[str, float]:
+    """Denoised accuracy (one draw per held-out image) and the certified-accuracy proxy."""
+    was_training = classifier.training
+    classifier.eval()
+    device = next(denoiser.parameters()).device
+    images, labels = stack_images(dataset, indices)
+    images, labels = images.to(device), labels.to(device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    parameters = config.proxy_parameters(default_batch_size(device))
+    batch_size = parameters.batch_size
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        noisy = batch + config.sigma * torch.randn(batch.shape, generator=generator, device=device)
+        predictions = classifier(denoiser(noisy)).argmax(1)
+        correct += int((predictions == labels[start:start + len(batch)]).sum())
+    proxy_count = min(config.proxy_images, len(images))
+    smooth = Smooth(DenoisedClassifier(denoiser, classifier), num_classes, config.sigma,
+                    generator=torch.Generator(device=device).manual_seed(config.seed))
+    results = smooth.certify_images(images[:proxy_count], parameters)
+    records = [Record.from_prediction(i, int(labels[i]), prediction, radius, 0.0)
+               for i, (prediction, radius) in enumerate(results)]
+    radii = radius_grid(config.sigma, config.proxy_n, config.proxy_alpha, image_size)
+    classifier.train(was_training)
+    metrics = {"val_denoised_accuracy": correct / len(images), PROXY_ACR:
+               average_certified_radius(records)}
+    for radius, accuracy in certified_accuracy(records, radii).items():
+        metrics[f"{PROXY_PREFIX}{radius_key(radius)}"] = accuracy
+    return metrics
