@@ -1,0 +1,83 @@
+"""One micro-step of the fine-tuning loop on tiny real models: the image-major layout of the
+draws, a denoiser that no gradient reaches, and the loss scaled for gradient accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadis.finetuning.config import from_mapping
+from cadis.finetuning.loop import DiffusionSpaceClassifier, _micro_step
+from cadis.finetuning.lora import apply_finetuning
+from cadis.models.classifier import load_classifier
+from cadis.smoothing.denoise import OneShotDenoiser
+from tests.conftest import TINY_VIT_ARGS, make_scheduler, make_tiny_unet
+
+IMAGES = 4
+DRAWS = 3
+SIGMA = 0.25
+
+
+def parts(method: str = "ft_cadis", **changes):
+    """A LoRA classifier, a one-shot denoiser and a config for 4 images of 1x8x8, 3 draws."""
+    torch.manual_seed(0)
+    classifier = load_classifier("vit_tiny_patch16_224", num_classes=10, **TINY_VIT_ARGS)
+    config = from_mapping({"method": method, "num_noises": DRAWS, "sigma": SIGMA,
+                           "batch_size": IMAGES, "effective_batch_size": IMAGES,
+                           "confidence_threshold": 0.0, **changes})
+    apply_finetuning(classifier, config.finetune_config())
+    denoiser = OneShotDenoiser(make_tiny_unet(), make_scheduler(), SIGMA)
+    # Image i is flat at a level of its own: its draws are recognisable wherever they go.
+    levels = torch.linspace(0.1, 0.9, IMAGES)
+    images = levels.view(-1, 1, 1, 1).expand(IMAGES, 1, 8, 8).contiguous()
+    labels = torch.arange(IMAGES)
+    return classifier, denoiser, config, images, labels
+
+
+def step(classifier, denoiser, config, images, labels, seed: int = 1) -> dict[str, float]:
+    torch.manual_seed(seed)
+    return _micro_step(images, labels, classifier, DiffusionSpaceClassifier(classifier), None,
+                       denoiser, config, config.loss_config(), amp=False)
+
+
+def test_the_draws_of_an_image_are_adjacent_rows():
+    classifier, denoiser, config, images, labels = parts()
+    seen = []
+    denoiser.unet.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    step(classifier, denoiser, config, images, labels)
+    x_t = seen[0]  # sqrt(alpha_bar) * (2 (x + delta) - 1): one row per draw
+    assert x_t.shape[0] == IMAGES * DRAWS
+    levels = x_t.mean(dim=(1, 2, 3)) / denoiser.alpha_bar ** 0.5
+    expected = 2 * images.mean(dim=(1, 2, 3)) - 1
+    # Row i * M + j is draw j of image i: image-major, the [B, M, C] layout of the losses.
+    assert torch.allclose(levels.view(IMAGES, DRAWS),
+                          expected.view(-1, 1).expand(IMAGES, DRAWS), atol=0.15)
+    # The draws differ: fresh noise for each.
+    assert not torch.equal(x_t[0], x_t[1])
+
+
+@pytest.mark.parametrize("method", ["ft_cadis", "denoised_ce"])
+def test_no_gradient_reaches_the_denoiser_and_the_trained_weights_get_one(method):
+    classifier, denoiser, config, images, labels = parts(method)
+    logged = step(classifier, denoiser, config, images, labels)
+    assert all(p.grad is None and not p.requires_grad for p in denoiser.parameters())
+    trained = [p for p in classifier.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    assert any(float(p.grad.abs().sum()) > 0 for p in trained)
+    frozen = [p for p in classifier.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    assert {"loss", "sce", "madv", "hallucination_rate", "train_denoised_accuracy"} <= set(logged)
+
+
+def test_the_loss_is_divided_by_the_accumulation_steps():
+    # The same micro-batch and noise: with 2 micro-batches per step each contributes half.
+    grads = {}
+    for effective in (IMAGES, 2 * IMAGES):
+        classifier, denoiser, config, images, labels = parts(effective_batch_size=effective)
+        logged = step(classifier, denoiser, config, images, labels)
+        grads[effective] = [p.grad.clone() for p in classifier.parameters() if p.requires_grad]
+        loss = logged["loss"]
+        assert config.accumulation_steps == effective // IMAGES
+    for single, accumulated in zip(grads[IMAGES], grads[2 * IMAGES]):
+        assert torch.allclose(accumulated * 2, single, rtol=1e-5, atol=1e-8)
+    assert loss > 0  # the logged loss is the micro-batch's own, unscaled

@@ -1,0 +1,89 @@
+"""The sweep driver's arithmetic and its Optuna adapter, without a cluster: how many trials
+run at once on given resources, and what Optuna is told of per-epoch and pruned trials."""
+
+from __future__ import annotations
+
+import pytest
+
+from cadis.errors import CadisError
+from cadis.sweeps.driver import _concurrent_trials
+from cadis.sweeps.schema import sweep_from_mapping
+
+# One worker of 0.5 CPU per trial, plus the trial function's 0.25: 0.75 CPU a trial.
+SWEEP = {"name": "t", "search": {"lambda": {"uniform": [0.5, 8]}}, "num_trials": 8,
+         "max_concurrent_trials": 4, "objective": {"metric": "acr", "mode": "max"},
+         "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5}}
+
+
+def sweep(**resources):
+    return sweep_from_mapping({**SWEEP, "resources": {**SWEEP["resources"], **resources}})
+
+
+@pytest.mark.parametrize("cluster,nodes,expected", [
+    ({"CPU": 4.0}, [{"CPU": 4.0}], 4),                       # room for more: the file's 4
+    ({"CPU": 2.0}, [{"CPU": 1.0}, {"CPU": 1.0}], 2),          # 2 / 0.75 = 2.67: two at once
+    ({"CPU": 0.75}, [{"CPU": 0.75}], 1),                      # exactly one
+    ({"CPU": 16.0, "GPU": 1.0}, [{"CPU": 16.0, "GPU": 1.0}], 4),
+])
+def test_concurrent_trials_are_what_the_cluster_holds(cluster, nodes, expected, capsys):
+    assert _concurrent_trials(sweep(), cluster, nodes) == expected
+    lowered = "lowered to" in capsys.readouterr().err
+    assert lowered == (expected < SWEEP["max_concurrent_trials"])
+
+
+def test_gpus_bound_the_concurrent_trials():
+    gpu_sweep = sweep_from_mapping({**SWEEP, "resources": {"workers_per_trial": 2,
+                                                           "cpus_per_worker": 1,
+                                                           "gpus_per_worker": 1}})
+    nodes = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]
+    assert _concurrent_trials(gpu_sweep, {"CPU": 64.0, "GPU": 8.0}, nodes) == 4
+    assert _concurrent_trials(gpu_sweep, {"CPU": 64.0, "GPU": 3.0}, nodes) == 1
+
+
+@pytest.mark.parametrize("cluster,nodes,message", [
+    ({"CPU": 0.5}, [{"CPU": 0.5}], "one trial needs 0.75 CPU (the cluster has 0.5)"),
+    ({"CPU": 2.0}, [{"CPU": 0.4}] * 5, "one worker needs 0.5 CPU and 0 GPU on one node"),
+])
+def test_a_trial_the_cluster_cannot_hold_is_an_error(cluster, nodes, message):
+    with pytest.raises(CadisError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _concurrent_trials(sweep(), cluster, nodes)
+
+
+def test_optuna_is_told_only_final_metrics_and_stopped_trials_as_pruned():
+    from optuna.trial import TrialState
+    from ray import tune
+
+    from cadis.sweeps.searcher import FinalMetricOptunaSearch
+
+    searcher = FinalMetricOptunaSearch(space={"lambda": tune.uniform(0.5, 2.0)}, metric="acr",
+                                       mode="max", seed=0)
+    for trial_id in ("stopped", "certified", "failed"):
+        assert 0.5 <= searcher.suggest(trial_id)["lambda"] <= 2.0
+        # A per-epoch result has the proxy, not the objective: Ray's own searcher would
+        # look the objective up in it.
+        searcher.on_trial_result(trial_id, {"epoch": 1, "proxy_acr": 0.3,
+                                            "training_iteration": 1})
+    searcher.on_trial_complete("stopped", {"epoch": 1, "proxy_acr": 0.3})
+    searcher.on_trial_complete("certified", {"epoch": 2, "proxy_acr": 0.4, "acr": 0.55})
+    searcher.on_trial_complete("failed", None, error=True)
+    states = [trial.state for trial in searcher._ot_study.trials]
+    assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL]
+    assert searcher._ot_study.trials[1].value == 0.55
+
+
+def test_two_objectives_missing_one_is_pruned():
+    from optuna.trial import TrialState
+    from ray import tune
+
+    from cadis.sweeps.searcher import FinalMetricOptunaSearch
+
+    metrics = ["certified_accuracy_r0.25", "certified_accuracy_r1.0"]
+    searcher = FinalMetricOptunaSearch(space={"lambda": tune.uniform(0.5, 2.0)},
+                                       metric=metrics, mode=["max", "max"], seed=0)
+    searcher.suggest("half")
+    searcher.suggest("whole")
+    searcher.on_trial_complete("half", {metrics[0]: 0.7})
+    searcher.on_trial_complete("whole", {metrics[0]: 0.7, metrics[1]: 0.4})
+    assert [trial.state for trial in searcher._ot_study.trials] == [TrialState.PRUNED,
+                                                                    TrialState.COMPLETE]
+    assert searcher._ot_study.trials[1].values == [0.7, 0.4]
