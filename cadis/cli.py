@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def _train(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     from cadis.sweeps.driver import run_sweep
 
-    run_sweep(args.sweep, args.set, resume=args.resume, dry_run=args.dry_run)
+    run_sweep(args.sweep, args.set, resume=args.resume, dry_run=args.dry_run,
+              stop_after=args.stop_after)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -187,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep", help="search FT-CADIS settings with Ray Tune + Optuna + ASHA, tracked in MLflow",
         description="Run a sweep file: every trial fine-tunes on Ray Train workers, reports a "
-                    "certified-accuracy proxy each epoch (ASHA stops weak trials), is certified "
-                    "with the file's certify: settings and logged to MLflow as a child run.")
+                    "certified-accuracy proxy each epoch (ASHA stops weak trials) and is "
+                    "certified on the validation hold-out (the rank stage, which the searcher "
+                    "optimises); when the search ends the top_k are certified on the test set "
+                    "(the final stage). Every trial is an MLflow child run.")
     sweep.add_argument("sweep", help="a sweep file, e.g. sweeps/default.yaml")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value: lambda=4 (a base key), base.lr=1e-3, "
@@ -197,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true",
                        help="continue the interrupted sweep in results_dir; finished trials "
                             "are not run again")
+    sweep.add_argument("--stop-after", choices=("rank",),
+                       help="stop once every trial is certified on validation; --resume later "
+                            "certifies the top_k on the test set")
     sweep.add_argument("--dry-run", action="store_true",
                        help="print the resolved search space, trials and resources; train "
                             "nothing")
@@ -232,7 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# MLflow's telemetry client sets and unsets a variable from its own thread while requests
+# iterates os.environ (a KeyError that failed a sweep's first MLflow call), and an offline
+# cluster should not phone home anyway. Set before MLflow loads; Ray workers started from
+# this process inherit it.
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -319,6 +319,13 @@ def test_script_binds_loopback_only():
 
 # ------------------------------------------------------------------------------ launcher.yaml
 
+def test_script_turns_mlflow_telemetry_off_for_everything_it_starts():
+    # Exported before any server or node starts, so every process inherits it.
+    text = SCRIPT.read_text()
+    exported = text.index("export MLFLOW_DISABLE_TELEMETRY=true")
+    assert exported < text.index('"$MLFLOW" server') and exported < text.index('"$RAY" start --head')
+
+
 def test_launcher_config_has_what_ray_up_requires():
     config = yaml.safe_load(LAUNCHER.read_text())
     assert config["cluster_name"]
