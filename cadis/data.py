@@ -108,6 +108,11 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every item's class index, read from the folder names (no image is opened)."""
+        return torch.tensor(self.folder.targets, dtype=torch.long)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.folder[index]
         if self.augment != "none":
@@ -157,6 +162,44 @@ def subset_indices(length: int, skip: int = 1, max_images: int | None = None) ->
         raise CadisError(f"max_images must be an integer >= 1, got {max_images}")
     indices = list(range(0, length, skip))
     return indices if max_images is None else indices[:max_images]
+
+
+def stratified_holdout(labels: Sequence[int] | torch.Tensor, size: int,
+                       seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into ``(train, validation)`` with ``size`` validation images drawn per
+    class in proportion to the class's share (largest remainders), seeded: the same labels,
+    size and seed give the same split on every machine.
+
+    The validation indices interleave the classes (one of each in turn, in a seeded order),
+    so every prefix of them is close to stratified too: the proxy and the rank stage take
+    prefixes. The training indices are the rest, ascending. Raises :class:`CadisError` when
+    ``size`` would leave a class without a validation image or the training split empty.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    classes, counts = torch.unique(labels, return_counts=True)
+    if not 0 < size < len(labels):
+        raise CadisError(f"val_images must be between 1 and {len(labels) - 1} (the training "
+                         f"split holds {len(labels)} images), got {size}")
+    shares = counts.double() * size / len(labels)
+    quota = shares.floor().long()
+    remainder_order = torch.argsort(shares - quota.double(), descending=True, stable=True)
+    quota[remainder_order[:size - int(quota.sum())]] += 1
+    if int(quota.min()) < 1:
+        empty = int(classes[int(torch.argmin(quota))])
+        raise CadisError(f"val_images={size} would leave class {empty} with no validation "
+                         f"image (the split has {len(classes)} classes): raise val_images to "
+                         f"at least {-(-len(labels) // int(counts.min()))}")
+    generator = torch.Generator().manual_seed(seed)
+    per_class = []
+    for label, take in zip(classes.tolist(), quota.tolist()):
+        members = torch.nonzero(labels == label).flatten()
+        chosen = members[torch.randperm(len(members), generator=generator)[:take]]
+        per_class.append(chosen.tolist())
+    class_order = torch.randperm(len(per_class), generator=generator).tolist()
+    validation = [per_class[c][rank] for rank in range(max(quota.tolist()))
+                  for c in class_order if rank < len(per_class[c])]
+    held_out = set(validation)
+    return [index for index in range(len(labels)) if index not in held_out], validation
 
 
 def stack_images(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,3 +128,40 @@ def test_crop_moves_content():
     image = torch.rand(1, 16, 16)
     outputs = [augment_image(image, "crop") for _ in range(20)]
     assert any(not torch.equal(out, image) for out in outputs)
+
+
+def test_the_holdout_is_stratified_seeded_and_disjoint():
+    from cadis.data import stratified_holdout
+
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    train, validation = stratified_holdout(labels, 20, seed=3)
+    assert len(validation) == 20 and len(train) == 80
+    assert set(train).isdisjoint(validation) and sorted(train + validation) == list(range(100))
+    counts = torch.bincount(labels[validation], minlength=3).tolist()
+    assert counts == [12, 6, 2]  # in proportion to the classes' shares
+    assert stratified_holdout(labels, 20, seed=3) == (train, validation)
+    assert stratified_holdout(labels, 20, seed=4)[1] != validation
+    # Classes take turns: the first three validation images are one of each.
+    assert sorted(labels[validation[:3]].tolist()) == [0, 1, 2]
+
+
+def test_a_sorted_split_gets_every_class_in_its_holdout():
+    from cadis.data import stratified_holdout
+
+    # ImageFolder's layout: sorted by class. The last images would all be class 4.
+    labels = torch.arange(5).repeat_interleave(40)
+    _, validation = stratified_holdout(labels, 10, seed=0)
+    assert torch.bincount(labels[validation], minlength=5).tolist() == [2] * 5
+
+
+@pytest.mark.parametrize("size,message", [
+    (2, "val_images=2 would leave class"),
+    (0, "val_images must be between 1 and 99"),
+    (100, "val_images must be between 1 and 99"),
+])
+def test_a_holdout_that_cannot_be_stratified_is_refused(size, message):
+    from cadis.data import stratified_holdout
+
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    with pytest.raises(CadisError, match=message):
+        stratified_holdout(labels, size, seed=0)

@@ -96,12 +96,18 @@ class TrainConfig:
     warmup_steps: int = 20
     augment: str = "none"
     max_train_images: int | None = None
-    # Per-epoch evaluation on images held out of the training split.
+    # The validation hold-out: val_images of the training split, class-stratified and seeded
+    # by val_seed (the same in every trial); the per-epoch proxy certifies its first
+    # proxy_images, a sweep's rank stage its first certify.rank.images.
     val_images: int = 500
+    val_seed: int = 0
     proxy_images: int = 100
     proxy_n: int = 100
     proxy_n0: int = 10
     proxy_alpha: float = 0.001
+    # A store of the proxy's denoised draws (cadis.smoothing.draws), made once for a sweep's
+    # trials; None: every evaluation draws and denoises its own (the same counts).
+    proxy_store: str | None = None
     seed: int = 0
     # Where it runs: Ray Train workers (1 = in this process unless a Ray address is set).
     workers: int = 1
@@ -243,7 +249,7 @@ def portable_config(config: TrainConfig) -> TrainConfig:
     """A copy whose local paths are absolute: Ray workers and trials run in other working
     directories (perhaps on other machines, where the paths must be shared storage)."""
     portable = copy.deepcopy(config)
-    for key in ("models", "classifier", "denoiser", "data_root"):
+    for key in ("models", "classifier", "denoiser", "data_root", "proxy_store"):
         value = getattr(portable, key)
         if value and Path(value).expanduser().exists():
             setattr(portable, key, str(Path(value).expanduser().resolve()))

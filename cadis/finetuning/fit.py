@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cadis.data import load_dataset
-from cadis.errors import CadisError
+from cadis.data import load_dataset, stratified_holdout
 from cadis.files import atomic_directory
 from cadis.finetuning.checkpoint import read_metadata
 from cadis.finetuning.config import TrainConfig
@@ -46,10 +45,10 @@ def preflight(config: TrainConfig) -> ModelSources:
     unet, scheduler = load_denoiser(sources.denoiser)
     OneShotDenoiser(unet, scheduler, config.sigma).check_input(info.channels, info.image_size,
                                                                info.image_size)
-    if config.val_images >= len(load_dataset(sources.dataset, "train", sources.data_root,
-                                             image_size=config.image_size)):
-        raise CadisError(f"val_images ({config.val_images}) must be smaller than the training "
-                         "split")
+    # The hold-out must leave every class a validation image and the training split images.
+    stratified_holdout(load_dataset(sources.dataset, "train", sources.data_root,
+                                    image_size=config.image_size).labels,
+                       config.val_images, config.val_seed)
     return sources
 
 
