@@ -24,8 +24,7 @@ from cadis.certify_models import build_denoised_classifier
 from cadis.data import load_dataset
 from cadis.models.devices import pick_device
 from cadis.models.sources import ModelSources
-from cadis.smoothing.runner import images_per_forward
-from cadis.smoothing.smooth import Smooth, default_batch_size
+from cadis.smoothing.smooth import Smooth, default_batch_size, images_per_forward
 
 
 def reference_certify(base, x, num_classes, sigma, n0, n, alpha, batch):

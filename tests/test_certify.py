@@ -316,3 +316,20 @@ def test_wrong_image_shape_and_logits_shape():
         Smooth(Constant(0, 2), 2, 0.25).certify(torch.rand(2, 2), 1, 1, 0.01, 1)
     with pytest.raises(CadisError, match="logits of shape"):
         Smooth(Constant(0, 3), 2, 0.25).certify(torch.rand(IMAGE_SHAPE), 1, 1, 0.01, 1)
+
+
+@pytest.mark.parametrize("radius,sigma,alpha", [(0.5, 0.5, 0.001), (1.0, 0.5, 0.001),
+                                                (0.25, 0.25, 0.01), (1.0, 0.25, 0.001)])
+def test_draws_needed_is_the_fewest_that_reach_the_radius(radius, sigma, alpha):
+    from cadis.smoothing.bounds import draws_needed
+
+    n = draws_needed(radius, sigma, alpha)
+    assert max_certifiable_radius(sigma, n, alpha) >= radius
+    assert n == 1 or max_certifiable_radius(sigma, n - 1, alpha) < radius
+
+
+def test_draws_needed_at_the_objective_of_the_paper_scale_sweeps():
+    from cadis.smoothing.bounds import draws_needed
+
+    # ln(0.001) / ln(Phi(2)) = 300.2: r = 1.0 at sigma = 0.5 needs 301 draws.
+    assert draws_needed(1.0, 0.5, 0.001) == 301

@@ -12,7 +12,8 @@ from torch import nn
 
 from cadis.errors import CadisError
 from cadis.smoothing.bounds import ABSTAIN, CertificationParameters
-from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, images_per_forward
+from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset
+from cadis.smoothing.smooth import images_per_forward
 from cadis.smoothing.smooth import Smooth
 from cadis.smoothing.records import (PLOT_FILENAME, RECORDS_FILENAME, RECORDS_HEADER, SUMMARY_FILENAME,
                            Record, RecordWriter, average_certified_radius, certified_accuracy,

@@ -33,7 +33,8 @@ def tiny_sweep(models: Path, tmp_path: Path, **changes) -> dict:
         "scheduler": {"metric": "proxy_acr", "mode": "max", "grace_period": 1,
                       "reduction_factor": 2, "max_t": 2},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5},
-        "certify": {"n": 20, "n0": 5, "skip": 1, "max_images": 3},
+        "certify": {"rank": {"n": 20, "n0": 5, "images": 6},
+                    "final": {"n": 20, "n0": 5, "skip": 1, "max_images": 3}},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
         "results_dir": str(tmp_path / "results"),
     }
@@ -107,13 +108,17 @@ def test_shipped_sweep_files_dry_run(name, capsys):
 
 
 @pytest.mark.slow
-def test_two_trial_sweep_with_asha_tracks_every_trial(tiny_models_dir, tmp_path, capsys):
-    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path))
+def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
+        tiny_models_dir, tmp_path, capsys):
+    sweep = tiny_sweep(tiny_models_dir, tmp_path)
+    sweep["certify"]["final"]["top_k"] = 1
+    path = write(tmp_path, sweep)
     assert main(["sweep", str(path)]) == 0
     assert "| trial" in capsys.readouterr().out
     client, runs = mlflow_runs(tmp_path)
     [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
     assert parent.info.status == "FINISHED" and len(trials) == 2
+    assert parent.data.tags["cadis.stage"] == "done"
     assert all(run.info.status in ("FINISHED", "KILLED") for run in runs)
     completed = [run for run in trials if run.data.tags["cadis.outcome"] == "completed"]
     assert completed, "ASHA keeps the best trial of a rung"
@@ -122,23 +127,40 @@ def test_two_trial_sweep_with_asha_tracks_every_trial(tiny_models_dir, tmp_path,
         assert {"lambda", "confidence_threshold", "certify.n", "sigma"} <= set(run.data.params)
         history = client.get_metric_history(run.info.run_id, "proxy_acr")
         assert [m.step for m in history][:1] == [1]
+    # Every trial that trained to the end has validation figures (the rank stage)...
     for run in completed:
         metrics = run.data.metrics
-        assert {"certified_accuracy_r0.0", "acr", "clean_accuracy", "hallucination_rate",
-                "trainable_fraction"} <= set(metrics)
-        assert metrics["clean_accuracy"] == metrics["certified_accuracy_r0.0"]
+        assert {"val_certified_accuracy_r0.0", "val_acr", "val_clean_accuracy",
+                "hallucination_rate", "trainable_fraction"} <= set(metrics)
+        assert metrics["val_clean_accuracy"] == metrics["val_certified_accuracy_r0.0"]
         assert run.info.status == "FINISHED"
-        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
-        assert {"records.tsv", "summary.json", "certified_accuracy.png"} <= artifacts
+        rank_files = {item.path for item in client.list_artifacts(run.info.run_id, "rank")}
+        assert {"rank/records.tsv", "rank/summary.json"} <= rank_files
         assert len(client.get_metric_history(run.info.run_id, "proxy_acr")) == 2
     for run in trials:
         if run.data.tags["cadis.outcome"] == "stopped_early":
-            assert run.info.status == "KILLED" and "acr" not in run.data.metrics
-    best = max(completed, key=lambda run: run.data.metrics["acr"])
-    assert parent.data.tags["cadis.best_trial_id"] == best.data.tags["cadis.trial_id"]
-    assert parent.data.metrics["best.acr"] == best.data.metrics["acr"]
+            assert run.info.status == "KILLED" and "val_acr" not in run.data.metrics
+    # ...and only the validation winner (top_k = 1) has test figures.
+    winner = max(completed, key=lambda run: (run.data.metrics["val_acr"],
+                                             -run.info.start_time))
+    finalists = [run for run in trials if "acr" in run.data.metrics]
+    assert [run.info.run_id for run in finalists] == [winner.info.run_id]
+    assert winner.data.tags["cadis.finalist"] == "true"
+    assert winner.data.metrics["clean_accuracy"] == winner.data.metrics["certified_accuracy_r0.0"]
+    artifacts = {item.path for item in client.list_artifacts(winner.info.run_id)}
+    assert {"records.tsv", "summary.json", "certified_accuracy.png"} <= artifacts
+    test_summary = json.loads(Path(client.download_artifacts(
+        winner.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert test_summary["num_images"] == 3 and test_summary["n"] == 20
+    assert parent.data.tags["cadis.best_trial_id"] == winner.data.tags["cadis.trial_id"]
+    assert parent.data.metrics["best.acr"] == winner.data.metrics["acr"]
+    assert parent.data.metrics["best.val_acr"] == winner.data.metrics["val_acr"]
     results = tmp_path / "results"
     assert (results / "optuna.db").is_file() and (results / "sweep.yaml").is_file()
+    # The draws were denoised once, before the trials, and their cost is on the parent.
+    assert {path.name.split("-")[0] for path in (results / "draws").iterdir()} == {"rank",
+                                                                                   "proxy"}
+    assert parent.data.metrics["draws.rank.denoiser_ms_per_draw"] > 0
     # A second run into the same results would mix two sweeps, and resuming with other
     # settings would make another sweep: refused, nothing touched.
     assert main(["sweep", str(path)]) == 2
@@ -146,6 +168,29 @@ def test_two_trial_sweep_with_asha_tracks_every_trial(tiny_models_dir, tmp_path,
     assert main(["sweep", str(path), "--resume", "--set", "num_trials=3"]) == 2
     assert "the sweep differs from the one in" in capsys.readouterr().err
     assert len(by_role(mlflow_runs(tmp_path)[1], "trial")) == 2
+
+
+@pytest.mark.slow
+def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models_dir,
+                                                                     tmp_path, capsys):
+    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path, scheduler=None))
+    assert main(["sweep", str(path), "--stop-after", "rank"]) == 0
+    assert "rank stage done" in capsys.readouterr().out
+    _, runs = mlflow_runs(tmp_path)
+    [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "KILLED" and parent.data.tags["cadis.stage"] == "ranked"
+    assert all("val_acr" in run.data.metrics and "acr" not in run.data.metrics
+               for run in trials)
+    # The test set has not been touched.
+    assert not list((tmp_path / "results" / "trials").glob("*/certify"))
+    assert main(["sweep", str(path), "--resume"]) == 0
+    _, runs = mlflow_runs(tmp_path)
+    [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
+    assert len(trials) == 2 and all("acr" in run.data.metrics for run in trials)
+    # A finished sweep resumed again prints its table and certifies nothing more.
+    assert main(["sweep", str(path), "--resume"]) == 0
+    assert "| trial" in capsys.readouterr().out
 
 
 def test_resume_needs_a_sweep_to_resume(tiny_models_dir, tmp_path, capsys):

@@ -123,9 +123,35 @@ BAD_CASES = [
                  "objective.mode must be max or min", id="bad-mode"),
     pytest.param(with_changes(objective=None), "objective is required", id="no-objective"),
     pytest.param(with_changes(objective={"metric": "certified_accuracy_r2.0", "mode": "max"},
-                              certify={"n": 100}),
-                 "objective.metric: certified_accuracy_r2.0 is beyond what certify.n=100",
+                              certify={"final": {"n": 100}}),
+                 "objective.metric: certified_accuracy_r2.0 is beyond what certify.rank.n=500",
                  id="radius-out-of-reach"),
+    pytest.param(with_changes(objective={"metric": "certified_accuracy_r1.0", "mode": "max"},
+                              certify={"rank": {"n": 2000}, "final": {"n": 2000}}),
+                 "certified_accuracy_r1.0 is beyond what proxy_n=100 can certify at sigma 0.5 "
+                 "(at most 0.750): proxy_n needs at least 301", id="proxy-cannot-reach"),
+    pytest.param(with_changes(objective={"metric": "certified_accuracy_r1.0", "mode": "max"},
+                              certify={"rank": {"n": 100}}),
+                 "certify.rank.n needs at least 301", id="rank-cannot-reach"),
+    pytest.param(with_changes(certify={"final": {"top_k": 0}}),
+                 "certify.final.top_k must be an integer >= 1", id="top-k-zero"),
+    pytest.param(with_changes(certify={"final": {"top_k": 3}}),
+                 "certify.final.top_k (3) is above the 2 trials of the sweep", id="top-k-above"),
+    pytest.param(with_changes(certify={"rank": {"images": 600}}),
+                 "certify.rank.images (600) is larger than the validation hold-out "
+                 "(base.val_images = 500)", id="rank-larger-than-holdout"),
+    pytest.param(with_changes(certify={"n": 100}),
+                 "unknown key 'certify.n'; allowed: rank, final; the certification has two "
+                 "stages: write certify.rank.n (the validation hold-out) or certify.final.n",
+                 id="flat-certify-key"),
+    pytest.param(with_changes(certify={"rank": {"skip": 2}}),
+                 "unknown key 'certify.rank.skip'; allowed: n, n0, alpha, images, batch_size",
+                 id="final-key-in-rank"),
+    pytest.param(with_changes(certify={"rank": {"alpha": 0}}),
+                 "certify.rank.alpha must be a number strictly between 0 and 1",
+                 id="bad-rank-alpha"),
+    pytest.param(with_changes(store_draws="yes"), "store_draws must be true or false",
+                 id="store-draws-not-a-flag"),
     pytest.param(with_changes(num_trials=0), "num_trials must be an integer >= 1",
                  id="zero-trials"),
     pytest.param(with_changes(num_trials=None), "num_trials is required", id="no-num-trials"),
@@ -148,7 +174,8 @@ BAD_CASES = [
     pytest.param(with_changes(resources={"cpus_per_worker": -1}),
                  "resources.cpus_per_worker must be a number >= 0", id="negative-cpus"),
     pytest.param(with_changes(base={"lr": -1}), "base: lr must be", id="bad-base-value"),
-    pytest.param(with_changes(certify={"alpha": 2}), "certify.alpha must be a number strictly between 0 and 1",
+    pytest.param(with_changes(certify={"final": {"alpha": 2}}),
+                 "certify.final.alpha must be a number strictly between 0 and 1",
                  id="bad-certify-value"),
     pytest.param(with_changes(mlflow={"tracking_uri": ""}), "mlflow.tracking_uri must be",
                  id="empty-tracking-uri"),
@@ -190,7 +217,7 @@ def test_name_defaults_to_the_file_stem(tmp_path):
 
 def test_metric_names_are_canonical_radii(tmp_path):
     data = with_changes(objective={"metric": ["certified_accuracy_r1", "acr"],
-                                   "mode": ["max", "max"]})
+                                   "mode": ["max", "max"]}, base={"proxy_n": 1000})
     sweep = load_sweep(write_sweep(tmp_path, data))
     assert [o.metric for o in sweep.objective] == ["certified_accuracy_r1.0", "acr"]
 
@@ -213,7 +240,7 @@ def test_resources_set_the_base(tmp_path):
 
 
 def test_certify_section_overrides_base_certify(tmp_path):
-    data = with_changes(base={"certify": {"n": 500, "skip": 7}}, certify={"n": 2000})
+    data = with_changes(base={"certify": {"n": 500, "skip": 7}}, certify={"final": {"n": 2000}})
     certify = load_sweep(write_sweep(tmp_path, data)).certify
     assert (certify.n, certify.skip) == (2000, 7)
 
@@ -228,8 +255,10 @@ OVERRIDES = [
     pytest.param(["base.lr=1e-3"], lambda s: s.base.lr == 1e-3, id="base-dotted"),
     pytest.param(["lr=5e-4"], lambda s: s.base.lr == 5e-4, id="bare-base-key"),
     pytest.param(["base.certify.n=300"], lambda s: s.certify.n == 300, id="base-certify"),
-    pytest.param(["certify.n=3000"], lambda s: s.certify.n == s.base.certify.n == 3000,
+    pytest.param(["certify.final.n=3000"], lambda s: s.certify.n == s.base.certify.n == 3000,
                  id="certify-section"),
+    pytest.param(["certify.rank.images=50", "certify.final.top_k=1"],
+                 lambda s: s.rank.images == 50 and s.top_k == 1, id="certify-stages"),
     pytest.param(["num_trials=4"], lambda s: s.num_trials == 4, id="num-trials"),
     pytest.param(["mlflow.tracking_uri=http://127.0.0.1:5000"],
                  lambda s: s.tracking_uri() == "http://127.0.0.1:5000", id="tracking-uri"),

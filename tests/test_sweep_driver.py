@@ -87,3 +87,59 @@ def test_two_objectives_missing_one_is_pruned():
     assert [trial.state for trial in searcher._ot_study.trials] == [TrialState.PRUNED,
                                                                     TrialState.COMPLETE]
     assert searcher._ot_study.trials[1].values == [0.7, 0.4]
+
+
+def test_trials_report_their_proxy_to_optuna_as_intermediate_values():
+    from optuna.trial import TrialState
+    from ray import tune
+
+    from cadis.sweeps.searcher import FinalMetricOptunaSearch
+
+    searcher = FinalMetricOptunaSearch(space={"lambda": tune.uniform(0.5, 2.0)},
+                                       metric="val_acr", mode="max", seed=0,
+                                       intermediate="proxy_acr")
+    searcher.suggest("stopped")
+    searcher.suggest("ranked")
+    for epoch, value in ((1, 0.2), (2, 0.3)):
+        searcher.on_trial_result("stopped", {"epoch": epoch, "proxy_acr": value})
+        searcher.on_trial_result("ranked", {"epoch": epoch, "proxy_acr": value + 0.1})
+    # The rank stage's result repeats the last epoch's proxy: not a new intermediate value.
+    searcher.on_trial_result("ranked", {"epoch": 2, "proxy_acr": 0.4, "val_acr": 0.5})
+    searcher.on_trial_complete("stopped", {"epoch": 2, "proxy_acr": 0.3})
+    searcher.on_trial_complete("ranked", {"epoch": 2, "proxy_acr": 0.4, "val_acr": 0.5})
+    stopped, ranked = searcher._ot_study.trials
+    assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {1: 0.2, 2: 0.3}
+    assert ranked.state == TrialState.COMPLETE and ranked.value == 0.5
+    assert ranked.intermediate_values == pytest.approx({1: 0.3, 2: 0.4})
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({}, "proxy_acr"),
+    ({"scheduler": None}, "proxy_acr"),
+    ({"scheduler": {"metric": "loss"}}, None),  # minimised, the objective maximised
+    ({"objective": {"metric": ["acr", "certified_accuracy_r0.25"], "mode": ["max", "max"]}},
+     None),
+])
+def test_which_metric_optuna_is_told_per_epoch(changes, expected):
+    from cadis.sweeps.searcher import intermediate_metric
+
+    assert intermediate_metric(sweep_from_mapping({**SWEEP, **changes})) == expected
+
+
+def test_the_searcher_optimises_the_validation_figures():
+    from cadis.sweeps.schema import Objective
+
+    assert Objective("certified_accuracy_r0.5", "max").searched == \
+        "val_certified_accuracy_r0.5"
+    assert Objective("acr", "max").searched == "val_acr"
+    assert Objective("proxy_acr", "max").searched == "proxy_acr"
+
+
+def test_commands_turn_mlflow_telemetry_off(monkeypatch, tmp_path):
+    import os
+
+    from cadis.cli import main
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    main(["analyze", str(tmp_path / "missing.tsv")])
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"

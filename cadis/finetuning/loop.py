@@ -20,13 +20,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from cadis.data import load_dataset, stack_images
+from cadis.data import load_dataset, stack_images, stratified_holdout
 from cadis.errors import CadisError
 from cadis.finetuning.attack import pgd_l2_denoised
 from cadis.finetuning.checkpoint import restore_training_state, save_trained
@@ -38,6 +38,7 @@ from cadis.models.classifier import Classifier, load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.sources import ModelSources
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser, to_image_space
+from cadis.smoothing.draws import DrawStore, store_key
 from cadis.smoothing.records import (
     Record,
     average_certified_radius,
@@ -95,9 +96,11 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     plain_set = load_dataset(sources.dataset, "train", sources.data_root,
                              image_size=config.image_size)
     info = train_set.info
-    # The last val_images training images are held out: validation never touches the test set.
-    train_indices = list(range(len(train_set) - config.val_images))[:config.max_train_images]
-    val_indices = list(range(len(train_set) - config.val_images, len(train_set)))
+    # A seeded, class-stratified hold-out of the training split, the same in every trial:
+    # the proxy (and a sweep's rank stage) never touch the test set or the images trained on.
+    train_indices, val_indices = stratified_holdout(train_set.labels, config.val_images,
+                                                    config.val_seed)
+    train_indices = train_indices[:config.max_train_images]
 
     classifier = load_classifier(sources.classifier)
     classifier.check_input(info.channels)
@@ -177,7 +180,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
         state.epoch = epoch + 1
         if session.rank == 0:
             metrics.update(_evaluate(classifier, denoiser, plain_set, val_indices, config,
-                                     info.num_classes, info.image_size))
+                                     sources, info.num_classes, info.image_size))
             state.history.append(metrics)
             with tempfile.TemporaryDirectory() as directory:
                 save_trained(classifier, Path(directory), config.finetune_config(),
@@ -230,10 +233,21 @@ def _micro_step(images: torch.Tensor, labels: torch.Tensor, model: torch.nn.Modu
             **{key: float(value) for key, value in terms.items()}}
 
 
+def proxy_store_key(config: TrainConfig, sources: ModelSources,
+                    proxy_indices: list[int]) -> dict[str, Any]:
+    """What the proxy's draws depend on: a store of them (``proxy_store``) must match it."""
+    return store_key(dataset=sources.dataset, split="train", indices=proxy_indices,
+                     denoiser=sources.denoiser, sigma=config.sigma, n0=config.proxy_n0,
+                     n=config.proxy_n, seed=config.seed)
+
+
 @torch.inference_mode()
 def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indices: list[int],
-              config: TrainConfig, num_classes: int, image_size: int) -> dict[str, float]:
-    """Denoised accuracy (one draw per held-out image) and the certified-accuracy proxy."""
+              config: TrainConfig, sources: ModelSources, num_classes: int,
+              image_size: int) -> dict[str, float]:
+    """Denoised accuracy (one draw per held-out image) and the certified-accuracy proxy on
+    the first ``proxy_images`` of them: from the stored draws of ``config.proxy_store`` when
+    given (the classifier alone runs), else drawn and denoised here; the same counts."""
     was_training = classifier.training
     classifier.eval()
     device = next(denoiser.parameters()).device
@@ -248,12 +262,18 @@ def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indice
         noisy = batch + config.sigma * torch.randn(batch.shape, generator=generator, device=device)
         predictions = classifier(denoiser(noisy)).argmax(1)
         correct += int((predictions == labels[start:start + len(batch)]).sum())
-    proxy_count = min(config.proxy_images, len(images))
-    smooth = Smooth(DenoisedClassifier(denoiser, classifier), num_classes, config.sigma,
-                    generator=torch.Generator(device=device).manual_seed(config.seed))
-    results = smooth.certify_images(images[:proxy_count], parameters)
-    records = [Record.from_prediction(i, int(labels[i]), prediction, radius, 0.0)
-               for i, (prediction, radius) in enumerate(results)]
+    proxy_indices = indices[:config.proxy_images]
+    if config.proxy_store:
+        store = DrawStore.open(config.proxy_store,
+                               proxy_store_key(config, sources, proxy_indices))
+        answers = store.certify(classifier, proxy_indices, config.proxy_alpha, device)
+    else:
+        smooth = Smooth(DenoisedClassifier(denoiser, classifier), num_classes, config.sigma,
+                        generator=torch.Generator(device=device).manual_seed(config.seed))
+        results = smooth.certify_many(images[:len(proxy_indices)], parameters)
+        answers = [(int(label), *result) for label, result in zip(labels, results)]
+    records = [Record.from_prediction(index, label, prediction, radius, 0.0)
+               for index, (label, prediction, radius) in zip(proxy_indices, answers)]
     radii = radius_grid(config.sigma, config.proxy_n, config.proxy_alpha, image_size)
     classifier.train(was_training)
     metrics = {"val_denoised_accuracy": correct / len(images), PROXY_ACR:

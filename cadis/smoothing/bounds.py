@@ -7,6 +7,7 @@ counts; everything it decides is decided here, and pinned here without a model.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Final
@@ -113,3 +114,17 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
         return ABSTAIN
     p_value = binomtest(top_count, top_count + runner_up_count, EVEN_SPLIT).pvalue
     return ABSTAIN if p_value > alpha else int(top)
+
+
+def draws_needed(radius: float, sigma: float, alpha: float) -> int:
+    """The fewest estimation draws with which CERTIFY can reach ``radius`` at ``sigma``: the
+    smallest n with ``max_certifiable_radius(sigma, n, alpha) >= radius``."""
+    sigma = check_sigma(sigma)
+    alpha = check_probability(alpha, "alpha")
+    if radius <= 0:
+        return 1
+    # All n draws the top class: the bound is alpha^(1/n), which must reach Phi(radius/sigma).
+    n = max(1, math.ceil(math.log(alpha) / math.log(float(norm.cdf(radius / sigma)))))
+    while max_certifiable_radius(sigma, n, alpha) < radius:  # float rounding at the edge
+        n += 1
+    return n

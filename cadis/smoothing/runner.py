@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -33,7 +33,7 @@ from cadis.smoothing.records import (
     read_records,
     write_summary,
 )
-from cadis.smoothing.smooth import Smooth
+from cadis.smoothing.smooth import Smooth, images_per_forward
 
 SETTINGS_FILENAME: Final = "settings.json"
 
@@ -98,15 +98,13 @@ def _claim(out_dir: Path, settings: dict[str, Any]) -> None:
     atomic_write_text(settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
-def images_per_forward(n0: int, n: int, batch_size: int) -> int:
-    """How many images' draws (``n0 + n`` each) fill one forward of ``batch_size`` draws: the
-    number certified together; 1 (image by image) when one image needs a forward or more."""
-    return max(1, batch_size // (n0 + n))
-
-
 def _groups(indices: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(indices), size):
         yield list(indices[start:start + size])
+
+
+#: Certifies a group of data-set indices: ``[(label, prediction, radius), ...]`` in order.
+GroupCertifier = Callable[[list[int]], list[tuple[int, int, float]]]
 
 
 def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int],
@@ -126,12 +124,32 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
     Raises :class:`CadisError`, leaving ``out_dir`` untouched, if it holds records made with
     other settings.
     """
+    device = smooth.device
+
+    def certify(group: list[int]) -> list[tuple[int, int, float]]:
+        examples = [dataset[index] for index in group]
+        images = torch.stack([image for image, _ in examples]).to(device)
+        results = smooth.certify_images(images, parameters)
+        return [(int(label), prediction, radius)
+                for (_, label), (prediction, radius) in zip(examples, results)]
+
+    return certify_records(certify, indices, parameters, smooth.sigma, out_dir, settings,
+                           radii, progress)
+
+
+def certify_records(certify: GroupCertifier, indices: Iterable[int],
+                    parameters: CertificationParameters, sigma: float,
+                    out_dir: str | os.PathLike, settings: Mapping[str, Any],
+                    radii: Sequence[float], progress: bool = True) -> dict[str, Any]:
+    """:func:`certify_dataset` for any way of certifying a group of indices (live draws, or
+    stored ones: :mod:`cadis.smoothing.draws`): the same folder, records, resume and refusal
+    of other settings, groups of :func:`images_per_forward` indices."""
     n0, n, alpha = parameters.n0, parameters.n, parameters.alpha
     wanted = list(dict.fromkeys(int(index) for index in indices))
     if not wanted:
         raise CadisError("no images to certify: indices is empty")
     out_dir = Path(out_dir)
-    run_settings = _run_settings(settings, sigma=smooth.sigma, n=n, n0=n0, alpha=alpha)
+    run_settings = _run_settings(settings, sigma=sigma, n=n, n0=n0, alpha=alpha)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim(out_dir, run_settings)
 
@@ -141,19 +159,16 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
                 if record.idx in wanted_set} if records_path.exists() else {}
     todo = [index for index in wanted if index not in recorded]
     correct = sum(record.correct for record in recorded.values())
-    device = smooth.device
 
     with RecordWriter(records_path) as writer, tqdm(total=len(wanted), initial=len(recorded),
                                                      unit="img", desc="certify",
                                                      disable=not progress) as bar:
         for group in _groups(todo, images_per_forward(n0, n, parameters.batch_size)):
-            examples = [dataset[index] for index in group]
-            images = torch.stack([image for image, _ in examples]).to(device)
             start = time.perf_counter()
-            results = smooth.certify_images(images, parameters)
+            results = certify(group)
             seconds = (time.perf_counter() - start) / len(group)
-            for index, (_, label), (prediction, radius) in zip(group, examples, results):
-                record = Record.from_prediction(index, int(label), prediction, radius, seconds)
+            for index, (label, prediction, radius) in zip(group, results):
+                record = Record.from_prediction(index, label, prediction, radius, seconds)
                 writer.write(record)
                 recorded[index] = record
                 correct += record.correct
@@ -163,8 +178,8 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
     records = [recorded[index] for index in wanted]
     extra = {key: value for key, value in run_settings.items()
              if key not in CERTIFICATION_SETTINGS}
-    summary = write_summary(out_dir / SUMMARY_FILENAME, records, radii, sigma=smooth.sigma,
+    summary = write_summary(out_dir / SUMMARY_FILENAME, records, radii, sigma=sigma,
                             n=n, n0=n0, alpha=alpha, extra=extra)
-    plot_certified_accuracy({f"sigma={smooth.sigma:g}, n={n}": records}, out_dir / PLOT_FILENAME,
+    plot_certified_accuracy({f"sigma={sigma:g}, n={n}": records}, out_dir / PLOT_FILENAME,
                             title=f"certified accuracy ({len(records)} images, alpha={alpha:g})")
     return summary

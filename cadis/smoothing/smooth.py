@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 import numpy as np
@@ -69,6 +69,14 @@ def _autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
+@contextlib.contextmanager
+def evaluating(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """How every base evaluates draws: ``torch.inference_mode``, eval mode (each submodule's
+    own mode given back after) and, on CUDA, autocast."""
+    with torch.inference_mode(), _evaluation_mode(module), _autocast_for(device):
+        yield
+
+
 def _concatenate(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
@@ -92,6 +100,72 @@ def _rebatch(pieces: Iterable[tuple[Tensor, Tensor]],
             pending_ids = [all_ids[batch_size:]] if pending else []
     if pending:
         yield _concatenate(pending_draws), _concatenate(pending_ids)
+
+
+def certify_segments(num_images: int, parameters: CertificationParameters) -> list[Segment]:
+    """CERTIFY's draws of ``num_images`` images, in the order they are drawn: per image the
+    ``n0`` selection draws, then the ``n`` estimation draws, counted apart."""
+    return [segment for index in range(num_images)
+            for segment in ((index, parameters.n0), (index, parameters.n))]
+
+
+def noisy_batches(images: Tensor, segments: Sequence[Segment], sigma: float,
+                  generator: torch.Generator | None,
+                  batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x + delta, segment ids)`` in forwards of exactly ``batch_size`` draws (the last may
+    be smaller). The noise is drawn segment by segment in chunks of at most ``batch_size``:
+    that order of using the generator defines a seeded run's draws, for :class:`Smooth` and
+    for stored draws (:mod:`cadis.smoothing.draws`) alike."""
+    def pieces() -> Iterator[tuple[Tensor, Tensor]]:
+        for segment_id, (image_index, draws) in enumerate(segments):
+            image = images[image_index]
+            for start in range(0, draws, batch_size):
+                size = min(batch_size, draws - start)
+                noise = torch.randn((size, *image.shape), generator=generator,
+                                    device=image.device, dtype=image.dtype)
+                yield (image + sigma * noise,
+                       torch.full((size,), segment_id, device=image.device, dtype=torch.long))
+
+    return _rebatch(pieces(), batch_size)
+
+
+def count_predictions(base: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                      num_segments: int, num_classes: int,
+                      device: torch.device) -> np.ndarray:
+    """Counts of ``base``'s predicted class over ``(inputs, segment ids)`` batches, one row of
+    ``num_classes`` per segment. ``base`` runs in eval mode (its modes restored after) under
+    ``torch.inference_mode``, with autocast on CUDA."""
+    total = num_segments * num_classes
+    # Counted on the device: one transfer at the end instead of one per batch.
+    counts = torch.zeros(total, dtype=torch.long, device=device)
+    with evaluating(base, device):
+        for inputs, segment_ids in batches:
+            logits = base(inputs)
+            if logits.shape != (len(inputs), num_classes):
+                raise CadisError(f"the base returned logits of shape {tuple(logits.shape)} "
+                                 f"for {len(inputs)} images; expected ({len(inputs)}, "
+                                 f"{num_classes})")
+            predictions = logits.argmax(dim=1)
+            counts += torch.bincount(segment_ids * num_classes + predictions, minlength=total)
+    return counts.view(num_segments, num_classes).cpu().numpy()
+
+
+def decide_certify(counts: np.ndarray, parameters: CertificationParameters,
+                   sigma: float) -> list[tuple[int, float]]:
+    """CERTIFY's answers from :func:`count_predictions` over :func:`certify_segments`: the
+    candidate from each image's selection counts, its bound from the estimation counts."""
+    results = []
+    for selection, estimation in zip(counts[0::2], counts[1::2]):
+        candidate = int(np.argmax(selection))
+        results.append(certify_from_counts(candidate, int(estimation[candidate]), parameters.n,
+                                           parameters.alpha, sigma))
+    return results
+
+
+def images_per_forward(n0: int, n: int, batch_size: int) -> int:
+    """How many images' draws (``n0 + n`` each) fill one forward of ``batch_size`` draws: the
+    number certified together; 1 (image by image) when one image needs a forward or more."""
+    return max(1, batch_size // (n0 + n))
 
 
 class Smooth:
@@ -133,7 +207,8 @@ class Smooth:
         alpha = check_probability(alpha, "alpha")
         batch_size = positive_int(batch_size, "batch_size")
         images = self._check_images(self._one_image(x))
-        counts = self._count(images, [(0, n)], batch_size)
+        batches = noisy_batches(images, [(0, n)], self.sigma, self.generator, batch_size)
+        counts = count_predictions(self.base, batches, 1, self.num_classes, images.device)
         return predict_from_counts(counts[0], alpha)
 
     def certify(self, x: Tensor, n0: int, n: int, alpha: float,
@@ -160,17 +235,21 @@ class Smooth:
         """:meth:`certify_batch` with parameters validated once by their constructor (a
         certification run makes them once, not once per batch of images)."""
         images = self._check_images(xs)
-        n0, n = parameters.n0, parameters.n
-        # Per image: the selection draws, then the estimation draws, counted apart.
-        segments = [segment for index in range(len(images))
-                    for segment in ((index, n0), (index, n))]
-        counts = self._count(images, segments, parameters.batch_size)
-        results = []
-        for selection, estimation in zip(counts[0::2], counts[1::2]):
-            candidate = int(np.argmax(selection))
-            results.append(certify_from_counts(candidate, int(estimation[candidate]), n,
-                                               parameters.alpha, self.sigma))
-        return results
+        segments = certify_segments(len(images), parameters)
+        batches = noisy_batches(images, segments, self.sigma, self.generator,
+                                parameters.batch_size)
+        counts = count_predictions(self.base, batches, len(segments), self.num_classes,
+                                   images.device)
+        return decide_certify(counts, parameters, self.sigma)
+
+    def certify_many(self, xs: Tensor,
+                     parameters: CertificationParameters) -> list[tuple[int, float]]:
+        """CERTIFY K images in groups of :func:`images_per_forward` (each group one
+        :meth:`certify_images`), as the certification runner does: the same draws, for the
+        same generator, as a run over those images or a store built from them."""
+        size = images_per_forward(parameters.n0, parameters.n, parameters.batch_size)
+        return [result for start in range(0, len(xs), size)
+                for result in self.certify_images(xs[start:start + size], parameters)]
 
     @staticmethod
     def _one_image(x: Tensor) -> Tensor:
@@ -188,35 +267,3 @@ class Smooth:
             raise CadisError(f"the generator is on {self.generator.device} but the images are "
                              f"on {xs.device}; the noise is drawn on the images' device")
         return xs
-
-    def _noisy_draws(self, images: Tensor, segments: list[Segment],
-                     batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x + delta, segment id)`` pieces, segment by segment, in chunks of at most
-        ``batch_size`` draws: the chunking fixes the order in which the generator is used."""
-        for segment_id, (image_index, draws) in enumerate(segments):
-            image = images[image_index]
-            for start in range(0, draws, batch_size):
-                size = min(batch_size, draws - start)
-                noise = torch.randn((size, *image.shape), generator=self.generator,
-                                    device=image.device, dtype=image.dtype)
-                yield (image + self.sigma * noise,
-                       torch.full((size,), segment_id, device=image.device, dtype=torch.long))
-
-    def _count(self, images: Tensor, segments: list[Segment], batch_size: int) -> np.ndarray:
-        """Counts of the base's predicted class, one row of ``num_classes`` per segment."""
-        total = len(segments) * self.num_classes
-        # Counted on the device: one transfer at the end instead of one per batch.
-        counts = torch.zeros(total, dtype=torch.long, device=images.device)
-        with torch.inference_mode(), _evaluation_mode(self.base):
-            for noisy, segment_ids in _rebatch(self._noisy_draws(images, segments, batch_size),
-                                               batch_size):
-                with _autocast_for(images.device):
-                    logits = self.base(noisy)
-                if logits.shape != (len(noisy), self.num_classes):
-                    raise CadisError(f"the base returned logits of shape {tuple(logits.shape)} "
-                                     f"for {len(noisy)} images; expected ({len(noisy)}, "
-                                     f"{self.num_classes})")
-                predictions = logits.argmax(dim=1)
-                counts += torch.bincount(segment_ids * self.num_classes + predictions,
-                                         minlength=total)
-        return counts.view(len(segments), self.num_classes).cpu().numpy()

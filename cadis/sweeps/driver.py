@@ -20,12 +20,19 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from cadis.errors import CadisError
+from cadis.errors import CadisError, first_line
 from cadis.files import atomic_write_text
 from cadis.finetuning.config import portable_config
-from cadis.sweeps.layout import STATE_FILE, SWEEP_FILE_COPY, TUNE_NAME
+from cadis.sweeps.layout import (
+    STATE_FILE,
+    SWEEP_FILE_COPY,
+    TUNE_NAME,
+    trained_file,
+    trial_certify_dir,
+)
 from cadis.sweeps.schema import (
     TRIAL_DRIVER_CPUS,
     VARIANT_KEY,
@@ -35,7 +42,7 @@ from cadis.sweeps.schema import (
     required_per_trial,
     trial_config,
 )
-from cadis.tracking.contract import check_tracking_uri
+from cadis.tracking.contract import TRIAL_ID_TAG, check_tracking_uri
 
 if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
@@ -47,13 +54,23 @@ TRIAL_MAX_FAILURES = 1
 # ---------------------------------------------------------------------------- the driver
 
 
+STOP_AFTER = ("rank",)
+# The sweep's stages, as sweep.json records them: a resumed sweep continues from its stage.
+STAGE_SEARCH, STAGE_RANKED, STAGE_FINAL, STAGE_DONE = "search", "ranked", "final", "done"
+
+
 def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = False,
-              dry_run: bool = False) -> None:
-    """Run (or with ``resume`` continue) the sweep in ``path``; ``dry_run`` only prints it.
+              dry_run: bool = False, stop_after: str | None = None) -> None:
+    """Run (or with ``resume`` continue) the sweep in ``path``; ``dry_run`` only prints it;
+    ``stop_after="rank"`` stops once every trial is ranked on validation (the test set is
+    touched by a later ``--resume``).
 
     Every check that can fail on input runs before a trial starts or an MLflow run opens:
     the file, the models and data of the base, the tracking store and the cluster's resources.
     """
+    if stop_after is not None and stop_after not in STOP_AFTER:
+        raise CadisError(f"--stop-after must be one of {', '.join(STOP_AFTER)}, "
+                         f"got {stop_after!r}")
     # Absolute now: connecting to a cluster from a Ray job moves this process elsewhere.
     path = Path(path).absolute()
     sweep = load_sweep(path, overrides)
@@ -84,25 +101,143 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
         # Inside a Ray job, Ray may replace the job's working directory (its unpacked copy)
         # once the driver connects; every path is absolute by now, and this one stays.
         os.chdir(results)
-        from cadis.sweeps.mlflow_writer import SweepTracker
-
-        tracker = SweepTracker(uri, sweep, results, state)
-        if state is None:
-            shutil.copyfile(path, results / SWEEP_FILE_COPY)
-            tracker.open_sweep(results / SWEEP_FILE_COPY)
-            atomic_write_text(results / STATE_FILE, json.dumps(
-                {"parent_run_id": tracker.parent_run_id, "experiment_id": tracker.experiment_id,
-                 "tracking_uri": uri, "sweep": fingerprint}, indent=2) + "\n")
-        else:
-            tracker.reopen_sweep()
-        print(f"mlflow: {uri} experiment {sweep.mlflow.experiment!r}, sweep run "
-              f"{tracker.parent_run_id}", flush=True)
-        _fit(sweep, results, tracker, concurrent, resume=state is not None)
+        with _mlflow_errors(uri, results):
+            _run_stages(sweep, path, results, uri, fingerprint, state, concurrent, stop_after)
     finally:
         if started_ray:
             ray.shutdown()
         with contextlib.suppress(OSError):  # gone, if Ray replaced it
             os.chdir(working_dir)
+
+
+@contextlib.contextmanager
+def _mlflow_errors(uri: str, results: Path) -> Iterator[None]:
+    """An MLflow failure anywhere in the sweep ends it in one line, resumable."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        raise CadisError(f"MLflow at {uri} failed ({first_line(error)}); the sweep in "
+                         f"{results} is resumable with --resume") from None
+
+
+def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
+                fingerprint: dict[str, Any], state: dict[str, Any] | None, concurrent: int,
+                stop_after: str | None) -> None:
+    """search (the trials, each certified on validation), then final (the top_k on test)."""
+    from cadis.sweeps.mlflow_writer import SweepTracker
+
+    tracker = SweepTracker(uri, sweep, results, state)
+    if state is None:
+        shutil.copyfile(path, results / SWEEP_FILE_COPY)
+        tracker.open_sweep(results / SWEEP_FILE_COPY)
+        state = {"parent_run_id": tracker.parent_run_id, "experiment_id": tracker.experiment_id,
+                 "tracking_uri": uri, "sweep": fingerprint, "stage": STAGE_SEARCH,
+                 "stores": {}}
+        _save_state(results, state)
+        resumed = False
+    else:
+        resumed = True
+        if state["stage"] == STAGE_DONE:
+            print(tracker.comparison(), flush=True)
+            return
+        tracker.reopen_sweep()
+    print(f"mlflow: {uri} experiment {sweep.mlflow.experiment!r}, sweep run "
+          f"{tracker.parent_run_id}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if state["stage"] == STAGE_SEARCH:
+            tracker.set_stage(STAGE_SEARCH)
+            if sweep.shares_draws and not state["stores"]:
+                state["stores"] = _build_stores(sweep, results)
+                _save_state(results, state)
+                tracker.log_stores(state["stores"])
+            _search(sweep, results, tracker, concurrent, resumed,
+                    {role: info["folder"] for role, info in state["stores"].items()})
+            state["stage"] = STAGE_RANKED
+            _save_state(results, state)
+        if stop_after == "rank":
+            tracker.set_stage(STAGE_RANKED)
+            tracker.close_sweep(finished=False)
+            print(tracker.comparison(), flush=True)
+            print(f"rank stage done: certify the top {sweep.top_k} on the test set with "
+                  f"cadis sweep ... --resume (results in {results})", flush=True)
+            return
+        state["stage"] = STAGE_FINAL
+        _save_state(results, state)
+        tracker.set_stage(STAGE_FINAL)
+        best = _final_stage(sweep, results, tracker)
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            tracker.close_sweep(finished=False)
+        raise CadisError(f"sweep interrupted; continue it with: cadis sweep ... --resume "
+                         f"(results in {results})") from None
+    except BaseException:
+        with contextlib.suppress(Exception):
+            tracker.close_sweep(finished=False, failed=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    state["stage"] = STAGE_DONE
+    _save_state(results, state)
+    tracker.set_stage(STAGE_DONE)
+    tracker.close_sweep(finished=True, best_trial=best)
+    print(tracker.comparison(), flush=True)
+
+
+def _save_state(results: Path, state: Mapping[str, Any]) -> None:
+    atomic_write_text(results / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+
+def _build_stores(sweep: SweepConfig, results: Path) -> dict[str, dict[str, Any]]:
+    """The rank stage's and the proxy's denoised draws, made once in a Ray task holding one
+    worker's resources (its GPU where workers have one), before the first trial."""
+    import ray
+
+    from cadis.sweeps.stores import build_sweep_stores
+
+    resources = sweep.resources
+    task = ray.remote(build_sweep_stores).options(num_cpus=resources.cpus_per_worker,
+                                                  num_gpus=resources.gpus_per_worker)
+    stores = ray.get(task.remote(sweep.base.to_dict(), sweep.rank, str(results)))
+    for role, info in stores.items():
+        classifier = info["classifier_ms_per_draw"]
+        print(f"draws: {role} store built in {info['build_seconds']:.0f} s, "
+              f"{info['bytes'] / 2 ** 20:.0f} MiB; per draw the denoiser takes "
+              f"{info['denoiser_ms_per_draw']:.2f} ms"
+              + (f", the classifier {classifier:.2f} ms" if classifier is not None else ""),
+              flush=True)
+    return stores
+
+
+def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> str | None:
+    """Certify the top_k trials by the rank stage on the test set (only those without test
+    figures yet: a resumed final stage certifies only what is missing, and each
+    certification resumes from its records); returns the rank winner's trial id."""
+    import ray
+
+    from cadis.sweeps.trial import certify_final
+
+    finalists = [run.data.tags[TRIAL_ID_TAG] for run in tracker.ranked()[:sweep.top_k]]
+    pending = [trial_id for trial_id in finalists if not tracker.has_final(trial_id)]
+    print(f"final stage: the top {len(finalists)} by validation "
+          f"{sweep.objective[0].metric}: {', '.join(finalists) or 'none'}; "
+          f"certifying {len(pending)} on the test set", flush=True)
+    resources = sweep.resources
+    task = ray.remote(certify_final).options(num_cpus=resources.cpus_per_worker,
+                                             num_gpus=resources.gpus_per_worker)
+    futures = {}
+    for trial_id in pending:
+        trained = json.loads(trained_file(results, trial_id).read_text())
+        out = trial_certify_dir(results, trial_id)
+        futures[task.remote(trained["config"], trained["checkpoint"], str(out))] = trial_id
+    while futures:
+        (done,), _ = ray.wait(list(futures), num_returns=1)
+        trial_id = futures.pop(done)
+        tracker.log_final(trial_id, ray.get(done), trial_certify_dir(results, trial_id))
+        print(f"final stage: {trial_id} certified on the test set", flush=True)
+    return finalists[0] if finalists else None
 
 
 def _fingerprint(sweep: SweepConfig) -> dict[str, Any]:
@@ -174,8 +309,10 @@ def _concurrent_trials(sweep: SweepConfig, cluster: Mapping[str, float],
     return min(fits, sweep.max_concurrent_trials)
 
 
-def _fit(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent: int,
-         resume: bool) -> None:
+def _search(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent: int,
+            resume: bool, stores: Mapping[str, str]) -> None:
+    """Ray Tune over the trials: each trains and is certified on validation; raises
+    :class:`CadisError` (resumable) if the search did not run every trial to its end."""
     from ray import tune
 
     from cadis.sweeps.mlflow_writer import MlflowTrialCallback
@@ -186,7 +323,8 @@ def _fit(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent: i
     # every metric the searcher and the scheduler name, which Tune otherwise refuses.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=sweep, results=str(results)),
+        tune.with_parameters(run_trial, sweep=sweep, results=str(results),
+                             stores=dict(stores)),
         {"CPU": TRIAL_DRIVER_CPUS})
     callback = MlflowTrialCallback(tracker.uri, tracker.experiment_id, tracker.parent_run_id,
                                    sweep, str(results))
@@ -204,24 +342,9 @@ def _fit(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent: i
                                       callbacks=[callback],
                                       failure_config=tune.FailureConfig(
                                           max_failures=TRIAL_MAX_FAILURES)))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        grid = tuner.fit()
-    except KeyboardInterrupt:
-        tracker.close_sweep(finished=False)
-        raise CadisError(f"sweep interrupted; continue it with: cadis sweep ... --resume "
-                         f"(results in {results})") from None
-    except BaseException:
-        tracker.close_sweep(finished=False, failed=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    finished = grid.num_terminated + grid.num_errors >= sweep.total_trials
-    tracker.close_sweep(finished=finished)
-    print(tracker.comparison(), flush=True)
-    if not finished:
-        raise CadisError(f"sweep interrupted after {grid.num_terminated} of "
-                         f"{sweep.total_trials} trials; continue it with --resume")
+    grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < sweep.total_trials:
+        raise KeyboardInterrupt  # Tune stopped early (a signal it caught): resumable
     if grid.num_errors:
         print(f"{grid.num_errors} trial(s) failed; their errors are in {results / TUNE_NAME}",
               file=sys.stderr)

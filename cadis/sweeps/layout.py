@@ -6,7 +6,10 @@ writer::
     optuna.db         Optuna's study (optuna-dashboard sqlite:///.../optuna.db)
     tune/             Tune's experiment (Tuner.restore reads it)
     train/<trial>/    each trial's Ray Train run and checkpoints
-    trials/<trial>/certify/   records.tsv, summary.json, certified_accuracy.png
+    draws/            the denoised draws of the rank stage and the proxy, made once
+    trials/<trial>/trained.json   the trial's last checkpoint and config
+    trials/<trial>/rank/     the rank stage (validation): records.tsv, summary.json, plot
+    trials/<trial>/certify/  the final stage (test), for finalists: the same files
 """
 
 from __future__ import annotations
@@ -21,11 +24,24 @@ TUNE_NAME: Final = "tune"
 TRAIN_DIR: Final = "train"
 TRIALS_DIR: Final = "trials"
 CERTIFY_DIR: Final = "certify"
+RANK_DIR: Final = "rank"
+TRAINED_FILE: Final = "trained.json"
+DRAWS_DIR: Final = "draws"
 # The per-epoch time axis of ASHA and MLflow's step: an epoch survives resume, Tune's
 # iteration count does not.
 EPOCH: Final = "epoch"
 
 
 def trial_certify_dir(results: str | Path, trial_id: str) -> Path:
-    """Where a trial's final certification writes its records, summary and plot."""
+    """Where a finalist's final stage (test) writes its records, summary and plot."""
     return Path(results) / TRIALS_DIR / trial_id / CERTIFY_DIR
+
+
+def trial_rank_dir(results: str | Path, trial_id: str) -> Path:
+    """Where a trial's rank stage (validation) writes its records, summary and plot."""
+    return Path(results) / TRIALS_DIR / trial_id / RANK_DIR
+
+
+def trained_file(results: str | Path, trial_id: str) -> Path:
+    """Where a trained trial names its last checkpoint and config."""
+    return Path(results) / TRIALS_DIR / trial_id / TRAINED_FILE

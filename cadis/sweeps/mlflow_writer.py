@@ -9,19 +9,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from ray.tune import Callback
 
-from cadis.sweeps.layout import EPOCH, trial_certify_dir
+from cadis.errors import CadisError
+from cadis.sweeps.layout import EPOCH, trial_rank_dir
 from cadis.sweeps.schema import SweepConfig, describe, trial_config
 from cadis.tracking.contract import (
     ACR,
     BEST_PREFIX,
     BEST_TRIAL_TAG,
-    CERTIFIED_ACCURACY_PREFIX,
-    CLEAN_ACCURACY,
+    FINALIST_TAG,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_STOPPED,
@@ -31,12 +32,20 @@ from cadis.tracking.contract import (
     ROLE_TAG,
     ROLE_TRIAL,
     SEARCHED_TAG,
+    RANK_ARTIFACTS_DIR,
+    STAGE_TAG,
     SWEEP_TAG,
     TRIAL_ID_TAG,
     artifact_location,
     flatten_params,
+    is_final_metric,
+    is_validation_metric,
     trial_runs,
+    validation_metric,
 )
+
+# The rank stage's results carry this: the per-epoch ones do not.
+RANKED = validation_metric(ACR)
 
 # Results that are Tune's bookkeeping, not the trial's metrics.
 TUNE_KEYS = {"training_iteration", "time_total_s", "time_this_iter_s", "timestamp",
@@ -80,6 +89,11 @@ class SweepTracker:
                   "scheduler": "none" if sweep.scheduler is None else
                   json.dumps(dataclasses.asdict(sweep.scheduler)),
                   "resources": json.dumps(dataclasses.asdict(sweep.resources)),
+                  **{f"certify.rank.{key}": value
+                     for key, value in dataclasses.asdict(sweep.rank).items()},
+                  **{f"certify.final.{key}": value
+                     for key, value in dataclasses.asdict(sweep.certify).items()},
+                  "certify.final.top_k": sweep.top_k, "shares_draws": sweep.shares_draws,
                   **{f"search.{key}": distribution.describe()
                      for key, distribution in sweep.search.items()},
                   **flatten_params(sweep.base.to_dict(), "base.")}
@@ -90,29 +104,59 @@ class SweepTracker:
     def reopen_sweep(self) -> None:
         self.client.update_run(self.parent_run_id, status="RUNNING")
 
-    def close_sweep(self, finished: bool, failed: bool = False) -> None:
-        """Ends every trial run still RUNNING (killed with the driver) and the sweep's run;
-        a finished sweep's run gets the best trial's final metrics."""
+    def set_stage(self, stage: str) -> None:
+        self.client.set_tag(self.parent_run_id, STAGE_TAG, stage)
+
+    def log_stores(self, stores: Mapping[str, Mapping[str, Any]]) -> None:
+        """What the stored draws cost and hold, per role: ``draws.rank.build_seconds``, ..."""
+        metrics = {f"draws.{role}.{key}": float(value) for role, info in stores.items()
+                   for key, value in info.items() if key != "folder" and value is not None}
+        for key, value in metrics.items():
+            self.client.log_metric(self.parent_run_id, key, value)
+
+    def ranked(self) -> list[Any]:
+        """The trial runs the rank stage certified, best first by the (first) objective as
+        measured on validation."""
+        objective = self.sweep.objective[0]
+        scored = [run for run in trial_runs(self.client, self.experiment_id, self.parent_run_id)
+                  if objective.searched in run.data.metrics]
+        sign = -1 if objective.mode == "max" else 1
+        return sorted(scored, key=lambda run: (sign * run.data.metrics[objective.searched],
+                                               run.info.start_time))
+
+    def log_final(self, trial_id: str, figures: Mapping[str, float], certify_dir: Path) -> None:
+        """A finalist's test figures, files and finalist tag, on its trial run."""
+        run_id = self.run_of(trial_id)
+        _log_metrics(self.client, run_id, figures, step=0)
+        for name in CERTIFY_ARTIFACTS:
+            if (certify_dir / name).is_file():
+                self.client.log_artifact(run_id, str(certify_dir / name))
+        self.client.set_tag(run_id, FINALIST_TAG, "true")
+
+    def has_final(self, trial_id: str) -> bool:
+        return ACR in self.client.get_run(self.run_of(trial_id)).data.metrics
+
+    def run_of(self, trial_id: str) -> str:
+        for run in trial_runs(self.client, self.experiment_id, self.parent_run_id):
+            if run.data.tags.get(TRIAL_ID_TAG) == trial_id:
+                return run.info.run_id
+        raise CadisError(f"no MLflow run of trial {trial_id} in sweep run {self.parent_run_id}")
+
+    def close_sweep(self, finished: bool, failed: bool = False,
+                    best_trial: str | None = None) -> None:
+        """Ends every trial run still RUNNING (killed with the driver) and the sweep's run; a
+        finished sweep's run gets ``best_trial``'s test figures as ``best.*``."""
         for run in trial_runs(self.client, self.experiment_id, self.parent_run_id):
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, "KILLED")
-        if finished:
-            self._log_best()
+        if finished and best_trial is not None:
+            best = self.client.get_run(self.run_of(best_trial))
+            final = {BEST_PREFIX + key: value for key, value in best.data.metrics.items()
+                     if is_final_metric(key) or is_validation_metric(key)}
+            _log_metrics(self.client, self.parent_run_id, final, step=0)
+            self.client.set_tag(self.parent_run_id, BEST_TRIAL_TAG, best_trial)
         status = "FINISHED" if finished else ("FAILED" if failed else "KILLED")
         self.client.set_terminated(self.parent_run_id, status)
-
-    def _log_best(self) -> None:
-        objective = self.sweep.objective[0]
-        scored = [run for run in trial_runs(self.client, self.experiment_id, self.parent_run_id)
-                  if objective.metric in run.data.metrics]
-        if not scored:
-            return
-        sign = 1 if objective.mode == "max" else -1
-        best = max(scored, key=lambda run: sign * run.data.metrics[objective.metric])
-        final = {key: value for key, value in best.data.metrics.items() if _is_final_metric(key)}
-        for key, value in final.items():
-            self.client.log_metric(self.parent_run_id, BEST_PREFIX + key, value)
-        self.client.set_tag(self.parent_run_id, BEST_TRIAL_TAG, best.data.tags[TRIAL_ID_TAG])
 
     def comparison(self) -> str:
         from cadis.tracking.compare import format_comparison, load_trials
@@ -185,24 +229,24 @@ class MlflowTrialCallback(Callback):
         run_id = self.run_id(trial)
         step = int(result.get(EPOCH, 0))
         timestamp = int(result.get("timestamp", 0) * 1000)
-        # The final result repeats the last epoch's metrics (ASHA reads them): log only what
-        # the certification added.
-        final = ACR in result
+        # The rank stage's result repeats the last epoch's metrics (ASHA reads them): log only
+        # what the certification added.
+        final = RANKED in result
         metrics = [Metric(key, float(value), timestamp, step) for key, value in result.items()
                    if key not in TUNE_KEYS and isinstance(value, (int, float))
                    and not isinstance(value, bool) and math.isfinite(value)
-                   and (not final or _is_final_metric(key))]
+                   and (not final or is_validation_metric(key))]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
-        certified = ACR in (trial.last_result or {})
-        certify_dir = trial_certify_dir(self.results, trial.trial_id)
-        if certified and certify_dir.is_dir():
+        certified = RANKED in (trial.last_result or {})
+        rank_dir = trial_rank_dir(self.results, trial.trial_id)
+        if certified and rank_dir.is_dir():
             for name in CERTIFY_ARTIFACTS:
-                if (certify_dir / name).is_file():
-                    self.client.log_artifact(run_id, str(certify_dir / name))
+                if (rank_dir / name).is_file():
+                    self.client.log_artifact(run_id, str(rank_dir / name), RANK_ARTIFACTS_DIR)
         self.client.set_tag(run_id, OUTCOME_TAG,
                             OUTCOME_COMPLETED if certified else OUTCOME_STOPPED)
         self.client.set_terminated(run_id, "FINISHED" if certified else "KILLED")
@@ -221,8 +265,13 @@ def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
         client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
 
 
-def _is_final_metric(name: str) -> bool:
-    return name.startswith(CERTIFIED_ACCURACY_PREFIX) or name in (ACR, CLEAN_ACCURACY)
+def _log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    items = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+    for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
 
 
 def _param_text(value: Any) -> str:

@@ -50,7 +50,7 @@ from cadis.finetuning.config import (
     load_sweep_file,
 )
 from cadis.overrides import parse_override
-from cadis.smoothing.bounds import max_certifiable_radius
+from cadis.smoothing.bounds import CertificationParameters, draws_needed, max_certifiable_radius
 from cadis.smoothing.records import radius_key
 from cadis.tracking.contract import (
     ACR,
@@ -58,8 +58,10 @@ from cadis.tracking.contract import (
     PROXY_ACR,
     PROXY_PREFIX,
     default_tracking_uri,
+    is_final_metric,
+    validation_metric,
 )
-from cadis.validation import is_real
+from cadis.validation import is_real, positive_int
 
 DistributionKind = Literal["uniform", "loguniform", "int", "choice", "grid"]
 DISTRIBUTIONS: tuple[DistributionKind, ...] = ("uniform", "loguniform", "int", "choice", "grid")
@@ -102,13 +104,24 @@ ASHA_KEYS = ("metric", "mode", "grace_period", "reduction_factor", "max_t")
 RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")
 MLFLOW_KEYS = ("tracking_uri", "experiment")
 OBJECTIVE_KEYS = ("metric", "mode")
-CERTIFY_KEYS = tuple(field.name for field in fields(CertifyConfig))
+# The two stages of certification: rank (validation hold-out, every trial that trains to the
+# end; the searcher's objective) and final (the test set, the top_k trials by rank).
+STAGES = ("rank", "final")
+RANK_KEYS = ("n", "n0", "alpha", "images", "batch_size")
+FINAL_KEYS = (*(field.name for field in fields(CertifyConfig)), "top_k")
+STAGE_KEYS = {"rank": RANK_KEYS, "final": FINAL_KEYS}
+STAGE_SETS = {"rank": "the validation hold-out", "final": "the test set"}
 # Top-level sections that are mappings, with their keys (search's are base keys, checked by
 # _parse_search): ``--set section.key=value`` writes into them.
 SECTIONS = {"search": None, "objective": OBJECTIVE_KEYS, "scheduler": ASHA_KEYS,
-            "resources": RESOURCE_KEYS, "certify": CERTIFY_KEYS, "mlflow": MLFLOW_KEYS}
+            "resources": RESOURCE_KEYS, "certify": STAGES, "mlflow": MLFLOW_KEYS}
+DEFAULT_TOP_K = 2
+# Base keys the stored draws depend on.
+DRAW_KEYS = ("models", "classifier", "denoiser", "dataset", "data_root", "image_size", "sigma",
+             "seed", "val_images", "val_seed", "proxy_images", "proxy_n", "proxy_n0")
 TOP_LEVEL_KEYS = ("name", "base", "search", "objective", "scheduler", "num_trials",
-                  "max_concurrent_trials", "resources", "certify", "mlflow", "results_dir")
+                  "max_concurrent_trials", "resources", "certify", "store_draws", "mlflow",
+                  "results_dir")
 
 
 @dataclass(frozen=True)
@@ -134,10 +147,17 @@ class Distribution:
 
 @dataclass(frozen=True)
 class Objective:
-    """A final (or per-epoch) metric the searcher optimises, by its canonical name."""
+    """A final (or per-epoch) metric the searcher optimises, by its canonical name. A final
+    metric is optimised as the rank stage measures it, on validation (:attr:`searched`)."""
 
     metric: str
     mode: Literal["max", "min"]
+
+    @property
+    def searched(self) -> str:
+        """The name of the figure the searcher is told: ``val_certified_accuracy_r0.5`` for
+        ``certified_accuracy_r0.5``; a per-epoch metric as it is."""
+        return validation_metric(self.metric) if is_final_metric(self.metric) else self.metric
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,18 @@ class ResourceSettings:
 
 
 @dataclass(frozen=True)
+class RankSettings:
+    """The rank stage: every trial that trains to the end is certified on the first
+    ``images`` of the validation hold-out (n, n0, alpha); its figures are the objective."""
+
+    n: int = 500
+    n0: int = 100
+    alpha: float = 0.001
+    images: int = 100
+    batch_size: int | None = None  # noise draws per forward; None: what is fast on the device
+
+
+@dataclass(frozen=True)
 class MlflowSettings:
     """``tracking_uri`` None means ``$MLFLOW_TRACKING_URI``, else the local SQLite store."""
 
@@ -193,6 +225,9 @@ class SweepConfig:
     max_concurrent_trials: int
     resources: ResourceSettings
     certify: CertifyConfig
+    rank: RankSettings
+    top_k: int
+    store_draws: bool
     mlflow: MlflowSettings
     results_dir: str
 
@@ -206,6 +241,21 @@ class SweepConfig:
         """:data:`SEARCHER_OPTUNA`, or :data:`SEARCHER_BASIC` when a grid is searched."""
         has_grid = any(d.kind == "grid" for d in self.search.values())
         return SEARCHER_BASIC if has_grid else SEARCHER_OPTUNA
+
+    @property
+    def draws_vary_with(self) -> list[str]:
+        """The searched keys that the stored draws depend on (σ, the seed, the hold-out, the
+        proxy, the models): with any, every trial denoises its own draws."""
+        searched = set(self.search)
+        variants = self.search.get(VARIANT_KEY)
+        if variants is not None:
+            searched |= {key for variant in variants.values for key in variant}
+        return sorted(searched & set(DRAW_KEYS))
+
+    @property
+    def shares_draws(self) -> bool:
+        """Whether the rank stage's and the proxy's draws are denoised once for all trials."""
+        return self.store_draws and not self.draws_vary_with
 
     @property
     def total_trials(self) -> int:
@@ -243,6 +293,11 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     head, _, rest = key.partition(".")
     if head == "base" and rest:
         data["base"] = {**_mapping_or_empty("base", data.get("base")), rest: value}
+    elif head == "certify" and "." in rest:
+        stage, _, sub_key = rest.partition(".")
+        section = _mapping_or_empty(head, data.get(head))
+        data[head] = {**section, stage: {**_mapping_or_empty(f"certify.{stage}",
+                                                             section.get(stage)), sub_key: value}}
     elif head in SECTIONS and rest:
         data[head] = {**_mapping_or_empty(head, data.get(head)), rest: value}
     elif key in TOP_LEVEL_KEYS:
@@ -277,19 +332,23 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     except CadisError as error:
         raise CadisError(f"base: {error}") from None
     resources = _parse_resources(_section(data, "resources"), raw_base, base)
-    certify_section = _section(data, "certify")
-    # The base and resources passed above: all this can still refuse is a certify value,
-    # and from_mapping's messages for those already name certify.KEY.
-    base = from_mapping({**base.to_dict(), "workers": resources.workers_per_trial,
-                         "cpus_per_worker": resources.cpus_per_worker,
-                         "certify": {**base.to_dict()["certify"], **certify_section}})
+    stages = _stages(data.get("certify"))
+    final = {key: value for key, value in stages["final"].items() if key != "top_k"}
+    # The base and resources passed above: all this can still refuse is a certify value.
+    try:
+        base = from_mapping({**base.to_dict(), "workers": resources.workers_per_trial,
+                             "cpus_per_worker": resources.cpus_per_worker,
+                             "certify": {**base.to_dict()["certify"], **final}})
+    except CadisError as error:
+        raise CadisError(str(error).replace("certify.", "certify.final.", 1)) from None
+    rank = _parse_rank(stages["rank"], base)
     search = _parse_search(data.get("search"), base)
     num_trials = _positive_integer("num_trials", data.get("num_trials"),
                                    "trials to run; with a grid, repeats of the grid")
     max_concurrent = _positive_integer("max_concurrent_trials",
                                        data.get("max_concurrent_trials", 1),
                                        "trials that run at once")
-    objectives = _parse_objectives(data.get("objective"), base, search)
+    objectives = _parse_objectives(data.get("objective"), base, search, rank)
     scheduler = None if "scheduler" in data and data["scheduler"] is None else \
         _parse_scheduler(_section(data, "scheduler"), objectives, base, search)
     mlflow = _section(data, "mlflow")
@@ -303,11 +362,55 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     results_dir = data.get("results_dir", f"{SWEEPS_DIR}/{name}")
     if not isinstance(results_dir, str) or not results_dir:
         raise CadisError(f"results_dir must be a folder path, got {results_dir!r}")
-    return SweepConfig(name=name, base=base, search=search, objective=objectives,
-                       scheduler=scheduler, num_trials=num_trials,
-                       max_concurrent_trials=max_concurrent, resources=resources,
-                       certify=base.certify, mlflow=MlflowSettings(tracking_uri, experiment),
-                       results_dir=results_dir)
+    sweep = SweepConfig(name=name, base=base, search=search, objective=objectives,
+                        scheduler=scheduler, num_trials=num_trials,
+                        max_concurrent_trials=max_concurrent, resources=resources,
+                        certify=base.certify, rank=rank, top_k=DEFAULT_TOP_K,
+                        store_draws=_flag("store_draws", data.get("store_draws", True)),
+                        mlflow=MlflowSettings(tracking_uri, experiment), results_dir=results_dir)
+    top_k = stages["final"].get("top_k", min(DEFAULT_TOP_K, sweep.total_trials))
+    sweep.top_k = _positive_integer("certify.final.top_k", top_k,
+                                    "trials certified on the test set")
+    if sweep.top_k > sweep.total_trials:
+        raise CadisError(f"certify.final.top_k ({sweep.top_k}) is above the {sweep.total_trials} "
+                         "trials of the sweep")
+    return sweep
+
+
+def _stages(section: Any) -> dict[str, dict[str, Any]]:
+    """``certify:``'s two stage mappings (absent: defaults), their keys checked."""
+    section = _mapping_or_empty("certify", section)
+    stages = {}
+    for key in section:
+        if key not in STAGES:
+            where = [f"certify.{stage}.{key} ({STAGE_SETS[stage]})" for stage in STAGES
+                     if key in STAGE_KEYS[stage]]
+            hint = (f"; the certification has two stages: write {' or '.join(where)}"
+                    if where else "")
+            raise CadisError(f"unknown key 'certify.{key}'; allowed: {', '.join(STAGES)}{hint}")
+    for stage in STAGES:
+        values = _mapping_or_empty(f"certify.{stage}", section.get(stage))
+        for key in values:
+            if key not in STAGE_KEYS[stage]:
+                raise CadisError(f"unknown key 'certify.{stage}.{key}'; allowed: "
+                                 f"{', '.join(STAGE_KEYS[stage])}")
+        stages[stage] = values
+    return stages
+
+
+def _parse_rank(values: Mapping[str, Any], base: TrainConfig) -> RankSettings:
+    rank = RankSettings(**{key: _number(f"certify.rank.{key}", value)
+                           if key == "alpha" else value for key, value in values.items()})
+    try:
+        CertificationParameters(rank.n0, rank.n, rank.alpha, rank.batch_size or 1)
+    except CadisError as error:
+        raise CadisError(f"certify.rank.{error}") from None
+    for key in ("images",) + (("batch_size",) if rank.batch_size is not None else ()):
+        positive_int(getattr(rank, key), f"certify.rank.{key}")
+    if rank.images > base.val_images:
+        raise CadisError(f"certify.rank.images ({rank.images}) is larger than the validation "
+                         f"hold-out (base.val_images = {base.val_images})")
+    return rank
 
 
 def _section(data: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -334,6 +437,12 @@ def _number(key: str, value: Any) -> float:
     if is_real(value) and math.isfinite(float(value)):
         return float(value)
     raise CadisError(f"{key} must be a number, got {value!r}")
+
+
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise CadisError(f"{key} must be true or false, got {value!r}")
 
 
 def _integer(key: str, value: Any) -> int:
@@ -566,28 +675,33 @@ def _canonical_metric(where: str, name: Any) -> str:
 
 
 def _check_reachable(where: str, metric: str, sweep_search: Mapping[str, Distribution],
-                     base: TrainConfig) -> None:
+                     base: TrainConfig, rank: RankSettings | None = None) -> None:
     """A radius beyond what n draws can certify, even at the largest sigma searched, has
-    accuracy 0 in every trial: refuse it."""
+    accuracy 0 in every trial: refuse it, naming the n it needs. A final metric is measured
+    by the rank stage (the objective), the final stage and, per epoch, the proxy: all three
+    must reach its radius."""
     sigma = _largest(sweep_search, base, "sigma")
+    proxy = (int(_largest(sweep_search, base, "proxy_n")), base.proxy_alpha, "proxy_n")
     if metric.startswith(PROXY_PREFIX):
         radius = float(metric[len(PROXY_PREFIX):])
-        n, alpha, source = int(_largest(sweep_search, base, "proxy_n")), base.proxy_alpha, \
-            "proxy_n"
+        counts = [proxy]
     elif metric.startswith(FINAL_ACCURACY_PREFIX):
         radius = float(metric[len(FINAL_ACCURACY_PREFIX):])
-        n, alpha, source = base.certify.n, base.certify.alpha, "certify.n"
+        counts = [(base.certify.n, base.certify.alpha, "certify.final.n"), proxy]
+        if rank is not None:
+            counts.insert(0, (rank.n, rank.alpha, "certify.rank.n"))
     else:
         return
-    reach = max_certifiable_radius(sigma, n, alpha)
-    if radius > reach:
-        raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify at sigma "
-                         f"{sigma} (at most {reach:.3f}): raise {source} or pick a smaller "
-                         "radius")
+    for n, alpha, source in counts:
+        reach = max_certifiable_radius(sigma, n, alpha)
+        if radius > reach:
+            raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify at "
+                             f"sigma {sigma} (at most {reach:.3f}): {source} needs at least "
+                             f"{draws_needed(radius, sigma, alpha)}, or pick a smaller radius")
 
 
-def _parse_objectives(spec: Any, base: TrainConfig,
-                      search: Mapping[str, Distribution]) -> list[Objective]:
+def _parse_objectives(spec: Any, base: TrainConfig, search: Mapping[str, Distribution],
+                      rank: RankSettings) -> list[Objective]:
     if spec is None:
         raise CadisError("objective is required: {metric: NAME, mode: max|min}, or two of each "
                          f"as lists for a Pareto front; metrics: {METRIC_FORMS}")
@@ -610,7 +724,7 @@ def _parse_objectives(spec: Any, base: TrainConfig,
         if mode not in MODES:
             raise CadisError(f"objective.mode must be max or min, got {mode!r}")
         name = _canonical_metric("objective.metric", metric)
-        _check_reachable("objective.metric", name, search, base)
+        _check_reachable("objective.metric", name, search, base, rank)
         objectives.append(Objective(name, mode))
     if len(objectives) == 2 and objectives[0].metric == objectives[1].metric:
         raise CadisError(f"objective.metric: the two objectives are the same metric "
@@ -704,8 +818,23 @@ def describe(sweep: SweepConfig) -> str:
                  f"({resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker:g} GPU) + "
                  f"{TRIAL_DRIVER_CPUS:g} CPU for the trial's driver = {need['CPU']:g} CPU, "
                  f"{need['GPU']:g} GPU")
-    lines.append(f"certify: n={certify.n} n0={certify.n0} alpha={certify.alpha:g} "
-                 f"skip={certify.skip} max_images={certify.max_images}")
+    rank = sweep.rank
+    lines.append(f"rank stage (the objective): the first {rank.images} of "
+                 f"{sweep.base.val_images} validation images (seed {sweep.base.val_seed}), "
+                 f"n={rank.n} n0={rank.n0} alpha={rank.alpha:g}, every trial that trains to "
+                 "the end")
+    lines.append(f"final stage: the top {sweep.top_k} by rank on the test set, n={certify.n} "
+                 f"n0={certify.n0} alpha={certify.alpha:g} skip={certify.skip} "
+                 f"max_images={certify.max_images}")
+    lines.append(f"proxy per epoch: {sweep.base.proxy_images} validation images, "
+                 f"n={sweep.base.proxy_n} n0={sweep.base.proxy_n0}")
+    if sweep.shares_draws:
+        lines.append("draws: the rank stage's and the proxy's denoised once for every trial "
+                     f"(in {sweep.results_dir}/draws)")
+    else:
+        why = ("store_draws is false" if not sweep.store_draws else
+               f"they depend on the searched {', '.join(sweep.draws_vary_with)}")
+        lines.append(f"draws: every trial denoises its own ({why})")
     lines.append(f"mlflow: {sweep.tracking_uri()} (experiment {sweep.mlflow.experiment})")
     lines.append(f"results: {sweep.results_dir}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from cadis.sweeps.layout import EPOCH, OPTUNA_DB
 from cadis.sweeps.schema import SEARCHER_OPTUNA, Distribution, SweepConfig
+from cadis.tracking.contract import PROXY_ACR
 
 
 def tune_search_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -42,28 +43,53 @@ def build_searcher(sweep: SweepConfig, results: Path) -> Any:
         return None
     import optuna
 
-    metrics = [objective.metric for objective in sweep.objective]
+    metrics = [objective.searched for objective in sweep.objective]
     modes = [objective.mode for objective in sweep.objective]
     storage = optuna.storages.RDBStorage(f"sqlite:///{results / OPTUNA_DB}")
     return FinalMetricOptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
-                        mode=modes if len(modes) > 1 else modes[0], storage=storage,
-                        study_name=sweep.name, seed=sweep.base.seed)
+                                   mode=modes if len(modes) > 1 else modes[0], storage=storage,
+                                   study_name=sweep.name, seed=sweep.base.seed,
+                                   intermediate=intermediate_metric(sweep))
+
+
+def intermediate_metric(sweep: SweepConfig) -> str | None:
+    """The per-epoch metric Optuna is told as a trial's intermediate values (so that TPE
+    learns from trials ASHA stopped, ranked by them): the scheduler's, else the proxy ACR;
+    none for two objectives (Optuna keeps no intermediate values there) or when the
+    scheduler's direction is not the objective's."""
+    if len(sweep.objective) != 1:
+        return None
+    if sweep.scheduler is None:
+        return PROXY_ACR if sweep.objective[0].mode == "max" else None
+    return sweep.scheduler.metric if sweep.scheduler.mode == sweep.objective[0].mode else None
 
 
 class FinalMetricOptunaSearch(OptunaSearch):
-    """Optuna told only a trial's final, certified metrics. Per-epoch results carry the proxy,
-    not the objective (Ray's searcher would look it up in each one); a trial that ends
-    without its objective (stopped by ASHA) is told as pruned, in one objective or two."""
+    """Optuna told a trial's per-epoch proxy as intermediate values and its certified
+    figures as its value. Ray's searcher would look the objective up in every per-epoch
+    result; a trial that ends without its objective (stopped by ASHA) is told as pruned, in
+    one objective or two, with the intermediate values it reported."""
+
+    def __init__(self, *args: Any, intermediate: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermediate = intermediate
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        return None
+        objective_known = any(metric in result for metric in self._metrics())
+        if (self.intermediate is None or objective_known or self.intermediate not in result
+                or trial_id in self._completed_trials or trial_id not in self._ot_trials):
+            return
+        self._ot_trials[trial_id].report(float(result[self.intermediate]),
+                                         step=int(result.get(EPOCH, 0)))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        if result is not None and any(metric not in result for metric in metrics):
+        if result is not None and any(metric not in result for metric in self._metrics()):
             result = None
         super().on_trial_complete(trial_id, result, error)
+
+    def _metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
 
 
 def build_scheduler(sweep: SweepConfig) -> Any:

@@ -1,5 +1,10 @@
-"""One trial of a sweep: a Tune function that fine-tunes on Ray Train workers, certifies the
-result in a Ray task holding one worker's resources, and reports to Tune.
+"""One trial of a sweep and its two certifications.
+
+:func:`run_trial` is the Tune function: it fine-tunes on Ray Train workers, then certifies the
+result on the validation hold-out (the rank stage) in a Ray task holding one worker's
+resources, and reports those figures, which the searcher optimises. :func:`certify_final`
+certifies a finalist on the test set once the search has ended (the driver calls it). The
+rank stage reads stored draws when the sweep made them (:mod:`cadis.sweeps.stores`).
 """
 
 from __future__ import annotations
@@ -9,19 +14,37 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cadis.certify_models import certify_models
-from cadis.finetuning.checkpoint import read_metadata
-from cadis.finetuning.config import from_mapping
+import torch
+
+from cadis.certify_models import build_denoised_classifier, certify_models
+from cadis.data import load_dataset, stratified_holdout
+from cadis.files import atomic_write_text
+from cadis.finetuning.checkpoint import load_trained, read_metadata
+from cadis.finetuning.config import TrainConfig, from_mapping
 from cadis.finetuning.ray_train import build_trainer
+from cadis.models.classifier import load_classifier
+from cadis.models.devices import pick_device
 from cadis.models.sources import ModelSources
-from cadis.smoothing.runner import SETTINGS_FILENAME
-from cadis.sweeps.layout import TRAIN_DIR, trial_certify_dir
-from cadis.sweeps.schema import SweepConfig, trial_config
-from cadis.tracking.contract import ACR, CLEAN_ACCURACY, certified_accuracy_metric
+from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.draws import DrawStore, store_key
+from cadis.smoothing.records import radius_grid
+from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_records
+from cadis.smoothing.smooth import Smooth, default_batch_size
+from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_rank_dir
+from cadis.sweeps.schema import RankSettings, SweepConfig, trial_config
+from cadis.tracking.contract import (
+    ACR,
+    CLEAN_ACCURACY,
+    certified_accuracy_metric,
+    validation_metric,
+)
 
 
-def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str) -> None:
-    """The Tune function of one trial: train on Ray Train workers, certify, report."""
+def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
+              stores: dict[str, str | None]) -> None:
+    """The Tune function of one trial: train on Ray Train workers, certify on the validation
+    hold-out, report. ``stores`` names the sweep's stored draws (``proxy``, ``rank``; None:
+    the trial denoises its own)."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -29,6 +52,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(sweep, params)
+    config.proxy_store = stores.get("proxy")
     resources = sweep.resources
     # The run is named by the trial: a trial restarted (a retry, --resume) resumes its run.
     trainer = build_trainer(config, trial_id, Path(results) / TRAIN_DIR,
@@ -38,39 +62,105 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str) -> None:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial_id}: training left no checkpoint")
+    checkpoint = str(result.checkpoint.path)
+    # What the final stage needs of this trial, should it be a finalist.
+    trained = trained_file(results, trial_id)
+    trained.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(trained, json.dumps({"checkpoint": checkpoint,
+                                           "config": config.to_dict()}, indent=2) + "\n")
     # Outside the trial's placement group (which holds only this function's share): the
     # Train workers have given their resources back by now, as the Train run does its own.
-    certify = ray.remote(certify_trial).options(
+    certify = ray.remote(certify_rank).options(
         num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    out = trial_certify_dir(results, trial_id)
-    tune.report(ray.get(certify.remote(config.to_dict(), result.checkpoint, str(out))))
+    out = trial_rank_dir(results, trial_id)
+    tune.report(ray.get(certify.remote(config.to_dict(), sweep.rank, checkpoint, str(out),
+                                       stores.get("rank"))))
 
 
-def certify_trial(config_dict: dict[str, Any], checkpoint: Any, out: str) -> dict[str, float]:
-    """Certify a trained checkpoint with the sweep's certify: settings into ``out`` (resumed
-    if a previous attempt stopped midway); returns the last epoch's metrics and the final
-    ones: certified accuracy per radius, ``acr`` and ``clean_accuracy``."""
+def validation_indices(config: TrainConfig, sources: ModelSources, count: int) -> list[int]:
+    """The first ``count`` images of the trial's validation hold-out (training split indices)."""
+    train_set = load_dataset(sources.dataset, "train", sources.data_root,
+                             image_size=config.image_size)
+    return stratified_holdout(train_set.labels, config.val_images, config.val_seed)[1][:count]
+
+
+def rank_store_key(config: TrainConfig, sources: ModelSources, rank: RankSettings,
+                   indices: list[int]) -> dict[str, Any]:
+    """What the rank stage's draws depend on."""
+    return store_key(dataset=sources.dataset, split="train", indices=indices,
+                     denoiser=sources.denoiser, sigma=config.sigma, n0=rank.n0, n=rank.n,
+                     seed=config.seed)
+
+
+def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: str, out: str,
+                 store: str | None) -> dict[str, float]:
+    """Certify a trained checkpoint on the first ``rank.images`` validation images into
+    ``out`` (resumed if a previous attempt stopped midway), from the stored draws in
+    ``store`` when given (the classifier alone runs; the same counts as denoising them here).
+    Returns the last epoch's metrics and the validation figures (``val_`` names)."""
+    config = from_mapping(config_dict)
+    sources = model_sources(config)
+    device = pick_device(config.device)
+    parameters = CertificationParameters(rank.n0, rank.n, rank.alpha,
+                                         rank.batch_size or default_batch_size(device))
+    indices = validation_indices(config, sources, rank.images)
+    train_set = load_dataset(sources.dataset, "train", sources.data_root,
+                             image_size=config.image_size)
+    info = train_set.info
+    _discard_other_certification(Path(out), checkpoint)
+    settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
+                "checkpoint": checkpoint, "dataset": sources.dataset,
+                "split": "validation", "seed": config.seed, "stored_draws": store}
+    radii = radius_grid(config.sigma, rank.n, rank.alpha, info.image_size)
+    if store is not None:
+        draws = DrawStore.open(store, rank_store_key(config, sources, rank, indices))
+        classifier, _ = load_trained(load_classifier(sources.classifier), Path(checkpoint))
+        classifier.eval().to(device)
+        summary = certify_records(
+            lambda group: draws.certify(classifier, group, rank.alpha, device), indices,
+            parameters, config.sigma, out, settings, radii, progress=False)
+    else:
+        base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
+                                         channels=info.channels, image_size=info.image_size)
+        smooth = Smooth(base, info.num_classes, config.sigma,
+                        generator=torch.Generator(device=device).manual_seed(config.seed))
+        summary = certify_dataset(smooth, train_set, indices, parameters, out, settings, radii,
+                                  progress=False)
+    figures = {validation_metric(name): value for name, value in _figures(summary).items()}
+    return {**read_metadata(Path(checkpoint))["metrics"], **figures}
+
+
+def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str) -> dict[str, float]:
+    """Certify a finalist's checkpoint on the test set with the sweep's final settings into
+    ``out`` (resumed if a previous attempt stopped midway); returns the test figures:
+    certified accuracy per radius, ``acr`` and ``clean_accuracy``."""
     config = from_mapping(config_dict)
     certify = config.certify
-    sources = ModelSources.resolve(config.models, config.classifier, config.denoiser,
-                                   config.dataset, config.data_root, config.image_size)
-    with checkpoint.as_directory() as directory:
-        _discard_other_certification(Path(out), directory)
-        metadata = read_metadata(Path(directory))
-        summary = certify_models(
-            sources, config.sigma, Path(out), n=certify.n, n0=certify.n0, alpha=certify.alpha,
-            skip=certify.skip, max_images=certify.max_images, batch_size=certify.batch_size,
-            checkpoint=directory, seed=config.seed, device=config.device, progress=False)
+    _discard_other_certification(Path(out), checkpoint)
+    summary = certify_models(
+        model_sources(config), config.sigma, Path(out), n=certify.n, n0=certify.n0,
+        alpha=certify.alpha, skip=certify.skip, max_images=certify.max_images,
+        batch_size=certify.batch_size, checkpoint=checkpoint, seed=config.seed,
+        device=config.device, progress=False)
+    return _figures(summary)
+
+
+def model_sources(config: TrainConfig) -> ModelSources:
+    return ModelSources.resolve(config.models, config.classifier, config.denoiser,
+                                config.dataset, config.data_root, config.image_size)
+
+
+def _figures(summary: dict[str, Any]) -> dict[str, float]:
     accuracy = {certified_accuracy_metric(float(radius)): value
                 for radius, value in summary["certified_accuracy"].items()}
-    return {**metadata["metrics"], **accuracy, ACR: summary["acr"],
+    return {**accuracy, ACR: summary["acr"],
             CLEAN_ACCURACY: accuracy[certified_accuracy_metric(0.0)]}
 
 
 def _discard_other_certification(out: Path, checkpoint: str) -> None:
     """A trial retrained after an interruption has a new checkpoint: records certified from
-    the old one are not this model's, and certify_models would (rightly) refuse the folder."""
+    the old one are not this model's, and the runner would (rightly) refuse the folder."""
     settings = out / SETTINGS_FILENAME
     if settings.is_file() and json.loads(settings.read_text()).get("checkpoint") != checkpoint:
         shutil.rmtree(out)

@@ -28,6 +28,8 @@ MARKDOWN_MISSING: Final = "-"
 #: Significant digits of a long sampled float param in markdown (as logged in CSV).
 MAX_PARAM_DIGITS: Final = 4
 
+#: The rank stage's (validation) figures shown before the test set's, when any trial has them.
+VALIDATION_EXTRAS: Final = (tracking.validation_metric(tracking.ACR),)
 #: Final metrics shown after the certified accuracy columns, when any trial has them.
 EXTRA_METRICS: Final = (tracking.ACR, tracking.CLEAN_ACCURACY, tracking.HALLUCINATION_RATE,
                         tracking.TRAINABLE_FRACTION)
@@ -51,14 +53,21 @@ class TrialRow:
     run_id: str = ""
     start_time: int = 0
     accuracy: Mapping[float, float] = field(init=False, repr=False, compare=False)
+    """Test certified accuracy by radius (the final stage)."""
+    val_accuracy: Mapping[float, float] = field(init=False, repr=False, compare=False)
+    """Validation certified accuracy by radius (the rank stage)."""
 
     def __post_init__(self) -> None:
-        by_radius = {}
+        by_radius: dict[str, dict[float, float]] = {"": {}, tracking.VALIDATION_PREFIX: {}}
         for name, value in self.metrics.items():
-            radius = tracking.radius_of_metric(name)
-            if radius is not None:
-                by_radius[radius] = float(value)
-        object.__setattr__(self, "accuracy", dict(sorted(by_radius.items())))
+            for prefix, accuracy in by_radius.items():
+                radius = tracking.radius_of_metric(name[len(prefix):]) \
+                    if name.startswith(prefix) else None
+                if radius is not None:
+                    accuracy[radius] = float(value)
+        object.__setattr__(self, "accuracy", dict(sorted(by_radius[""].items())))
+        object.__setattr__(self, "val_accuracy", dict(sorted(
+            by_radius[tracking.VALIDATION_PREFIX].items())))
 
     @property
     def certified(self) -> bool:
@@ -202,8 +211,9 @@ def radius_label(radius: float) -> str:
 def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
                       fmt: TableFormat = "markdown") -> str:
     """The table: one row per trial (ordered as :func:`sort_rows`), columns trial, outcome,
-    the searched params (and ``by``), ``r=<radius>`` per radius, then those of
-    :data:`EXTRA_METRICS` that any trial has."""
+    the searched params (and ``by``), the validation figures (``val r=<radius>`` per radius,
+    ``val_acr``) where trials have them, the test figures (``r=<radius>`` per radius), then
+    those of :data:`EXTRA_METRICS` that any trial has."""
     if not rows:
         raise CadisError("no trial runs to compare")
     if by is not None:
@@ -212,8 +222,12 @@ def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
     if by is not None and by not in params:
         params.insert(0, by)
     radii = radii_of(rows)
+    val_radii = sorted({radius for row in rows for radius in row.val_accuracy})
+    val_extras = [name for name in VALIDATION_EXTRAS if any(name in row.metrics for row in rows)]
     extras = [name for name in EXTRA_METRICS if any(name in row.metrics for row in rows)]
-    header = ["trial", "outcome", *params, *map(radius_label, radii), *extras]
+    header = ["trial", "outcome", *params,
+              *(f"{tracking.VALIDATION_PREFIX.rstrip('_')} {radius_label(r)}" for r in val_radii),
+              *val_extras, *map(radius_label, radii), *extras]
     digits = MARKDOWN_DIGITS if fmt == "markdown" else CSV_DIGITS
     missing = MARKDOWN_MISSING if fmt == "markdown" else ""
 
@@ -222,6 +236,8 @@ def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
 
     table = [[row.name, row.outcome,
               *(_param_cell(row.params.get(name), missing, fmt) for name in params),
+              *(number(row.val_accuracy.get(radius)) for radius in val_radii),
+              *(number(row.metrics.get(name)) for name in val_extras),
               *(number(row.accuracy.get(radius)) for radius in radii),
               *(number(row.metrics.get(name)) for name in extras)]
              for row in sort_rows(rows, by)]

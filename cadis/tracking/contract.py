@@ -57,6 +57,36 @@ TRAINABLE_FRACTION = "trainable_fraction"
 # The parent run repeats the best trial's final metrics under this prefix.
 BEST_PREFIX = "best."
 
+# The two stages of a sweep's certification. The rank stage certifies every trial that
+# trains to the end on the validation hold-out: its figures carry VALIDATION_PREFIX
+# (val_certified_accuracy_r0.5, val_acr, val_clean_accuracy) and the searcher optimises
+# them. The final stage certifies the top_k trials by rank on the test set: their figures
+# are the unprefixed names above, and a finalist's run is tagged FINALIST_TAG = "true". The
+# parent's best.* are the test figures of the trial the validation ranking put first.
+VALIDATION_PREFIX = "val_"
+FINALIST_TAG = "cadis.finalist"
+# The parent run's stage: search (trials run), ranked (stopped before the final stage),
+# final (finalists being certified on test), done.
+STAGE_TAG = "cadis.stage"
+# Where a trial run keeps the rank stage's records, summary and plot (the test's are at the
+# run's root).
+RANK_ARTIFACTS_DIR = "rank"
+
+
+def validation_metric(name: str) -> str:
+    """The rank stage's (validation) name of a final metric: ``val_acr``."""
+    return f"{VALIDATION_PREFIX}{name}"
+
+
+def is_final_metric(name: str) -> bool:
+    """A test figure of the final stage: certified accuracy per radius, ACR, clean accuracy."""
+    return name.startswith(CERTIFIED_ACCURACY_PREFIX) or name in (ACR, CLEAN_ACCURACY)
+
+
+def is_validation_metric(name: str) -> bool:
+    """A validation figure of the rank stage."""
+    return name.startswith(VALIDATION_PREFIX) and is_final_metric(name[len(VALIDATION_PREFIX):])
+
 SQLITE_SCHEME = "sqlite:///"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # One local store for every sweep, so that one `mlflow ui` and `cadis compare` see them all.

@@ -1,0 +1,242 @@
+"""Denoised draws computed once and reused: a store of ``D(x + delta)`` for certification.
+
+The denoiser is frozen, so a denoised draw depends only on the image, the noise and sigma,
+never on the classifier behind it. A store holds, for a fixed list of images, every draw of
+a seeded CERTIFY run (``n0`` selection and ``n`` estimation draws per image, drawn exactly as
+:class:`~cadis.smoothing.smooth.Smooth` draws them, in the same forwards) after the
+denoiser, in float32. Certifying a classifier from the store runs the classifier alone, on the
+same batches, so its counts equal those of ``Smooth(classifier ∘ denoiser)`` with the same
+seed exactly.
+
+Why sharing draws across the trials of a sweep is sound: each trial's certificate is a
+statement about its own smoothed classifier that holds with probability >= 1 - alpha over
+the draws; reusing the same draws for another classifier does not change that probability
+for either. It correlates the trials' errors (common random numbers), which makes the
+comparison between trials less noisy, not invalid.
+
+A store is a folder (``store.json``: what the draws depend on, the image indices and labels,
+build time, size and per-draw costs; ``denoised.npy``: K x (n0 + n) x C x H x W, memory-mapped,
+read without unpickling), written whole or not at all, named by a digest of its key so that
+other settings build beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cadis.errors import CadisError
+from cadis.files import atomic_directory, atomic_write_text
+from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.smooth import (
+    certify_segments,
+    count_predictions,
+    decide_certify,
+    evaluating,
+    images_per_forward,
+    noisy_batches,
+)
+
+STORE_ARRAY: Final = "denoised.npy"
+STORE_META: Final = "store.json"
+STORE_DTYPE: Final = np.float32
+# Disk left free beyond the store itself, for everything else the sweep writes.
+DISK_MARGIN_BYTES: Final = 256 * 2 ** 20
+# Digits of the key's digest in a store's folder name.
+DIGEST_CHARS: Final = 12
+
+
+def store_key(*, dataset: str, split: str, indices: Sequence[int], denoiser: str, sigma: float,
+              n0: int, n: int, seed: int) -> dict[str, Any]:
+    """Everything a store's draws depend on (the batch size only orders the forwards, and
+    is recorded with the store): data set, split, which images, denoiser, sigma, draws, seed."""
+    return {"dataset": dataset, "split": split, "indices": [int(i) for i in indices],
+            "denoiser": str(denoiser), "sigma": float(sigma), "n0": int(n0), "n": int(n),
+            "seed": int(seed), "dtype": np.dtype(STORE_DTYPE).name}
+
+
+def store_folder(root: str | Path, role: str, key: Mapping[str, Any]) -> Path:
+    """``root/ROLE-DIGEST``: the folder a store of ``key`` lives in."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return Path(root) / f"{role}-{digest[:DIGEST_CHARS]}"
+
+
+def store_bytes(num_images: int, n0: int, n: int, image_shape: Sequence[int]) -> int:
+    """The size of a store's array."""
+    return (num_images * (n0 + n) * int(np.prod(image_shape))
+            * np.dtype(STORE_DTYPE).itemsize)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store is and what it cost: read from ``store.json``."""
+
+    key: dict[str, Any]
+    labels: list[int]
+    batch_size: int
+    num_classes: int
+    image_shape: tuple[int, ...]
+    build_seconds: float
+    bytes: int
+    denoiser_ms_per_draw: float
+    classifier_ms_per_draw: float | None
+
+
+class DrawStore:
+    """The denoised draws of one seeded CERTIFY run over a fixed list of images.
+
+    Guarantee: :meth:`certify` returns exactly what ``Smooth(classifier ∘ denoiser, sigma,
+    generator seeded with the key's seed).certify_many(images, parameters)`` returns, for any
+    classifier, without running the denoiser.
+    """
+
+    def __init__(self, folder: Path, info: StoreInfo) -> None:
+        self.folder = folder
+        self.info = info
+        self.key = info.key
+        self.indices = list(info.key["indices"])
+        self.parameters = CertificationParameters(info.key["n0"], info.key["n"], 0.5,
+                                                  info.batch_size)
+        self._positions = {index: position for position, index in enumerate(self.indices)}
+        self._draws = np.load(folder / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
+
+    @classmethod
+    def open(cls, folder: str | Path, key: Mapping[str, Any]) -> DrawStore:
+        """The store in ``folder``, which must have been made with ``key``; otherwise
+        :class:`CadisError` naming what differs (the folder is left untouched)."""
+        folder = Path(folder)
+        meta_path = folder / STORE_META
+        if not meta_path.is_file() or not (folder / STORE_ARRAY).is_file():
+            raise CadisError(f"{folder} is not a store of denoised draws (no {STORE_META})")
+        meta = json.loads(meta_path.read_text())
+        differing = sorted(name for name in set(key) | set(meta["key"])
+                           if key.get(name) != meta["key"].get(name))
+        if differing:
+            raise CadisError(f"the denoised draws in {folder} were made with other settings "
+                             f"({', '.join(differing)} differ); use another folder")
+        info = StoreInfo(**{**meta, "image_shape": tuple(meta["image_shape"])})
+        return cls(folder, info)
+
+    def labels_of(self, indices: Sequence[int]) -> list[int]:
+        return [self.info.labels[self._position(index)] for index in indices]
+
+    def _position(self, index: int) -> int:
+        if index not in self._positions:
+            raise CadisError(f"image {index} has no draws in {self.folder}")
+        return self._positions[index]
+
+    def _groups(self) -> int:
+        return images_per_forward(self.key["n0"], self.key["n"], self.info.batch_size)
+
+    def certify(self, classifier: nn.Module, indices: Sequence[int], alpha: float,
+                device: torch.device) -> list[tuple[int, int, float]]:
+        """``[(label, prediction, radius)]`` of CERTIFY at ``alpha`` for the store's images
+        ``indices`` (data-set indices), in that order. Whole build groups are counted, in the
+        build's forwards, so the counts do not depend on which images are asked for."""
+        parameters = CertificationParameters(self.key["n0"], self.key["n"], alpha,
+                                             self.info.batch_size)
+        size = self._groups()
+        wanted = [self._position(index) for index in indices]
+        answers: dict[int, tuple[int, float]] = {}
+        for group_start in sorted({position - position % size for position in wanted}):
+            group = range(group_start, min(group_start + size, len(self.indices)))
+            counts = count_predictions(classifier, self._batches(group, parameters, device),
+                                       2 * len(group), self.info.num_classes, device)
+            for position, answer in zip(group, decide_certify(counts, parameters,
+                                                              self.key["sigma"])):
+                answers[position] = answer
+        return [(self.info.labels[position], *answers[position]) for position in wanted]
+
+    def _batches(self, group: range, parameters: CertificationParameters,
+                 device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """The group's stored rows in the forwards they were denoised in, with the segment
+        ids :func:`certify_segments` gives them."""
+        per_image = parameters.n0 + parameters.n
+        rows = np.asarray(self._draws[group.start:group.stop]).reshape(
+            len(group) * per_image, *self.info.image_shape)
+        segment_of_draw = torch.cat([
+            torch.full((parameters.n0,), 0), torch.full((parameters.n,), 1)])
+        segment_ids = torch.cat([segment_of_draw + 2 * image for image in range(len(group))])
+        for start in range(0, len(rows), parameters.batch_size):
+            stop = start + parameters.batch_size
+            yield (torch.from_numpy(np.array(rows[start:stop])).to(device),
+                   segment_ids[start:stop].to(device))
+
+
+def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
+                images: Tensor, labels: Sequence[int], num_classes: int, batch_size: int,
+                classifier: nn.Module | None = None, progress: bool = True) -> DrawStore:
+    """Denoise every draw of a seeded CERTIFY run over ``images`` (K x C x H x W, on the
+    device to run on) into ``folder``, or open it if it already holds this key's store.
+
+    ``denoiser`` maps noisy [0, 1] images to denoised [0, 1] images (what the classifier
+    takes). ``classifier``, when given, is timed on one forward of stored draws, so that the
+    store says what it saves. Raises :class:`CadisError` before any work when the store would
+    not fit on the disk (with the size it needs), or when ``folder`` holds another store.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        return DrawStore.open(folder, key)
+    parameters = CertificationParameters(key["n0"], key["n"], 0.5, batch_size)
+    size = store_bytes(len(images), parameters.n0, parameters.n, images.shape[1:])
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if size + DISK_MARGIN_BYTES > free:
+        raise CadisError(f"the denoised draws need {size / 2 ** 30:.2f} GiB in "
+                         f"{folder.parent} but {free / 2 ** 30:.2f} GiB are free: fewer images "
+                         "or draws, or another results_dir")
+    device = images.device
+    generator = torch.Generator(device=device).manual_seed(int(key["seed"]))
+    per_image = parameters.n0 + parameters.n
+    group_size = images_per_forward(parameters.n0, parameters.n, batch_size)
+    started = time.perf_counter()
+    denoiser_seconds = 0.0
+    with atomic_directory(folder) as staging:
+        array = np.lib.format.open_memmap(staging / STORE_ARRAY, mode="w+", dtype=STORE_DTYPE,
+                                          shape=(len(images), per_image, *images.shape[1:]))
+        flat = array.reshape(len(images) * per_image, *images.shape[1:])
+        row = 0
+        with tqdm(total=len(images), unit="img", desc="denoise draws",
+                  disable=not progress) as bar, evaluating(denoiser, device):
+            for start in range(0, len(images), group_size):
+                group = images[start:start + group_size]
+                segments = certify_segments(len(group), parameters)
+                for noisy, _ in noisy_batches(group, segments, float(key["sigma"]), generator,
+                                              batch_size):
+                    tick = time.perf_counter()
+                    denoised = denoiser(noisy).float()
+                    denoiser_seconds += time.perf_counter() - tick
+                    flat[row:row + len(denoised)] = denoised.cpu().numpy()
+                    row += len(denoised)
+                bar.update(len(group))
+        array.flush()
+        del flat, array
+        classifier_ms = None
+        if classifier is not None:
+            stored = np.load(staging / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
+            sample = torch.from_numpy(np.array(stored.reshape(-1, *images.shape[1:])[:batch_size])
+                                      ).to(device)
+            with evaluating(classifier, device):
+                tick = time.perf_counter()
+                classifier(sample)
+                classifier_ms = 1000 * (time.perf_counter() - tick) / len(sample)
+        draws = len(images) * per_image
+        meta = {"key": dict(key), "labels": [int(label) for label in labels],
+                "batch_size": int(batch_size), "num_classes": int(num_classes),
+                "image_shape": list(images.shape[1:]),
+                "build_seconds": round(time.perf_counter() - started, 3), "bytes": size,
+                "denoiser_ms_per_draw": 1000 * denoiser_seconds / draws,
+                "classifier_ms_per_draw": classifier_ms}
+        atomic_write_text(staging / STORE_META, json.dumps(meta, indent=2) + "\n")
+    return DrawStore.open(folder, key)

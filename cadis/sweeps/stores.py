@@ -1,0 +1,68 @@
+"""The denoised draws a sweep makes once, before its first trial: the rank stage's (n0 + n per
+validation image of the rank stage) and the proxy's (proxy_n0 + proxy_n per proxy image).
+
+Each is a :class:`cadis.smoothing.draws.DrawStore` under ``results_dir/draws``, keyed by what
+its draws depend on; a rerun or a resumed sweep finds it there. :func:`build_sweep_stores`
+runs in a Ray task with one worker's resources (its GPU where workers have one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cadis.data import load_dataset, stack_images
+from cadis.finetuning.config import from_mapping
+from cadis.finetuning.loop import proxy_store_key
+from cadis.models.classifier import load_classifier
+from cadis.models.denoiser import load_denoiser
+from cadis.models.devices import pick_device
+from cadis.smoothing.denoise import OneShotDenoiser
+from cadis.smoothing.draws import build_store, store_bytes, store_folder
+from cadis.smoothing.smooth import default_batch_size
+from cadis.sweeps.layout import DRAWS_DIR
+from cadis.sweeps.schema import RankSettings
+from cadis.sweeps.trial import model_sources, rank_store_key, validation_indices
+
+ROLES = ("rank", "proxy")
+
+
+def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results: str,
+                       progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Build (or find) the rank stage's and the proxy's stores for the sweep's base config;
+    returns per role its folder and what it cost (build seconds, bytes, per-draw milliseconds
+    of the denoiser and of the classifier)."""
+    config = from_mapping(config_dict)
+    sources = model_sources(config)
+    device = pick_device(config.device)
+    train_set = load_dataset(sources.dataset, "train", sources.data_root,
+                             image_size=config.image_size)
+    info = train_set.info
+    count = max(rank.images, config.proxy_images)
+    indices = validation_indices(config, sources, count)
+    unet, scheduler = load_denoiser(sources.denoiser)
+    denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
+    classifier = load_classifier(sources.classifier).to(device)
+    plans = {
+        "rank": (rank_store_key(config, sources, rank, indices[:rank.images]),
+                 indices[:rank.images], rank.batch_size),
+        "proxy": (proxy_store_key(config, sources, indices[:config.proxy_images]),
+                  indices[:config.proxy_images], config.certify.batch_size),
+    }
+    built = {}
+    for role in ROLES:
+        key, role_indices, batch_size = plans[role]
+        images, labels = stack_images(train_set, role_indices)
+        folder = store_folder(Path(results) / DRAWS_DIR, role, key)
+        if progress:
+            size = store_bytes(len(images), key["n0"], key["n"], images.shape[1:])
+            print(f"draws: {role} stage, {len(images)} images x {key['n0'] + key['n']} draws "
+                  f"({size / 2 ** 20:.0f} MiB) in {folder}", flush=True)
+        store = build_store(folder, key, denoiser, images.to(device), labels.tolist(),
+                            info.num_classes, batch_size or default_batch_size(device),
+                            classifier=classifier, progress=progress)
+        built[role] = {"folder": str(folder), "build_seconds": store.info.build_seconds,
+                       "bytes": store.info.bytes,
+                       "denoiser_ms_per_draw": store.info.denoiser_ms_per_draw,
+                       "classifier_ms_per_draw": store.info.classifier_ms_per_draw}
+    return built

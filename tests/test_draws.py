@@ -1,0 +1,121 @@
+"""Stored denoised draws: certifying from a store gives exactly the counts of denoising the
+same seeded draws again; a store of other settings is refused untouched; one that would not
+fit on the disk is refused before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cadis.errors import CadisError
+from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
+from cadis.smoothing.draws import STORE_META, DrawStore, build_store, store_folder, store_key
+from cadis.smoothing.smooth import Smooth
+from tests.conftest import make_scheduler, make_tiny_unet
+
+SIGMA = 0.5
+CLASSES = 3
+
+
+class Linear(nn.Module):
+    """A seeded linear classifier of 1x8x8 images whose answers vary from draw to draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.layer = nn.Linear(64, CLASSES)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layer(images.flatten(1) - 0.5) * 20
+
+
+def key(**changes):
+    fields = {"dataset": "digits", "split": "train", "indices": [3, 9, 4, 1, 7], "denoiser": "d",
+              "sigma": SIGMA, "n0": 6, "n": 30, "seed": 5, **changes}
+    return store_key(**fields)
+
+
+def parts():
+    torch.manual_seed(0)
+    denoiser = OneShotDenoiser(make_tiny_unet(), make_scheduler(), SIGMA)
+    images = torch.rand(5, 1, 8, 8)
+    return denoiser, Linear(), images
+
+
+@pytest.mark.parametrize("batch_size", [7, 36, 80, 500])  # within an image, one, two, all
+def test_stored_draws_give_the_counts_of_denoising_them_again(tmp_path, batch_size):
+    denoiser, classifier, images = parts()
+    store = build_store(tmp_path / "store", key(), denoiser, images, [0, 1, 2, 0, 1], CLASSES,
+                        batch_size, progress=False)
+    stored = store.certify(classifier, [3, 9, 4, 1, 7], 0.01, torch.device("cpu"))
+    smooth = Smooth(DenoisedClassifier(denoiser, classifier), CLASSES, SIGMA,
+                    generator=torch.Generator().manual_seed(5))
+    again = smooth.certify_many(images, CertificationParameters(6, 30, 0.01, batch_size))
+    assert [answer[1:] for answer in stored] == again
+    assert [answer[0] for answer in stored] == [0, 1, 2, 0, 1]
+    # The classifier really varies: not every image gets the same answer.
+    assert len({prediction for prediction, _ in again}) > 1
+
+
+def test_any_subset_and_order_of_images_gets_the_same_answers(tmp_path):
+    denoiser, classifier, images = parts()
+    store = build_store(tmp_path / "store", key(), denoiser, images, [0, 1, 2, 0, 1], CLASSES,
+                        36, progress=False)
+    everything = dict(zip([3, 9, 4, 1, 7], store.certify(classifier, [3, 9, 4, 1, 7], 0.01,
+                                                         torch.device("cpu"))))
+    some = store.certify(classifier, [7, 4], 0.01, torch.device("cpu"))
+    assert some == [everything[7], everything[4]]
+    with pytest.raises(CadisError, match="image 2 has no draws"):
+        store.certify(classifier, [2], 0.01, torch.device("cpu"))
+
+
+def test_a_store_records_what_it_cost(tmp_path):
+    denoiser, classifier, images = parts()
+    store = build_store(tmp_path / "store", key(), denoiser, images, [0] * 5, CLASSES, 36,
+                        classifier=classifier, progress=False)
+    info = store.info
+    assert info.bytes == 5 * 36 * 64 * 4
+    assert info.build_seconds > 0 and info.denoiser_ms_per_draw > 0
+    assert info.classifier_ms_per_draw is not None and info.classifier_ms_per_draw > 0
+
+
+def test_a_store_of_other_settings_is_refused_untouched(tmp_path):
+    denoiser, _, images = parts()
+    folder = tmp_path / "store"
+    build_store(folder, key(), denoiser, images, [0] * 5, CLASSES, 36, progress=False)
+    before = (folder / STORE_META).read_text()
+    for changed in ({"sigma": 0.25}, {"seed": 6}, {"n": 31}, {"indices": [3, 9, 4, 1, 8]}):
+        with pytest.raises(CadisError, match=f"{next(iter(changed))} differ"):
+            DrawStore.open(folder, key(**changed))
+        with pytest.raises(CadisError, match="made with other settings"):
+            build_store(folder, key(**changed), denoiser, images, [0] * 5, CLASSES, 36,
+                        progress=False)
+    assert (folder / STORE_META).read_text() == before
+
+
+def test_other_settings_get_a_folder_of_their_own(tmp_path):
+    assert store_folder(tmp_path, "rank", key()) == store_folder(tmp_path, "rank", key())
+    assert store_folder(tmp_path, "rank", key()) != store_folder(tmp_path, "rank",
+                                                                 key(sigma=0.25))
+    assert store_folder(tmp_path, "rank", key()).name.startswith("rank-")
+
+
+def test_a_store_that_does_not_fit_on_the_disk_is_refused_before_any_work(tmp_path):
+    denoiser, _, images = parts()
+    huge = key(n=10 ** 12)
+    with pytest.raises(CadisError, match=r"the denoised draws need [0-9.]+ GiB .* are free"):
+        build_store(tmp_path / "store", huge, denoiser, images, [0] * 5, CLASSES, 36,
+                    progress=False)
+    assert not (tmp_path / "store").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_store_says_its_dtype_and_batch_size(tmp_path):
+    denoiser, _, images = parts()
+    store = build_store(tmp_path / "store", key(), denoiser, images, [0] * 5, CLASSES, 36,
+                        progress=False)
+    meta = json.loads((store.folder / STORE_META).read_text())
+    assert meta["key"]["dtype"] == "float32" and meta["batch_size"] == 36
