@@ -47,6 +47,8 @@ from cadis.tracking.contract import TRIAL_ID_TAG, check_tracking_uri
 if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
 
+# The CPUs the task building the stored draws may take (it runs alone, before the trials).
+STORE_BUILD_MAX_CPUS = 8.0
 # Tune retries a failed trial this often; its Train run resumes from the last checkpoint.
 TRIAL_MAX_FAILURES = 1
 
@@ -198,9 +200,15 @@ def _build_stores(sweep: SweepConfig, results: Path) -> dict[str, dict[str, Any]
     from cadis.sweeps.stores import build_sweep_stores
 
     resources = sweep.resources
-    task = ray.remote(build_sweep_stores).options(num_cpus=resources.cpus_per_worker,
+    # Nothing else runs while the stores are built: the task takes the CPUs of the largest
+    # node (at most STORE_BUILD_MAX_CPUS), and torch as many threads, with one worker's GPU.
+    largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]),
+                  default=1.0)
+    cpus = max(resources.cpus_per_worker, min(largest, STORE_BUILD_MAX_CPUS))
+    task = ray.remote(build_sweep_stores).options(num_cpus=cpus,
                                                   num_gpus=resources.gpus_per_worker)
-    stores = ray.get(task.remote(sweep.base.to_dict(), sweep.rank, str(results)))
+    stores = ray.get(task.remote(sweep.base.to_dict(), sweep.rank, str(results),
+                                 threads=max(1, int(cpus))))
     for role, info in stores.items():
         classifier = info["classifier_ms_per_draw"]
         print(f"draws: {role} store built in {info['build_seconds']:.0f} s, "

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cadis.data import load_dataset, stack_images
 from cadis.finetuning.config import from_mapping
 from cadis.finetuning.loop import proxy_store_key
@@ -28,10 +30,11 @@ ROLES = ("rank", "proxy")
 
 
 def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results: str,
-                       progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Build (or find) the rank stage's and the proxy's stores for the sweep's base config;
-    returns per role its folder and what it cost (build seconds, bytes, per-draw milliseconds
-    of the denoiser and of the classifier)."""
+                       threads: int = 1, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Build (or find) the rank stage's and the proxy's stores for the sweep's base config,
+    with ``threads`` torch threads; returns per role its folder and what it cost (build
+    seconds, bytes, per-draw milliseconds of the denoiser and of the classifier)."""
+    torch.set_num_threads(threads)
     config = from_mapping(config_dict)
     sources = model_sources(config)
     device = pick_device(config.device)
