@@ -42,7 +42,7 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results:
                              image_size=config.image_size)
     info = train_set.info
     count = max(rank.images, config.proxy_images)
-    indices = validation_indices(config, sources, count)
+    indices = validation_indices(config, train_set, count)
     unet, scheduler = load_denoiser(sources.denoiser)
     denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
     classifier = load_classifier(sources.classifier).to(device)

@@ -78,10 +78,8 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
                                        stores.get("rank"))))
 
 
-def validation_indices(config: TrainConfig, sources: ModelSources, count: int) -> list[int]:
+def validation_indices(config: TrainConfig, train_set: Any, count: int) -> list[int]:
     """The first ``count`` images of the trial's validation hold-out (training split indices)."""
-    train_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=config.image_size)
     return stratified_holdout(train_set.labels, config.val_images, config.val_seed)[1][:count]
 
 
@@ -104,9 +102,9 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
     device = pick_device(config.device)
     parameters = CertificationParameters(rank.n0, rank.n, rank.alpha,
                                          rank.batch_size or default_batch_size(device))
-    indices = validation_indices(config, sources, rank.images)
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
                              image_size=config.image_size)
+    indices = validation_indices(config, train_set, rank.images)
     info = train_set.info
     _discard_other_certification(Path(out), checkpoint)
     settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
