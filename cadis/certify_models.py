@@ -23,6 +23,7 @@ from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import certify_dataset
+from cadis.smoothing.sequential import SequentialPlan
 from cadis.smoothing.smooth import Smooth, default_batch_size
 
 
@@ -52,10 +53,13 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                    n0: int = 100, alpha: float = 0.001, skip: int = 1,
                    max_images: int | None = None, batch_size: int | None = None,
                    checkpoint: str | None = None, radii: Sequence[float] | None = None,
-                   seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                   seed: int = 0, device: str = "auto", sequential: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
     """Certify every ``skip``-th test image (at most ``max_images``) into ``out_dir``.
 
-    ``batch_size`` (noise draws per forward) defaults to what is fast on the device.
+    ``batch_size`` (noise draws per forward) defaults to what is fast on the device. With
+    ``sequential``, each image is certified at ``radii`` (required) by the sequential test of
+    :mod:`cadis.smoothing.sequential`, ``n`` being the most estimation draws an image may spend.
 
     Returns the summary (also in ``out_dir/summary.json``). Resumes an interrupted run with
     the same settings; refuses, untouched, an ``out_dir`` made with other settings.
@@ -63,6 +67,7 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     chosen_device = pick_device(device)
     parameters = CertificationParameters(n0, n, alpha,
                                          batch_size or default_batch_size(chosen_device))
+    plan = SequentialPlan(radii or (), sigma, alpha, n) if sequential else None
     test_set = load_dataset(sources.dataset, "test", sources.data_root,
                             image_size=sources.image_size)
     info = test_set.info
@@ -77,4 +82,4 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     return certify_dataset(smooth, test_set, indices, parameters, out_dir=out_dir,
                            settings=settings,
                            radii=radius_grid(sigma, n, alpha, info.image_size, radii),
-                           progress=progress)
+                           progress=progress, plan=plan)

@@ -38,13 +38,15 @@ def _certify(args: argparse.Namespace) -> None:
                              skip=args.skip, max_images=args.max_images,
                              batch_size=args.batch_size, checkpoint=args.checkpoint,
                              radii=args.radii, seed=args.seed, device=args.device,
-                             progress=not args.quiet)
+                             sequential=args.sequential, progress=not args.quiet)
     radii = [float(r) for r in summary["certified_accuracy"]]
     records = read_records(out / RECORDS_FILENAME)
-    label = f"sigma={args.sigma:g}"
+    label = f"sigma={args.sigma:g}" + (", sequential" if args.sequential else "")
     print(format_table({label: records}, radii, fmt="markdown").rstrip("\n"))
-    print(f"{summary['num_images']} images, n={args.n}, n0={args.n0}, alpha={args.alpha:g}; "
-          f"records, summary and plot in {out}")
+    spent = (f"sequential, {summary['mean_draws']:.0f} draws an image on average (at most "
+             f"n0 + n = {args.n0 + args.n}; ACR over the grid)" if args.sequential else "fixed n")
+    print(f"{summary['num_images']} images, n={args.n}, n0={args.n0}, alpha={args.alpha:g}, "
+          f"{spent}; records, summary and plot in {out}")
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--batch-size", type=int,
                          help="noise draws per forward (default: 100 on CPU, 1000 on CUDA)")
     certify.add_argument("--radii", type=_radii, help="radius grid of the table, e.g. 0,0.5,1")
+    certify.add_argument("--sequential", action="store_true",
+                         help="stop each image once every --radii radius is decided (n: the "
+                              "most draws); sound at alpha over all looks")
     certify.add_argument("--seed", type=int, default=0, help="seed of the noise")
     certify.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     certify.add_argument("--out", required=True, help="output folder (resumed if it exists)")

@@ -93,3 +93,40 @@ def test_analyze_puts_runs_side_by_side(tiny_models_dir, tmp_path, capsys):
 def test_analyze_missing_file_and_label_count(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "missing.tsv")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_sequential_certify_records_draws_and_keeps_its_own_folder(tiny_models_dir, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "sequential"
+    assert _certify(tiny_models_dir, out, "--max-images", "3", "--sequential",
+                    "--radii", "0,0.25", "--n", "200") == 0
+    records = read_records(out / "records.tsv")
+    assert (out / "records.tsv").read_text().splitlines()[0].endswith("\tdraws")
+    assert all(10 + 1 <= r.draws <= 10 + 200 for r in records)
+    assert all(r.radius in (0.0, 0.25) for r in records)  # grid radii
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "sequential" and summary["acr_over"] == "grid"
+    assert summary["mean_draws"] == pytest.approx(sum(r.draws for r in records) / 3)
+    assert summary["looks"] == [100, 200] and summary["radii"] == [0.0, 0.25]
+    assert "sequential" in capsys.readouterr().out
+    # Fixed-n records never join a sequential folder (nor the other way round).
+    assert _certify(tiny_models_dir, out, "--max-images", "3", "--radii", "0,0.25",
+                    "--n", "200") == 2
+    assert len(read_records(out / "records.tsv")) == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sequential"], "sequential certification needs radii to decide"),
+    (["--sequential", "--radii", "0.5,0.25"], "radii must be strictly increasing"),
+    (["--sequential", "--radii", "0,1.0", "--n", "100"],
+     "n = 100 draws cannot certify radius 1 at sigma 0.5 sequentially (alpha 0.001 over 1 "
+     "looks); it needs n >= 348"),
+])
+def test_sequential_bad_input_is_one_line_and_exit_two(tiny_models_dir, tmp_path, capsys, args,
+                                                       message):
+    out = tmp_path / "run"
+    code = main(["certify", "--models", str(tiny_models_dir), "--sigma", "0.5", "--n", "10",
+                 "--n0", "5", "--max-images", "1", "--out", str(out), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()

@@ -119,3 +119,31 @@ def test_the_store_says_its_dtype_and_batch_size(tmp_path):
                         progress=False)
     meta = json.loads((store.folder / STORE_META).read_text())
     assert meta["key"]["dtype"] == "float32" and meta["batch_size"] == 36
+
+
+def test_sequential_from_a_store_with_one_look_agrees_with_certify_from_it(tmp_path):
+    # One look at all n draws (alpha unsplit): the largest grid radius the sequential test
+    # certifies is the largest grid radius at or below CERTIFY's radius, image by image.
+    from cadis.smoothing.sequential import SequentialPlan
+
+    denoiser, classifier, images = parts()
+    store = build_store(tmp_path / "store", key(n=300), denoiser, images, [0, 1, 2, 0, 1],
+                        CLASSES, 36, progress=False)
+    indices = [3, 9, 4, 1, 7]
+    fixed = store.certify(classifier, indices, 0.2, torch.device("cpu"))
+    grid = (0.0, 0.05, 0.1, 0.2, 0.3)
+    plan = SequentialPlan(grid, SIGMA, 0.2, n_max=300, first_look=300)
+    sequential = store.certify_sequential(classifier, indices, plan, torch.device("cpu"))
+    for (label, prediction, radius), (s_label, s_prediction, s_radius, draws) in zip(
+            fixed, sequential):
+        assert s_label == label and s_prediction == prediction and draws == 6 + 300
+        if prediction != -1:
+            assert s_radius == max(r for r in grid if r <= radius)
+    # With looks, images stop early and never read past the store's n.
+    plan = SequentialPlan(grid, SIGMA, 0.2, n_max=300, first_look=25)
+    spent = [answer[3] for answer in store.certify_sequential(classifier, indices, plan,
+                                                              torch.device("cpu"))]
+    assert all(6 + 25 <= draws <= 6 + 300 for draws in spent)
+    with pytest.raises(CadisError, match="may spend 400 draws but the store"):
+        store.certify_sequential(classifier, indices, SequentialPlan(grid, SIGMA, 0.2, 400),
+                                 torch.device("cpu"))

@@ -55,13 +55,28 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     confidence 1 - 2*alpha, and 0 when ``n_A = 0``. Raises :class:`CadisError` unless
     ``0 <= n_a <= n``, ``n >= 1`` and ``0 < alpha < 1``.
     """
+    n_a, n, alpha = _check_counts(n_a, n, alpha)
+    if n_a == 0:
+        return 0.0
+    return float(beta.ppf(alpha, n_a, n - n_a + 1))
+
+
+def upper_confidence_bound(n_a: int, n: int, alpha: float) -> float:
+    """The one-sided (1 - alpha) Clopper-Pearson upper bound on p_A from n_A successes in n:
+    ``P[p_A <= bound] >= 1 - alpha``; 1 when ``n_A = n``. The same checks as
+    :func:`lower_confidence_bound`."""
+    n_a, n, alpha = _check_counts(n_a, n, alpha)
+    if n_a == n:
+        return 1.0
+    return float(beta.ppf(1.0 - alpha, n_a + 1, n - n_a))
+
+
+def _check_counts(n_a: object, n: object, alpha: object) -> tuple[int, int, float]:
     n = positive_int(n, "n")
     alpha = check_probability(alpha, "alpha")
     if not (isinstance(n_a, numbers.Integral) and not isinstance(n_a, bool) and 0 <= n_a <= n):
         raise CadisError(f"n_a must be an integer between 0 and n = {n}, got {n_a!r}")
-    if n_a == 0:
-        return 0.0
-    return float(beta.ppf(alpha, int(n_a), n - int(n_a) + 1))
+    return int(n_a), n, alpha
 
 
 def certified_radius(p_lower: float, sigma: float) -> float:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from cadis.errors import CadisError
 from cadis.files import atomic_directory, atomic_write_text
 from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.smoothing.smooth import (
     certify_segments,
     count_predictions,
@@ -76,6 +77,32 @@ def store_bytes(num_images: int, n0: int, n: int, image_shape: Sequence[int]) ->
     """The size of a store's array."""
     return (num_images * (n0 + n) * int(np.prod(image_shape))
             * np.dtype(STORE_DTYPE).itemsize)
+
+
+def read_store_meta(folder: Path, key: Mapping[str, Any]) -> dict[str, Any]:
+    """``store.json`` of the store in ``folder``, which must have been made with ``key``;
+    otherwise :class:`CadisError` naming what differs (the folder is left untouched)."""
+    meta_path = folder / STORE_META
+    if not meta_path.is_file() or not (folder / STORE_ARRAY).is_file():
+        raise CadisError(f"{folder} is not a store of denoised draws (no {STORE_META})")
+    meta = json.loads(meta_path.read_text())
+    differing = sorted(name for name in set(key) | set(meta["key"])
+                       if key.get(name) != meta["key"].get(name))
+    if differing:
+        raise CadisError(f"the denoised draws in {folder} were made with other settings "
+                         f"({', '.join(differing)} differ); use another folder")
+    return meta
+
+
+def check_free_space(folder: Path, size: int) -> None:
+    """:class:`CadisError` with the size needed when a store of ``size`` bytes (plus a margin
+    for everything else) would not fit beside ``folder``; creates its parent."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if size + DISK_MARGIN_BYTES > free:
+        raise CadisError(f"the denoised draws need {size / 2 ** 30:.2f} GiB in "
+                         f"{folder.parent} but {free / 2 ** 30:.2f} GiB are free: fewer images "
+                         "or draws, or another results_dir")
 
 
 @dataclass(frozen=True)
@@ -116,15 +143,7 @@ class DrawStore:
         """The store in ``folder``, which must have been made with ``key``; otherwise
         :class:`CadisError` naming what differs (the folder is left untouched)."""
         folder = Path(folder)
-        meta_path = folder / STORE_META
-        if not meta_path.is_file() or not (folder / STORE_ARRAY).is_file():
-            raise CadisError(f"{folder} is not a store of denoised draws (no {STORE_META})")
-        meta = json.loads(meta_path.read_text())
-        differing = sorted(name for name in set(key) | set(meta["key"])
-                           if key.get(name) != meta["key"].get(name))
-        if differing:
-            raise CadisError(f"the denoised draws in {folder} were made with other settings "
-                             f"({', '.join(differing)} differ); use another folder")
+        meta = read_store_meta(folder, key)
         info = StoreInfo(**{**meta, "image_shape": tuple(meta["image_shape"])})
         return cls(folder, info)
 
@@ -158,6 +177,43 @@ class DrawStore:
                 answers[position] = answer
         return [(self.info.labels[position], *answers[position]) for position in wanted]
 
+    def certify_sequential(self, classifier: nn.Module, indices: Sequence[int],
+                           plan: SequentialPlan, device: torch.device
+                           ) -> list[tuple[int, int, float, int]]:
+        """``[(label, prediction, radius, draws)]`` of the sequential test of ``plan`` for the
+        store's images ``indices``, in that order: the image's ``n0`` stored selection draws
+        choose the candidate, its stored estimation draws are read in the plan's looks (at most
+        the store's ``n``, which ``plan.n_max`` may not exceed). The stored draws are iid and
+        independent of the classifier, so :class:`SequentialPlan`'s guarantee holds."""
+        n0, n = self.key["n0"], self.key["n"]
+        if plan.n_max > n:
+            raise CadisError(f"the sequential plan may spend {plan.n_max} draws but the store "
+                             f"in {self.folder} holds {n} per image")
+        answers = []
+        for index in indices:
+            position = self._position(index)
+            rows = self._draws[position]
+            read = n0  # estimation draws follow the selection draws in the row
+
+            def estimate(draws: int) -> np.ndarray:
+                nonlocal read
+                read += draws
+                return self._count_rows(classifier, rows[read - draws:read], device)
+
+            prediction, radius, spent = run_sequential(
+                self._count_rows(classifier, rows[:n0], device), estimate, plan)
+            answers.append((self.info.labels[position], prediction, radius, n0 + spent))
+        return answers
+
+    def _count_rows(self, classifier: nn.Module, rows: np.ndarray,
+                    device: torch.device) -> np.ndarray:
+        """Class counts of ``classifier`` over stored rows, in forwards of the build's batch."""
+        size = self.info.batch_size
+        batches = ((torch.from_numpy(np.array(rows[start:start + size])).to(device),
+                    torch.zeros(len(rows[start:start + size]), dtype=torch.long, device=device))
+                   for start in range(0, len(rows), size))
+        return count_predictions(classifier, batches, 1, self.info.num_classes, device)[0]
+
     def _batches(self, group: range, parameters: CertificationParameters,
                  device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
         """The group's stored rows in the forwards they were denoised in, with the segment
@@ -190,12 +246,7 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
         return DrawStore.open(folder, key)
     parameters = CertificationParameters(key["n0"], key["n"], 0.5, batch_size)
     size = store_bytes(len(images), parameters.n0, parameters.n, images.shape[1:])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
-    if size + DISK_MARGIN_BYTES > free:
-        raise CadisError(f"the denoised draws need {size / 2 ** 30:.2f} GiB in "
-                         f"{folder.parent} but {free / 2 ** 30:.2f} GiB are free: fewer images "
-                         "or draws, or another results_dir")
+    check_free_space(folder, size)
     device = images.device
     generator = torch.Generator(device=device).manual_seed(int(key["seed"]))
     per_image = parameters.n0 + parameters.n

@@ -34,6 +34,11 @@ PLOT_FILENAME: Final = "certified_accuracy.png"
 
 RECORD_COLUMNS: Final = ("idx", "label", "predict", "radius", "correct", "seconds")
 RECORDS_HEADER: Final = "\t".join(RECORD_COLUMNS)
+#: Sequential certification's records (cadis.smoothing.sequential) add the draws each image
+#: spent; their header differs, so the two kinds never share a file.
+SEQUENTIAL_COLUMNS: Final = (*RECORD_COLUMNS, "draws")
+SEQUENTIAL_HEADER: Final = "\t".join(SEQUENTIAL_COLUMNS)
+HEADERS: Final = {RECORDS_HEADER: RECORD_COLUMNS, SEQUENTIAL_HEADER: SEQUENTIAL_COLUMNS}
 
 #: Radius grids of the papers' tables: step and default largest radius per image scale.
 RADIUS_STEPS: Final = {"cifar": 0.25, "imagenet": 0.5}
@@ -62,7 +67,8 @@ CSV_DIGITS: Final = 6
 class Record:
     """One certified image: its prediction (``ABSTAIN`` = -1) and certified l2 radius.
 
-    ``correct`` is ``predict == label``; an abstention is never correct.
+    ``correct`` is ``predict == label``; an abstention is never correct. ``draws`` is what a
+    sequential certification spent on the image (None for fixed n: always n0 + n).
     """
 
     idx: int
@@ -71,46 +77,52 @@ class Record:
     radius: float
     correct: bool
     seconds: float
+    draws: int | None = None
 
     @classmethod
     def from_prediction(cls, idx: int, label: int, predict: int, radius: float,
-                        seconds: float) -> Record:
+                        seconds: float, draws: int | None = None) -> Record:
         return cls(int(idx), int(label), int(predict), float(radius),
-                   predict != ABSTAIN and predict == label, float(seconds))
+                   predict != ABSTAIN and predict == label, float(seconds),
+                   None if draws is None else int(draws))
 
     def to_line(self) -> str:
         # repr keeps the radius exact, so accuracy at a grid radius is the same read back.
-        return "\t".join((str(self.idx), str(self.label), str(self.predict), repr(self.radius),
-                          str(int(self.correct)), f"{self.seconds:.4f}"))
+        fields = [str(self.idx), str(self.label), str(self.predict), repr(self.radius),
+                  str(int(self.correct)), f"{self.seconds:.4f}"]
+        return "\t".join(fields if self.draws is None else [*fields, str(self.draws)])
 
     @classmethod
-    def from_line(cls, line: str, where: str) -> Record:
+    def from_line(cls, line: str, where: str, columns: tuple[str, ...] = RECORD_COLUMNS
+                  ) -> Record:
         fields = line.split("\t")
-        if len(fields) != len(RECORD_COLUMNS):
-            raise CadisError(f"{where}: expected {len(RECORD_COLUMNS)} tab-separated fields "
-                             f"({', '.join(RECORD_COLUMNS)}), got {len(fields)}")
-        idx, label, predict, radius, correct, seconds = fields
+        if len(fields) != len(columns):
+            raise CadisError(f"{where}: expected {len(columns)} tab-separated fields "
+                             f"({', '.join(columns)}), got {len(fields)}")
+        idx, label, predict, radius, correct, seconds = fields[:len(RECORD_COLUMNS)]
         try:
             if correct not in ("0", "1"):
                 raise ValueError(f"correct must be 0 or 1, got {correct!r}")
+            draws = int(fields[-1]) if len(columns) > len(RECORD_COLUMNS) else None
             return cls(int(idx), int(label), int(predict), float(radius), correct == "1",
-                       float(seconds))
+                       float(seconds), draws)
         except ValueError as error:
             raise CadisError(f"{where}: malformed record ({error})") from None
 
 
-def _prepare_for_append(path: Path) -> None:
-    """Cut a last line left without its newline by a crash, and check the header, so that
-    appended rows start on lines of their own in a file of records."""
+def _prepare_for_append(path: Path, expected: str) -> None:
+    """Cut a last line left without its newline by a crash, and check the header is
+    ``expected``, so that appended rows start on lines of their own in a file of records of
+    one kind."""
     if not path.exists():
         return
     data = path.read_bytes()
     complete = data.rfind(b"\n") + 1
     if complete:
         header = data[:data.find(b"\n")].decode("utf-8", errors="replace")
-        if header != RECORDS_HEADER:
-            raise CadisError(f"{path} is not a records file (header {header!r}, expected "
-                             f"{RECORDS_HEADER!r}); refusing to append to it")
+        if header != expected:
+            raise CadisError(f"{path} is not a records file of this kind (header {header!r}, "
+                             f"expected {expected!r}); refusing to append to it")
     if complete < len(data):
         os.truncate(path, complete)
 
@@ -122,12 +134,13 @@ class RecordWriter:
     on opening; complete rows already there are kept. Use as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, sequential: bool = False) -> None:
         self.path = Path(path)
-        _prepare_for_append(self.path)
+        header = SEQUENTIAL_HEADER if sequential else RECORDS_HEADER
+        _prepare_for_append(self.path, header)
         self._file = open(self.path, "a", encoding="utf-8", newline="\n")
         if self._file.tell() == 0:
-            self._file.write(RECORDS_HEADER + "\n")
+            self._file.write(header + "\n")
             self._file.flush()
 
     def write(self, record: Record) -> None:
@@ -158,10 +171,11 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     complete = lines[:-1]
     if not complete:
         return []
-    if complete[0] != RECORDS_HEADER:
+    columns = HEADERS.get(complete[0])
+    if columns is None:
         raise CadisError(f"{path} is not a records file (header {complete[0]!r}, expected "
-                         f"{RECORDS_HEADER!r})")
-    return [Record.from_line(line, f"{path}:{number}")
+                         f"{RECORDS_HEADER!r} or {SEQUENTIAL_HEADER!r})")
+    return [Record.from_line(line, f"{path}:{number}", columns)
             for number, line in enumerate(complete[1:], start=2)]
 
 
@@ -264,13 +278,25 @@ def write_summary(path: str | os.PathLike, records: Sequence[Record], radii: Seq
 # --------------------------------------------------------------------------- tables and plots
 
 
+#: What a table's column adds to the label of sequentially made records.
+SEQUENTIAL_LABEL: Final = "(sequential; ACR over the grid)"
+
+
+def is_sequential(records: Sequence[Record]) -> bool:
+    """Whether records were made by sequential certification (they carry draws spent)."""
+    return bool(records) and records[0].draws is not None
+
+
 def format_table(record_sets: Mapping[str, Sequence[Record]], radii: Sequence[float],
                  fmt: TableFormat = "markdown") -> str:
     """Certified accuracy of each labelled record set side by side: one row per radius, one
-    column per label, and a last row ``ACR``. Accuracies are fractions in [0, 1]."""
+    column per label, and a last row ``ACR``. Accuracies are fractions in [0, 1]. A record
+    set made sequentially says so in its column (its ACR is an average over the grid)."""
     if not record_sets:
         raise CadisError("no record sets to tabulate")
-    labels = list(record_sets)
+    labels = [f"{label} {SEQUENTIAL_LABEL}" if is_sequential(records) else label
+              for label, records in record_sets.items()]
+    record_sets = dict(zip(labels, record_sets.values()))
     curves = [certified_accuracy_curve(record_sets[label], radii) for label in labels]
     acrs = [average_certified_radius(record_sets[label]) for label in labels]
     digits = MARKDOWN_DIGITS if fmt == "markdown" else CSV_DIGITS

@@ -33,6 +33,7 @@ from cadis.smoothing.records import (
     read_records,
     write_summary,
 )
+from cadis.smoothing.sequential import MODE_FIXED, MODE_SEQUENTIAL, SequentialPlan
 from cadis.smoothing.smooth import Smooth, images_per_forward
 
 SETTINGS_FILENAME: Final = "settings.json"
@@ -103,14 +104,15 @@ def _groups(indices: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(indices[start:start + size])
 
 
-#: Certifies a group of data-set indices: ``[(label, prediction, radius), ...]`` in order.
-GroupCertifier = Callable[[list[int]], list[tuple[int, int, float]]]
+#: Certifies a group of data-set indices: ``[(label, prediction, radius), ...]`` in order,
+#: sequential certification adding the draws spent: ``(label, prediction, radius, draws)``.
+GroupCertifier = Callable[[list[int]], list[tuple]]
 
 
 def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int],
                     parameters: CertificationParameters, out_dir: str | os.PathLike,
                     settings: Mapping[str, Any], radii: Sequence[float],
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, plan: SequentialPlan | None = None) -> dict[str, Any]:
     """CERTIFY ``dataset[i]`` for each ``i`` of ``indices`` into ``out_dir`` and summarise.
 
     Writes ``settings.json`` (``settings`` completed with sigma, n, n0 and alpha), appends one
@@ -121,35 +123,48 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
     certified together (:meth:`Smooth.certify_batch`, same statistics) and each record's
     ``seconds`` is its share of the group's time.
 
+    With ``plan``, each image is certified sequentially at the plan's radii
+    (:meth:`Smooth.certify_sequential`, at most ``parameters.n`` estimation draws): records
+    carry the draws spent and the grid radius certified, and the folder is one of that mode.
+
     Raises :class:`CadisError`, leaving ``out_dir`` untouched, if it holds records made with
     other settings.
     """
     device = smooth.device
 
-    def certify(group: list[int]) -> list[tuple[int, int, float]]:
+    def certify(group: list[int]) -> list[tuple]:
         examples = [dataset[index] for index in group]
         images = torch.stack([image for image, _ in examples]).to(device)
+        if plan is not None:
+            return [(int(label), *smooth.certify_sequential(image, parameters.n0, plan,
+                                                            parameters.batch_size))
+                    for image, (_, label) in zip(images, examples)]
         results = smooth.certify_images(images, parameters)
         return [(int(label), prediction, radius)
                 for (_, label), (prediction, radius) in zip(examples, results)]
 
     return certify_records(certify, indices, parameters, smooth.sigma, out_dir, settings,
-                           radii, progress)
+                           radii, progress, plan)
 
 
 def certify_records(certify: GroupCertifier, indices: Iterable[int],
                     parameters: CertificationParameters, sigma: float,
                     out_dir: str | os.PathLike, settings: Mapping[str, Any],
-                    radii: Sequence[float], progress: bool = True) -> dict[str, Any]:
+                    radii: Sequence[float], progress: bool = True,
+                    plan: SequentialPlan | None = None) -> dict[str, Any]:
     """:func:`certify_dataset` for any way of certifying a group of indices (live draws, or
     stored ones: :mod:`cadis.smoothing.draws`): the same folder, records, resume and refusal
-    of other settings, groups of :func:`images_per_forward` indices."""
+    of other settings, groups of :func:`images_per_forward` indices (one image at a time
+    with a sequential ``plan``, whose description joins the settings)."""
     n0, n, alpha = parameters.n0, parameters.n, parameters.alpha
     wanted = list(dict.fromkeys(int(index) for index in indices))
     if not wanted:
         raise CadisError("no images to certify: indices is empty")
+    if plan is not None and (plan.n_max != n or plan.alpha != alpha or plan.sigma != sigma):
+        raise CadisError("the sequential plan's n, alpha and sigma must be the certification's")
     out_dir = Path(out_dir)
-    run_settings = _run_settings(settings, sigma=sigma, n=n, n0=n0, alpha=alpha)
+    mode = {} if plan is None else plan.describe()
+    run_settings = _run_settings({**settings, **mode}, sigma=sigma, n=n, n0=n0, alpha=alpha)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim(out_dir, run_settings)
 
@@ -160,15 +175,17 @@ def certify_records(certify: GroupCertifier, indices: Iterable[int],
     todo = [index for index in wanted if index not in recorded]
     correct = sum(record.correct for record in recorded.values())
 
-    with RecordWriter(records_path) as writer, tqdm(total=len(wanted), initial=len(recorded),
-                                                     unit="img", desc="certify",
-                                                     disable=not progress) as bar:
-        for group in _groups(todo, images_per_forward(n0, n, parameters.batch_size)):
+    group_size = 1 if plan is not None else images_per_forward(n0, n, parameters.batch_size)
+    with RecordWriter(records_path, sequential=plan is not None) as writer, \
+            tqdm(total=len(wanted), initial=len(recorded), unit="img", desc="certify",
+                 disable=not progress) as bar:
+        for group in _groups(todo, group_size):
             start = time.perf_counter()
             results = certify(group)
             seconds = (time.perf_counter() - start) / len(group)
-            for index, (label, prediction, radius) in zip(group, results):
-                record = Record.from_prediction(index, label, prediction, radius, seconds)
+            for index, (label, prediction, radius, *spent) in zip(group, results):
+                record = Record.from_prediction(index, label, prediction, radius, seconds,
+                                                *spent)
                 writer.write(record)
                 recorded[index] = record
                 correct += record.correct
@@ -178,8 +195,17 @@ def certify_records(certify: GroupCertifier, indices: Iterable[int],
     records = [recorded[index] for index in wanted]
     extra = {key: value for key, value in run_settings.items()
              if key not in CERTIFICATION_SETTINGS}
+    extra["mode"] = MODE_FIXED if plan is None else MODE_SEQUENTIAL
+    # Sequential records hold grid radii: their ACR is an average over the grid.
+    extra["acr_over"] = "radius" if plan is None else "grid"
+    extra["mean_draws"] = (n0 + n if plan is None else
+                           sum(record.draws for record in records) / len(records))
     summary = write_summary(out_dir / SUMMARY_FILENAME, records, radii, sigma=sigma,
                             n=n, n0=n0, alpha=alpha, extra=extra)
-    plot_certified_accuracy({f"sigma={sigma:g}, n={n}": records}, out_dir / PLOT_FILENAME,
-                            title=f"certified accuracy ({len(records)} images, alpha={alpha:g})")
+    label = f"sigma={sigma:g}, n={n}"
+    if plan is not None:
+        label += f" at most, sequential ({extra['mean_draws']:.0f} draws an image)"
+    plot_certified_accuracy({label: records}, out_dir / PLOT_FILENAME,
+                            title=f"certified accuracy ({len(records)} images, n0={n0}, "
+                                  f"alpha={alpha:g})")
     return summary

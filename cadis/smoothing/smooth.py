@@ -27,6 +27,7 @@ from cadis.smoothing.bounds import (
     certify_from_counts,
     predict_from_counts,
 )
+from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.validation import check_probability, check_sigma, positive_int
 
 # Noise draws per forward when none is given. On a 2-core CPU smaller batches stay in cache:
@@ -250,6 +251,29 @@ class Smooth:
         size = images_per_forward(parameters.n0, parameters.n, parameters.batch_size)
         return [result for start in range(0, len(xs), size)
                 for result in self.certify_images(xs[start:start + size], parameters)]
+
+    def certify_sequential(self, x: Tensor, n0: int, plan: SequentialPlan,
+                           batch_size: int) -> tuple[int, float, int]:
+        """Sequential CERTIFY of one C x H x W image at the radii of ``plan``: ``(class,
+        largest certified radius of the grid, draws spent)``, or ``(ABSTAIN, 0.0, draws)``.
+
+        ``n0`` draws choose the candidate; estimation draws follow in the looks of ``plan``
+        and stop once every radius is decided (:class:`SequentialPlan`). With probability
+        >= 1 - alpha over the noise, a returned ``(c, r)`` with ``c != ABSTAIN`` means
+        ``g(x + e) = c`` for every ``||e||_2 < r``, over all looks together.
+        """
+        n0 = positive_int(n0, "n0")
+        batch_size = positive_int(batch_size, "batch_size")
+        images = self._check_images(self._one_image(x))
+
+        def counts(draws: int) -> np.ndarray:
+            batches = noisy_batches(images, [(0, draws)], self.sigma, self.generator,
+                                    batch_size)
+            return count_predictions(self.base, batches, 1, self.num_classes,
+                                     images.device)[0]
+
+        prediction, radius, spent = run_sequential(counts(n0), counts, plan)
+        return prediction, radius, n0 + spent
 
     @staticmethod
     def _one_image(x: Tensor) -> Tensor:

@@ -1,0 +1,115 @@
+"""Certification by the reference loop, by the engine at fixed n, and by the engine in
+sequential mode at the radius grid, measured side by side in one run.
+
+The same test images, models, sigma, n0, n (the sequential mode's most draws) and alpha for
+all three: (a) the Cohen-style reference loop of benchmarks/certify_throughput.py (one image
+at a time, fixed batches, fp32, eager); (b) the engine (`Smooth.certify_images`, as `cadis
+certify` runs it); (c) the engine's sequential test at the grid radii n can reach
+(`Smooth.certify_sequential`). Prints images per second and draws per image of each, the
+ratios against (a), and certified accuracy at each grid radius with McNemar's exact paired
+test of (c) against (b) on the same images.
+
+    .venv/bin/python benchmarks/certify_modes.py --models models/fashion-mnist \\
+        --images 60 --n 1000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from certify_throughput import reference_certify  # noqa: E402
+
+from cadis.certify_models import build_denoised_classifier  # noqa: E402
+from cadis.data import load_dataset, subset_indices  # noqa: E402
+from cadis.models.sources import ModelSources  # noqa: E402
+from cadis.smoothing.bounds import CertificationParameters  # noqa: E402
+from cadis.smoothing.paired import paired_test  # noqa: E402
+from cadis.smoothing.records import Record, radius_grid  # noqa: E402
+from cadis.smoothing.sequential import SequentialPlan, draws_to_reach  # noqa: E402
+from cadis.smoothing.smooth import Smooth  # noqa: E402
+
+
+def timed(certify, images, labels) -> tuple[list[Record], float]:
+    started = time.perf_counter()
+    records = []
+    for index, (image, label) in enumerate(zip(images, labels)):
+        prediction, radius, *draws = certify(image)
+        records.append(Record.from_prediction(index, int(label), prediction, radius, 0.0,
+                                              *draws))
+    return records, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="models/fashion-mnist")
+    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--batch", type=int, default=100, help="draws per forward, all three")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    sources = ModelSources.resolve(args.models)
+    test_set = load_dataset(sources.dataset, "test", sources.data_root)
+    indices = subset_indices(len(test_set), len(test_set) // args.images, args.images)
+    images = [test_set[i][0] for i in indices]
+    labels = [test_set[i][1] for i in indices]
+    base = build_denoised_classifier(sources, args.sigma)
+    classes = test_set.info.num_classes
+    grid = [r for r in radius_grid(args.sigma, args.n, args.alpha, test_set.info.image_size)
+            if draws_to_reach(r, args.sigma, args.alpha) <= args.n]
+    plan = SequentialPlan(grid, args.sigma, args.alpha, args.n)
+    parameters = CertificationParameters(args.n0, args.n, args.alpha, args.batch)
+
+    def smooth(seed: int) -> Smooth:
+        return Smooth(base, classes, args.sigma, generator=torch.Generator().manual_seed(seed))
+
+    torch.manual_seed(0)
+    engine, sequential = smooth(0), smooth(0)
+    reference_certify(base, images[0], classes, args.sigma, args.n0, 50, args.alpha, args.batch)
+    runs = {
+        "(a) reference loop, fixed n": timed(
+            lambda x: reference_certify(base, x, classes, args.sigma, args.n0, args.n,
+                                        args.alpha, args.batch), images, labels),
+        "(b) engine, fixed n": timed(
+            lambda x: engine.certify_images(x[None], parameters)[0], images, labels),
+        "(c) engine, sequential": timed(
+            lambda x: sequential.certify_sequential(x, args.n0, plan, args.batch),
+            images, labels),
+    }
+    print(f"{args.images} test images (every {len(test_set) // args.images}th), "
+          f"sigma={args.sigma}, n={args.n} (sequential: at most), n0={args.n0}, "
+          f"alpha={args.alpha}, {args.batch} draws a forward, {args.threads} thread(s); "
+          f"sequential looks {list(plan.looks)} at alpha/{len(plan.looks)} each, radii {grid}")
+    print("| mode | images/s | draws an image | ratio to (a) |")
+    print("|---|---:|---:|---:|")
+    reference_rate = args.images / runs["(a) reference loop, fixed n"][1]
+    for label, (records, seconds) in runs.items():
+        draws = (sum(r.draws for r in records) / len(records) if records[0].draws is not None
+                 else args.n0 + args.n)
+        rate = args.images / seconds
+        print(f"| {label} | {rate:.3f} | {draws:.0f} | {rate / reference_rate:.2f}x |")
+    print("| radius | " + " | ".join(runs) + " | (c) vs (b): (b) only, (c) only, p |")
+    print("|---:|" + "---:|" * (len(runs) + 1))
+    fixed, sequential_records = runs["(b) engine, fixed n"][0], runs["(c) engine, sequential"][0]
+    for radius in grid:
+        result = paired_test(sequential_records, fixed, radius)
+        cells = [f"{sum(r.correct and r.radius >= radius for r in records) / len(records):.3f}"
+                 for records, _ in runs.values()]
+        print(f"| {radius:g} | " + " | ".join(cells)
+              + f" | {result.only_b}, {result.only_a}, {result.p_value:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Sequential certification at predetermined radii, pinned on a base whose smoothed
+classifier is known in closed form: a half-space classifier under Gaussian noise.
+
+For f(x) = [w . x > b] with |w| = 1, w . (x + delta) ~ N(w . x, sigma^2), so the smoothed
+classifier is f itself and its exact l2 radius at x is |w . x - b| (Cohen's bound is tight for
+a half-space). A reported radius above that is a false certificate: its rate over many
+seeded images must stay at or below alpha, over all looks together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cadis.errors import CadisError
+from cadis.smoothing.bounds import ABSTAIN, CertificationParameters
+from cadis.smoothing.sequential import SequentialPlan, draws_to_reach, look_schedule
+from cadis.smoothing.smooth import Smooth
+
+SIGMA = 0.5
+RADII = (0.0, 0.25, 0.5, 0.75)
+
+
+class HalfSpace(nn.Module):
+    """Class 1 where the first coordinate exceeds 0, class 0 elsewhere: logits (0, x_0)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        first = images.flatten(1)[:, :1]
+        return torch.cat([torch.zeros_like(first), first], dim=1)
+
+
+def image_at(distance: float) -> torch.Tensor:
+    """A 1 x 1 x 2 'image' at signed distance ``distance`` from the boundary."""
+    return torch.tensor([[[distance, 0.3]]])
+
+
+def false_certificate_rate(plan: SequentialPlan, distances: list[float], seed: int) -> float:
+    smooth = Smooth(HalfSpace(), 2, SIGMA, generator=torch.Generator().manual_seed(seed))
+    wrong = 0
+    for distance in distances:
+        prediction, radius, _ = smooth.certify_sequential(image_at(distance), 20, plan, 100)
+        true_class = int(distance > 0)
+        if prediction != ABSTAIN and (prediction != true_class or radius > abs(distance)):
+            wrong += 1
+    return wrong / len(distances)
+
+
+# Images just inside each grid radius, where a false certificate is likeliest: p_A a hair
+# below the threshold the radius needs.
+HARD = [radius - 0.01 for radius in RADII[1:]]
+
+
+def test_false_certificates_stay_within_alpha_over_all_looks():
+    alpha, images = 0.2, 1200
+    plan = SequentialPlan(RADII, SIGMA, alpha, n_max=1600, first_look=100)
+    assert len(plan.looks) == 5
+    rate = false_certificate_rate(plan, [HARD[i % len(HARD)] for i in range(images)], seed=0)
+    sampling_error = 3 * math.sqrt(alpha * (1 - alpha) / images)
+    assert rate <= alpha + sampling_error
+
+
+def test_the_same_test_without_splitting_alpha_over_the_looks_fails():
+    # The check above can fail: spend the whole alpha at every look and the rate exceeds it.
+    alpha, images = 0.2, 1200
+    plan = SequentialPlan(RADII, SIGMA, alpha, n_max=1600, first_look=100)
+    plan.alpha_per_look = alpha
+    rate = false_certificate_rate(plan, [HARD[i % len(HARD)] for i in range(images)], seed=0)
+    assert rate > alpha + 3 * math.sqrt(alpha * (1 - alpha) / images)
+
+
+def test_certified_accuracy_at_the_grid_agrees_with_fixed_n_certify():
+    alpha, n = 0.001, 1000
+    generator = torch.Generator().manual_seed(3)
+    distances = (torch.rand(400, generator=generator) * 1.6 - 0.2).tolist()
+    plan = SequentialPlan(RADII, SIGMA, alpha, n_max=n)
+    sequential = Smooth(HalfSpace(), 2, SIGMA, generator=torch.Generator().manual_seed(1))
+    fixed = Smooth(HalfSpace(), 2, SIGMA, generator=torch.Generator().manual_seed(2))
+    parameters = CertificationParameters(100, n, alpha, 1000)
+    seq_radii, fixed_radii, spent = [], [], []
+    for distance in distances:
+        prediction, radius, draws = sequential.certify_sequential(image_at(distance), 100, plan,
+                                                                  100)
+        seq_radii.append(radius if prediction == int(distance > 0) else -1.0)
+        spent.append(draws)
+        [(prediction, radius)] = fixed.certify_images(image_at(distance)[None], parameters)
+        fixed_radii.append(radius if prediction == int(distance > 0) else -1.0)
+    for grid_radius in RADII:
+        seq = sum(r >= grid_radius for r in seq_radii) / len(distances)
+        fix = sum(r >= grid_radius for r in fixed_radii) / len(distances)
+        assert abs(seq - fix) <= 0.05, (grid_radius, seq, fix)
+    # ... for fewer draws, even on images spread evenly over the grid (many near a
+    # threshold, where only many draws decide): on average under fixed n's n0 + n.
+    assert sum(spent) / len(spent) < 0.9 * (100 + n)
+
+
+@pytest.mark.parametrize("distance,radii,most_draws", [
+    (3.0, (0.0, 0.25), 100 + 100),   # p_A ~ 1 at small radii: decided at the first look
+    (-3.0, (0.0, 0.25), 100 + 100),  # the other class, as clearly
+    # p_A = 0.79 between 0.25's 0.69 and 0.5's 0.84: a few looks decide both, well
+    # before n_max (about 15 / gap^2 * p(1 - p) draws for the nearer threshold).
+    (0.4, (0.0, 0.25, 0.5), 100 + 1600),
+])
+def test_draws_spent_fall_where_the_theory_says(distance, radii, most_draws):
+    plan = SequentialPlan(radii, SIGMA, 0.001, n_max=5000)
+    smooth = Smooth(HalfSpace(), 2, SIGMA, generator=torch.Generator().manual_seed(0))
+    prediction, radius, draws = smooth.certify_sequential(image_at(distance), 100, plan, 100)
+    assert prediction == int(distance > 0) and draws <= most_draws
+    assert radius == max(r for r in radii if r <= abs(distance))
+
+
+def test_an_image_on_the_boundary_runs_to_the_end_or_abstains():
+    plan = SequentialPlan((0.0, 0.25), SIGMA, 0.001, n_max=800)
+    smooth = Smooth(HalfSpace(), 2, SIGMA, generator=torch.Generator().manual_seed(0))
+    prediction, radius, draws = smooth.certify_sequential(image_at(0.0), 100, plan, 100)
+    assert radius == 0.0 and (prediction == ABSTAIN or draws == 100 + 800)
+
+
+def test_the_schedule_doubles_to_n_max():
+    assert look_schedule(1000, 100) == (100, 200, 400, 800, 1000)
+    assert look_schedule(800, 100) == (100, 200, 400, 800)
+    assert look_schedule(50, 100) == (50,)
+
+
+def test_the_draws_needed_for_a_radius_are_the_fewest_that_reach_it():
+    for radius in (0.25, 0.5, 1.0, 1.2):
+        needed = draws_to_reach(radius, SIGMA, 0.001)
+        SequentialPlan((radius,), SIGMA, 0.001, needed)
+        with pytest.raises(CadisError):
+            SequentialPlan((radius,), SIGMA, 0.001, needed - 1)
+
+
+@pytest.mark.parametrize("radii,n_max,message", [
+    ((), 1000, "needs radii to decide"),
+    ((0.5, 0.25), 1000, "strictly increasing"),
+    ((-0.25, 0.5), 1000, "finite numbers >= 0"),
+    ((0.0, 1.25), 1000, "n = 1000 draws cannot certify radius 1.25 at sigma 0.5 sequentially "
+                        "(alpha 0.001 over 5 looks); it needs n >= 1368"),
+])
+def test_plans_that_cannot_work_are_refused_with_what_they_need(radii, n_max, message):
+    with pytest.raises(CadisError) as error:
+        SequentialPlan(radii, SIGMA, 0.001, n_max)
+    assert message in str(error.value)
