@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cadis.finetuning.config import from_mapping
-from cadis.finetuning.loop import DiffusionSpaceClassifier, _micro_step
+from cadis.finetuning.loop import DiffusionSpaceClassifier, _micro_step, denoise_draws
 from cadis.finetuning.lora import apply_finetuning
 from cadis.models.classifier import load_classifier
 from cadis.smoothing.denoise import OneShotDenoiser
@@ -36,8 +36,9 @@ def parts(method: str = "ft_cadis", **changes):
 
 def step(classifier, denoiser, config, images, labels, seed: int = 1) -> dict[str, float]:
     torch.manual_seed(seed)
-    return _micro_step(images, labels, classifier, DiffusionSpaceClassifier(classifier), None,
-                       denoiser, config, config.loss_config(), amp=False)
+    denoised = denoise_draws(images, denoiser, config.sigma, config.num_noises)
+    return _micro_step(denoised, labels, classifier, DiffusionSpaceClassifier(classifier), None,
+                       config, config.loss_config(), amp=False)
 
 
 def test_the_draws_of_an_image_are_adjacent_rows():

@@ -173,7 +173,11 @@ def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
 @pytest.mark.slow
 def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models_dir,
                                                                      tmp_path, capsys):
-    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path, scheduler=None))
+    # This sweep also trains from stored draws and ranks sequentially.
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None)
+    sweep["base"].update(train_draws=2, max_train_images=40)
+    sweep["certify"]["rank"]["sequential"] = True
+    path = write(tmp_path, sweep)
     assert main(["sweep", str(path), "--stop-after", "rank"]) == 0
     assert "rank stage done" in capsys.readouterr().out
     _, runs = mlflow_runs(tmp_path)
@@ -181,6 +185,12 @@ def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models
     assert parent.info.status == "KILLED" and parent.data.tags["cadis.stage"] == "ranked"
     assert all("val_acr" in run.data.metrics and "acr" not in run.data.metrics
                for run in trials)
+    assert all(5 < run.data.metrics["val_mean_draws"] <= 5 + 20 for run in trials)
+    for rank in (tmp_path / "results" / "trials").glob("*/rank"):
+        assert json.loads((rank / "summary.json").read_text())["mode"] == "sequential"
+    results = tmp_path / "results"
+    assert len(list((results / "draws").glob("train-*"))) == 1
+    assert parent.data.metrics["draws.train.bytes"] == 40 * 2 * 64 * 4
     # The test set has not been touched.
     assert not list((tmp_path / "results" / "trials").glob("*/certify"))
     assert main(["sweep", str(path), "--resume"]) == 0

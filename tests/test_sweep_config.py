@@ -20,6 +20,7 @@ from cadis.sweeps.schema import (
     Objective,
     describe,
     load_sweep,
+    sweep_from_mapping,
     required_per_trial,
     trial_config,
 )
@@ -145,8 +146,16 @@ BAD_CASES = [
                  "stages: write certify.rank.n (the validation hold-out) or certify.final.n",
                  id="flat-certify-key"),
     pytest.param(with_changes(certify={"rank": {"skip": 2}}),
-                 "unknown key 'certify.rank.skip'; allowed: n, n0, alpha, images, batch_size",
-                 id="final-key-in-rank"),
+                 "unknown key 'certify.rank.skip'; allowed: n, n0, alpha, images, batch_size, "
+                 "sequential", id="final-key-in-rank"),
+    pytest.param(with_changes(certify={"rank": {"sequential": "often"}}),
+                 "certify.rank.sequential must be true or false", id="rank-sequential-not-a-flag"),
+    pytest.param(with_changes(objective={"metric": "certified_accuracy_r1.0", "mode": "max"},
+                              certify={"rank": {"n": 320, "sequential": True}},
+                              base={"proxy_n": 1000}),
+                 "certified_accuracy_r1.0 is beyond what certify.rank.n=320 can certify "
+                 "sequentially at sigma 0.5: certify.rank.n needs at least 348",
+                 id="sequential-rank-cannot-reach"),
     pytest.param(with_changes(certify={"rank": {"alpha": 0}}),
                  "certify.rank.alpha must be a number strictly between 0 and 1",
                  id="bad-rank-alpha"),
@@ -396,3 +405,10 @@ def test_loading_a_sweep_does_not_import_ray():
     code = ("import sys, cadis.sweeps.schema as s; s.load_sweep('sweeps/cifar10.yaml'); "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_a_sequential_rank_stage_decides_the_objectives_radii():
+    sweep = sweep_from_mapping(with_changes(
+        objective={"metric": ["certified_accuracy_r0.3", "acr"], "mode": ["max", "max"]},
+        certify={"rank": {"sequential": True}}))
+    assert sweep.rank.sequential and sweep.rank.radii == (0.3,)

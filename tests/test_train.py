@@ -13,7 +13,8 @@ from cadis.finetuning.config import from_mapping
 # A few steps on digits with the tiny untrained models of conftest: exercises every stage.
 TINY = ["epochs=1", "max_steps_per_epoch=2", "batch_size=4", "effective_batch_size=8",
         "val_images=20", "proxy_images=4", "proxy_n=10", "proxy_n0=4", "certify.n=20",
-        "certify.n0=5", "certify.max_images=3", "certify.skip=1", "warmup_steps=1"]
+        "certify.n0=5", "certify.max_images=3", "certify.skip=1", "warmup_steps=1",
+        "train_draws=0"]
 
 
 def _train(models, out, *extra, flags=()):

@@ -108,6 +108,12 @@ class TrainConfig:
     # A store of the proxy's denoised draws (cadis.smoothing.draws), made once for a sweep's
     # trials; None: every evaluation draws and denoises its own (the same counts).
     proxy_store: str | None = None
+    # Training draws denoised once (cadis.finetuning.train_draws): train_draws (K) per image of
+    # the training images, each micro-step sampling num_noises of them; 0: fresh draws at
+    # every step, denoised there. train_store: where they are (a sweep and `cadis train` set
+    # it when train_draws > 0).
+    train_draws: int = 0
+    train_store: str | None = None
     seed: int = 0
     # Where it runs: Ray Train workers (1 = in this process unless a Ray address is set).
     workers: int = 1
@@ -181,6 +187,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     for key in ("max_steps_per_epoch", "max_train_images", "image_size"):
         if getattr(config, key) is not None:
             positive_int(getattr(config, key), key)
+    if config.train_draws:
+        positive_int(config.train_draws, "train_draws")
+        if config.num_noises > config.train_draws:
+            raise CadisError(f"num_noises ({config.num_noises}) must be at most train_draws "
+                             f"({config.train_draws}): each step samples its draws from them")
+        if config.augment != "none":
+            raise CadisError(f"train_draws needs augment: none (got {config.augment!r}): stored "
+                             "draws are of the images as they are")
     if config.effective_batch_size % config.batch_size:
         raise CadisError(f"effective_batch_size ({config.effective_batch_size}) must be a "
                          f"multiple of batch_size ({config.batch_size})")
@@ -249,7 +263,7 @@ def portable_config(config: TrainConfig) -> TrainConfig:
     """A copy whose local paths are absolute: Ray workers and trials run in other working
     directories (perhaps on other machines, where the paths must be shared storage)."""
     portable = copy.deepcopy(config)
-    for key in ("models", "classifier", "denoiser", "data_root", "proxy_store"):
+    for key in ("models", "classifier", "denoiser", "data_root", "proxy_store", "train_store"):
         value = getattr(portable, key)
         if value and Path(value).expanduser().exists():
             setattr(portable, key, str(Path(value).expanduser().resolve()))

@@ -4,6 +4,7 @@ or, for several workers or a named cluster, on Ray Train (:mod:`cadis.finetuning
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from cadis.data import load_dataset, stratified_holdout
 from cadis.files import atomic_directory
 from cadis.finetuning.checkpoint import read_metadata
 from cadis.finetuning.config import TrainConfig
-from cadis.finetuning.loop import train_loop
+from cadis.finetuning.loop import build_training_draws, train_loop
 from cadis.finetuning.lora import apply_finetuning
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
@@ -25,6 +26,8 @@ from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.tracking.contract import PROXY_ACR
 
 CHECKPOINTS_DIR = "checkpoints"
+# Where `cadis train` keeps its training draws (train_draws > 0), inside its output folder.
+DRAWS_DIR = "draws"
 CHECKPOINT_PATTERN = "epoch_[0-9][0-9][0-9]"
 # The metrics a local run prints after each epoch.
 SHOWN_METRICS = ("epoch", "loss", "hallucination_rate", "val_denoised_accuracy", PROXY_ACR)
@@ -87,7 +90,13 @@ def uses_ray(config: TrainConfig) -> bool:
 
 def fit(config: TrainConfig, out_dir: Path, resume: bool = False,
         progress: bool = True) -> tuple[Path, list[dict[str, float]]]:
-    """Train per ``config``; returns the last checkpoint and the per-epoch metrics."""
+    """Train per ``config``; returns the last checkpoint and the per-epoch metrics. With
+    ``train_draws`` and no ``train_store``, the training draws are denoised first, into
+    ``out_dir/draws`` (found there again by a resumed run)."""
+    if config.train_draws and not config.train_store:
+        store = build_training_draws(config, out_dir / DRAWS_DIR, pick_device(config.device),
+                                     progress)
+        config = dataclasses.replace(config, train_store=str(store.folder.resolve()))
     if uses_ray(config):
         from cadis.finetuning.ray_train import fit_with_ray
 

@@ -10,6 +10,8 @@ denoised domain, and minimises the selective cross-entropy plus the masked adver
 of rank 0 measures denoised accuracy and a cheap certified-accuracy proxy on images held out of
 the training split, and reports a checkpoint (:mod:`cadis.finetuning.checkpoint`) holding the
 trained weights, the optimizer state, the config and every epoch's metrics so far.
+With ``train_draws`` set, the draws come from a store denoised once
+(:mod:`cadis.finetuning.train_draws`) and the denoiser does not run in the step.
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ from cadis.finetuning.config import TrainConfig
 from cadis.finetuning.lora import apply_finetuning, trainable_fraction
 from cadis.finetuning.losses import FTCadisLossConfig, ft_cadis_loss, soft_target
 from cadis.finetuning.schedule import warmup_cosine
+from cadis.finetuning.train_draws import (
+    TrainDrawStore,
+    build_train_store,
+    sample_draws,
+    train_store_key,
+)
 from cadis.models.classifier import Classifier, load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.sources import ModelSources
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser, to_image_space
-from cadis.smoothing.draws import DrawStore, store_key
+from cadis.smoothing.draws import DrawStore, store_folder, store_key
 from cadis.smoothing.records import (
     Record,
     average_certified_radius,
@@ -96,11 +104,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     plain_set = load_dataset(sources.dataset, "train", sources.data_root,
                              image_size=config.image_size)
     info = train_set.info
-    # A seeded, class-stratified hold-out of the training split, the same in every trial:
-    # the proxy (and a sweep's rank stage) never touch the test set or the images trained on.
-    train_indices, val_indices = stratified_holdout(train_set.labels, config.val_images,
-                                                    config.val_seed)
-    train_indices = train_indices[:config.max_train_images]
+    train_indices, val_indices = split_training(config, train_set)
 
     classifier = load_classifier(sources.classifier)
     classifier.check_input(info.channels)
@@ -123,10 +127,12 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
         metadata = restore_training_state(checkpoint, classifier, optimizer)
         state = TrainState(metadata["epoch"], metadata["global_step"], metadata["history"])
 
+    # Items are images, or with stored draws each image's K denoised draws.
+    items = Subset(train_set, train_indices) if not config.train_store else TrainDrawStore(
+        config.train_store, training_store_key(config, sources, train_indices))
     shuffle = torch.Generator()
     loader = session.prepare_loader(DataLoader(
-        Subset(train_set, train_indices), batch_size=config.batch_size, shuffle=True,
-        drop_last=True, generator=shuffle))
+        items, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=shuffle))
     steps_per_epoch = len(loader) // config.accumulation_steps
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -153,13 +159,15 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(config.accumulation_steps):
-                images, labels = next(micro_batches)
-                images, labels = images.to(session.device), labels.to(session.device)
+                batch, labels = next(micro_batches)
+                batch, labels = batch.to(session.device), labels.to(session.device)
+                denoised = sample_draws(batch, config.num_noises) if config.train_store \
+                    else denoise_draws(batch, denoiser, config.sigma, config.num_noises)
                 last = micro == config.accumulation_steps - 1
                 sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
-                    logged = _micro_step(images, labels, model, attacked_model, scorer, denoiser,
-                                         config, loss_config, amp)
+                    logged = _micro_step(denoised, labels, model, attacked_model, scorer, config,
+                                         loss_config, amp)
                 for key, value in logged.items():
                     sums[key] = sums.get(key, 0.0) + value
             optimizer.step()
@@ -192,21 +200,28 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
             session.report(metrics, None)
 
 
-def _micro_step(images: torch.Tensor, labels: torch.Tensor, model: torch.nn.Module,
+def denoise_draws(images: torch.Tensor, denoiser: OneShotDenoiser, sigma: float,
+                  num_noises: int) -> torch.Tensor:
+    """``num_noises`` fresh draws ``D(x + delta)`` per image, image-major (draw j of image i
+    is row ``i * M + j``), in the denoiser's [-1, 1] space and without gradient: the denoiser
+    stays frozen."""
+    noisy = images.repeat_interleave(num_noises, 0)
+    return denoiser.denoise(noisy + sigma * torch.randn_like(noisy))
+
+
+def _micro_step(denoised: torch.Tensor, labels: torch.Tensor, model: torch.nn.Module,
                 attacked_model: torch.nn.Module, scorer: torch.nn.Module | None,
-                denoiser: OneShotDenoiser, config: TrainConfig, loss_config: FTCadisLossConfig,
+                config: TrainConfig, loss_config: FTCadisLossConfig,
                 amp: bool) -> dict[str, float]:
-    """Forward and backward of one micro-batch (gradients accumulate); returns logged values.
+    """Forward and backward of one micro-batch of denoised draws (gradients accumulate);
+    returns logged values.
 
     The ``num_noises`` draws of an image are adjacent (image-major: draw j of image i is row
-    ``i * M + j``), which is the ``[B, M, C]`` layout the losses read; the denoiser receives
-    no gradient; the loss is divided by the accumulation steps, so the accumulated gradient
-    is that of the mean over the effective batch.
+    ``i * M + j``), which is the ``[B, M, C]`` layout the losses read; the loss is divided by
+    the accumulation steps, so the accumulated gradient is that of the mean over the
+    effective batch.
     """
     draws = config.num_noises
-    noisy = images.repeat_interleave(draws, 0)
-    noisy = noisy + config.sigma * torch.randn_like(noisy)
-    denoised = denoiser.denoise(noisy)  # [-1, 1], no gradient: the denoiser stays frozen
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     with torch.no_grad(), autocast:
         score_logits = None if scorer is None else scorer(to_image_space(denoised)).float()
@@ -231,6 +246,39 @@ def _micro_step(images: torch.Tensor, labels: torch.Tensor, model: torch.nn.Modu
     accuracy = (clean.argmax(-1) == labels[:, None]).float().mean()
     return {"loss": float(loss.detach()), "train_denoised_accuracy": float(accuracy),
             **{key: float(value) for key, value in terms.items()}}
+
+
+def split_training(config: TrainConfig, train_set: Any) -> tuple[list[int], list[int]]:
+    """The images trained on (the first ``max_train_images``) and the validation hold-out:
+    seeded and class-stratified, the same in every trial, so the proxy (and a sweep's rank
+    stage) never touch the test set or the images trained on."""
+    train_indices, val_indices = stratified_holdout(train_set.labels, config.val_images,
+                                                    config.val_seed)
+    return train_indices[:config.max_train_images], val_indices
+
+
+def training_store_key(config: TrainConfig, sources: ModelSources,
+                       train_indices: list[int]) -> dict[str, Any]:
+    """What the training draws depend on: a store of them (``train_store``) must match it."""
+    return train_store_key(dataset=sources.dataset, indices=train_indices,
+                           denoiser=sources.denoiser, sigma=config.sigma,
+                           draws=config.train_draws, seed=config.seed)
+
+
+def build_training_draws(config: TrainConfig, root: str | Path, device: torch.device,
+                         progress: bool = True) -> TrainDrawStore:
+    """Build (or find) the store of ``config.train_draws`` denoised draws per training image
+    under ``root`` (``root/train-DIGEST``), on ``device``."""
+    sources = ModelSources.resolve(config.models, config.classifier, config.denoiser,
+                                   config.dataset, config.data_root, config.image_size)
+    train_set = load_dataset(sources.dataset, "train", sources.data_root,
+                             image_size=config.image_size)
+    train_indices, _ = split_training(config, train_set)
+    unet, scheduler = load_denoiser(sources.denoiser)
+    denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
+    key = training_store_key(config, sources, train_indices)
+    return build_train_store(store_folder(root, "train", key), key, denoiser, train_set,
+                             progress=progress)
 
 
 def proxy_store_key(config: TrainConfig, sources: ModelSources,

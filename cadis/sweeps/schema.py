@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import re
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -52,6 +52,7 @@ from cadis.finetuning.config import (
 from cadis.overrides import parse_override
 from cadis.smoothing.bounds import CertificationParameters, draws_needed, max_certifiable_radius
 from cadis.smoothing.records import radius_key
+from cadis.smoothing.sequential import draws_to_reach
 from cadis.tracking.contract import (
     ACR,
     CERTIFIED_ACCURACY_PREFIX,
@@ -59,6 +60,7 @@ from cadis.tracking.contract import (
     PROXY_PREFIX,
     default_tracking_uri,
     is_final_metric,
+    radius_of_metric,
     validation_metric,
 )
 from cadis.validation import is_real, positive_int
@@ -73,6 +75,9 @@ NOT_SEARCHABLE = {
     "certify": "the sweep's certify: section sets it",
     "workers": "resources.workers_per_trial sets it",
     "cpus_per_worker": "resources.cpus_per_worker sets it",
+    "train_draws": "the training draws are denoised once for every trial; set it in base",
+    "train_store": "the sweep makes its training draws; set train_draws in base",
+    "proxy_store": "the sweep makes the proxy's draws",
 }
 # Integer ranges up to this many values are validated value by value (base checks such as
 # effective_batch_size % batch_size are not intervals); wider ones by their bounds.
@@ -107,7 +112,7 @@ OBJECTIVE_KEYS = ("metric", "mode")
 # The two stages of certification: rank (validation hold-out, every trial that trains to the
 # end; the searcher's objective) and final (the test set, the top_k trials by rank).
 STAGES = ("rank", "final")
-RANK_KEYS = ("n", "n0", "alpha", "images", "batch_size")
+RANK_KEYS = ("n", "n0", "alpha", "images", "batch_size", "sequential")
 FINAL_KEYS = (*(field.name for field in fields(CertifyConfig)), "top_k")
 STAGE_KEYS = {"rank": RANK_KEYS, "final": FINAL_KEYS}
 STAGE_SETS = {"rank": "the validation hold-out", "final": "the test set"}
@@ -118,7 +123,8 @@ SECTIONS = {"search": None, "objective": OBJECTIVE_KEYS, "scheduler": ASHA_KEYS,
 DEFAULT_TOP_K = 2
 # Base keys the stored draws depend on.
 DRAW_KEYS = ("models", "classifier", "denoiser", "dataset", "data_root", "image_size", "sigma",
-             "seed", "val_images", "val_seed", "proxy_images", "proxy_n", "proxy_n0")
+             "seed", "val_images", "val_seed", "proxy_images", "proxy_n", "proxy_n0",
+             "max_train_images")
 TOP_LEVEL_KEYS = ("name", "base", "search", "objective", "scheduler", "num_trials",
                   "max_concurrent_trials", "resources", "certify", "store_draws", "mlflow",
                   "results_dir")
@@ -190,13 +196,18 @@ class ResourceSettings:
 @dataclass(frozen=True)
 class RankSettings:
     """The rank stage: every trial that trains to the end is certified on the first
-    ``images`` of the validation hold-out (n, n0, alpha); its figures are the objective."""
+    ``images`` of the validation hold-out (n, n0, alpha); its figures are the objective.
+    ``sequential``: each image stops once the grid radii it can reach and the objective's
+    radii (``radii``, filled in from the objective) are decided, n being the most it spends
+    (:mod:`cadis.smoothing.sequential`)."""
 
     n: int = 500
     n0: int = 100
     alpha: float = 0.001
     images: int = 100
     batch_size: int | None = None  # noise draws per forward; None: what is fast on the device
+    sequential: bool = False
+    radii: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -349,6 +360,9 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
                                        data.get("max_concurrent_trials", 1),
                                        "trials that run at once")
     objectives = _parse_objectives(data.get("objective"), base, search, rank)
+    # A sequential rank stage decides the objective's radii too, whether on its grid or not.
+    rank = replace(rank, radii=tuple(sorted({radius for objective in objectives if (
+        radius := radius_of_metric(objective.metric)) is not None})))
     scheduler = None if "scheduler" in data and data["scheduler"] is None else \
         _parse_scheduler(_section(data, "scheduler"), objectives, base, search)
     mlflow = _section(data, "mlflow")
@@ -368,6 +382,11 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
                         certify=base.certify, rank=rank, top_k=DEFAULT_TOP_K,
                         store_draws=_flag("store_draws", data.get("store_draws", True)),
                         mlflow=MlflowSettings(tracking_uri, experiment), results_dir=results_dir)
+    if base.train_draws and not sweep.shares_draws:
+        why = ("store_draws is false" if not sweep.store_draws else
+               f"the draws depend on the searched {', '.join(sweep.draws_vary_with)}")
+        raise CadisError(f"base.train_draws needs draws shared by every trial, but {why}; "
+                         "set train_draws: 0")
     top_k = stages["final"].get("top_k", min(DEFAULT_TOP_K, sweep.total_trials))
     sweep.top_k = _positive_integer("certify.final.top_k", top_k,
                                     "trials certified on the test set")
@@ -399,8 +418,9 @@ def _stages(section: Any) -> dict[str, dict[str, Any]]:
 
 
 def _parse_rank(values: Mapping[str, Any], base: TrainConfig) -> RankSettings:
-    rank = RankSettings(**{key: _number(f"certify.rank.{key}", value)
-                           if key == "alpha" else value for key, value in values.items()})
+    parsers = {"alpha": _number, "sequential": _flag}
+    rank = RankSettings(**{key: parsers[key](f"certify.rank.{key}", value)
+                           if key in parsers else value for key, value in values.items()})
     try:
         CertificationParameters(rank.n0, rank.n, rank.alpha, rank.batch_size or 1)
     except CadisError as error:
@@ -692,6 +712,14 @@ def _check_reachable(where: str, metric: str, sweep_search: Mapping[str, Distrib
             counts.insert(0, (rank.n, rank.alpha, "certify.rank.n"))
     else:
         return
+    if rank is not None and rank.sequential:
+        # The sequential test splits alpha over its looks: it needs a few more draws.
+        needed = draws_to_reach(radius, sigma, rank.alpha)
+        if needed > rank.n:
+            raise CadisError(f"{where}: {metric} is beyond what certify.rank.n={rank.n} can "
+                             f"certify sequentially at sigma {sigma}: certify.rank.n needs at "
+                             f"least {needed}, or pick a smaller radius")
+        counts = [count for count in counts if count[2] != "certify.rank.n"]
     for n, alpha, source in counts:
         reach = max_certifiable_radius(sigma, n, alpha)
         if radius > reach:
@@ -821,15 +849,19 @@ def describe(sweep: SweepConfig) -> str:
     rank = sweep.rank
     lines.append(f"rank stage (the objective): the first {rank.images} of "
                  f"{sweep.base.val_images} validation images (seed {sweep.base.val_seed}), "
-                 f"n={rank.n} n0={rank.n0} alpha={rank.alpha:g}, every trial that trains to "
-                 "the end")
+                 f"n={rank.n} n0={rank.n0} alpha={rank.alpha:g}"
+                 + (" (sequential: n at most)" if rank.sequential else "")
+                 + ", every trial that trains to the end")
     lines.append(f"final stage: the top {sweep.top_k} by rank on the test set, n={certify.n} "
                  f"n0={certify.n0} alpha={certify.alpha:g} skip={certify.skip} "
                  f"max_images={certify.max_images}")
     lines.append(f"proxy per epoch: {sweep.base.proxy_images} validation images, "
                  f"n={sweep.base.proxy_n} n0={sweep.base.proxy_n0}")
     if sweep.shares_draws:
-        lines.append("draws: the rank stage's and the proxy's denoised once for every trial "
+        roles = ("the rank stage's, the proxy's and the training draws "
+                 f"({sweep.base.train_draws} per image)" if sweep.base.train_draws
+                 else "the rank stage's and the proxy's")
+        lines.append(f"draws: {roles} denoised once for every trial "
                      f"(in {sweep.results_dir}/draws)")
     else:
         why = ("store_draws is false" if not sweep.store_draws else

@@ -1,5 +1,6 @@
 """The denoised draws a sweep makes once, before its first trial: the rank stage's (n0 + n per
-validation image of the rank stage) and the proxy's (proxy_n0 + proxy_n per proxy image).
+validation image of the rank stage), the proxy's (proxy_n0 + proxy_n per proxy image) and,
+with ``train_draws`` set, the training draws (``train_draws`` per training image).
 
 Each is a :class:`cadis.smoothing.draws.DrawStore` under ``results_dir/draws``, keyed by what
 its draws depend on; a rerun or a resumed sweep finds it there. :func:`build_sweep_stores`
@@ -15,7 +16,7 @@ import torch
 
 from cadis.data import load_dataset, stack_images
 from cadis.finetuning.config import from_mapping
-from cadis.finetuning.loop import proxy_store_key
+from cadis.finetuning.loop import build_training_draws, proxy_store_key
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.devices import pick_device
@@ -27,13 +28,15 @@ from cadis.sweeps.schema import RankSettings
 from cadis.sweeps.trial import model_sources, rank_store_key, validation_indices
 
 ROLES = ("rank", "proxy")
+TRAIN_ROLE = "train"
 
 
 def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results: str,
                        threads: int = 1, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Build (or find) the rank stage's and the proxy's stores for the sweep's base config,
-    with ``threads`` torch threads; returns per role its folder and what it cost (build
-    seconds, bytes, per-draw milliseconds of the denoiser and of the classifier)."""
+    """Build (or find) the rank stage's and the proxy's stores for the sweep's base config
+    (and the training draws' when ``train_draws`` is set), with ``threads`` torch threads;
+    returns per role its folder and what it cost (build seconds, bytes, per-draw
+    milliseconds of the denoiser and, for certification stores, of the classifier)."""
     torch.set_num_threads(threads)
     config = from_mapping(config_dict)
     sources = model_sources(config)
@@ -68,4 +71,12 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results:
                        "bytes": store.info.bytes,
                        "denoiser_ms_per_draw": store.info.denoiser_ms_per_draw,
                        "classifier_ms_per_draw": store.info.classifier_ms_per_draw}
+    if config.train_draws:
+        if progress:
+            print(f"draws: training, {config.train_draws} per training image", flush=True)
+        train = build_training_draws(config, Path(results) / DRAWS_DIR, device, progress)
+        built[TRAIN_ROLE] = {"folder": str(train.folder), "build_seconds": train.build_seconds,
+                             "bytes": train.bytes,
+                             "denoiser_ms_per_draw": train.denoiser_ms_per_draw,
+                             "classifier_ms_per_draw": None}
     return built

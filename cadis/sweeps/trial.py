@@ -29,12 +29,14 @@ from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.draws import DrawStore, store_key
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_records
+from cadis.smoothing.sequential import SequentialPlan, draws_to_reach
 from cadis.smoothing.smooth import Smooth, default_batch_size
 from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_rank_dir
 from cadis.sweeps.schema import RankSettings, SweepConfig, trial_config
 from cadis.tracking.contract import (
     ACR,
     CLEAN_ACCURACY,
+    MEAN_DRAWS,
     certified_accuracy_metric,
     validation_metric,
 )
@@ -43,8 +45,8 @@ from cadis.tracking.contract import (
 def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
               stores: dict[str, str | None]) -> None:
     """The Tune function of one trial: train on Ray Train workers, certify on the validation
-    hold-out, report. ``stores`` names the sweep's stored draws (``proxy``, ``rank``; None:
-    the trial denoises its own)."""
+    hold-out, report. ``stores`` names the sweep's stored draws (``proxy``, ``rank``,
+    ``train``; None: the trial denoises its own)."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -53,6 +55,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(sweep, params)
     config.proxy_store = stores.get("proxy")
+    config.train_store = stores.get("train")
     resources = sweep.resources
     # The run is named by the trial: a trial restarted (a retry, --resume) resumes its run.
     trainer = build_trainer(config, trial_id, Path(results) / TRAIN_DIR,
@@ -95,7 +98,8 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
                  store: str | None) -> dict[str, float]:
     """Certify a trained checkpoint on the first ``rank.images`` validation images into
     ``out`` (resumed if a previous attempt stopped midway), from the stored draws in
-    ``store`` when given (the classifier alone runs; the same counts as denoising them here).
+    ``store`` when given (the classifier alone runs; the same counts as denoising them here),
+    sequentially when ``rank.sequential`` (the grid radii n can reach, and the objective's).
     Returns the last epoch's metrics and the validation figures (``val_`` names)."""
     config = from_mapping(config_dict)
     sources = model_sources(config)
@@ -111,20 +115,30 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
                 "checkpoint": checkpoint, "dataset": sources.dataset,
                 "split": "validation", "seed": config.seed, "stored_draws": store}
     radii = radius_grid(config.sigma, rank.n, rank.alpha, info.image_size)
+    plan = None
+    if rank.sequential:
+        decided = {r for r in radii if draws_to_reach(r, config.sigma, rank.alpha) <= rank.n}
+        plan = SequentialPlan(sorted(decided | set(rank.radii)), config.sigma, rank.alpha,
+                              rank.n)
     if store is not None:
         draws = DrawStore.open(store, rank_store_key(config, sources, rank, indices))
         classifier, _ = load_trained(load_classifier(sources.classifier), Path(checkpoint))
         classifier.eval().to(device)
-        summary = certify_records(
-            lambda group: draws.certify(classifier, group, rank.alpha, device), indices,
-            parameters, config.sigma, out, settings, radii, progress=False)
+
+        def certify(group: list[int]) -> list[tuple]:
+            if plan is not None:
+                return draws.certify_sequential(classifier, group, plan, device)
+            return draws.certify(classifier, group, rank.alpha, device)
+
+        summary = certify_records(certify, indices, parameters, config.sigma, out, settings,
+                                  radii, progress=False, plan=plan)
     else:
         base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
                                          channels=info.channels, image_size=info.image_size)
         smooth = Smooth(base, info.num_classes, config.sigma,
                         generator=torch.Generator(device=device).manual_seed(config.seed))
         summary = certify_dataset(smooth, train_set, indices, parameters, out, settings, radii,
-                                  progress=False)
+                                  progress=False, plan=plan)
     figures = {validation_metric(name): value for name, value in _figures(summary).items()}
     return {**read_metadata(Path(checkpoint))["metrics"], **figures}
 
@@ -153,7 +167,8 @@ def _figures(summary: dict[str, Any]) -> dict[str, float]:
     accuracy = {certified_accuracy_metric(float(radius)): value
                 for radius, value in summary["certified_accuracy"].items()}
     return {**accuracy, ACR: summary["acr"],
-            CLEAN_ACCURACY: accuracy[certified_accuracy_metric(0.0)]}
+            CLEAN_ACCURACY: accuracy[certified_accuracy_metric(0.0)],
+            MEAN_DRAWS: summary["mean_draws"]}
 
 
 def _discard_other_certification(out: Path, checkpoint: str) -> None:

@@ -10,7 +10,8 @@ A child run holds: every key of the trial's training configuration as a param (`
 and so on flattened with dots; a searched ``variant`` also as one param), the per-epoch
 metrics with ``step`` = epoch, the final certified accuracy per radius
 (``certified_accuracy_r0.25``), ``acr``, ``clean_accuracy`` (certified accuracy at radius 0:
-the smoothed classifier is right and does not abstain), the last epoch's
+the smoothed classifier is right and does not abstain), ``mean_draws`` (draws an image
+spent), the last epoch's
 ``hallucination_rate`` and ``trainable_fraction``, and the artifacts ``records.tsv``,
 ``summary.json`` and ``certified_accuracy.png``.
 """
@@ -51,6 +52,8 @@ PROXY_ACR = "proxy_acr"
 # Final metrics of a certified trial.
 CERTIFIED_ACCURACY_PREFIX = "certified_accuracy_r"
 ACR = "acr"
+# Draws a certification spent per image on average (sequential mode spends fewer than n0 + n).
+MEAN_DRAWS = "mean_draws"
 CLEAN_ACCURACY = "clean_accuracy"
 HALLUCINATION_RATE = "hallucination_rate"
 TRAINABLE_FRACTION = "trainable_fraction"
@@ -79,8 +82,10 @@ def validation_metric(name: str) -> str:
 
 
 def is_final_metric(name: str) -> bool:
-    """A test figure of the final stage: certified accuracy per radius, ACR, clean accuracy."""
-    return name.startswith(CERTIFIED_ACCURACY_PREFIX) or name in (ACR, CLEAN_ACCURACY)
+    """A test figure of the final stage: certified accuracy per radius, ACR, clean accuracy,
+    and the draws an image spent."""
+    return name.startswith(CERTIFIED_ACCURACY_PREFIX) or name in (ACR, CLEAN_ACCURACY,
+                                                                  MEAN_DRAWS)
 
 
 def is_validation_metric(name: str) -> bool:
