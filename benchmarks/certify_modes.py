@@ -33,7 +33,7 @@ from cadis.models.sources import ModelSources  # noqa: E402
 from cadis.smoothing.bounds import CertificationParameters  # noqa: E402
 from cadis.smoothing.paired import paired_test  # noqa: E402
 from cadis.smoothing.records import Record, radius_grid  # noqa: E402
-from cadis.smoothing.sequential import SequentialPlan, draws_to_reach  # noqa: E402
+from cadis.smoothing.sequential import SequentialPlan, reachable_radii  # noqa: E402
 from cadis.smoothing.smooth import Smooth  # noqa: E402
 
 
@@ -67,8 +67,8 @@ def main() -> None:
     labels = [test_set[i][1] for i in indices]
     base = build_denoised_classifier(sources, args.sigma)
     classes = test_set.info.num_classes
-    grid = [r for r in radius_grid(args.sigma, args.n, args.alpha, test_set.info.image_size)
-            if draws_to_reach(r, args.sigma, args.alpha) <= args.n]
+    grid = reachable_radii(radius_grid(args.sigma, args.n, args.alpha, test_set.info.image_size),
+                           args.sigma, args.alpha, args.n)
     plan = SequentialPlan(grid, args.sigma, args.alpha, args.n)
     parameters = CertificationParameters(args.n0, args.n, args.alpha, args.batch)
 

@@ -27,6 +27,7 @@ from cadis.finetuning.losses import (
     validate_num_noises,
 )
 from cadis.models.devices import DEVICES
+from cadis.models.sources import ModelSources
 from cadis.overrides import coerce_like, parse_override
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
@@ -140,6 +141,12 @@ class TrainConfig:
         ``batch_size``); :class:`CadisError` naming ``proxy_KEY`` for an invalid one."""
         return _parameters("proxy_", self.proxy_n0, self.proxy_n, self.proxy_alpha,
                            self.certify.batch_size or batch_size)
+
+    def model_sources(self) -> ModelSources:
+        """The models and data this config names (a `cadis pretrain` folder, or explicit
+        names that override it), resolved once for whoever loads them."""
+        return ModelSources.resolve(self.models, self.classifier, self.denoiser, self.dataset,
+                                    self.data_root, self.image_size)
 
     @property
     def accumulation_steps(self) -> int:

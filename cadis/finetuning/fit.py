@@ -37,8 +37,7 @@ def preflight(config: TrainConfig) -> ModelSources:
     """Everything that can be wrong with the input, checked before any work starts: the
     models load, LoRA finds its targets, sigma fits the denoiser's schedule, data and models
     agree in channels and size."""
-    sources = ModelSources.resolve(config.models, config.classifier, config.denoiser,
-                                   config.dataset, config.data_root, config.image_size)
+    sources = config.model_sources()
     info = load_dataset(sources.dataset, "test", sources.data_root,
                         image_size=config.image_size).info
     classifier = load_classifier(sources.classifier)

@@ -97,8 +97,7 @@ class TrainState:
 def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> None:
     """Fine-tune per ``config``; reports metrics and a checkpoint after every epoch."""
     torch.manual_seed(config.seed + session.rank)
-    sources = ModelSources.resolve(config.models, config.classifier, config.denoiser,
-                                   config.dataset, config.data_root, config.image_size)
+    sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root, augment=config.augment,
                              image_size=config.image_size)
     plain_set = load_dataset(sources.dataset, "train", sources.data_root,
@@ -269,8 +268,7 @@ def build_training_draws(config: TrainConfig, root: str | Path, device: torch.de
                          progress: bool = True) -> TrainDrawStore:
     """Build (or find) the store of ``config.train_draws`` denoised draws per training image
     under ``root`` (``root/train-DIGEST``), on ``device``."""
-    sources = ModelSources.resolve(config.models, config.classifier, config.denoiser,
-                                   config.dataset, config.data_root, config.image_size)
+    sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
                              image_size=config.image_size)
     train_indices, _ = split_training(config, train_set)

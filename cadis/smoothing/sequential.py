@@ -162,6 +162,12 @@ def draws_to_reach(radius: float, sigma: float, alpha: float, first_look: int = 
         looks += 1
 
 
+def reachable_radii(radii: Sequence[float], sigma: float, alpha: float, n_max: int
+                    ) -> list[float]:
+    """The radii of ``radii`` a sequential plan of at most ``n_max`` draws can certify."""
+    return [r for r in radii if draws_to_reach(r, sigma, alpha) <= n_max]
+
+
 def run_sequential(selection: np.ndarray, estimate: Callable[[int], np.ndarray],
                    plan: SequentialPlan) -> tuple[int, float, int]:
     """The sequential test of one image: the candidate is the top class of the ``selection``

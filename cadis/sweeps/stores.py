@@ -25,7 +25,7 @@ from cadis.smoothing.draws import build_store, store_bytes, store_folder
 from cadis.smoothing.smooth import default_batch_size
 from cadis.sweeps.layout import DRAWS_DIR
 from cadis.sweeps.schema import RankSettings
-from cadis.sweeps.trial import model_sources, rank_store_key, validation_indices
+from cadis.sweeps.trial import rank_store_key, validation_indices
 
 ROLES = ("rank", "proxy")
 TRAIN_ROLE = "train"
@@ -39,7 +39,7 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results:
     milliseconds of the denoiser and, for certification stores, of the classifier)."""
     torch.set_num_threads(threads)
     config = from_mapping(config_dict)
-    sources = model_sources(config)
+    sources = config.model_sources()
     device = pick_device(config.device)
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
                              image_size=config.image_size)

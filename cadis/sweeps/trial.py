@@ -29,7 +29,7 @@ from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.draws import DrawStore, store_key
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_records
-from cadis.smoothing.sequential import SequentialPlan, draws_to_reach
+from cadis.smoothing.sequential import SequentialPlan, reachable_radii
 from cadis.smoothing.smooth import Smooth, default_batch_size
 from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_rank_dir
 from cadis.sweeps.schema import RankSettings, SweepConfig, trial_config
@@ -102,7 +102,7 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
     sequentially when ``rank.sequential`` (the grid radii n can reach, and the objective's).
     Returns the last epoch's metrics and the validation figures (``val_`` names)."""
     config = from_mapping(config_dict)
-    sources = model_sources(config)
+    sources = config.model_sources()
     device = pick_device(config.device)
     parameters = CertificationParameters(rank.n0, rank.n, rank.alpha,
                                          rank.batch_size or default_batch_size(device))
@@ -117,8 +117,8 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
     radii = radius_grid(config.sigma, rank.n, rank.alpha, info.image_size)
     plan = None
     if rank.sequential:
-        decided = {r for r in radii if draws_to_reach(r, config.sigma, rank.alpha) <= rank.n}
-        plan = SequentialPlan(sorted(decided | set(rank.radii)), config.sigma, rank.alpha,
+        decided = reachable_radii(radii, config.sigma, rank.alpha, rank.n)
+        plan = SequentialPlan(sorted(set(decided) | set(rank.radii)), config.sigma, rank.alpha,
                               rank.n)
     if store is not None:
         draws = DrawStore.open(store, rank_store_key(config, sources, rank, indices))
@@ -151,16 +151,12 @@ def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str) -> dic
     certify = config.certify
     _discard_other_certification(Path(out), checkpoint)
     summary = certify_models(
-        model_sources(config), config.sigma, Path(out), n=certify.n, n0=certify.n0,
+        config.model_sources(), config.sigma, Path(out), n=certify.n, n0=certify.n0,
         alpha=certify.alpha, skip=certify.skip, max_images=certify.max_images,
         batch_size=certify.batch_size, checkpoint=checkpoint, seed=config.seed,
         device=config.device, progress=False)
     return _figures(summary)
 
-
-def model_sources(config: TrainConfig) -> ModelSources:
-    return ModelSources.resolve(config.models, config.classifier, config.denoiser,
-                                config.dataset, config.data_root, config.image_size)
 
 
 def _figures(summary: dict[str, Any]) -> dict[str, float]:
