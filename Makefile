@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# What cluster/cadis-cluster (and its tests) call besides Ray and MLflow.
-SYSTEM_TOOLS := curl pgrep setsid
+# What cluster/cadis-cluster (and its tests) call besides Ray and MLflow, and the C++ compiler
+# that torch.compile's CPU backend builds its kernels with (`cadis certify --compile`).
+SYSTEM_TOOLS := curl pgrep setsid g++
 
 data: tools
 	@if [ -f "$(FASHION_MNIST)" ] || [ -n "$$CADIS_DATA" ]; then exit 0; \
@@ -37,10 +38,10 @@ tools:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -z "$$missing" ]; then exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing curl, procps and util-linux for cluster/cadis-cluster"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl procps util-linux; \
+		echo "installing curl, procps and util-linux for cluster/cadis-cluster, g++ for torch.compile"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl procps util-linux g++; \
 	else \
-		echo "cluster/cadis-cluster needs $(SYSTEM_TOOLS): sudo apt-get install curl procps util-linux" >&2; \
+		echo "cluster/cadis-cluster and torch.compile need $(SYSTEM_TOOLS): sudo apt-get install curl procps util-linux g++" >&2; \
 	fi
 
 pretrain: setup

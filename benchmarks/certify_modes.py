@@ -1,13 +1,16 @@
 """Certification by the reference loop, by the engine at fixed n, and by the engine in
-sequential mode at the radius grid, measured side by side in one run.
+sequential mode at the radius grid (fp32, bf16, bf16 compiled), measured side by side in one
+run.
 
 The same test images, models, sigma, n0, n (the sequential mode's most draws) and alpha for
-all three: (a) the Cohen-style reference loop of benchmarks/certify_throughput.py (one image
-at a time, fixed batches, fp32, eager); (b) the engine (`Smooth.certify_images`, as `cadis
+all: (a) the Cohen-style reference loop of benchmarks/certify_throughput.py (one image at a
+time, fixed batches, fp32, eager); (b) the engine (`Smooth.certify_images`, as `cadis
 certify` runs it); (c) the engine's sequential test at the grid radii n can reach
-(`Smooth.certify_sequential`). Prints images per second and draws per image of each, the
-ratios against (a), and certified accuracy at each grid radius with McNemar's exact paired
-test of (c) against (b) on the same images.
+(`Smooth.certify_sequential`); (d) that in bf16 autocast; (e) that compiled too (the compile
+is done and timed before, as `cadis certify --compile` does it once a run). Prints images
+per second and draws per image of each, the ratios against (a), how often (d)'s and (e)'s
+base agrees with fp32 eager on the check draws, and certified accuracy at each grid radius
+with McNemar's exact paired test of each sequential mode against (b) on the same images.
 
     .venv/bin/python benchmarks/certify_modes.py --models models/fashion-mnist \\
         --images 60 --n 1000 --threads 2
@@ -32,9 +35,19 @@ from cadis.data import load_dataset, subset_indices  # noqa: E402
 from cadis.models.sources import ModelSources  # noqa: E402
 from cadis.smoothing.bounds import CertificationParameters  # noqa: E402
 from cadis.smoothing.paired import paired_test  # noqa: E402
+from cadis.smoothing.precision import (  # noqa: E402
+    AGREEMENT_DRAWS,
+    FP32,
+    PRECISIONS,
+    agreement,
+    autocast,
+    compile_base,
+)
 from cadis.smoothing.records import Record, radius_grid  # noqa: E402
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii  # noqa: E402
-from cadis.smoothing.smooth import Smooth  # noqa: E402
+from cadis.smoothing.smooth import Smooth, check_draws, image_generators  # noqa: E402
+
+SEQUENTIAL = ("(c) engine, sequential", "(d) sequential, bf16", "(e) sequential, bf16, compiled")
 
 
 def timed(certify, images, labels) -> tuple[list[Record], float]:
@@ -72,11 +85,27 @@ def main() -> None:
     plan = SequentialPlan(grid, args.sigma, args.alpha, args.n)
     parameters = CertificationParameters(args.n0, args.n, args.alpha, args.batch)
 
-    def smooth(seed: int) -> Smooth:
-        return Smooth(base, classes, args.sigma, generator=torch.Generator().manual_seed(seed))
+    bf16 = PRECISIONS["bf16"]
+    compiled = compile_base(base)
+    check = torch.stack(images[:20])
+    draws = check_draws(check, args.sigma, image_generators(0, range(len(check)),
+                                                            torch.device("cpu")),
+                        AGREEMENT_DRAWS // len(check), args.batch)
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast(bf16, torch.device("cpu")):
+        compiled(draws[0])
+    compile_seconds = time.perf_counter() - started
+    agreements = {mode: agreement(base, fast, draws, bf16, torch.device("cpu"))
+                  for mode, fast in ((SEQUENTIAL[1], base), (SEQUENTIAL[2], compiled))}
+
+    def smooth(fast: torch.nn.Module = base, precision=FP32) -> Smooth:
+        return Smooth(fast, classes, args.sigma, generator=torch.Generator().manual_seed(0),
+                      precision=precision)
 
     torch.manual_seed(0)
-    engine, sequential = smooth(0), smooth(0)
+    engine = smooth()
+    sequential = {SEQUENTIAL[0]: smooth(), SEQUENTIAL[1]: smooth(precision=bf16),
+                  SEQUENTIAL[2]: smooth(compiled, bf16)}
     reference_certify(base, images[0], classes, args.sigma, args.n0, 50, args.alpha, args.batch)
     runs = {
         "(a) reference loop, fixed n": timed(
@@ -84,14 +113,17 @@ def main() -> None:
                                         args.alpha, args.batch), images, labels),
         "(b) engine, fixed n": timed(
             lambda x: engine.certify_images(x[None], parameters)[0], images, labels),
-        "(c) engine, sequential": timed(
-            lambda x: sequential.certify_sequential(x, args.n0, plan, args.batch),
-            images, labels),
+        **{mode: timed(lambda x, mode=mode: sequential[mode].certify_sequential(
+                           x, args.n0, plan, args.batch), images, labels)
+           for mode in SEQUENTIAL},
     }
     print(f"{args.images} test images (every {len(test_set) // args.images}th), "
           f"sigma={args.sigma}, n={args.n} (sequential: at most), n0={args.n0}, "
           f"alpha={args.alpha}, {args.batch} draws a forward, {args.threads} thread(s); "
           f"sequential looks {list(plan.looks)} at alpha/{len(plan.looks)} each, radii {grid}")
+    print(f"torch.compile: {compile_seconds:.0f} s before (e), not in its rate; agreement with "
+          f"fp32 eager on {sum(len(batch) for batch in draws)} check draws: "
+          + ", ".join(f"{mode[:3]} {share:.4f}" for mode, share in agreements.items()))
     print("| mode | images/s | draws an image | ratio to (a) |")
     print("|---|---:|---:|---:|")
     reference_rate = args.images / runs["(a) reference loop, fixed n"][1]
@@ -100,15 +132,18 @@ def main() -> None:
                  else args.n0 + args.n)
         rate = args.images / seconds
         print(f"| {label} | {rate:.3f} | {draws:.0f} | {rate / reference_rate:.2f}x |")
-    print("| radius | " + " | ".join(runs) + " | (c) vs (b): (b) only, (c) only, p |")
-    print("|---:|" + "---:|" * (len(runs) + 1))
-    fixed, sequential_records = runs["(b) engine, fixed n"][0], runs["(c) engine, sequential"][0]
+    print("| radius | " + " | ".join(label[:3] for label in runs) + " | "
+          + " | ".join(f"{mode[:3]} vs (b): (b) only, {mode[:3]} only, p" for mode in SEQUENTIAL)
+          + " |")
+    print("|---:|" + "---:|" * (len(runs) + len(SEQUENTIAL)))
+    fixed = runs["(b) engine, fixed n"][0]
     for radius in grid:
-        result = paired_test(sequential_records, fixed, radius)
         cells = [f"{sum(r.correct and r.radius >= radius for r in records) / len(records):.3f}"
                  for records, _ in runs.values()]
-        print(f"| {radius:g} | " + " | ".join(cells)
-              + f" | {result.only_b}, {result.only_a}, {result.p_value:.3f} |")
+        for mode in SEQUENTIAL:
+            result = paired_test(runs[mode][0], fixed, radius)
+            cells.append(f"{result.only_b}, {result.only_a}, {result.p_value:.3f}")
+        print(f"| {radius:g} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ certify what they made. (The per-epoch proxy of training certifies its own model
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from cadis.data import load_dataset, subset_indices
+from cadis.errors import CadisError
 from cadis.finetuning.checkpoint import load_trained
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
@@ -21,10 +23,25 @@ from cadis.models.devices import pick_device
 from cadis.models.sources import ModelSources
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
+from cadis.smoothing.precision import (
+    AGREEMENT_DRAWS,
+    AGREEMENT_IMAGES,
+    FP32,
+    Precision,
+    autocast,
+    check_agreement,
+    compile_base,
+    resolve_precision,
+)
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import certify_dataset
 from cadis.smoothing.sequential import SequentialPlan
-from cadis.smoothing.smooth import Smooth, default_batch_size
+from cadis.smoothing.smooth import (
+    Smooth,
+    check_draws,
+    default_batch_size,
+    image_generators,
+)
 
 
 def build_denoised_classifier(sources: ModelSources, sigma: float,
@@ -54,17 +71,30 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                    max_images: int | None = None, batch_size: int | None = None,
                    checkpoint: str | None = None, radii: Sequence[float] | None = None,
                    seed: int = 0, device: str = "auto", sequential: bool = False,
+                   precision: str = "auto", compile: bool = False,
+                   shard: tuple[int, int] | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Certify every ``skip``-th test image (at most ``max_images``) into ``out_dir``.
 
     ``batch_size`` (noise draws per forward) defaults to what is fast on the device. With
     ``sequential``, each image is certified at ``radii`` (required) by the sequential test of
     :mod:`cadis.smoothing.sequential`, ``n`` being the most estimation draws an image may spend.
+    Each image's noise has its own generator (seeded by ``seed`` and its index), so
+    ``shard=(k, K)``, which certifies the k-th of K contiguous parts of the images, makes the
+    records a whole run makes of them (:func:`~cadis.smoothing.runner.merge_records` joins
+    the parts).
+
+    ``precision`` (:data:`~cadis.smoothing.precision.PRECISION_CHOICES`) and ``compile``
+    (``torch.compile``) choose how the base's forwards run; unless that is fp32 eager, the fast
+    base must first agree with fp32 eager on the check draws
+    (:func:`~cadis.smoothing.precision.check_agreement`), or :class:`CadisError` before any
+    record. The settings say which precision made the records; the summary holds the share.
 
     Returns the summary (also in ``out_dir/summary.json``). Resumes an interrupted run with
     the same settings; refuses, untouched, an ``out_dir`` made with other settings.
     """
     chosen_device = pick_device(device)
+    chosen_precision = resolve_precision(precision, chosen_device)
     parameters = CertificationParameters(n0, n, alpha,
                                          batch_size or default_batch_size(chosen_device))
     plan = SequentialPlan(radii or (), sigma, alpha, n) if sequential else None
@@ -74,12 +104,55 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     indices = subset_indices(len(test_set), skip, max_images)
     base = build_denoised_classifier(sources, sigma, checkpoint, chosen_device,
                                      channels=info.channels, image_size=info.image_size)
-    generator = torch.Generator(device=chosen_device).manual_seed(seed)
-    smooth = Smooth(base, info.num_classes, sigma, generator=generator)
+    fast, notes = _fast_base(base, test_set, indices, sigma, seed, chosen_precision, compile,
+                             parameters.batch_size, chosen_device)
+    smooth = Smooth(fast, info.num_classes, sigma, precision=chosen_precision)
     settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
                 "checkpoint": checkpoint, "dataset": sources.dataset, "seed": seed,
-                "denoiser_timestep": base.denoiser.timestep}
-    return certify_dataset(smooth, test_set, indices, parameters, out_dir=out_dir,
-                           settings=settings,
+                "denoiser_timestep": base.denoiser.timestep,
+                "precision": chosen_precision.name, "compiled": compile}
+    return certify_dataset(smooth, test_set, shard_of(indices, shard), parameters,
+                           out_dir=out_dir, settings=settings,
                            radii=radius_grid(sigma, n, alpha, info.image_size, radii),
-                           progress=progress, plan=plan)
+                           progress=progress, plan=plan, seed=seed, notes=notes)
+
+
+def shard_of(indices: list[int], shard: tuple[int, int] | None) -> list[int]:
+    """The k-th of K contiguous, near-equal parts of ``indices`` (``shard=(k, K)``; None: all).
+    Contiguous, so each part keeps whole groups of images that share forwards."""
+    if shard is None:
+        return indices
+    part, parts = shard
+    if not 0 <= part < parts:
+        raise CadisError(f"shard {part} of {parts} does not exist")
+    bounds = [len(indices) * k // parts for k in range(parts + 1)]
+    return indices[bounds[part]:bounds[part + 1]]
+
+
+def _fast_base(base: DenoisedClassifier, dataset: Any, indices: list[int], sigma: float,
+               seed: int, precision: Precision, compile: bool, batch_size: int,
+               device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The base the forwards run (``base`` compiled when asked) and what to note of it: for
+    anything but fp32 eager, its agreement with ``base`` in fp32 on noisy draws of the first
+    :data:`AGREEMENT_IMAGES` images (which raises below the bar) and the compile time."""
+    fast = compile_base(base) if compile else base
+    if precision is FP32 and not compile:
+        return fast, {}
+    check = indices[:AGREEMENT_IMAGES]
+    images = torch.stack([dataset[index][0] for index in check]).to(device)
+    draws = check_draws(images, sigma, image_generators(seed, check, device),
+                        -(-AGREEMENT_DRAWS // len(check)), batch_size)
+    if compile:
+        # The first forward of each shape compiles: paid here, once per process, and said.
+        started = time.perf_counter()
+        with torch.inference_mode(), autocast(precision, device):
+            for shape in {len(batch): batch for batch in draws}.values():
+                fast(shape)
+        compile_seconds = time.perf_counter() - started
+        print(f"certify: torch.compile took {compile_seconds:.0f} s", flush=True)
+    share = check_agreement(base, fast, draws, precision, compile, device)
+    notes = {"agreement_with_fp32": share,
+             "agreement_draws": sum(len(batch) for batch in draws)}
+    if compile:
+        notes["compile_seconds"] = round(compile_seconds, 1)
+    return fast, notes

@@ -38,7 +38,8 @@ def _certify(args: argparse.Namespace) -> None:
                              skip=args.skip, max_images=args.max_images,
                              batch_size=args.batch_size, checkpoint=args.checkpoint,
                              radii=args.radii, seed=args.seed, device=args.device,
-                             sequential=args.sequential, progress=not args.quiet)
+                             sequential=args.sequential, precision=args.precision,
+                             compile=args.compile, progress=not args.quiet)
     radii = [float(r) for r in summary["certified_accuracy"]]
     records = read_records(out / RECORDS_FILENAME)
     label = f"sigma={args.sigma:g}" + (", sequential" if args.sequential else "")
@@ -100,7 +101,8 @@ def _train(args: argparse.Namespace) -> None:
         sources, config.sigma, certify_dir, n=certify.n, n0=certify.n0, alpha=certify.alpha,
         skip=certify.skip, max_images=certify.max_images, batch_size=certify.batch_size,
         checkpoint=None if checkpoint is None else str(checkpoint), seed=config.seed,
-        device=config.device, progress=not args.quiet)
+        device=config.device, precision=certify.precision, compile=certify.compile,
+        progress=not args.quiet)
     radii = [float(r) for r in summary["certified_accuracy"]]
     records = read_records(certify_dir / RECORDS_FILENAME)
     print(format_table({config.method: records}, radii).rstrip("\n"))
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--sequential", action="store_true",
                          help="stop each image once every --radii radius is decided (n: the "
                               "most draws); sound at alpha over all looks")
+    certify.add_argument("--precision", default="auto",
+                         help="auto (default: fp32 on the CPU, bf16 or fp16 on CUDA), fp32, bf16 "
+                              "or fp16; anything but fp32 is checked against fp32 first")
+    certify.add_argument("--compile", action="store_true",
+                         help="torch.compile the models (pays on long runs; checked first)")
     certify.add_argument("--seed", type=int, default=0, help="seed of the noise")
     certify.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     certify.add_argument("--out", required=True, help="output folder (resumed if it exists)")

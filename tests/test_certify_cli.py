@@ -47,6 +47,8 @@ def test_certify_resumes_only_missing_images(tiny_models_dir, tmp_path):
     (["--n0", "0"], "n0 must be an integer >= 1"),
     (["--skip", "0"], "skip must be an integer >= 1"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--precision", "fp8"], "unknown precision 'fp8'; allowed: auto, fp32, bf16, fp16"),
+    (["--precision", "fp16"], "precision fp16 does not run on cpu"),
 ])
 def test_bad_input_is_one_line_and_exit_two(tiny_models_dir, tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -130,3 +132,14 @@ def test_sequential_bad_input_is_one_line_and_exit_two(tiny_models_dir, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_bf16_certify_says_its_precision_and_its_agreement_with_fp32(tiny_models_dir, tmp_path):
+    out = tmp_path / "bf16"
+    assert _certify(tiny_models_dir, out, "--max-images", "2", "--precision", "bf16") == 0
+    settings = json.loads((out / "settings.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert settings["precision"] == "bf16" and settings["compiled"] is False
+    assert summary["agreement_with_fp32"] >= 0.999 and summary["agreement_draws"] == 2000
+    # Records of another precision are another experiment: the folder refuses them.
+    assert _certify(tiny_models_dir, out, "--max-images", "2") == 2

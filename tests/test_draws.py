@@ -14,7 +14,7 @@ from cadis.errors import CadisError
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
 from cadis.smoothing.draws import STORE_META, DrawStore, build_store, store_folder, store_key
-from cadis.smoothing.smooth import Smooth
+from cadis.smoothing.smooth import Smooth, image_generators
 from tests.conftest import make_scheduler, make_tiny_unet
 
 SIGMA = 0.5
@@ -52,9 +52,9 @@ def test_stored_draws_give_the_counts_of_denoising_them_again(tmp_path, batch_si
     store = build_store(tmp_path / "store", key(), denoiser, images, [0, 1, 2, 0, 1], CLASSES,
                         batch_size, progress=False)
     stored = store.certify(classifier, [3, 9, 4, 1, 7], 0.01, torch.device("cpu"))
-    smooth = Smooth(DenoisedClassifier(denoiser, classifier), CLASSES, SIGMA,
-                    generator=torch.Generator().manual_seed(5))
-    again = smooth.certify_many(images, CertificationParameters(6, 30, 0.01, batch_size))
+    smooth = Smooth(DenoisedClassifier(denoiser, classifier), CLASSES, SIGMA)
+    again = smooth.certify_many(images, CertificationParameters(6, 30, 0.01, batch_size),
+                                image_generators(5, [3, 9, 4, 1, 7], torch.device("cpu")))
     assert [answer[1:] for answer in stored] == again
     assert [answer[0] for answer in stored] == [0, 1, 2, 0, 1]
     # The classifier really varies: not every image gets the same answer.

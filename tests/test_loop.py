@@ -102,8 +102,9 @@ def test_the_proxy_from_stored_draws_equals_the_proxy_denoised_live(tiny_models_
     live = _evaluate(classifier, denoiser, dataset, validation, config, sources, 10, 8)
     proxy = validation[:config.proxy_images]
     images, labels = stack_images(dataset, proxy)
-    store = build_store(tmp_path / "proxy", proxy_store_key(config, sources, proxy), denoiser,
-                        images, labels.tolist(), 10, 100, progress=False)
+    key = proxy_store_key(config, sources, proxy, torch.device("cpu"))
+    store = build_store(tmp_path / "proxy", key, denoiser, images, labels.tolist(), 10, 100,
+                        progress=False)
     config.proxy_store = str(store.folder)
     stored = _evaluate(classifier, denoiser, dataset, validation, config, sources, 10, 8)
     assert stored == live and "proxy_acr" in stored

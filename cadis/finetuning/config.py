@@ -30,6 +30,7 @@ from cadis.models.devices import DEVICES
 from cadis.models.sources import ModelSources
 from cadis.overrides import coerce_like, parse_override
 from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.precision import PRECISION_CHOICES
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
 from cadis.validation import check_sigma, non_negative_float, positive_int
 
@@ -51,6 +52,10 @@ class CertifyConfig:
     skip: int = 20
     max_images: int | None = 500
     batch_size: int | None = None  # noise draws per forward; None: what is fast on the device
+    # How the forwards run (cadis.smoothing.precision): auto is fp32 on the CPU, bf16 or fp16
+    # on CUDA; bf16 pays on CPUs with native bf16. compile: torch.compile, paid once a run.
+    precision: str = "auto"
+    compile: bool = False
 
     def parameters(self, default_batch_size: int) -> CertificationParameters:
         """The certification's parameters (``batch_size`` None: ``default_batch_size``);
@@ -211,6 +216,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     config.certify.parameters(CPU_BATCH_SIZE)
     config.proxy_parameters(CPU_BATCH_SIZE)
     positive_int(config.certify.skip, "certify.skip")
+    if config.certify.precision not in PRECISION_CHOICES:
+        raise CadisError(f"certify.precision must be one of {', '.join(PRECISION_CHOICES)}, "
+                         f"got {config.certify.precision!r}")
     if config.certify.max_images is not None:
         positive_int(config.certify.max_images, "certify.max_images")
     if not (config.models or (config.classifier and config.denoiser and config.dataset)):
@@ -230,8 +238,7 @@ def from_mapping(base: dict[str, Any], overrides: list[str] = ()) -> TrainConfig
         if key.startswith("certify.") or key == "certify":
             updates = value if key == "certify" else {key.split(".", 1)[1]: value}
             if not isinstance(updates, dict):
-                raise CadisError("certify must be a mapping of n, n0, alpha, skip, max_images, "
-                                 "batch_size")
+                raise CadisError(f"certify must be a mapping of {', '.join(certify)}")
             for sub_key, sub_value in updates.items():
                 if sub_key not in certify:
                     raise CadisError(f"unknown key certify.{sub_key}; allowed: "

@@ -47,6 +47,7 @@ from cadis.models.denoiser import load_denoiser
 from cadis.models.sources import ModelSources
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser, to_image_space
 from cadis.smoothing.draws import DrawStore, store_folder, store_key
+from cadis.smoothing.precision import resolve_precision
 from cadis.smoothing.records import (
     Record,
     average_certified_radius,
@@ -54,7 +55,7 @@ from cadis.smoothing.records import (
     radius_grid,
     radius_key,
 )
-from cadis.smoothing.smooth import Smooth, default_batch_size
+from cadis.smoothing.smooth import Smooth, default_batch_size, image_generators
 from cadis.tracking.contract import PROXY_ACR, PROXY_PREFIX
 
 
@@ -279,12 +280,14 @@ def build_training_draws(config: TrainConfig, root: str | Path, device: torch.de
                              progress=progress)
 
 
-def proxy_store_key(config: TrainConfig, sources: ModelSources,
-                    proxy_indices: list[int]) -> dict[str, Any]:
-    """What the proxy's draws depend on: a store of them (``proxy_store``) must match it."""
+def proxy_store_key(config: TrainConfig, sources: ModelSources, proxy_indices: list[int],
+                    device: torch.device) -> dict[str, Any]:
+    """What the proxy's draws depend on: a store of them (``proxy_store``) must match it. The
+    proxy runs in the ``auto`` precision of ``device``."""
     return store_key(dataset=sources.dataset, split="train", indices=proxy_indices,
                      denoiser=sources.denoiser, sigma=config.sigma, n0=config.proxy_n0,
-                     n=config.proxy_n, seed=config.seed)
+                     n=config.proxy_n, seed=config.seed,
+                     precision=resolve_precision("auto", device).name)
 
 
 @torch.inference_mode()
@@ -311,12 +314,12 @@ def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indice
     proxy_indices = indices[:config.proxy_images]
     if config.proxy_store:
         store = DrawStore.open(config.proxy_store,
-                               proxy_store_key(config, sources, proxy_indices))
+                               proxy_store_key(config, sources, proxy_indices, device))
         answers = store.certify(classifier, proxy_indices, config.proxy_alpha, device)
     else:
-        smooth = Smooth(DenoisedClassifier(denoiser, classifier), num_classes, config.sigma,
-                        generator=torch.Generator(device=device).manual_seed(config.seed))
-        results = smooth.certify_many(images[:len(proxy_indices)], parameters)
+        smooth = Smooth(DenoisedClassifier(denoiser, classifier), num_classes, config.sigma)
+        results = smooth.certify_many(images[:len(proxy_indices)], parameters,
+                                      image_generators(config.seed, proxy_indices, device))
         answers = [(int(label), *result) for label, result in zip(labels, results)]
     records = [Record.from_prediction(index, label, prediction, radius, 0.0)
                for index, (label, prediction, radius) in zip(proxy_indices, answers)]

@@ -39,12 +39,15 @@ from tqdm.auto import tqdm
 from cadis.errors import CadisError
 from cadis.files import atomic_directory, atomic_write_text
 from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.precision import FP32, PRECISIONS, Precision
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.smoothing.smooth import (
+    NOISE_PER_IMAGE,
     certify_segments,
     count_predictions,
     decide_certify,
     evaluating,
+    image_generators,
     images_per_forward,
     noisy_batches,
 )
@@ -59,12 +62,15 @@ DIGEST_CHARS: Final = 12
 
 
 def store_key(*, dataset: str, split: str, indices: Sequence[int], denoiser: str, sigma: float,
-              n0: int, n: int, seed: int) -> dict[str, Any]:
+              n0: int, n: int, seed: int, precision: str = FP32.name) -> dict[str, Any]:
     """Everything a store's draws depend on (the batch size only orders the forwards, and
-    is recorded with the store): data set, split, which images, denoiser, sigma, draws, seed."""
+    is recorded with the store): data set, split, which images, denoiser, sigma, draws, seed
+    (each image's own generator, :func:`~cadis.smoothing.smooth.image_generators`), and the
+    precision the denoiser ran in."""
     return {"dataset": dataset, "split": split, "indices": [int(i) for i in indices],
             "denoiser": str(denoiser), "sigma": float(sigma), "n0": int(n0), "n": int(n),
-            "seed": int(seed), "dtype": np.dtype(STORE_DTYPE).name}
+            "seed": int(seed), "noise": NOISE_PER_IMAGE, "precision": precision,
+            "dtype": np.dtype(STORE_DTYPE).name}
 
 
 def store_folder(root: str | Path, role: str, key: Mapping[str, Any]) -> Path:
@@ -124,8 +130,8 @@ class DrawStore:
     """The denoised draws of one seeded CERTIFY run over a fixed list of images.
 
     Guarantee: :meth:`certify` returns exactly what ``Smooth(classifier ∘ denoiser, sigma,
-    generator seeded with the key's seed).certify_many(images, parameters)`` returns, for any
-    classifier, without running the denoiser.
+    precision of the key).certify_many(images, parameters, image_generators(key's seed,
+    indices))`` returns, for any classifier, without running the denoiser.
     """
 
     def __init__(self, folder: Path, info: StoreInfo) -> None:
@@ -158,6 +164,11 @@ class DrawStore:
     def _groups(self) -> int:
         return images_per_forward(self.key["n0"], self.key["n"], self.info.batch_size)
 
+    @property
+    def precision(self) -> Precision:
+        """The precision the draws were denoised in, which the classifier runs in too."""
+        return PRECISIONS[self.key["precision"]]
+
     def certify(self, classifier: nn.Module, indices: Sequence[int], alpha: float,
                 device: torch.device) -> list[tuple[int, int, float]]:
         """``[(label, prediction, radius)]`` of CERTIFY at ``alpha`` for the store's images
@@ -171,7 +182,8 @@ class DrawStore:
         for group_start in sorted({position - position % size for position in wanted}):
             group = range(group_start, min(group_start + size, len(self.indices)))
             counts = count_predictions(classifier, self._batches(group, parameters, device),
-                                       2 * len(group), self.info.num_classes, device)
+                                       2 * len(group), self.info.num_classes, device,
+                                       self.precision)
             for position, answer in zip(group, decide_certify(counts, parameters,
                                                               self.key["sigma"])):
                 answers[position] = answer
@@ -212,7 +224,8 @@ class DrawStore:
         batches = ((torch.from_numpy(np.array(rows[start:start + size])).to(device),
                     torch.zeros(len(rows[start:start + size]), dtype=torch.long, device=device))
                    for start in range(0, len(rows), size))
-        return count_predictions(classifier, batches, 1, self.info.num_classes, device)[0]
+        return count_predictions(classifier, batches, 1, self.info.num_classes, device,
+                                 self.precision)[0]
 
     def _batches(self, group: range, parameters: CertificationParameters,
                  device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
@@ -248,7 +261,8 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
     size = store_bytes(len(images), parameters.n0, parameters.n, images.shape[1:])
     check_free_space(folder, size)
     device = images.device
-    generator = torch.Generator(device=device).manual_seed(int(key["seed"]))
+    generators = image_generators(int(key["seed"]), key["indices"], device)
+    precision = PRECISIONS[key["precision"]]
     per_image = parameters.n0 + parameters.n
     group_size = images_per_forward(parameters.n0, parameters.n, batch_size)
     started = time.perf_counter()
@@ -259,11 +273,12 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
         flat = array.reshape(len(images) * per_image, *images.shape[1:])
         row = 0
         with tqdm(total=len(images), unit="img", desc="denoise draws",
-                  disable=not progress) as bar, evaluating(denoiser, device):
+                  disable=not progress) as bar, evaluating(denoiser, device, precision):
             for start in range(0, len(images), group_size):
                 group = images[start:start + group_size]
                 segments = certify_segments(len(group), parameters)
-                for noisy, _ in noisy_batches(group, segments, float(key["sigma"]), generator,
+                for noisy, _ in noisy_batches(group, segments, float(key["sigma"]),
+                                              generators[start:start + group_size],
                                               batch_size):
                     tick = time.perf_counter()
                     denoised = denoiser(noisy).float()
@@ -278,7 +293,7 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
             stored = np.load(staging / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
             sample = torch.from_numpy(np.array(stored.reshape(-1, *images.shape[1:])[:batch_size])
                                       ).to(device)
-            with evaluating(classifier, device):
+            with evaluating(classifier, device, precision):
                 tick = time.perf_counter()
                 classifier(sample)
                 classifier_ms = 1000 * (time.perf_counter() - tick) / len(sample)

@@ -157,6 +157,15 @@ class RecordWriter:
         self.close()
 
 
+def write_records(path: str | os.PathLike, records: Sequence[Record]) -> None:
+    """Write ``records`` as a whole records file at ``path``, atomically (a reader sees the old
+    file or the new one, never part of it)."""
+    _require_records(records)
+    header = SEQUENTIAL_HEADER if records[0].draws is not None else RECORDS_HEADER
+    atomic_write_text(path, "".join(f"{line}\n" for line in
+                                    [header, *(record.to_line() for record in records)]))
+
+
 def read_records(path: str | os.PathLike) -> list[Record]:
     """The complete records of a records file, in file order.
 

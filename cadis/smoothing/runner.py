@@ -31,10 +31,16 @@ from cadis.smoothing.records import (
     RecordWriter,
     plot_certified_accuracy,
     read_records,
+    write_records,
     write_summary,
 )
 from cadis.smoothing.sequential import MODE_FIXED, MODE_SEQUENTIAL, SequentialPlan
-from cadis.smoothing.smooth import Smooth, images_per_forward
+from cadis.smoothing.smooth import (
+    NOISE_PER_IMAGE,
+    Smooth,
+    image_generators,
+    images_per_forward,
+)
 
 SETTINGS_FILENAME: Final = "settings.json"
 
@@ -112,7 +118,9 @@ GroupCertifier = Callable[[list[int]], list[tuple]]
 def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int],
                     parameters: CertificationParameters, out_dir: str | os.PathLike,
                     settings: Mapping[str, Any], radii: Sequence[float],
-                    progress: bool = True, plan: SequentialPlan | None = None) -> dict[str, Any]:
+                    progress: bool = True, plan: SequentialPlan | None = None,
+                    seed: int | None = None,
+                    notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """CERTIFY ``dataset[i]`` for each ``i`` of ``indices`` into ``out_dir`` and summarise.
 
     Writes ``settings.json`` (``settings`` completed with sigma, n, n0 and alpha), appends one
@@ -127,6 +135,12 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
     (:meth:`Smooth.certify_sequential`, at most ``parameters.n`` estimation draws): records
     carry the draws spent and the grid radius certified, and the folder is one of that mode.
 
+    With ``seed``, each image's noise comes from its own generator
+    (:func:`~cadis.smoothing.smooth.image_generators`, the data-set index naming it), not from
+    ``smooth``'s: an image's record is then the same whether it is certified alone, resumed,
+    or in another shard (:func:`merge_records`); ``settings`` gain ``noise``. ``notes`` join
+    the summary but not the settings (what was measured of the run, not what made it).
+
     Raises :class:`CadisError`, leaving ``out_dir`` untouched, if it holds records made with
     other settings.
     """
@@ -135,23 +149,28 @@ def certify_dataset(smooth: Smooth, dataset: ImageDataset, indices: Iterable[int
     def certify(group: list[int]) -> list[tuple]:
         examples = [dataset[index] for index in group]
         images = torch.stack([image for image, _ in examples]).to(device)
+        generators = None if seed is None else image_generators(seed, group, device)
         if plan is not None:
-            return [(int(label), *smooth.certify_sequential(image, parameters.n0, plan,
-                                                            parameters.batch_size))
-                    for image, (_, label) in zip(images, examples)]
-        results = smooth.certify_images(images, parameters)
+            return [(int(label), *smooth.certify_sequential(
+                        image, parameters.n0, plan, parameters.batch_size,
+                        None if generators is None else generators[position]))
+                    for position, (image, (_, label)) in enumerate(zip(images, examples))]
+        results = smooth.certify_images(images, parameters, generators)
         return [(int(label), prediction, radius)
                 for (_, label), (prediction, radius) in zip(examples, results)]
 
+    if seed is not None:
+        settings = {**settings, "noise": NOISE_PER_IMAGE}
     return certify_records(certify, indices, parameters, smooth.sigma, out_dir, settings,
-                           radii, progress, plan)
+                           radii, progress, plan, notes)
 
 
 def certify_records(certify: GroupCertifier, indices: Iterable[int],
                     parameters: CertificationParameters, sigma: float,
                     out_dir: str | os.PathLike, settings: Mapping[str, Any],
                     radii: Sequence[float], progress: bool = True,
-                    plan: SequentialPlan | None = None) -> dict[str, Any]:
+                    plan: SequentialPlan | None = None,
+                    notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """:func:`certify_dataset` for any way of certifying a group of indices (live draws, or
     stored ones: :mod:`cadis.smoothing.draws`): the same folder, records, resume and refusal
     of other settings, groups of :func:`images_per_forward` indices (one image at a time
@@ -192,20 +211,64 @@ def certify_records(certify: GroupCertifier, indices: Iterable[int],
             bar.update(len(group))
             bar.set_postfix(cert_acc_r0=f"{correct / len(recorded):.3f}")
 
-    records = [recorded[index] for index in wanted]
-    extra = {key: value for key, value in run_settings.items()
+    return _summarise(out_dir, [recorded[index] for index in wanted], run_settings, radii,
+                      notes)
+
+
+def _summarise(out_dir: Path, records: list[Record], run_settings: Mapping[str, Any],
+               radii: Sequence[float], notes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Write ``summary.json`` (the settings and ``notes`` among its fields) and the plot of
+    ``records``, made with ``run_settings``."""
+    sigma, n, n0, alpha = (run_settings[key] for key in CERTIFICATION_SETTINGS)
+    sequential = run_settings.get("mode") == MODE_SEQUENTIAL
+    extra = {key: value for key, value in {**run_settings, **(notes or {})}.items()
              if key not in CERTIFICATION_SETTINGS}
-    extra["mode"] = MODE_FIXED if plan is None else MODE_SEQUENTIAL
+    extra["mode"] = MODE_SEQUENTIAL if sequential else MODE_FIXED
     # Sequential records hold grid radii: their ACR is an average over the grid.
-    extra["acr_over"] = "radius" if plan is None else "grid"
-    extra["mean_draws"] = (n0 + n if plan is None else
-                           sum(record.draws for record in records) / len(records))
+    extra["acr_over"] = "grid" if sequential else "radius"
+    extra["mean_draws"] = (sum(record.draws for record in records) / len(records)
+                           if sequential else n0 + n)
     summary = write_summary(out_dir / SUMMARY_FILENAME, records, radii, sigma=sigma,
                             n=n, n0=n0, alpha=alpha, extra=extra)
     label = f"sigma={sigma:g}, n={n}"
-    if plan is not None:
+    if sequential:
         label += f" at most, sequential ({extra['mean_draws']:.0f} draws an image)"
     plot_certified_accuracy({label: records}, out_dir / PLOT_FILENAME,
                             title=f"certified accuracy ({len(records)} images, n0={n0}, "
                                   f"alpha={alpha:g})")
     return summary
+
+
+def merge_records(out_dir: str | os.PathLike, parts: Sequence[str | os.PathLike],
+                  indices: Iterable[int] | None, radii: Sequence[float],
+                  notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Join the record folders ``parts`` (shards of one certification: each made with the
+    same settings, together holding every index of ``indices``; None: the parts' records in
+    the order of the parts) into ``out_dir`` and summarise it as :func:`certify_records`
+    would have.
+
+    The records are written in the order of ``indices``, so with per-image noise
+    (``certify_dataset(seed=...)``) or stored draws the file equals a single run's but for
+    ``seconds``. Raises :class:`CadisError`, writing nothing, when the parts' settings differ
+    or an index has no record; a ``out_dir`` already made with other settings is refused.
+    """
+    out_dir = Path(out_dir)
+    settings = None
+    recorded: dict[int, Record] = {}
+    for part in map(Path, parts):
+        part_settings = json.loads((part / SETTINGS_FILENAME).read_text(encoding="utf-8"))
+        if settings is not None and part_settings != settings:
+            raise CadisError(f"{part} was certified with other settings than {parts[0]}; "
+                             "shards of one certification share their settings")
+        settings = part_settings
+        recorded.update((record.idx, record) for record in read_records(part / RECORDS_FILENAME))
+    wanted = list(recorded if indices is None else dict.fromkeys(int(i) for i in indices))
+    missing = [index for index in wanted if index not in recorded]
+    if settings is None or missing:
+        raise CadisError(f"the shards hold no record of {len(missing) or len(wanted)} of the "
+                         f"{len(wanted)} images (first: {(missing or wanted)[0]})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir, settings)
+    records = [recorded[index] for index in wanted]
+    write_records(out_dir / RECORDS_FILENAME, records)
+    return _summarise(out_dir, records, settings, radii, notes)

@@ -12,6 +12,7 @@ that they can be pinned without a model; :class:`Smooth` only draws the noise an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,6 +28,7 @@ from cadis.smoothing.bounds import (
     certify_from_counts,
     predict_from_counts,
 )
+from cadis.smoothing.precision import Precision, autocast, resolve_precision
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.validation import check_probability, check_sigma, positive_int
 
@@ -34,6 +36,8 @@ from cadis.validation import check_probability, check_sigma, positive_int
 # 706 draws/s at 100 against 422 at 1000 with the default models (benchmarks/, README).
 CPU_BATCH_SIZE: Final = 100
 CUDA_BATCH_SIZE: Final = 1000
+# Seeds are 63-bit: what every torch generator takes.
+IMAGE_SEED_MASK: Final = 2 ** 63 - 1
 
 # A (image index, number of draws) pair: one block of draws counted separately.
 Segment = tuple[int, int]
@@ -61,20 +65,15 @@ def _evaluation_mode(module: nn.Module) -> Iterator[None]:
             submodule.training = training
 
 
-def _autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    # Reduced precision only on CUDA, where it pays; it changes the base, not the noise,
-    # so the certificate (about whatever the base computes) is unaffected.
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 @contextlib.contextmanager
-def evaluating(module: nn.Module, device: torch.device) -> Iterator[None]:
+def evaluating(module: nn.Module, device: torch.device,
+               precision: Precision | None = None) -> Iterator[None]:
     """How every base evaluates draws: ``torch.inference_mode``, eval mode (each submodule's
-    own mode given back after) and, on CUDA, autocast."""
-    with torch.inference_mode(), _evaluation_mode(module), _autocast_for(device):
+    own mode given back after) and autocast to ``precision`` (None: ``auto`` for ``device``,
+    reduced precision on CUDA only; it changes the base, not the noise, so the certificate,
+    about whatever the base computes, holds)."""
+    precision = precision or resolve_precision("auto", device)
+    with torch.inference_mode(), _evaluation_mode(module), autocast(precision, device):
         yield
 
 
@@ -110,19 +109,48 @@ def certify_segments(num_images: int, parameters: CertificationParameters) -> li
             for segment in ((index, parameters.n0), (index, parameters.n))]
 
 
+def image_seed(seed: int, index: int) -> int:
+    """The seed of data-set image ``index``'s noise in a run seeded ``seed``: a digest, so
+    that nearby images and runs get unrelated streams."""
+    digest = hashlib.sha256(f"{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & IMAGE_SEED_MASK
+
+
+def image_generators(seed: int, indices: Sequence[int],
+                     device: torch.device) -> list[torch.Generator]:
+    """One generator per image, seeded by :func:`image_seed`: an image's draws then do not
+    depend on which other images are certified with it, in which order, in which shard, or
+    whether the run was resumed."""
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, index))
+            for index in indices]
+
+
+#: ``settings["noise"]`` (and a store key's) when each image has its own generator.
+NOISE_PER_IMAGE: Final = "per-image generators"
+
+#: Where each image's noise comes from: one generator for all (None: torch's default), or
+#: one per image of the batch (:func:`image_generators`).
+NoiseSource = torch.Generator | Sequence[torch.Generator] | None
+
+
 def noisy_batches(images: Tensor, segments: Sequence[Segment], sigma: float,
-                  generator: torch.Generator | None,
+                  generator: NoiseSource,
                   batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """``(x + delta, segment ids)`` in forwards of exactly ``batch_size`` draws (the last may
-    be smaller). The noise is drawn segment by segment in chunks of at most ``batch_size``:
-    that order of using the generator defines a seeded run's draws, for :class:`Smooth` and
-    for stored draws (:mod:`cadis.smoothing.draws`) alike."""
+    be smaller). The noise is drawn segment by segment in chunks of at most ``batch_size``
+    from the image's generator: that order defines a seeded run's draws, for :class:`Smooth`
+    and for stored draws (:mod:`cadis.smoothing.draws`) alike."""
+    per_image = generator is not None and not isinstance(generator, torch.Generator)
+    if per_image and len(generator) != len(images):
+        raise CadisError(f"{len(generator)} generators for {len(images)} images")
+
     def pieces() -> Iterator[tuple[Tensor, Tensor]]:
         for segment_id, (image_index, draws) in enumerate(segments):
             image = images[image_index]
+            source = generator[image_index] if per_image else generator
             for start in range(0, draws, batch_size):
                 size = min(batch_size, draws - start)
-                noise = torch.randn((size, *image.shape), generator=generator,
+                noise = torch.randn((size, *image.shape), generator=source,
                                     device=image.device, dtype=image.dtype)
                 yield (image + sigma * noise,
                        torch.full((size,), segment_id, device=image.device, dtype=torch.long))
@@ -130,16 +158,27 @@ def noisy_batches(images: Tensor, segments: Sequence[Segment], sigma: float,
     return _rebatch(pieces(), batch_size)
 
 
+def check_draws(images: Tensor, sigma: float, generators: NoiseSource, per_image: int,
+                batch_size: int) -> list[Tensor]:
+    """``per_image`` noisy draws of each of ``images``, in forwards of ``batch_size``: what a
+    fast base is compared on (:func:`~cadis.smoothing.precision.check_agreement`). Made under
+    ``torch.inference_mode`` as certification's draws are, so a compiled base that sees them
+    first is not compiled again for those."""
+    segments = [(index, per_image) for index in range(len(images))]
+    with torch.inference_mode():
+        return [noisy for noisy, _ in noisy_batches(images, segments, sigma, generators,
+                                                    batch_size)]
+
+
 def count_predictions(base: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
-                      num_segments: int, num_classes: int,
-                      device: torch.device) -> np.ndarray:
+                      num_segments: int, num_classes: int, device: torch.device,
+                      precision: Precision | None = None) -> np.ndarray:
     """Counts of ``base``'s predicted class over ``(inputs, segment ids)`` batches, one row of
-    ``num_classes`` per segment. ``base`` runs in eval mode (its modes restored after) under
-    ``torch.inference_mode``, with autocast on CUDA."""
+    ``num_classes`` per segment. ``base`` runs as :func:`evaluating` runs it."""
     total = num_segments * num_classes
     # Counted on the device: one transfer at the end instead of one per batch.
     counts = torch.zeros(total, dtype=torch.long, device=device)
-    with evaluating(base, device):
+    with evaluating(base, device, precision):
         for inputs, segment_ids in batches:
             logits = base(inputs)
             if logits.shape != (len(inputs), num_classes):
@@ -175,16 +214,18 @@ class Smooth:
 
     ``base`` maps a batch of noisy images (in [0, 1] units, not clipped) to logits of
     ``num_classes`` classes; it is evaluated in eval mode (its modes are restored after) under
-    ``torch.inference_mode``, with autocast when the images are on CUDA. The noise is drawn on
-    the images' device from ``generator`` (the default generator if None), so a run with a
-    seeded generator is reproducible. Guarantees, each with probability >= 1 - alpha over the
+    ``torch.inference_mode``, autocast to ``precision`` (None: ``auto``, reduced precision on
+    CUDA only). The noise is drawn in fp32 on the images' device from ``generator`` (the
+    default generator if None) or, where a method is given them, from one generator per image,
+    so a seeded run is reproducible. Guarantees, each with probability >= 1 - alpha over the
     noise: :meth:`predict` does not return a class other than ``g(x)``; :meth:`certify`
     returning ``(c, R)`` with ``c != ABSTAIN`` means ``g(x + e) = c`` for every
     ``||e||_2 < R``.
     """
 
     def __init__(self, base: nn.Module, num_classes: int, sigma: float,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 precision: Precision | None = None) -> None:
         if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
                 and num_classes >= 2):
             raise CadisError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -192,6 +233,7 @@ class Smooth:
         self.num_classes = int(num_classes)
         self.sigma = check_sigma(sigma)
         self.generator = generator
+        self.precision = precision
 
     @property
     def device(self) -> torch.device:
@@ -209,7 +251,8 @@ class Smooth:
         batch_size = positive_int(batch_size, "batch_size")
         images = self._check_images(self._one_image(x))
         batches = noisy_batches(images, [(0, n)], self.sigma, self.generator, batch_size)
-        counts = count_predictions(self.base, batches, 1, self.num_classes, images.device)
+        counts = count_predictions(self.base, batches, 1, self.num_classes, images.device,
+                                   self.precision)
         return predict_from_counts(counts[0], alpha)
 
     def certify(self, x: Tensor, n0: int, n: int, alpha: float,
@@ -231,46 +274,55 @@ class Smooth:
         """
         return self.certify_images(xs, CertificationParameters(n0, n, alpha, batch_size))
 
-    def certify_images(self, xs: Tensor,
-                       parameters: CertificationParameters) -> list[tuple[int, float]]:
+    def certify_images(self, xs: Tensor, parameters: CertificationParameters,
+                       generators: Sequence[torch.Generator] | None = None
+                       ) -> list[tuple[int, float]]:
         """:meth:`certify_batch` with parameters validated once by their constructor (a
-        certification run makes them once, not once per batch of images)."""
-        images = self._check_images(xs)
+        certification run makes them once, not once per batch of images); ``generators``,
+        one per image, replace the shared generator."""
+        images = self._check_images(xs, generators)
         segments = certify_segments(len(images), parameters)
-        batches = noisy_batches(images, segments, self.sigma, self.generator,
+        batches = noisy_batches(images, segments, self.sigma,
+                                self.generator if generators is None else generators,
                                 parameters.batch_size)
         counts = count_predictions(self.base, batches, len(segments), self.num_classes,
-                                   images.device)
+                                   images.device, self.precision)
         return decide_certify(counts, parameters, self.sigma)
 
-    def certify_many(self, xs: Tensor,
-                     parameters: CertificationParameters) -> list[tuple[int, float]]:
+    def certify_many(self, xs: Tensor, parameters: CertificationParameters,
+                     generators: Sequence[torch.Generator] | None = None
+                     ) -> list[tuple[int, float]]:
         """CERTIFY K images in groups of :func:`images_per_forward` (each group one
         :meth:`certify_images`), as the certification runner does: the same draws, for the
-        same generator, as a run over those images or a store built from them."""
+        same generators, as a run over those images or a store built from them."""
         size = images_per_forward(parameters.n0, parameters.n, parameters.batch_size)
         return [result for start in range(0, len(xs), size)
-                for result in self.certify_images(xs[start:start + size], parameters)]
+                for result in self.certify_images(
+                    xs[start:start + size], parameters,
+                    None if generators is None else generators[start:start + size])]
 
-    def certify_sequential(self, x: Tensor, n0: int, plan: SequentialPlan,
-                           batch_size: int) -> tuple[int, float, int]:
+    def certify_sequential(self, x: Tensor, n0: int, plan: SequentialPlan, batch_size: int,
+                           generator: torch.Generator | None = None
+                           ) -> tuple[int, float, int]:
         """Sequential CERTIFY of one C x H x W image at the radii of ``plan``: ``(class,
         largest certified radius of the grid, draws spent)``, or ``(ABSTAIN, 0.0, draws)``.
 
         ``n0`` draws choose the candidate; estimation draws follow in the looks of ``plan``
         and stop once every radius is decided (:class:`SequentialPlan`). With probability
         >= 1 - alpha over the noise, a returned ``(c, r)`` with ``c != ABSTAIN`` means
-        ``g(x + e) = c`` for every ``||e||_2 < r``, over all looks together.
+        ``g(x + e) = c`` for every ``||e||_2 < r``, over all looks together. ``generator``
+        (this image's own) replaces the shared one.
         """
         n0 = positive_int(n0, "n0")
         batch_size = positive_int(batch_size, "batch_size")
-        images = self._check_images(self._one_image(x))
+        generator = self.generator if generator is None else generator
+        images = self._check_images(self._one_image(x), None if generator is None
+                                    else [generator])
 
         def counts(draws: int) -> np.ndarray:
-            batches = noisy_batches(images, [(0, draws)], self.sigma, self.generator,
-                                    batch_size)
+            batches = noisy_batches(images, [(0, draws)], self.sigma, generator, batch_size)
             return count_predictions(self.base, batches, 1, self.num_classes,
-                                     images.device)[0]
+                                     images.device, self.precision)[0]
 
         prediction, radius, spent = run_sequential(counts(n0), counts, plan)
         return prediction, radius, n0 + spent
@@ -282,12 +334,14 @@ class Smooth:
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         return x.unsqueeze(0)
 
-    def _check_images(self, xs: Tensor) -> Tensor:
+    def _check_images(self, xs: Tensor,
+                      generators: Sequence[torch.Generator] | None = None) -> Tensor:
         if not isinstance(xs, Tensor) or xs.dim() != 4 or not xs.is_floating_point():
             raise CadisError("images must be a floating-point K x C x H x W tensor in [0, 1], got "
                              f"{xs.dtype if isinstance(xs, Tensor) else type(xs).__name__} "
                              f"of shape {tuple(xs.shape) if isinstance(xs, Tensor) else '?'}")
-        if self.generator is not None and self.generator.device.type != xs.device.type:
-            raise CadisError(f"the generator is on {self.generator.device} but the images are "
-                             f"on {xs.device}; the noise is drawn on the images' device")
+        for generator in generators if generators is not None else [self.generator]:
+            if generator is not None and generator.device.type != xs.device.type:
+                raise CadisError(f"the generator is on {generator.device} but the images are "
+                                 f"on {xs.device}; the noise is drawn on the images' device")
         return xs

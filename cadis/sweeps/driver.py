@@ -225,7 +225,8 @@ def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> st
     certification resumes from its records); returns the rank winner's trial id."""
     import ray
 
-    from cadis.sweeps.trial import certify_final
+    from cadis.sweeps.shards import join_shards, submit_shards
+    from cadis.sweeps.trial import certify_final, discard_other_certification, figures_of
 
     finalists = [run.data.tags[TRIAL_ID_TAG] for run in tracker.ranked()[:sweep.top_k]]
     pending = [trial_id for trial_id in finalists if not tracker.has_final(trial_id)]
@@ -235,15 +236,22 @@ def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> st
     resources = sweep.resources
     task = ray.remote(certify_final).options(num_cpus=resources.cpus_per_worker,
                                              num_gpus=resources.gpus_per_worker)
-    futures = {}
+    # Each finalist in as many shards as a trial has workers; all finalists at once.
+    shards = {}
     for trial_id in pending:
         trained = json.loads(trained_file(results, trial_id).read_text())
         out = trial_certify_dir(results, trial_id)
-        futures[task.remote(trained["config"], trained["checkpoint"], str(out))] = trial_id
-    while futures:
-        (done,), _ = ray.wait(list(futures), num_returns=1)
-        trial_id = futures.pop(done)
-        tracker.log_final(trial_id, ray.get(done), trial_certify_dir(results, trial_id))
+        discard_other_certification(out, trained["checkpoint"])
+        shards[trial_id] = submit_shards(task, (trained["config"], trained["checkpoint"]), out,
+                                         resources.workers_per_trial)
+    while shards:
+        ready, _ = ray.wait([future for futures in shards.values() for future in futures],
+                            num_returns=1)
+        trial_id = next(trial for trial, futures in shards.items() if ready[0] in futures)
+        ray.wait(shards[trial_id], num_returns=len(shards[trial_id]))
+        out = trial_certify_dir(results, trial_id)
+        summary = join_shards(out, ray.get(shards.pop(trial_id)))
+        tracker.log_final(trial_id, figures_of(summary), out)
         print(f"final stage: {trial_id} certified on the test set", flush=True)
     return finalists[0] if finalists else None
 

@@ -50,9 +50,9 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results:
     denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
     classifier = load_classifier(sources.classifier).to(device)
     plans = {
-        "rank": (rank_store_key(config, sources, rank, indices[:rank.images]),
+        "rank": (rank_store_key(config, sources, rank, indices[:rank.images], device),
                  indices[:rank.images], rank.batch_size),
-        "proxy": (proxy_store_key(config, sources, indices[:config.proxy_images]),
+        "proxy": (proxy_store_key(config, sources, indices[:config.proxy_images], device),
                   indices[:config.proxy_images], config.certify.batch_size),
     }
     built = {}

@@ -1,10 +1,11 @@
 """One trial of a sweep and its two certifications.
 
 :func:`run_trial` is the Tune function: it fine-tunes on Ray Train workers, then certifies the
-result on the validation hold-out (the rank stage) in a Ray task holding one worker's
-resources, and reports those figures, which the searcher optimises. :func:`certify_final`
-certifies a finalist on the test set once the search has ended (the driver calls it). The
-rank stage reads stored draws when the sweep made them (:mod:`cadis.sweeps.stores`).
+result on the validation hold-out (the rank stage) in one Ray task per worker, each holding a
+worker's resources and certifying a shard of the images (:mod:`cadis.sweeps.shards`), and
+reports those figures, which the searcher optimises. :func:`certify_final` certifies a
+finalist (a shard of it) on the test set once the search has ended (the driver calls it).
+The rank stage reads stored draws when the sweep made them (:mod:`cadis.sweeps.stores`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cadis.certify_models import build_denoised_classifier, certify_models
+from cadis.certify_models import build_denoised_classifier, certify_models, shard_of
 from cadis.data import load_dataset, stratified_holdout
 from cadis.files import atomic_write_text
 from cadis.finetuning.checkpoint import load_trained, read_metadata
@@ -27,12 +28,14 @@ from cadis.models.devices import pick_device
 from cadis.models.sources import ModelSources
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.draws import DrawStore, store_key
+from cadis.smoothing.precision import resolve_precision
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_records
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii
 from cadis.smoothing.smooth import Smooth, default_batch_size
 from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_rank_dir
 from cadis.sweeps.schema import RankSettings, SweepConfig, trial_config
+from cadis.sweeps.shards import certify_in_shards
 from cadis.tracking.contract import (
     ACR,
     CLEAN_ACCURACY,
@@ -72,13 +75,18 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
     atomic_write_text(trained, json.dumps({"checkpoint": checkpoint,
                                            "config": config.to_dict()}, indent=2) + "\n")
     # Outside the trial's placement group (which holds only this function's share): the
-    # Train workers have given their resources back by now, as the Train run does its own.
+    # Train workers have given their resources back by now, as the Train run does its own,
+    # and each certifies a shard of the images in their place.
     certify = ray.remote(certify_rank).options(
         num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     out = trial_rank_dir(results, trial_id)
-    tune.report(ray.get(certify.remote(config.to_dict(), sweep.rank, checkpoint, str(out),
-                                       stores.get("rank"))))
+    discard_other_certification(out, checkpoint)
+    summary = certify_in_shards(certify, (config.to_dict(), sweep.rank, checkpoint,
+                                          stores.get("rank")),
+                                out, resources.workers_per_trial)
+    figures = {validation_metric(name): value for name, value in figures_of(summary).items()}
+    tune.report({**read_metadata(Path(checkpoint))["metrics"], **figures})
 
 
 def validation_indices(config: TrainConfig, train_set: Any, count: int) -> list[int]:
@@ -87,20 +95,23 @@ def validation_indices(config: TrainConfig, train_set: Any, count: int) -> list[
 
 
 def rank_store_key(config: TrainConfig, sources: ModelSources, rank: RankSettings,
-                   indices: list[int]) -> dict[str, Any]:
-    """What the rank stage's draws depend on."""
+                   indices: list[int], device: torch.device) -> dict[str, Any]:
+    """What the rank stage's draws depend on (it runs in the ``auto`` precision of
+    ``device``)."""
     return store_key(dataset=sources.dataset, split="train", indices=indices,
                      denoiser=sources.denoiser, sigma=config.sigma, n0=rank.n0, n=rank.n,
-                     seed=config.seed)
+                     seed=config.seed, precision=resolve_precision("auto", device).name)
 
 
-def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: str, out: str,
-                 store: str | None) -> dict[str, float]:
-    """Certify a trained checkpoint on the first ``rank.images`` validation images into
-    ``out`` (resumed if a previous attempt stopped midway), from the stored draws in
-    ``store`` when given (the classifier alone runs; the same counts as denoising them here),
-    sequentially when ``rank.sequential`` (the grid radii n can reach, and the objective's).
-    Returns the last epoch's metrics and the validation figures (``val_`` names)."""
+def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: str,
+                 store: str | None, out: str,
+                 shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Certify a trained checkpoint on the first ``rank.images`` validation images (their
+    ``shard``: the k-th of K parts, :func:`~cadis.certify_models.shard_of`) into ``out``
+    (resumed if a previous attempt stopped midway), from the stored draws in ``store`` when
+    given (the classifier alone runs; the same counts as denoising them here), sequentially
+    when ``rank.sequential`` (the grid radii n can reach, and the objective's). Returns the
+    summary."""
     config = from_mapping(config_dict)
     sources = config.model_sources()
     device = pick_device(config.device)
@@ -108,9 +119,10 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
                                          rank.batch_size or default_batch_size(device))
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
                              image_size=config.image_size)
-    indices = validation_indices(config, train_set, rank.images)
+    validation = validation_indices(config, train_set, rank.images)
+    indices = shard_of(validation, shard)
     info = train_set.info
-    _discard_other_certification(Path(out), checkpoint)
+    discard_other_certification(Path(out), checkpoint)
     settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
                 "checkpoint": checkpoint, "dataset": sources.dataset,
                 "split": "validation", "seed": config.seed, "stored_draws": store}
@@ -121,7 +133,7 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
         plan = SequentialPlan(sorted(set(decided) | set(rank.radii)), config.sigma, rank.alpha,
                               rank.n)
     if store is not None:
-        draws = DrawStore.open(store, rank_store_key(config, sources, rank, indices))
+        draws = DrawStore.open(store, rank_store_key(config, sources, rank, validation, device))
         classifier, _ = load_trained(load_classifier(sources.classifier), Path(checkpoint))
         classifier.eval().to(device)
 
@@ -130,36 +142,34 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
                 return draws.certify_sequential(classifier, group, plan, device)
             return draws.certify(classifier, group, rank.alpha, device)
 
-        summary = certify_records(certify, indices, parameters, config.sigma, out, settings,
-                                  radii, progress=False, plan=plan)
-    else:
-        base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
-                                         channels=info.channels, image_size=info.image_size)
-        smooth = Smooth(base, info.num_classes, config.sigma,
-                        generator=torch.Generator(device=device).manual_seed(config.seed))
-        summary = certify_dataset(smooth, train_set, indices, parameters, out, settings, radii,
-                                  progress=False, plan=plan)
-    figures = {validation_metric(name): value for name, value in _figures(summary).items()}
-    return {**read_metadata(Path(checkpoint))["metrics"], **figures}
+        return certify_records(certify, indices, parameters, config.sigma, out, settings,
+                               radii, progress=False, plan=plan)
+    base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
+                                     channels=info.channels, image_size=info.image_size)
+    smooth = Smooth(base, info.num_classes, config.sigma)
+    return certify_dataset(smooth, train_set, indices, parameters, out, settings, radii,
+                           progress=False, plan=plan, seed=config.seed)
 
 
-def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str) -> dict[str, float]:
-    """Certify a finalist's checkpoint on the test set with the sweep's final settings into
-    ``out`` (resumed if a previous attempt stopped midway); returns the test figures:
-    certified accuracy per radius, ``acr`` and ``clean_accuracy``."""
+def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str,
+                  shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Certify a finalist's checkpoint on the test set (its ``shard`` of the images) with the
+    sweep's final settings into ``out`` (resumed if a previous attempt stopped midway);
+    returns the summary."""
     config = from_mapping(config_dict)
     certify = config.certify
-    _discard_other_certification(Path(out), checkpoint)
-    summary = certify_models(
+    discard_other_certification(Path(out), checkpoint)
+    return certify_models(
         config.model_sources(), config.sigma, Path(out), n=certify.n, n0=certify.n0,
         alpha=certify.alpha, skip=certify.skip, max_images=certify.max_images,
         batch_size=certify.batch_size, checkpoint=checkpoint, seed=config.seed,
-        device=config.device, progress=False)
-    return _figures(summary)
+        device=config.device, precision=certify.precision, compile=certify.compile,
+        shard=shard, progress=False)
 
 
-
-def _figures(summary: dict[str, Any]) -> dict[str, float]:
+def figures_of(summary: dict[str, Any]) -> dict[str, float]:
+    """A certification's figures as metrics: certified accuracy per radius, ``acr``,
+    ``clean_accuracy`` and the mean draws an image."""
     accuracy = {certified_accuracy_metric(float(radius)): value
                 for radius, value in summary["certified_accuracy"].items()}
     return {**accuracy, ACR: summary["acr"],
@@ -167,7 +177,7 @@ def _figures(summary: dict[str, Any]) -> dict[str, float]:
             MEAN_DRAWS: summary["mean_draws"]}
 
 
-def _discard_other_certification(out: Path, checkpoint: str) -> None:
+def discard_other_certification(out: Path, checkpoint: str) -> None:
     """A trial retrained after an interruption has a new checkpoint: records certified from
     the old one are not this model's, and the runner would (rightly) refuse the folder."""
     settings = out / SETTINGS_FILENAME
