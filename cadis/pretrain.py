@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cadis.data import IN_MEMORY_DATASETS, DatasetInfo, ImageTensorDataset, load_dataset
+from cadis.data import IN_MEMORY_DATASETS, DatasetInfo, in_memory, load_dataset
 from cadis.errors import CadisError
 from cadis.files import atomic_directory, atomic_write_text
 from cadis.finetuning.schedule import warmup_cosine
@@ -82,6 +82,8 @@ class DenoiserRecipe:
 class PretrainConfig:
     dataset: str = "fashion-mnist"
     data_root: str | None = None
+    # The size imagefolder images are resized to (the other datasets have their own).
+    image_size: int | None = None
     seed: int = 0
     classifier: ClassifierRecipe = field(default_factory=ClassifierRecipe)
     denoiser: DenoiserRecipe = field(default_factory=DenoiserRecipe)
@@ -130,24 +132,30 @@ def config_from_dict(data: dict) -> PretrainConfig:
 
 def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
              progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) the classifier and the denoiser, evaluate the pair, write the manifest."""
+    """Train (or reuse) the classifier and the denoiser, evaluate the pair, write the manifest.
+
+    Both splits are held in memory as uint8 (an imagefolder tree is read once, at
+    ``image_size``). The manifest's config names the data with an absolute root, so the
+    commands that read the models folder find the same images from anywhere.
+    """
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
-    train_set = load_dataset(config.dataset, "train", config.data_root,
-                             augment=config.classifier.augment)
-    test_set = load_dataset(config.dataset, "test", config.data_root)
-    if not all(isinstance(d, ImageTensorDataset) for d in (train_set, test_set)):
-        raise CadisError(f"pretrain takes in-memory datasets ({', '.join(IN_MEMORY_DATASETS)}); "
-                         f"got {config.dataset!r}")
+    if config.data_root is not None:
+        config = dataclasses.replace(config,
+                                     data_root=str(Path(config.data_root).expanduser().resolve()))
+    train_set, test_set = (load_dataset(config.dataset, split, config.data_root,
+                                        image_size=config.image_size)
+                           for split in ("train", "test"))
     info = train_set.info
     _check_eval_sigmas(config)
-    classifier_settings = {"dataset": config.dataset, "seed": config.seed,
-                           **dataclasses.asdict(config.classifier)}
-    denoiser_settings = {"dataset": config.dataset, "seed": config.seed,
-                         **dataclasses.asdict(config.denoiser)}
-    # Build both models first: a bad architecture fails before any training starts.
+    data = _data_settings(config)
+    classifier_settings = {**data, **dataclasses.asdict(config.classifier)}
+    denoiser_settings = {**data, **dataclasses.asdict(config.denoiser)}
+    # Build both models first: a bad architecture fails before any image is read or trained on.
     classifier = _new_classifier(config.classifier, info)
     _new_unet(config.denoiser, info)
+    train_set = in_memory(train_set, augment=config.classifier.augment)
+    test_set = in_memory(test_set)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     seconds: dict[str, float] = {}
@@ -191,6 +199,16 @@ def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _data_settings(config: PretrainConfig) -> dict[str, Any]:
+    """What a model's data is, for deciding whether a saved model can be reused: a named
+    dataset and the seed; for a folder of the user's images also which folder and size
+    (the named datasets leave them out, so models made before they existed stay reusable)."""
+    settings: dict[str, Any] = {"dataset": config.dataset, "seed": config.seed}
+    if config.dataset not in IN_MEMORY_DATASETS:
+        settings.update(data_root=config.data_root, image_size=config.image_size)
+    return settings
 
 
 def _check_eval_sigmas(config: PretrainConfig) -> None:

@@ -99,9 +99,9 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     torch.manual_seed(config.seed + session.rank)
     sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root, augment=config.augment,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     plain_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     info = train_set.info
     train_indices, val_indices = split_training(config, train_set)
 
@@ -270,7 +270,7 @@ def build_training_draws(config: TrainConfig, root: str | Path, device: torch.de
     under ``root`` (``root/train-DIGEST``), on ``device``."""
     sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     train_indices, _ = split_training(config, train_set)
     unet, scheduler = load_denoiser(sources.denoiser)
     denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
