@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cadis.data import IN_MEMORY_DATASETS, DatasetInfo, in_memory, load_dataset
 from cadis.errors import CadisError
@@ -32,6 +31,7 @@ from cadis.models.classifier import Classifier, count_parameters, load_classifie
 from cadis.models.denoiser import load_denoiser, save_denoiser
 from cadis.models.sources import CLASSIFIER_DIR, DENOISER_DIR, MANIFEST
 from cadis.overrides import coerce_like, parse_override
+from cadis.progress import progress_bar
 from cadis.smoothing.denoise import OneShotDenoiser, timestep_for_sigma, to_diffusion_space
 
 SETTINGS_FILE = "cadis_pretrain.json"
@@ -277,7 +277,7 @@ def _train_classifier(classifier: Classifier, recipe: ClassifierRecipe, train_se
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total, int(recipe.warmup_epochs * len(loader))))
     classifier.train()
-    bar = tqdm(total=total, desc="classifier", unit="step", disable=not progress)
+    bar = progress_bar(total, "classifier", "step", enabled=progress)
     for epoch in range(recipe.epochs):
         correct = seen = 0
         for images, labels in loader:
@@ -289,9 +289,9 @@ def _train_classifier(classifier: Classifier, recipe: ClassifierRecipe, train_se
             schedule.step()
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
-            bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}",
                             train_acc=f"{correct / seen:.3f}")
+            bar.update()
     bar.close()
     classifier.eval()
 
@@ -333,7 +333,7 @@ def _train_denoiser(recipe: DenoiserRecipe, train_set, info: DatasetInfo, progre
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, recipe.steps, recipe.warmup_steps))
     unet.train()
-    bar = tqdm(total=recipe.steps, desc="denoiser", unit="step", disable=not progress)
+    bar = progress_bar(recipe.steps, "denoiser", "step", enabled=progress)
     for _ in range(recipe.steps):
         index = torch.randint(0, len(images_all), (recipe.batch_size,))
         clean = to_diffusion_space(images_all[index].float() / 255.0)
@@ -350,8 +350,8 @@ def _train_denoiser(recipe: DenoiserRecipe, train_set, info: DatasetInfo, progre
         optimizer.step()
         schedule.step()
         ema.update_parameters(unet)
-        bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
     bar.close()
     return ema.module.eval(), scheduler
 
@@ -376,7 +376,7 @@ def _evaluate(classifier: Classifier, unet: nn.Module, scheduler, test_set,
     generator = torch.Generator().manual_seed(config.seed)
     denoisers = {sigma: OneShotDenoiser(unet, scheduler, sigma) for sigma in config.eval_sigmas}
     correct = {"clean": 0, **{sigma: 0 for sigma in config.eval_sigmas}}
-    bar = tqdm(total=count, desc="evaluate", unit="img", disable=not progress)
+    bar = progress_bar(count, "evaluate", "img", enabled=progress)
     for start in range(0, count, EVAL_BATCH_SIZE):
         batch, batch_labels = images[start:start + EVAL_BATCH_SIZE], labels[
             start:start + EVAL_BATCH_SIZE]
