@@ -169,3 +169,20 @@ def test_a_bad_folder_is_one_line_exit_two(tmp_path, capsys, change, message):
     assert err.startswith("cadis: error: ") and err.count("\n") == 1
     assert message.format(tree=tree.resolve()) in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_on_the_folder(pretrained, tmp_path, capsys):
+    from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
+
+    sweep = tiny_sweep(pretrained, tmp_path, num_trials=1, max_concurrent_trials=1)
+    # The rank stage reads image_size from the config (not yet from the models folder).
+    sweep["base"].update(image_size=SIZE, val_images=6)
+    sweep["certify"]["rank"]["images"] = 6
+    assert main(["sweep", str(write(tmp_path, sweep))]) == 0
+    [trial] = by_role(mlflow_runs(tmp_path)[1], "trial")
+    assert trial.data.tags["cadis.outcome"] == "completed"
+    assert {"val_acr", "acr", "clean_accuracy"} <= set(trial.data.metrics)
+    [certified] = (tmp_path / "results" / "trials").glob("*/certify/summary.json")
+    summary = json.loads(certified.read_text())
+    assert summary["dataset"] == "imagefolder" and summary["num_images"] == 3
