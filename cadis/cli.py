@@ -19,7 +19,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     from cadis.pretrain import PretrainConfig, apply_overrides, pretrain
 
     config = apply_overrides(PretrainConfig(dataset=args.dataset, data_root=args.data_root,
-                                            seed=args.seed), args.set)
+                                            image_size=args.image_size, seed=args.seed), args.set)
     manifest = pretrain(config, Path(args.out), force=args.force, progress=not args.quiet)
     print(json.dumps({key: manifest[key] for key in (
         "clean_accuracy", "denoised_accuracy", "train_seconds", "parameters")}, indent=2))
@@ -140,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a timm classifier and a diffusers DDPM on clean images, measure "
                     "clean and one-shot-denoised accuracy, and write them with a manifest.")
     pretrain.add_argument("--dataset", default="fashion-mnist",
-                          help="fashion-mnist (default), digits or cifar10")
-    pretrain.add_argument("--data-root", help="where the dataset files are (else $CADIS_DATA)")
+                          help="fashion-mnist (default), digits, cifar10, or imagefolder (a "
+                               "folder-per-class tree: --data-root and --image-size)")
+    pretrain.add_argument("--data-root", help="where the dataset files are (else $CADIS_DATA); "
+                                              "for imagefolder the tree")
+    pretrain.add_argument("--image-size", type=int,
+                          help="the size imagefolder images are resized to (square)")
     pretrain.add_argument("--out", default="models/fashion-mnist", help="output directory")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

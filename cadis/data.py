@@ -9,17 +9,19 @@ and comparable across trials.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cadis.errors import CadisError
+from cadis.errors import CadisError, first_line
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "digits")
 IN_MEMORY_DATASETS = ("fashion-mnist", "cifar10", "digits")
@@ -40,6 +42,17 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 # Padding of the random-crop augmentation, in pixels (the usual CIFAR recipe uses 4 at 32 px).
 CROP_PADDING_FRACTION = 0.125
+
+# An imagefolder tree: the split folders of the split layout (ImageNet's train/ + val/).
+FOLDER_TRAIN = "train"
+FOLDER_TESTS = ("val", "test")
+# A tree of class folders alone is split: this share of each class is its test split.
+FOLDER_TEST_FRACTION = 0.2
+# The files an imagefolder tree may hold (torchvision's list). Any other file is an error, but
+# hidden ones (.DS_Store, macOS's ._ copies), which are skipped.
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+# The modes images are read in: grayscale stays one channel, anything else becomes RGB.
+GRAYSCALE, COLOUR = "L", "RGB"
 
 
 @dataclass(frozen=True)
@@ -90,34 +103,41 @@ class ImageTensorDataset(Dataset):
 
 
 class FolderDataset(Dataset):
-    """A folder-per-class tree (ImageNet's layout) read lazily, resized to a square size."""
+    """The image files of a folder-per-class tree, read lazily in one ``mode`` (grayscale: one
+    channel, else RGB), resized on the shorter side and centre-cropped to ``image_size``.
 
-    def __init__(self, root: Path, image_size: int, augment: str = "none") -> None:
-        from torchvision.datasets import ImageFolder
+    Items are ``(float image in [0, 1], label)``, the values an :class:`ImageTensorDataset`
+    of the same uint8 pixels gives; ``labels`` holds every item's class without opening an
+    image. An image that cannot be read is a :class:`CadisError` naming its file.
+    """
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int],
+                 class_names: Sequence[str], mode: str, image_size: int,
+                 augment: str = "none") -> None:
         from torchvision.transforms import v2
 
         _check_choice("augment", augment, AUGMENTATIONS)
-        resize = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-        self.folder = ImageFolder(str(root), transform=v2.Compose(
-            [v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True)]))
-        first, _ = self.folder[0]
-        self.info = DatasetInfo("imagefolder", first.shape[0], image_size,
-                                tuple(self.folder.classes))
+        self.files = list(files)
+        self.labels = torch.tensor(list(labels), dtype=torch.long)
+        self.mode = mode
+        self.resize = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True),
+                                  v2.CenterCrop(image_size)])
+        self.info = DatasetInfo("imagefolder", 1 if mode == GRAYSCALE else 3, image_size,
+                                tuple(class_names))
         self.augment = augment
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.files)
 
-    @property
-    def labels(self) -> torch.Tensor:
-        """Every item's class index, read from the folder names (no image is opened)."""
-        return torch.tensor(self.folder.targets, dtype=torch.long)
+    def pixels(self, index: int) -> torch.Tensor:
+        """Item ``index`` as uint8 C x H x W, un-augmented."""
+        return self.resize(_read_image(self.files[index], self.mode))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[index]
+        image = self.pixels(index).float().div_(255.0)
         if self.augment != "none":
             image = augment_image(image, self.augment)
-        return image, label
+        return image, int(self.labels[index])
 
 
 def augment_image(image: torch.Tensor, augment: str) -> torch.Tensor:
@@ -138,20 +158,35 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
                  download: bool = True) -> ImageTensorDataset | FolderDataset:
     """Load a dataset split by name.
 
-    ``root`` overrides where the files are looked for (for ``imagefolder`` it is the tree itself,
-    with ``train/`` and ``val/`` or ``test/`` sub-trees, or class folders directly).
-    ``image_size`` is only used by ``imagefolder``, whose images have no size of their own.
+    ``root`` overrides where the files are looked for (for ``imagefolder`` it is the tree itself:
+    see :func:`folder_split`). ``image_size`` is what ``imagefolder`` images are resized to; the
+    other datasets have a size of their own, and another one given is an error.
     Raises :class:`CadisError` with a one-line hint when the data is missing.
     """
     _check_choice("dataset", name, DATASETS)
     _check_choice("split", split, SPLITS)
+    if name == "imagefolder":
+        return _image_folder(split, root, augment, image_size)
     if name == "fashion-mnist":
-        return _fashion_mnist(split, root, augment, download)
-    if name == "cifar10":
-        return _cifar10(split, root, augment, download)
-    if name == "digits":
-        return _digits(split, augment)
-    return _image_folder(split, root, augment, image_size)
+        dataset = _fashion_mnist(split, root, augment, download)
+    elif name == "cifar10":
+        dataset = _cifar10(split, root, augment, download)
+    else:
+        dataset = _digits(split, augment)
+    if image_size is not None and image_size != dataset.info.image_size:
+        raise CadisError(f"image_size {image_size} given, but {name} images are "
+                         f"{dataset.info.image_size} px (image_size is for imagefolder data)")
+    return dataset
+
+
+def in_memory(dataset: ImageTensorDataset | FolderDataset,
+              augment: str = "none") -> ImageTensorDataset:
+    """The dataset's images held in memory as uint8 (N x C x H x W bytes), items augmented by
+    ``augment``: a folder is read once, whole; an in-memory dataset shares its tensors."""
+    if isinstance(dataset, ImageTensorDataset):
+        return ImageTensorDataset(dataset.images, dataset.labels, dataset.info, augment)
+    images = torch.stack([dataset.pixels(index) for index in range(len(dataset))])
+    return ImageTensorDataset(images, dataset.labels, dataset.info, augment)
 
 
 def subset_indices(length: int, skip: int = 1, max_images: int | None = None) -> list[int]:
@@ -301,6 +336,145 @@ def _digits(split: str, augment: str) -> ImageTensorDataset:
     return ImageTensorDataset(images[chosen].unsqueeze(1), labels[chosen], info, augment)
 
 
+def folder_split(root: Path, split: str) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    """The image files of one split of an imagefolder tree, their labels and the class names.
+
+    Two layouts. Split folders: ``root/train/CLASS/...`` and ``root/val/CLASS/...`` (or
+    ``test/``), the test split holding exactly the training split's classes. Class folders
+    alone: ``root/CLASS/...``, split per class by a fixed rule, the same on every machine:
+    the images ranked by the SHA-256 of their path below ``root``, the first
+    :data:`FOLDER_TEST_FRACTION` of each class (at least one) are the test split and the rest
+    the training split, so adding images moves few others across. Raises
+    :class:`CadisError` for a half split layout, a test split whose classes differ, a class
+    without images (or with one, which a split cannot share), and a file that is not an
+    image.
+    """
+    trees = _split_trees(root)
+    if trees is not None:
+        classes = _class_folders(trees[0])
+        tree = trees[0] if split == "train" else trees[1]
+        if tree is not trees[0]:
+            _check_same_classes(tree, _class_folders(tree), trees[0], classes)
+        return (*_class_files(tree, classes), classes)
+    classes = _class_folders(root, _layout(root))
+    files, labels = _class_files(root, classes)
+    chosen = []
+    for label in range(len(classes)):
+        members = [index for index, member in enumerate(labels) if member == label]
+        if len(members) < 2:
+            raise CadisError(f"imagefolder class folder {root / classes[label]} holds one image: "
+                             "a tree without split folders needs at least 2 per class to split")
+        ranked = sorted(members, key=lambda index: hashlib.sha256(
+            files[index].relative_to(root).as_posix().encode()).hexdigest())
+        test = set(ranked[:max(1, round(len(members) * FOLDER_TEST_FRACTION))])
+        chosen += [index for index in members if (index in test) == (split == "test")]
+    return [files[i] for i in chosen], [labels[i] for i in chosen], classes
+
+
+def folder_mode(root: Path) -> str:
+    """The mode an imagefolder tree is read in: :data:`GRAYSCALE` when the first image of
+    every class folder of its training tree (``train/``, or the root for class folders alone)
+    is grayscale (one band, alpha aside), else :data:`COLOUR`. Both splits are read in it, so
+    a test split is read as the models were trained; one image per class is opened."""
+    from PIL import Image
+
+    trees = _split_trees(root)
+    tree = root if trees is None else trees[0]
+    modes = set()
+    for name in _class_folders(tree, _layout(root)):
+        first = next(_images_below(tree / name), None)
+        if first is None:
+            raise CadisError(f"imagefolder class folder {tree / name} holds no images")
+        with _opened(first) as image:
+            modes.add(Image.getmodebase(image.mode))
+    return GRAYSCALE if modes == {GRAYSCALE} else COLOUR
+
+
+def _layout(root: Path) -> str:
+    """The layouts a tree may have, for errors."""
+    return (f"{root}/{FOLDER_TRAIN}/CLASS/ beside {root}/{FOLDER_TESTS[0]}/CLASS/ (or "
+            f"{FOLDER_TESTS[1]}/), or class folders {root}/CLASS/ alone (then split "
+            f"{1 - FOLDER_TEST_FRACTION:.0%}/{FOLDER_TEST_FRACTION:.0%} per class)")
+
+
+def _split_trees(root: Path) -> tuple[Path, Path] | None:
+    """The training and test trees of the split layout; None for class folders alone."""
+    present = [name for name in (FOLDER_TRAIN, *FOLDER_TESTS) if (root / name).is_dir()]
+    if not present:
+        return None
+    tests = [name for name in present if name in FOLDER_TESTS]
+    if FOLDER_TRAIN not in present or not tests:
+        raise CadisError(f"imagefolder root {root} has {'/, '.join(present)}/ only: a tree "
+                         f"holds {_layout(root)}")
+    return root / FOLDER_TRAIN, root / tests[0]
+
+
+def _check_same_classes(tree: Path, classes: Sequence[str], train_tree: Path,
+                        train_classes: Sequence[str]) -> None:
+    # Labels are positions in the sorted class names: other names would relabel silently.
+    missing = sorted(set(train_classes) - set(classes))
+    extra = sorted(set(classes) - set(train_classes))
+    problems = [f"no folder for {', '.join(missing)}"] if missing else []
+    problems += [f"{', '.join(extra)} not in {train_tree}"] if extra else []
+    if problems:
+        raise CadisError(f"imagefolder test split {tree} must hold the training split's "
+                         f"classes: {'; '.join(problems)}")
+
+
+def _class_folders(tree: Path, layout: str | None = None) -> tuple[str, ...]:
+    classes = tuple(sorted(p.name for p in tree.iterdir()
+                           if p.is_dir() and not p.name.startswith(".")))
+    if not classes:
+        raise CadisError(f"imagefolder root {tree} holds no class folders"
+                         + (f": a tree holds {layout}" if layout else ""))
+    return classes
+
+
+def _images_below(folder: Path) -> Iterator[Path]:
+    """The image files below ``folder`` in a fixed order (names sorted, a folder's files
+    before its subfolders'), hidden files and folders skipped; any other file is an error."""
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = Path(directory) / name
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise CadisError(f"imagefolder file {path} is not an image (extensions read: "
+                                 f"{', '.join(IMAGE_EXTENSIONS)})")
+            yield path
+
+
+def _class_files(tree: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = list(_images_below(tree / name))
+        if not found:
+            raise CadisError(f"imagefolder class folder {tree / name} holds no images")
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """The PIL image at ``path``; a file PIL cannot open or decode is a :class:`CadisError`
+    naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise CadisError(f"imagefolder image {path} cannot be read: {first_line(error)}") \
+            from None
+
+
+def _read_image(path: Path, mode: str) -> Any:
+    """The image at ``path`` converted to ``mode``, as a PIL image."""
+    with _opened(path) as image:
+        return image.convert(mode)
+
+
 def _image_folder(split: str, root, augment: str, image_size: int | None) -> FolderDataset:
     if root is None:
         raise CadisError("dataset imagefolder needs a root: the folder-per-class tree "
@@ -308,10 +482,8 @@ def _image_folder(split: str, root, augment: str, image_size: int | None) -> Fol
     base = Path(root).expanduser()
     if not base.is_dir():
         raise CadisError(f"imagefolder root {base} does not exist")
-    names = ("train",) if split == "train" else ("val", "test")
-    tree = next((base / n for n in names if (base / n).is_dir()), base)
-    if not any(p.is_dir() for p in tree.iterdir()):
-        raise CadisError(f"imagefolder root {tree} holds no class folders")
     if image_size is None or image_size < 1:
-        raise CadisError(f"dataset imagefolder needs image_size >= 1, got {image_size}")
-    return FolderDataset(tree, image_size, augment)
+        raise CadisError(f"dataset imagefolder needs image_size >= 1 (--image-size), got "
+                         f"{image_size}")
+    files, labels, classes = folder_split(base, split)
+    return FolderDataset(files, labels, classes, folder_mode(base), image_size, augment)

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from cadis.data import IN_MEMORY_DATASETS, DatasetInfo, ImageTensorDataset, load_dataset
+from cadis.data import IN_MEMORY_DATASETS, DatasetInfo, in_memory, load_dataset
 from cadis.errors import CadisError
 from cadis.files import atomic_directory, atomic_write_text
 from cadis.finetuning.schedule import warmup_cosine
@@ -32,6 +31,7 @@ from cadis.models.classifier import Classifier, count_parameters, load_classifie
 from cadis.models.denoiser import load_denoiser, save_denoiser
 from cadis.models.sources import CLASSIFIER_DIR, DENOISER_DIR, MANIFEST
 from cadis.overrides import coerce_like, parse_override
+from cadis.progress import progress_bar
 from cadis.smoothing.denoise import OneShotDenoiser, timestep_for_sigma, to_diffusion_space
 
 SETTINGS_FILE = "cadis_pretrain.json"
@@ -82,6 +82,8 @@ class DenoiserRecipe:
 class PretrainConfig:
     dataset: str = "fashion-mnist"
     data_root: str | None = None
+    # The size imagefolder images are resized to (the other datasets have their own).
+    image_size: int | None = None
     seed: int = 0
     classifier: ClassifierRecipe = field(default_factory=ClassifierRecipe)
     denoiser: DenoiserRecipe = field(default_factory=DenoiserRecipe)
@@ -130,24 +132,30 @@ def config_from_dict(data: dict) -> PretrainConfig:
 
 def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
              progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) the classifier and the denoiser, evaluate the pair, write the manifest."""
+    """Train (or reuse) the classifier and the denoiser, evaluate the pair, write the manifest.
+
+    Both splits are held in memory as uint8 (an imagefolder tree is read once, at
+    ``image_size``). The manifest's config names the data with an absolute root, so the
+    commands that read the models folder find the same images from anywhere.
+    """
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
-    train_set = load_dataset(config.dataset, "train", config.data_root,
-                             augment=config.classifier.augment)
-    test_set = load_dataset(config.dataset, "test", config.data_root)
-    if not all(isinstance(d, ImageTensorDataset) for d in (train_set, test_set)):
-        raise CadisError(f"pretrain takes in-memory datasets ({', '.join(IN_MEMORY_DATASETS)}); "
-                         f"got {config.dataset!r}")
+    if config.data_root is not None:
+        config = dataclasses.replace(config,
+                                     data_root=str(Path(config.data_root).expanduser().resolve()))
+    train_set, test_set = (load_dataset(config.dataset, split, config.data_root,
+                                        image_size=config.image_size)
+                           for split in ("train", "test"))
     info = train_set.info
     _check_eval_sigmas(config)
-    classifier_settings = {"dataset": config.dataset, "seed": config.seed,
-                           **dataclasses.asdict(config.classifier)}
-    denoiser_settings = {"dataset": config.dataset, "seed": config.seed,
-                         **dataclasses.asdict(config.denoiser)}
-    # Build both models first: a bad architecture fails before any training starts.
+    data = _data_settings(config)
+    classifier_settings = {**data, **dataclasses.asdict(config.classifier)}
+    denoiser_settings = {**data, **dataclasses.asdict(config.denoiser)}
+    # Build both models first: a bad architecture fails before any image is read or trained on.
     classifier = _new_classifier(config.classifier, info)
     _new_unet(config.denoiser, info)
+    train_set = in_memory(train_set, augment=config.classifier.augment)
+    test_set = in_memory(test_set)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     seconds: dict[str, float] = {}
@@ -191,6 +199,16 @@ def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _data_settings(config: PretrainConfig) -> dict[str, Any]:
+    """What a model's data is, for deciding whether a saved model can be reused: a named
+    dataset and the seed; for a folder of the user's images also which folder and size
+    (the named datasets leave them out, so models made before they existed stay reusable)."""
+    settings: dict[str, Any] = {"dataset": config.dataset, "seed": config.seed}
+    if config.dataset not in IN_MEMORY_DATASETS:
+        settings.update(data_root=config.data_root, image_size=config.image_size)
+    return settings
 
 
 def _check_eval_sigmas(config: PretrainConfig) -> None:
@@ -259,7 +277,7 @@ def _train_classifier(classifier: Classifier, recipe: ClassifierRecipe, train_se
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total, int(recipe.warmup_epochs * len(loader))))
     classifier.train()
-    bar = tqdm(total=total, desc="classifier", unit="step", disable=not progress)
+    bar = progress_bar(total, "classifier", "step", enabled=progress)
     for epoch in range(recipe.epochs):
         correct = seen = 0
         for images, labels in loader:
@@ -271,9 +289,9 @@ def _train_classifier(classifier: Classifier, recipe: ClassifierRecipe, train_se
             schedule.step()
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
-            bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}",
                             train_acc=f"{correct / seen:.3f}")
+            bar.update()
     bar.close()
     classifier.eval()
 
@@ -315,7 +333,7 @@ def _train_denoiser(recipe: DenoiserRecipe, train_set, info: DatasetInfo, progre
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, recipe.steps, recipe.warmup_steps))
     unet.train()
-    bar = tqdm(total=recipe.steps, desc="denoiser", unit="step", disable=not progress)
+    bar = progress_bar(recipe.steps, "denoiser", "step", enabled=progress)
     for _ in range(recipe.steps):
         index = torch.randint(0, len(images_all), (recipe.batch_size,))
         clean = to_diffusion_space(images_all[index].float() / 255.0)
@@ -332,8 +350,8 @@ def _train_denoiser(recipe: DenoiserRecipe, train_set, info: DatasetInfo, progre
         optimizer.step()
         schedule.step()
         ema.update_parameters(unet)
-        bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
     bar.close()
     return ema.module.eval(), scheduler
 
@@ -358,7 +376,7 @@ def _evaluate(classifier: Classifier, unet: nn.Module, scheduler, test_set,
     generator = torch.Generator().manual_seed(config.seed)
     denoisers = {sigma: OneShotDenoiser(unet, scheduler, sigma) for sigma in config.eval_sigmas}
     correct = {"clean": 0, **{sigma: 0 for sigma in config.eval_sigmas}}
-    bar = tqdm(total=count, desc="evaluate", unit="img", disable=not progress)
+    bar = progress_bar(count, "evaluate", "img", enabled=progress)
     for start in range(0, count, EVAL_BATCH_SIZE):
         batch, batch_labels = images[start:start + EVAL_BATCH_SIZE], labels[
             start:start + EVAL_BATCH_SIZE]

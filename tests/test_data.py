@@ -165,3 +165,104 @@ def test_a_holdout_that_cannot_be_stratified_is_refused(size, message):
     labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
     with pytest.raises(CadisError, match=message):
         stratified_holdout(labels, size, seed=0)
+
+
+# ------------------------------------------------------------------ a folder of one's own images
+
+
+def _tree(root, layout: dict[str, int], mode: str = "L", size: int = 10) -> None:
+    """Class folders under ``root`` (``{"train/cat": 4, ...}``) of ``size`` px images whose
+    brightness is the class's rank: class k is ``40 * k + image number``."""
+    for folder, count in layout.items():
+        path = root / folder
+        path.mkdir(parents=True)
+        rank = sorted({f.rsplit("/", 1)[-1] for f in layout}).index(folder.rsplit("/", 1)[-1])
+        for k in range(count):
+            Image.new(mode, (size + 4, size), (40 * rank + k,) * len(mode)).save(
+                path / f"{k:02d}.png")
+
+
+def test_a_grayscale_folder_stays_one_channel_and_rgb_stays_three(tmp_path):
+    _tree(tmp_path / "gray", {"train/a": 2, "train/b": 2, "val/a": 1, "val/b": 1}, mode="L")
+    _tree(tmp_path / "rgba", {"train/a": 2, "train/b": 2, "val/a": 1, "val/b": 1}, mode="RGBA")
+    gray = load_dataset("imagefolder", "test", root=tmp_path / "gray", image_size=8)
+    assert gray.info.channels == 1 and gray[1][0].shape == (1, 8, 8)
+    assert gray[1][0].mean().item() == pytest.approx(40 / 255, abs=1e-6)
+    colour = load_dataset("imagefolder", "train", root=tmp_path / "rgba", image_size=8)
+    assert colour.info.channels == 3 and colour[0][0].shape == (3, 8, 8)
+
+
+def test_one_colour_class_makes_the_whole_tree_rgb(tmp_path):
+    _tree(tmp_path, {"train/a": 2, "val/a": 1}, mode="L")
+    _tree(tmp_path, {"train/b": 2, "val/b": 1}, mode="RGB")
+    for split in ("train", "test"):
+        dataset = load_dataset("imagefolder", split, root=tmp_path, image_size=8)
+        assert dataset.info.channels == 3 and dataset[0][0].shape == (3, 8, 8)
+
+
+def test_class_folders_alone_are_split_disjoint_stratified_and_fixed(tmp_path):
+    from cadis.data import FOLDER_TEST_FRACTION
+
+    _tree(tmp_path, {"a": 10, "b": 6, "c": 2})
+    train = load_dataset("imagefolder", "train", root=tmp_path, image_size=8)
+    test = load_dataset("imagefolder", "test", root=tmp_path, image_size=8)
+    assert set(train.files).isdisjoint(test.files)
+    assert len(train.files) + len(test.files) == 18
+    assert torch.bincount(test.labels).tolist() == [round(10 * FOLDER_TEST_FRACTION), 1, 1]
+    assert load_dataset("imagefolder", "test", root=tmp_path, image_size=8).files == test.files
+    # More images in a class leave its earlier test images where they were.
+    _tree(tmp_path, {"d": 3})
+    again = load_dataset("imagefolder", "test", root=tmp_path, image_size=8)
+    assert set(test.files) <= set(again.files)
+
+
+def test_in_memory_holds_the_same_pixels(tmp_path):
+    from cadis.data import in_memory
+
+    _tree(tmp_path, {"a": 3, "b": 3}, mode="RGB")
+    lazy = load_dataset("imagefolder", "train", root=tmp_path, image_size=8)
+    held = in_memory(lazy, augment="flip")
+    assert held.images.dtype == torch.uint8 and held.augment == "flip"
+    assert torch.equal(in_memory(lazy)[2][0], lazy[2][0])
+    assert held.labels.tolist() == lazy.labels.tolist()
+
+
+@pytest.mark.parametrize("layout,extra,message", [
+    ({"train/a": 2}, {}, "has train/ only: a tree holds "),
+    ({"val/a": 2, "test/a": 2}, {}, "has val/, test/ only"),
+    ({"train/a": 2, "train/b": 2, "val/a": 1}, {},
+     "test split {root}/val must hold the training split's classes: no folder for b"),
+    ({"train/a": 2, "val/a": 1, "val/z": 1}, {}, "z not in {root}/train"),
+    ({"a": 2, "b": 1}, {}, "class folder {root}/b holds one image"),
+    ({"train/a": 2, "val/a": 1}, {"train/b/notes.txt": b"hi"},
+     "imagefolder file {root}/train/b/notes.txt is not an image"),
+    ({"train/a": 2, "val/a": 1}, {"train/b/.hidden/x.png": b""},
+     "class folder {root}/train/b holds no images"),
+    ({}, {"README": b""}, "imagefolder root {root} holds no class folders: a tree holds"),
+])
+def test_a_tree_that_cannot_be_read_right_is_refused(tmp_path, layout, extra, message):
+    _tree(tmp_path, layout)
+    for name, content in extra.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(CadisError) as error:
+        for split in ("train", "test"):
+            load_dataset("imagefolder", split, root=tmp_path, image_size=8)
+    assert message.format(root=tmp_path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    _tree(tmp_path, {"train/a": 2, "val/a": 1})
+    (tmp_path / "train" / "a" / "01.png").write_bytes(b"not a png")
+    dataset = load_dataset("imagefolder", "train", root=tmp_path, image_size=8)
+    dataset[0]
+    with pytest.raises(CadisError, match=f"imagefolder image {tmp_path}/train/a/01.png cannot "
+                                         "be read: cannot identify image file"):
+        dataset[1]
+
+
+def test_another_image_size_for_a_dataset_with_its_own_is_an_error():
+    assert load_dataset("digits", "test", image_size=8).info.image_size == 8
+    with pytest.raises(CadisError, match="image_size 28 given, but digits images are 8 px"):
+        load_dataset("digits", "test", image_size=28)

@@ -16,7 +16,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "cadis"
 #: The layers, lowest first. A module may import modules of its own layer and of lower ones;
 #: the most specific prefix decides a module's layer.
 LAYERS = (
-    ("foundation", ("cadis.errors", "cadis.files", "cadis.validation", "cadis.overrides")),
+    ("foundation", ("cadis.errors", "cadis.files", "cadis.validation", "cadis.overrides",
+                    "cadis.progress")),
     # Only names: the metric and tag names that writers below the sweep use too.
     ("tracking contract", ("cadis.tracking.contract",)),
     ("data and models", ("cadis.data", "cadis.models")),
@@ -38,7 +39,7 @@ ORCHESTRATION = {
 #: Modules whose import (module-level imports, followed through cadis) must not load a package.
 NOT_LOADED = {
     "torch": ("cadis.smoothing.bounds", "cadis.smoothing.records", "cadis.tracking.contract",
-              "cadis.tracking.compare", "cadis.files", "cadis.validation"),
+              "cadis.tracking.compare", "cadis.files", "cadis.validation", "cadis.progress"),
     # What `cadis sweep --dry-run` loads before it stops.
     "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.schema"),
 }

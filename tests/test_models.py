@@ -111,3 +111,17 @@ def test_classifier_wraps_any_module_with_config():
     classifier = Classifier(model)
     assert classifier.input_size == (5, 5)
     assert classifier(torch.ones(1, 1, 5, 5)).shape == (1, 2, 3, 3)
+
+
+def test_a_models_folder_gives_its_data_only_to_its_own_dataset(tmp_path):
+    import json
+
+    from cadis.models.sources import ModelSources
+
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"dataset": "imagefolder", "config": {"data_root": "/data/mine", "image_size": 16}}))
+    own = ModelSources.resolve(str(tmp_path))
+    assert (own.dataset, own.data_root, own.image_size) == ("imagefolder", "/data/mine", 16)
+    assert ModelSources.resolve(str(tmp_path), image_size=32).image_size == 32
+    other = ModelSources.resolve(str(tmp_path), dataset="digits")
+    assert (other.data_root, other.image_size) == (None, None)

@@ -39,7 +39,7 @@ def preflight(config: TrainConfig) -> ModelSources:
     agree in channels and size."""
     sources = config.model_sources()
     info = load_dataset(sources.dataset, "test", sources.data_root,
-                        image_size=config.image_size).info
+                        image_size=sources.image_size).info
     classifier = load_classifier(sources.classifier)
     classifier.check_input(info.channels)
     if config.method != "none":
@@ -49,7 +49,7 @@ def preflight(config: TrainConfig) -> ModelSources:
                                                                info.image_size)
     # The hold-out must leave every class a validation image and the training split images.
     stratified_holdout(load_dataset(sources.dataset, "train", sources.data_root,
-                                    image_size=config.image_size).labels,
+                                    image_size=sources.image_size).labels,
                        config.val_images, config.val_seed)
     return sources
 

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from cadis.data import load_dataset, stack_images, stratified_holdout
 from cadis.errors import CadisError
@@ -45,6 +44,7 @@ from cadis.finetuning.train_draws import (
 from cadis.models.classifier import Classifier, load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.sources import ModelSources
+from cadis.progress import progress_bar
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser, to_image_space
 from cadis.smoothing.draws import DrawStore, store_folder, store_key
 from cadis.smoothing.precision import resolve_precision
@@ -100,9 +100,9 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     torch.manual_seed(config.seed + session.rank)
     sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root, augment=config.augment,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     plain_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     info = train_set.info
     train_indices, val_indices = split_training(config, train_set)
 
@@ -152,8 +152,8 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
         sums: dict[str, float] = {}
         started = time.perf_counter()
         micro_batches = iter(loader)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="step", disable=not progress or session.rank != 0)
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", "step",
+                           enabled=progress and session.rank == 0)
         for _ in range(steps_per_epoch):
             lr = config.lr * warmup_cosine(state.global_step, total_steps, config.warmup_steps)
             for group in optimizer.param_groups:
@@ -173,9 +173,9 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
-            bar.update()
             bar.set_postfix(loss=f"{logged['loss']:.3f}",
                             masked=f"{logged['hallucination_rate']:.2f}")
+            bar.update()
         bar.close()
         micro_count = steps_per_epoch * config.accumulation_steps
         seconds = time.perf_counter() - started
@@ -271,7 +271,7 @@ def build_training_draws(config: TrainConfig, root: str | Path, device: torch.de
     under ``root`` (``root/train-DIGEST``), on ``device``."""
     sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     train_indices, _ = split_training(config, train_set)
     unet, scheduler = load_denoiser(sources.denoiser)
     denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from cadis.errors import CadisError
 from cadis.files import atomic_directory, atomic_write_text
+from cadis.progress import progress_bar
 from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.smoothing.draws import (
     STORE_ARRAY,
@@ -119,8 +119,8 @@ def build_train_store(folder: str | Path, key: Mapping[str, Any], denoiser: OneS
     with atomic_directory(folder) as staging:
         array = np.lib.format.open_memmap(staging / STORE_ARRAY, mode="w+", dtype=STORE_DTYPE,
                                           shape=(len(indices), draws, *shape))
-        with tqdm(total=len(indices), unit="img", desc="denoise training draws",
-                  disable=not progress) as bar:
+        with progress_bar(len(indices), "denoise training draws", "img",
+                          enabled=progress) as bar:
             for start in range(0, len(indices), BUILD_IMAGES_PER_FORWARD):
                 items = [dataset[i] for i in indices[start:start + BUILD_IMAGES_PER_FORWARD]]
                 labels += [int(label) for _, label in items]

@@ -34,8 +34,10 @@ class ModelSources:
     def resolve(cls, models: str | None = None, classifier: str | None = None,
                 denoiser: str | None = None, dataset: str | None = None,
                 data_root: str | None = None, image_size: int | None = None) -> ModelSources:
-        """A models folder (as `cadis pretrain` writes it) gives defaults; explicit names win."""
+        """A models folder (as `cadis pretrain` writes it) gives defaults: the models, their
+        dataset and, for that dataset, its root and image size; explicit names win."""
         defaults: dict[str, Any] = {}
+        data: dict[str, Any] = {}
         if models is not None:
             folder = Path(models).expanduser()
             if not (folder / MANIFEST).is_file():
@@ -44,8 +46,8 @@ class ModelSources:
             manifest = json.loads((folder / MANIFEST).read_text())
             defaults = {"classifier": str(folder / CLASSIFIER_DIR),
                         "denoiser": str(folder / DENOISER_DIR),
-                        "dataset": manifest.get("dataset"),
-                        "data_root": manifest.get("config", {}).get("data_root")}
+                        "dataset": manifest.get("dataset")}
+            data = manifest.get("config", {})
         chosen = {"classifier": classifier or defaults.get("classifier"),
                   "denoiser": denoiser or defaults.get("denoiser"),
                   "dataset": dataset or defaults.get("dataset")}
@@ -53,5 +55,7 @@ class ModelSources:
         if missing:
             raise CadisError(f"no {', '.join(missing)} given: pass --models DIR or "
                              f"--{' --'.join(missing)}")
-        return cls(**chosen, data_root=data_root or defaults.get("data_root"),
-                   image_size=image_size)
+        if chosen["dataset"] != defaults.get("dataset"):
+            data = {}  # another dataset than the models were made on: not its root or size
+        return cls(**chosen, data_root=data_root or data.get("data_root"),
+                   image_size=image_size or data.get("image_size"))

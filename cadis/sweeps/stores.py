@@ -42,7 +42,7 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results:
     sources = config.model_sources()
     device = pick_device(config.device)
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     info = train_set.info
     count = max(rank.images, config.proxy_images)
     indices = validation_indices(config, train_set, count)
