@@ -1,16 +1,18 @@
 """Certification by the reference loop, by the engine at fixed n, and by the engine in
-sequential mode at the radius grid (fp32, bf16, bf16 compiled), measured side by side in one
-run.
+sequential mode at the radius grid (fp32 or bf16, eager or compiled), measured side by side in
+one run.
 
 The same test images, models, sigma, n0, n (the sequential mode's most draws) and alpha for
 all: (a) the Cohen-style reference loop of benchmarks/certify_throughput.py (one image at a
 time, fixed batches, fp32, eager); (b) the engine (`Smooth.certify_images`, as `cadis
 certify` runs it); (c) the engine's sequential test at the grid radii n can reach
-(`Smooth.certify_sequential`); (d) that in bf16 autocast; (e) that compiled too (the compile
-is done and timed before, as `cadis certify --compile` does it once a run). Prints images
-per second and draws per image of each, the ratios against (a), how often (d)'s and (e)'s
-base agrees with fp32 eager on the check draws, and certified accuracy at each grid radius
-with McNemar's exact paired test of each sequential mode against (b) on the same images.
+(`Smooth.certify_sequential`); (d) that in bf16 autocast; (e) that compiled, fp32; (f)
+compiled and bf16 (compiles are done and timed before, as `cadis certify --compile` does it
+once a run). Prints images per second and draws per image of each, the ratios against (a),
+how often (d)-(f)'s base agrees with fp32 eager on the check draws `cadis certify` compares
+(2,000 draws of the first 20 images; it refuses a base below 99.9%), and certified accuracy
+at each grid radius with McNemar's exact paired test of each sequential mode against (b) on
+the same images.
 
     .venv/bin/python benchmarks/certify_modes.py --models models/fashion-mnist \\
         --images 60 --n 1000 --threads 2
@@ -47,7 +49,8 @@ from cadis.smoothing.records import Record, radius_grid  # noqa: E402
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii  # noqa: E402
 from cadis.smoothing.smooth import Smooth, check_draws, image_generators  # noqa: E402
 
-SEQUENTIAL = ("(c) engine, sequential", "(d) sequential, bf16", "(e) sequential, bf16, compiled")
+SEQUENTIAL = ("(c) engine, sequential", "(d) sequential, bf16", "(e) sequential, compiled",
+              "(f) sequential, bf16, compiled")
 
 
 def timed(certify, images, labels) -> tuple[list[Record], float]:
@@ -91,12 +94,16 @@ def main() -> None:
     draws = check_draws(check, args.sigma, image_generators(0, range(len(check)),
                                                             torch.device("cpu")),
                         AGREEMENT_DRAWS // len(check), args.batch)
-    started = time.perf_counter()
-    with torch.inference_mode(), autocast(bf16, torch.device("cpu")):
-        compiled(draws[0])
-    compile_seconds = time.perf_counter() - started
-    agreements = {mode: agreement(base, fast, draws, bf16, torch.device("cpu"))
-                  for mode, fast in ((SEQUENTIAL[1], base), (SEQUENTIAL[2], compiled))}
+    compile_seconds = []
+    for precision in (FP32, bf16):
+        started = time.perf_counter()
+        with torch.inference_mode(), autocast(precision, torch.device("cpu")):
+            compiled(draws[0])
+        compile_seconds.append(time.perf_counter() - started)
+    fast_modes = {SEQUENTIAL[1]: (base, bf16), SEQUENTIAL[2]: (compiled, FP32),
+                  SEQUENTIAL[3]: (compiled, bf16)}
+    agreements = {mode: agreement(base, fast, draws, precision, torch.device("cpu"))
+                  for mode, (fast, precision) in fast_modes.items()}
 
     def smooth(fast: torch.nn.Module = base, precision=FP32) -> Smooth:
         return Smooth(fast, classes, args.sigma, generator=torch.Generator().manual_seed(0),
@@ -104,8 +111,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     engine = smooth()
-    sequential = {SEQUENTIAL[0]: smooth(), SEQUENTIAL[1]: smooth(precision=bf16),
-                  SEQUENTIAL[2]: smooth(compiled, bf16)}
+    sequential = {SEQUENTIAL[0]: smooth(),
+                  **{mode: smooth(fast, precision)
+                     for mode, (fast, precision) in fast_modes.items()}}
     reference_certify(base, images[0], classes, args.sigma, args.n0, 50, args.alpha, args.batch)
     runs = {
         "(a) reference loop, fixed n": timed(
@@ -121,7 +129,8 @@ def main() -> None:
           f"sigma={args.sigma}, n={args.n} (sequential: at most), n0={args.n0}, "
           f"alpha={args.alpha}, {args.batch} draws a forward, {args.threads} thread(s); "
           f"sequential looks {list(plan.looks)} at alpha/{len(plan.looks)} each, radii {grid}")
-    print(f"torch.compile: {compile_seconds:.0f} s before (e), not in its rate; agreement with "
+    print(f"torch.compile: {compile_seconds[0]:.0f} s (fp32) and {compile_seconds[1]:.0f} s "
+          f"(bf16) before the runs, not in their rates; agreement with "
           f"fp32 eager on {sum(len(batch) for batch in draws)} check draws: "
           + ", ".join(f"{mode[:3]} {share:.4f}" for mode, share in agreements.items()))
     print("| mode | images/s | draws an image | ratio to (a) |")

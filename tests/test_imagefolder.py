@@ -176,8 +176,7 @@ def test_a_sweep_runs_on_the_folder(pretrained, tmp_path, capsys):
     from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
 
     sweep = tiny_sweep(pretrained, tmp_path, num_trials=1, max_concurrent_trials=1)
-    # The rank stage reads image_size from the config (not yet from the models folder).
-    sweep["base"].update(image_size=SIZE, val_images=6)
+    sweep["base"].update(val_images=6)
     sweep["certify"]["rank"]["images"] = 6
     assert main(["sweep", str(write(tmp_path, sweep))]) == 0
     [trial] = by_role(mlflow_runs(tmp_path)[1], "trial")

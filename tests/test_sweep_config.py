@@ -138,6 +138,12 @@ BAD_CASES = [
                  "certify.final.top_k must be an integer >= 1", id="top-k-zero"),
     pytest.param(with_changes(certify={"final": {"top_k": 3}}),
                  "certify.final.top_k (3) is above the 2 trials of the sweep", id="top-k-above"),
+    pytest.param(with_changes(certify={"final": {"precision": "fp8"}}),
+                 "certify.final.precision must be one of auto, fp32, bf16, fp16, got 'fp8'",
+                 id="unknown-precision"),
+    pytest.param(with_changes(base={"device": "cpu"}, certify={"final": {"precision": "fp16"}}),
+                 "certify.final.precision: precision fp16 does not run on cpu",
+                 id="precision-not-on-the-device"),
     pytest.param(with_changes(certify={"rank": {"images": 600}}),
                  "certify.rank.images (600) is larger than the validation hold-out "
                  "(base.val_images = 500)", id="rank-larger-than-holdout"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cadis.errors import CadisError
@@ -30,7 +31,7 @@ from cadis.models.devices import DEVICES
 from cadis.models.sources import ModelSources
 from cadis.overrides import coerce_like, parse_override
 from cadis.smoothing.bounds import CertificationParameters
-from cadis.smoothing.precision import PRECISION_CHOICES
+from cadis.smoothing.precision import PRECISION_CHOICES, resolve_precision
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
 from cadis.validation import check_sigma, non_negative_float, positive_int
 
@@ -219,6 +220,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.certify.precision not in PRECISION_CHOICES:
         raise CadisError(f"certify.precision must be one of {', '.join(PRECISION_CHOICES)}, "
                          f"got {config.certify.precision!r}")
+    if config.device == "cpu":
+        # Known now only for an explicit CPU: with auto, the workers' devices decide.
+        try:
+            resolve_precision(config.certify.precision, torch.device("cpu"))
+        except CadisError as error:
+            raise CadisError(f"certify.precision: {error}") from None
     if config.certify.max_images is not None:
         positive_int(config.certify.max_images, "certify.max_images")
     if not (config.models or (config.classifier and config.denoiser and config.dataset)):

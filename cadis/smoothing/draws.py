@@ -34,10 +34,10 @@ from typing import Any, Final
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from cadis.errors import CadisError
 from cadis.files import atomic_directory, atomic_write_text
+from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import FP32, PRECISIONS, Precision
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
@@ -272,8 +272,8 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
                                           shape=(len(images), per_image, *images.shape[1:]))
         flat = array.reshape(len(images) * per_image, *images.shape[1:])
         row = 0
-        with tqdm(total=len(images), unit="img", desc="denoise draws",
-                  disable=not progress) as bar, evaluating(denoiser, device, precision):
+        with progress_bar(len(images), "denoise draws", "img", enabled=progress) as bar, \
+                evaluating(denoiser, device, precision):
             for start in range(0, len(images), group_size):
                 group = images[start:start + group_size]
                 segments = certify_segments(len(group), parameters)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from cadis.errors import CadisError
 from cadis.files import atomic_write_text
+from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.records import (
     PLOT_FILENAME,
@@ -196,8 +196,8 @@ def certify_records(certify: GroupCertifier, indices: Iterable[int],
 
     group_size = 1 if plan is not None else images_per_forward(n0, n, parameters.batch_size)
     with RecordWriter(records_path, sequential=plan is not None) as writer, \
-            tqdm(total=len(wanted), initial=len(recorded), unit="img", desc="certify",
-                 disable=not progress) as bar:
+            progress_bar(len(wanted), "certify", "img", enabled=progress,
+                         initial=len(recorded)) as bar:
         for group in _groups(todo, group_size):
             start = time.perf_counter()
             results = certify(group)
@@ -208,8 +208,8 @@ def certify_records(certify: GroupCertifier, indices: Iterable[int],
                 writer.write(record)
                 recorded[index] = record
                 correct += record.correct
-            bar.update(len(group))
             bar.set_postfix(cert_acc_r0=f"{correct / len(recorded):.3f}")
+            bar.update(len(group))
 
     return _summarise(out_dir, [recorded[index] for index in wanted], run_settings, radii,
                       notes)

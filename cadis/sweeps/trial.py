@@ -118,7 +118,7 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
     parameters = CertificationParameters(rank.n0, rank.n, rank.alpha,
                                          rank.batch_size or default_batch_size(device))
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=config.image_size)
+                             image_size=sources.image_size)
     validation = validation_indices(config, train_set, rank.images)
     indices = shard_of(validation, shard)
     info = train_set.info
