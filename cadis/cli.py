@@ -113,13 +113,23 @@ def _sweep(args: argparse.Namespace) -> None:
     from cadis.sweeps.driver import run_sweep
 
     run_sweep(args.sweep, args.set, resume=args.resume, dry_run=args.dry_run,
-              stop_after=args.stop_after)
+              stop_after=args.stop_after, warm_start=args.warm_start)
 
 
 def _compare(args: argparse.Namespace) -> None:
     from cadis.tracking.compare import run_compare
 
+    if args.figures and not args.sweep:
+        raise CadisError("--figures draws one sweep: name it with --sweep RUN_ID")
     run_compare(args)
+    if args.figures:
+        from cadis.sweeps.figures import draw_sweep
+
+        paths, skipped = draw_sweep(args.tracking_uri, args.sweep, args.figures)
+        for name, why in skipped.items():
+            print(f"figures: {name}: {why}", file=sys.stderr)
+        print(f"figures: {', '.join(path.name for path in paths)} in {args.figures}",
+              file=sys.stderr)
 
 
 def _radii(text: str) -> list[float]:
@@ -220,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--stop-after", choices=("rank",),
                        help="stop once every trial is certified on validation; --resume later "
                             "certifies the top_k on the test set")
+    sweep.add_argument("--warm-start", metavar="FROM",
+                       help="start the searcher from the ranked trials of an earlier sweep with "
+                            "the same searched keys (its results folder or parent run id)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="print the resolved search space, trials and resources; train "
                             "nothing")
@@ -239,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a param to put on the x axis, e.g. confidence_threshold")
     compare.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     compare.add_argument("--plot", metavar="FILE", help="write the ablation plot (PNG) here")
+    compare.add_argument("--figures", metavar="DIR",
+                         help="with --sweep: write the sweep's figures here (curves of the top "
+                              "trials, parallel coordinates, importances, Pareto front, rungs)")
     compare.set_defaults(handler=_compare)
 
     analyze = commands.add_parser(

@@ -173,8 +173,10 @@ def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
 @pytest.mark.slow
 def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models_dir,
                                                                      tmp_path, capsys):
-    # This sweep also trains from stored draws and ranks sequentially.
-    sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None)
+    # This sweep also trains from stored draws, ranks sequentially and has two objectives.
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None,
+                       objective={"metric": ["acr", "certified_accuracy_r0.0"],
+                                  "mode": ["max", "max"]})
     sweep["base"].update(train_draws=2, max_train_images=40)
     sweep["certify"]["rank"]["sequential"] = True
     path = write(tmp_path, sweep)
@@ -194,13 +196,36 @@ def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models
     # The test set has not been touched.
     assert not list((tmp_path / "results" / "trials").glob("*/certify"))
     assert main(["sweep", str(path), "--resume"]) == 0
-    _, runs = mlflow_runs(tmp_path)
+    out = capsys.readouterr().out
+    client, runs = mlflow_runs(tmp_path)
     [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
     assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
     assert len(trials) == 2 and all("acr" in run.data.metrics for run in trials)
+    # The sweep ends with its figures, a Pareto front among them, on the parent run and in
+    # the results folder, and a summary naming the chosen trial and where its files are.
+    figures = {item.path for item in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/pareto_front.png", "figures/certified_accuracy.png",
+            "figures/rungs.png"} <= figures
+    assert (results / "figures" / "pareto_front.png").is_file()
+    best = parent.data.tags["cadis.best_trial_id"]
+    assert f"(trial {best}), first by validation acr" in out
+    assert f"records: {results / 'trials' / best / 'certify' / 'records.tsv'}" in out
+    assert "ui --backend-store-uri sqlite:///" in out and "--host 127.0.0.1" in out
     # A finished sweep resumed again prints its table and certifies nothing more.
     assert main(["sweep", str(path), "--resume"]) == 0
     assert "| trial" in capsys.readouterr().out
+    # It can seed another sweep with the same searched keys; one with other keys is refused.
+    again = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path, scheduler=None,
+                                       results_dir=str(tmp_path / "again")))
+    assert main(["sweep", str(again), "--dry-run", "--warm-start", str(results)]) == 0
+    assert (f"warm start: 2 ranked trials of sweep run {parent.info.run_id}"
+            in capsys.readouterr().out)
+    other = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None)
+    other["search"] = {"lambda": {"uniform": [0.5, 2.0]}, "epsilon": {"uniform": [0.1, 0.3]}}
+    assert main(["sweep", str(write(tmp_path, other)), "--dry-run", "--warm-start",
+                 parent.info.run_id]) == 2
+    assert ("the searched keys differ (only in the earlier sweep: confidence_threshold; only "
+            "in this one: epsilon)") in capsys.readouterr().err
 
 
 def test_resume_needs_a_sweep_to_resume(tiny_models_dir, tmp_path, capsys):

@@ -46,6 +46,7 @@ from cadis.tracking.contract import TRIAL_ID_TAG, check_tracking_uri
 
 if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
+    from cadis.sweeps.warm_start import WarmStart
 
 # The CPUs the task building the stored draws may take (it runs alone, before the trials).
 STORE_BUILD_MAX_CPUS = 8.0
@@ -62,10 +63,12 @@ STAGE_SEARCH, STAGE_RANKED, STAGE_FINAL, STAGE_DONE = "search", "ranked", "final
 
 
 def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = False,
-              dry_run: bool = False, stop_after: str | None = None) -> None:
+              dry_run: bool = False, stop_after: str | None = None,
+              warm_start: str | None = None) -> None:
     """Run (or with ``resume`` continue) the sweep in ``path``; ``dry_run`` only prints it;
     ``stop_after="rank"`` stops once every trial is ranked on validation (the test set is
-    touched by a later ``--resume``).
+    touched by a later ``--resume``); ``warm_start`` names an earlier sweep whose ranked
+    trials the searcher starts from (:mod:`cadis.sweeps.warm_start`).
 
     Every check that can fail on input runs before a trial starts or an MLflow run opens:
     the file, the models and data of the base, the tracking store and the cluster's resources.
@@ -77,6 +80,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     path = Path(path).absolute()
     sweep = load_sweep(path, overrides)
     print(describe(sweep), flush=True)
+    warm = _load_warm_start(warm_start, sweep, resume)
     if dry_run:
         return
     # Trials run in folders of their own (Tune's working directory per trial), perhaps on
@@ -104,7 +108,8 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
         # once the driver connects; every path is absolute by now, and this one stays.
         os.chdir(results)
         with _mlflow_errors(uri, results):
-            _run_stages(sweep, path, results, uri, fingerprint, state, concurrent, stop_after)
+            _run_stages(sweep, path, results, uri, fingerprint, state, concurrent, stop_after,
+                        warm)
     finally:
         if started_ray:
             ray.shutdown()
@@ -124,19 +129,35 @@ def _mlflow_errors(uri: str, results: Path) -> Iterator[None]:
                          f"{results} is resumable with --resume") from None
 
 
+def _load_warm_start(source: str | None, sweep: SweepConfig, resume: bool
+                     ) -> WarmStart | None:
+    """The checked warm start of a new sweep (a dry run checks it too)."""
+    if source is None:
+        return None
+    if resume:
+        raise CadisError("--warm-start starts a new sweep; a resumed sweep keeps the start it "
+                         "had (drop --warm-start)")
+    from cadis.sweeps.warm_start import load_warm_start
+
+    warm = load_warm_start(source, sweep)
+    print(warm.describe(), flush=True)
+    return warm
+
+
 def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
                 fingerprint: dict[str, Any], state: dict[str, Any] | None, concurrent: int,
-                stop_after: str | None) -> None:
-    """search (the trials, each certified on validation), then final (the top_k on test)."""
+                stop_after: str | None, warm: WarmStart | None) -> None:
+    """search (the trials, each certified on validation), then final (the top_k on test);
+    the sweep's figures and summary once either ends."""
     from cadis.sweeps.mlflow_writer import SweepTracker
 
     tracker = SweepTracker(uri, sweep, results, state)
     if state is None:
         shutil.copyfile(path, results / SWEEP_FILE_COPY)
-        tracker.open_sweep(results / SWEEP_FILE_COPY)
+        tracker.open_sweep(results / SWEEP_FILE_COPY, warm)
         state = {"parent_run_id": tracker.parent_run_id, "experiment_id": tracker.experiment_id,
                  "tracking_uri": uri, "sweep": fingerprint, "stage": STAGE_SEARCH,
-                 "stores": {}}
+                 "stores": {}, "warm_start": None if warm is None else warm.record()}
         _save_state(results, state)
         resumed = False
     else:
@@ -156,11 +177,12 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
                 _save_state(results, state)
                 tracker.log_stores(state["stores"])
             _search(sweep, results, tracker, concurrent, resumed,
-                    {role: info["folder"] for role, info in state["stores"].items()})
+                    {role: info["folder"] for role, info in state["stores"].items()}, warm)
             state["stage"] = STAGE_RANKED
             _save_state(results, state)
         if stop_after == "rank":
             tracker.set_stage(STAGE_RANKED)
+            _figures(tracker)
             tracker.close_sweep(finished=False)
             print(tracker.comparison(), flush=True)
             print(f"rank stage done: certify the top {sweep.top_k} on the test set with "
@@ -184,8 +206,23 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
     state["stage"] = STAGE_DONE
     _save_state(results, state)
     tracker.set_stage(STAGE_DONE)
+    figures = _figures(tracker)
     tracker.close_sweep(finished=True, best_trial=best)
     print(tracker.comparison(), flush=True)
+    print(tracker.summary(best, figures), flush=True)
+
+
+def _figures(tracker: SweepTracker) -> Path | None:
+    """The sweep's figures, in the results folder and on its parent run; a figure that
+    cannot be drawn is reported, never a reason to lose a finished sweep (``cadis compare
+    --sweep ID --figures DIR`` draws them again)."""
+    try:
+        return tracker.log_figures()
+    except Exception as error:  # noqa: BLE001 - the sweep's results are already safe
+        print(f"figures: not drawn ({type(error).__name__}: {first_line(error)}); retry with "
+              f"cadis compare --sweep {tracker.parent_run_id} --figures DIR", file=sys.stderr,
+              flush=True)
+        return None
 
 
 def _save_state(results: Path, state: Mapping[str, Any]) -> None:
@@ -326,7 +363,7 @@ def _concurrent_trials(sweep: SweepConfig, cluster: Mapping[str, float],
 
 
 def _search(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent: int,
-            resume: bool, stores: Mapping[str, str]) -> None:
+            resume: bool, stores: Mapping[str, str], warm: WarmStart | None) -> None:
     """Ray Tune over the trials: each trains and is certified on validation; raises
     :class:`CadisError` (resumable) if the search did not run every trial to its end."""
     from ray import tune
@@ -350,7 +387,9 @@ def _search(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent
     else:
         tuner = tune.Tuner(
             trainable, param_space=tune_search_space(sweep),
-            tune_config=tune.TuneConfig(search_alg=build_searcher(sweep, results),
+            tune_config=tune.TuneConfig(search_alg=build_searcher(
+                                            sweep, results, () if warm is None else
+                                            list(zip(warm.points, warm.values))),
                                         scheduler=build_scheduler(sweep),
                                         num_samples=sweep.num_trials,
                                         max_concurrent_trials=concurrent),

@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ray.tune import Callback
 
 from cadis.errors import CadisError
-from cadis.sweeps.layout import EPOCH, trial_rank_dir
+from cadis.sweeps.layout import EPOCH, trained_file, trial_certify_dir, trial_rank_dir
+from cadis.sweeps.ranking import rank_trials
 from cadis.sweeps.schema import SweepConfig, describe, trial_config
 from cadis.tracking.contract import (
     ACR,
@@ -26,23 +28,30 @@ from cadis.tracking.contract import (
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_STOPPED,
+    NUM_IMAGES,
     OUTCOME_TAG,
     PARENT_RUN_TAG,
     ROLE_SWEEP,
     ROLE_TAG,
     ROLE_TRIAL,
     SEARCHED_TAG,
+    SQLITE_SCHEME,
     RANK_ARTIFACTS_DIR,
     STAGE_TAG,
     SWEEP_TAG,
     TRIAL_ID_TAG,
+    WARM_START_TAG,
     artifact_location,
     flatten_params,
     is_final_metric,
     is_validation_metric,
+    radius_of_metric,
     trial_runs,
     validation_metric,
 )
+
+if TYPE_CHECKING:
+    from cadis.sweeps.warm_start import WarmStart
 
 # The rank stage's results carry this: the per-epoch ones do not.
 RANKED = validation_metric(ACR)
@@ -72,14 +81,18 @@ class SweepTracker:
         self.parent_run_id = state["parent_run_id"] if state else ""
         self.experiment_id = state["experiment_id"] if state else ""
 
-    def open_sweep(self, sweep_file: Path) -> None:
+    def open_sweep(self, sweep_file: Path, warm: WarmStart | None = None) -> None:
+        """The sweep's parent run: its params, the sweep file and, for a warm start, where
+        its search started (``cadis.warm_start_from`` and ``warm_start.*``)."""
         experiment = self.client.get_experiment_by_name(self.sweep.mlflow.experiment)
         self.experiment_id = experiment.experiment_id if experiment else \
             self.client.create_experiment(self.sweep.mlflow.experiment,
                                           artifact_location=artifact_location(self.uri))
-        run = self.client.create_run(self.experiment_id, run_name=self.sweep.name,
-                                     tags={ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: self.sweep.name,
-                                           SEARCHED_TAG: ",".join(sorted(self.sweep.search))})
+        tags = {ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: self.sweep.name,
+                SEARCHED_TAG: ",".join(sorted(self.sweep.search))}
+        if warm is not None:
+            tags[WARM_START_TAG] = warm.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.sweep.name, tags=tags)
         self.parent_run_id = run.info.run_id
         sweep = self.sweep
         params = {"searcher": sweep.searcher, "num_trials": sweep.num_trials,
@@ -96,7 +109,8 @@ class SweepTracker:
                   "certify.final.top_k": sweep.top_k, "shares_draws": sweep.shares_draws,
                   **{f"search.{key}": distribution.describe()
                      for key, distribution in sweep.search.items()},
-                  **flatten_params(sweep.base.to_dict(), "base.")}
+                  **flatten_params(sweep.base.to_dict(), "base."),
+                  **({} if warm is None else flatten_params(warm.record(), "warm_start."))}
         _log_params(self.client, self.parent_run_id, params)
         self.client.log_artifact(self.parent_run_id, str(sweep_file))
         self.client.log_text(self.parent_run_id, describe(sweep) + "\n", "sweep_resolved.txt")
@@ -115,14 +129,14 @@ class SweepTracker:
             self.client.log_metric(self.parent_run_id, key, value)
 
     def ranked(self) -> list[Any]:
-        """The trial runs the rank stage certified, best first by the (first) objective as
-        measured on validation."""
-        objective = self.sweep.objective[0]
+        """The trial runs the rank stage certified, best first by their validation
+        objectives (:mod:`cadis.sweeps.ranking`: a Pareto front first for two)."""
+        objectives = self.sweep.objective
         scored = [run for run in trial_runs(self.client, self.experiment_id, self.parent_run_id)
-                  if objective.searched in run.data.metrics]
-        sign = -1 if objective.mode == "max" else 1
-        return sorted(scored, key=lambda run: (sign * run.data.metrics[objective.searched],
-                                               run.info.start_time))
+                  if all(objective.searched in run.data.metrics for objective in objectives)]
+        return rank_trials(scored, objectives,
+                           lambda run: [run.data.metrics[o.searched] for o in objectives],
+                           lambda run: run.info.start_time)
 
     def log_final(self, trial_id: str, figures: Mapping[str, float], certify_dir: Path) -> None:
         """A finalist's test figures, files and finalist tag, on its trial run."""
@@ -157,6 +171,47 @@ class SweepTracker:
             self.client.set_tag(self.parent_run_id, BEST_TRIAL_TAG, best_trial)
         status = "FINISHED" if finished else ("FAILED" if failed else "KILLED")
         self.client.set_terminated(self.parent_run_id, status)
+
+    def log_figures(self) -> Path:
+        """Draw the sweep's figures into ``results/figures`` and log them on the parent run
+        (artifact folder ``figures``); says which were skipped and why."""
+        from cadis.sweeps.figures import FIGURES_DIR, write_sweep_figures
+
+        out = self.results / FIGURES_DIR
+        paths, skipped = write_sweep_figures(self.client, self.parent_run_id, out)
+        for path in paths:
+            self.client.log_artifact(self.parent_run_id, str(path), FIGURES_DIR)
+        for name, why in skipped.items():
+            print(f"figures: {name} skipped: {why}", flush=True)
+        return out
+
+    def summary(self, best_trial: str | None, figures: Path | None) -> str:
+        """What a person reads when the sweep ends: the chosen trial and its test figures,
+        where its checkpoint and records are, the figures, and how to open MLflow's UI."""
+        lines = [f"sweep {self.sweep.name} done."]
+        if best_trial is None:
+            lines.append("no trial was ranked on validation: nothing was chosen")
+        else:
+            run = self.client.get_run(self.run_of(best_trial))
+            metrics = run.data.metrics
+            objective = self.sweep.objective[0]
+            certify = self.sweep.certify
+            accuracy = ", ".join(f"r={radius:g} {value:.3f}" for radius, value in sorted(
+                (radius_of_metric(key), value) for key, value in metrics.items()
+                if radius_of_metric(key) is not None))
+            lines += [f"chosen: {run.info.run_name} (trial {best_trial}), first by validation "
+                      f"{objective.metric} = {metrics.get(objective.searched, math.nan):.3f}",
+                      f"  test ({int(metrics.get(NUM_IMAGES, 0))} images, n={certify.n}, "
+                      f"n0={certify.n0}, alpha={certify.alpha:g}): {accuracy}; "
+                      f"acr {metrics.get(ACR, math.nan):.3f}"]
+            trained = trained_file(self.results, best_trial)
+            if trained.is_file():
+                lines.append(f"  checkpoint: {json.loads(trained.read_text())['checkpoint']}")
+            lines.append(f"  records: {trial_certify_dir(self.results, best_trial) / 'records.tsv'}")
+        if figures is not None:
+            lines.append(f"figures: {figures} (and on the sweep's MLflow run, folder figures)")
+        lines.append(f"MLflow: {mlflow_ui_hint(self.uri, self.experiment_id, self.parent_run_id)}")
+        return "\n".join(lines)
 
     def comparison(self) -> str:
         from cadis.tracking.compare import format_comparison, load_trials
@@ -255,6 +310,18 @@ class MlflowTrialCallback(Callback):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, OUTCOME_TAG, OUTCOME_FAILED)
         self.client.set_terminated(run_id, "FAILED")
+
+
+def mlflow_ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to see a run in MLflow's UI: the command that serves a local store on loopback and
+    the page, or the server's page."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(SQLITE_SCHEME):
+        mlflow = Path(sys.executable).with_name("mlflow")
+        command = mlflow if mlflow.is_file() else "mlflow"
+        return (f"{command} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then "
+                f"open http://127.0.0.1:5000/{page}")
+    return f"open {uri.rstrip('/')}/{page}"
 
 
 def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ and random search), and ASHA. Imported by the driver only when a sweep runs (it 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,11 @@ def tune_search_space(sweep: SweepConfig) -> dict[str, Any]:
     return {key: domain(distribution) for key, distribution in sweep.search.items()}
 
 
-def build_searcher(sweep: SweepConfig, results: Path) -> Any:
-    """Optuna's TPE (a Pareto front for two objectives), its study in ``optuna.db``; None
-    (Tune's grid and random search) when the sweep has a grid."""
+def build_searcher(sweep: SweepConfig, results: Path,
+                   finished: Sequence[tuple[Mapping[str, Any], Sequence[float]]] = ()) -> Any:
+    """Optuna's TPE (a Pareto front for two objectives), its study in ``optuna.db``, told
+    the ``finished`` trials of a warm start (searched values, objective values) before its
+    first proposal; None (Tune's grid and random search) when the sweep has a grid."""
     if sweep.searcher != SEARCHER_OPTUNA:
         return None
     import optuna
@@ -49,7 +52,8 @@ def build_searcher(sweep: SweepConfig, results: Path) -> Any:
     return FinalMetricOptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
                                    mode=modes if len(modes) > 1 else modes[0], storage=storage,
                                    study_name=sweep.name, seed=sweep.base.seed,
-                                   intermediate=intermediate_metric(sweep))
+                                   intermediate=intermediate_metric(sweep),
+                                   finished=finished)
 
 
 def intermediate_metric(sweep: SweepConfig) -> str | None:
@@ -68,11 +72,25 @@ class FinalMetricOptunaSearch(OptunaSearch):
     """Optuna told a trial's per-epoch proxy as intermediate values and its certified
     figures as its value. Ray's searcher would look the objective up in every per-epoch
     result; a trial that ends without its objective (stopped by ASHA) is told as pruned, in
-    one objective or two, with the intermediate values it reported."""
+    one objective or two, with the intermediate values it reported. ``finished`` trials
+    (a warm start) enter the study as complete before the first proposal, in one objective
+    or two (Ray's own ``evaluated_rewards`` takes one)."""
 
-    def __init__(self, *args: Any, intermediate: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, intermediate: str | None = None,
+                 finished: Sequence[tuple[Mapping[str, Any], Sequence[float]]] = (),
+                 **kwargs: Any) -> None:
+        # Set first: Ray sets up the study in __init__ when it is given a space.
         self.intermediate = intermediate
+        self.finished = [(dict(point), list(values)) for point, values in finished]
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list[str]) -> None:
+        import optuna
+
+        super()._setup_study(mode)
+        for point, values in self.finished:
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                values=values, params=point, distributions=self._space))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         objective_known = any(metric in result for metric in self._metrics())

@@ -40,6 +40,7 @@ from cadis.tracking.contract import (
     ACR,
     CLEAN_ACCURACY,
     MEAN_DRAWS,
+    NUM_IMAGES,
     certified_accuracy_metric,
     validation_metric,
 )
@@ -169,12 +170,12 @@ def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str,
 
 def figures_of(summary: dict[str, Any]) -> dict[str, float]:
     """A certification's figures as metrics: certified accuracy per radius, ``acr``,
-    ``clean_accuracy`` and the mean draws an image."""
+    ``clean_accuracy``, the mean draws an image and the number of images."""
     accuracy = {certified_accuracy_metric(float(radius)): value
                 for radius, value in summary["certified_accuracy"].items()}
     return {**accuracy, ACR: summary["acr"],
             CLEAN_ACCURACY: accuracy[certified_accuracy_metric(0.0)],
-            MEAN_DRAWS: summary["mean_draws"]}
+            MEAN_DRAWS: summary["mean_draws"], NUM_IMAGES: summary["num_images"]}
 
 
 def discard_other_certification(out: Path, checkpoint: str) -> None:

@@ -42,6 +42,8 @@ OUTCOME_COMPLETED = "completed"
 OUTCOME_STOPPED = "stopped_early"
 OUTCOME_FAILED = "failed"
 BEST_TRIAL_TAG = "cadis.best_trial_id"
+# On a warm-started sweep's run: the parent run id of the sweep its search started from.
+WARM_START_TAG = "cadis.warm_start_from"
 
 # Per-epoch metrics of the certified-accuracy proxy (small n on held-out training images):
 # accuracy per radius, and the average certified radius, one number that rewards robustness
@@ -54,6 +56,8 @@ CERTIFIED_ACCURACY_PREFIX = "certified_accuracy_r"
 ACR = "acr"
 # Draws a certification spent per image on average (sequential mode spends fewer than n0 + n).
 MEAN_DRAWS = "mean_draws"
+# How many images a certification's figures are over.
+NUM_IMAGES = "num_images"
 CLEAN_ACCURACY = "clean_accuracy"
 HALLUCINATION_RATE = "hallucination_rate"
 TRAINABLE_FRACTION = "trainable_fraction"
@@ -83,9 +87,9 @@ def validation_metric(name: str) -> str:
 
 def is_final_metric(name: str) -> bool:
     """A test figure of the final stage: certified accuracy per radius, ACR, clean accuracy,
-    and the draws an image spent."""
+    the draws an image spent and the number of images."""
     return name.startswith(CERTIFIED_ACCURACY_PREFIX) or name in (ACR, CLEAN_ACCURACY,
-                                                                  MEAN_DRAWS)
+                                                                  MEAN_DRAWS, NUM_IMAGES)
 
 
 def is_validation_metric(name: str) -> bool:

@@ -1,0 +1,191 @@
+"""The sweep's figures, drawn from a store of known runs: the plotted points are the runs'
+values, the radii beyond a stage's reach are not drawn, the Optuna study behind the Optuna
+plots holds the runs' params and objectives, and each file is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from cadis.cli import main
+from cadis.smoothing.bounds import max_certifiable_radius
+from cadis.sweeps.figures import (
+    curve_points,
+    load_sweep_view,
+    rebuild_study,
+    sweep_figures,
+    trial_label,
+    write_sweep_figures,
+)
+from cadis.sweeps.schema import sweep_from_mapping
+from cadis.tracking import contract as tracking
+
+SIGMA = 0.5
+# Trials: (searched values, validation accuracy at r = 0, 0.5, 1.0, 1.25, test accuracy or
+# None, proxy per epoch). 1.25 is beyond what the rank stage's n = 400 reaches at sigma 0.5.
+TRIALS = {
+    "run_trial_00000": ({"lambda": "1.234567", "confidence_threshold": "argmax"},
+                        (0.8, 0.6, 0.3, 0.0), (0.78, 0.55, 0.31, 0.0), [0.2, 0.3, 0.4]),
+    "run_trial_00001": ({"lambda": "3.5", "confidence_threshold": "0.5"},
+                        (0.7, 0.5, 0.4, 0.0), None, [0.25, 0.28, 0.35]),
+    "run_trial_00002": ({"lambda": "0.75", "confidence_threshold": "0.5"},
+                        (0.9, 0.4, 0.2, 0.0), (0.85, 0.42, 0.19, 0.0), [0.3, 0.31, 0.33]),
+    "run_trial_00003": ({"lambda": "2.0", "confidence_threshold": "argmax"},
+                        None, None, [0.1]),
+}
+RADII = (0.0, 0.5, 1.0, 1.25)
+
+
+def sweep_mapping(models, tmp_path, objectives):
+    return {
+        "name": "pictured",
+        "base": {"models": str(models), "sigma": SIGMA, "epochs": 3},
+        "search": {"lambda": {"uniform": [0.5, 4.0]},
+                   "confidence_threshold": {"choice": [0.5, "argmax"]}},
+        "num_trials": 4,
+        "objective": {"metric": [name for name, _ in objectives],
+                      "mode": [mode for _, mode in objectives]},
+        "scheduler": {"metric": "proxy_acr", "mode": "max", "grace_period": 1,
+                      "reduction_factor": 2, "max_t": 3},
+        "certify": {"rank": {"n": 400, "n0": 10, "images": 20},
+                    "final": {"n": 2000, "n0": 10, "max_images": 30, "top_k": 2}},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "experiment": "pictured"},
+        "results_dir": str(tmp_path / "results"),
+    }
+
+
+def make_store(models, tmp_path, objectives):
+    """A parent run written by the sweep's own writer, and trial runs as its callback
+    writes them (the contract's tags, params and metrics)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from cadis.sweeps.mlflow_writer import SweepTracker
+
+    sweep = sweep_from_mapping(sweep_mapping(models, tmp_path, objectives))
+    tracker = SweepTracker(sweep.tracking_uri(), sweep, tmp_path, None)
+    (tmp_path / "sweep.yaml").write_text("name: pictured\n")
+    tracker.open_sweep(tmp_path / "sweep.yaml")
+    client = MlflowClient(sweep.tracking_uri())
+    for number, (name, (params, validation, test, proxy)) in enumerate(TRIALS.items()):
+        run = client.create_run(tracker.experiment_id, run_name=name, start_time=1000 + number,
+                                tags={tracking.PARENT_RUN_TAG: tracker.parent_run_id,
+                                      tracking.ROLE_TAG: tracking.ROLE_TRIAL,
+                                      tracking.TRIAL_ID_TAG: name,
+                                      tracking.SEARCHED_TAG: "confidence_threshold,lambda"})
+        run_id = run.info.run_id
+        for key, value in {**params, "sigma": str(SIGMA)}.items():
+            client.log_param(run_id, key, value)
+        metrics = [Metric("proxy_acr", value, 0, epoch + 1) for epoch, value in enumerate(proxy)]
+        for prefix, figures in (("val_", validation), ("", test)):
+            if figures is not None:
+                metrics += [Metric(f"{prefix}{tracking.certified_accuracy_metric(r)}", a, 0, 0)
+                            for r, a in zip(RADII, figures)]
+                metrics.append(Metric(f"{prefix}acr", sum(figures) / 4, 0, 0))
+                metrics.append(Metric(f"{prefix}num_images", 20 if prefix else 30, 0, 0))
+        client.log_batch(run_id, metrics=metrics)
+    return client, tracker.parent_run_id
+
+
+@pytest.fixture
+def one_objective(tiny_models_dir, tmp_path):
+    return make_store(tiny_models_dir, tmp_path, [("certified_accuracy_r0.5", "max")])
+
+
+@pytest.fixture
+def two_objectives(tiny_models_dir, tmp_path):
+    return make_store(tiny_models_dir, tmp_path, [("certified_accuracy_r0.0", "max"),
+                                                  ("certified_accuracy_r0.5", "max")])
+
+
+def test_the_view_ranks_on_validation_and_knows_each_stage(one_objective):
+    client, parent = one_objective
+    view = load_sweep_view(client, parent)
+    assert view.name == "pictured" and view.sigma == SIGMA
+    assert [row.name for row in view.ranked()] == ["run_trial_00000", "run_trial_00001",
+                                                   "run_trial_00002"]
+    assert [row.name for row in view.finalists()] == ["run_trial_00000", "run_trial_00002"]
+    assert (view.rank.n, view.rank.n0, view.rank.images) == (400, 10, 20)
+    assert (view.final.n, view.final.images) == (2000, 30)
+    assert view.rank.reach(SIGMA) == pytest.approx(max_certifiable_radius(SIGMA, 400, 0.001))
+    assert view.histories[view.trials[0].run_id] == [(1, 0.2), (2, 0.3), (3, 0.4)]
+
+
+def test_curves_are_the_runs_values_up_to_the_reach_of_n(one_objective):
+    client, parent = one_objective
+    view = load_sweep_view(client, parent)
+    figures, _ = sweep_figures(view)
+    validation, test = figures["certified_accuracy.png"].axes
+    # n = 400 reaches 1.06 at sigma 0.5, n = 2000 1.45: 1.25 is drawn on test only.
+    assert view.rank.reach(SIGMA) < 1.25 < view.final.reach(SIGMA)
+    lines = {line.get_label(): line.get_xydata().tolist() for line in validation.get_lines()
+             if not line.get_label().startswith("_")}
+    for row in view.ranked():
+        assert lines[trial_label(view, row)] == [[r, a] for r, a in zip(
+            RADII[:3], TRIALS[row.name][1][:3])]
+        assert curve_points(view, row, view.rank) == list(zip(RADII[:3], TRIALS[row.name][1]))
+    test_lines = {line.get_label(): line.get_xydata().tolist() for line in test.get_lines()
+                  if not line.get_label().startswith("_")}
+    assert set(test_lines) == {trial_label(view, row) for row in view.finalists()}
+    assert test_lines[trial_label(view, view.finalists()[0])] == [
+        [r, a] for r, a in zip(RADII, TRIALS["run_trial_00000"][2])]
+    # Labels are short: the trial's number and 3 significant digits.
+    assert trial_label(view, view.ranked()[0]) == "#0 τ=argmax, λ=1.23"
+    assert "n=400, n0=10, α=0.001" in validation.get_title()
+    assert "20 images" in validation.get_title() and "30 images" in test.get_title()
+
+
+def test_rungs_draw_every_trials_proxy_and_mark_the_stopped(one_objective):
+    client, parent = one_objective
+    view = load_sweep_view(client, parent)
+    figures, _ = sweep_figures(view)
+    [axes] = figures["rungs.png"].axes
+    drawn = [line.get_xydata().tolist() for line in axes.get_lines() if len(line.get_xdata())]
+    for name, (_, _, _, proxy) in TRIALS.items():
+        assert [[epoch + 1, value] for epoch, value in enumerate(proxy)] in drawn
+    labels = [tick.get_text() for tick in axes.get_xticklabels()]
+    assert labels == ["1\n(4 trials)", "2\n(3 trials)", "3\n(3 trials)"]
+
+
+def test_the_study_behind_optunas_plots_holds_the_runs(one_objective):
+    import optuna
+
+    client, parent = one_objective
+    view = load_sweep_view(client, parent)
+    study = rebuild_study(view)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sorted((t.params["lambda"], t.params["confidence_threshold"], t.values[0])
+                  for t in complete) == sorted(
+        (float(params["lambda"]), params["confidence_threshold"], validation[1])
+        for params, validation, _, _ in TRIALS.values() if validation)
+    [pruned] = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert pruned.intermediate_values == {1: 0.1}
+
+
+def test_a_pareto_front_marks_the_trials_certified_on_test(two_objectives):
+    client, parent = two_objectives
+    view = load_sweep_view(client, parent)
+    figures, skipped = sweep_figures(view)
+    assert "pareto_front.png" in figures and not skipped
+    [axes] = figures["pareto_front.png"].axes
+    marked = [collection for collection in axes.collections
+              if collection.get_label() == "certified on test"]
+    assert sorted(map(tuple, marked[0].get_offsets().tolist())) == sorted(
+        (TRIALS[name][1][0], TRIALS[name][1][1]) for name in ("run_trial_00000",
+                                                               "run_trial_00002"))
+    assert {"parallel_coordinates_certified_accuracy_r0.0.png",
+            "parallel_coordinates_certified_accuracy_r0.5.png"} <= set(figures)
+
+
+def test_compare_writes_the_figures_and_says_what_it_skipped(one_objective, tmp_path, capsys):
+    client, parent = one_objective
+    out = tmp_path / "figures"
+    assert main(["compare", "--sweep", parent, "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}", "--figures", str(out)]) == 0
+    written = sorted(path.name for path in out.iterdir())
+    assert written == ["certified_accuracy.png", "importance.png", "parallel_coordinates.png",
+                       "rungs.png"]
+    assert all(path.read_bytes()[:4] == b"\x89PNG" for path in out.iterdir())
+    assert "pareto_front.png: one objective" in capsys.readouterr().err
+    paths, _ = write_sweep_figures(client, parent, tmp_path / "again")
+    assert sorted(path.name for path in paths) == written
