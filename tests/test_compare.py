@@ -19,6 +19,7 @@ from cadis.tracking.compare import (
     load_trials,
     plot_ablation,
     plot_curves,
+    reachable_points,
     run_compare,
     value_key,
 )
@@ -240,6 +241,20 @@ def test_plot_writes_a_png(store, tmp_path, capsys, by):
     err = capsys.readouterr().err
     assert f"plot: {path}" in err
     assert "trial_3 (stopped_early, no certified accuracy)" in err and "trial_0" not in err
+
+
+def test_curves_stop_where_n_stops_and_labels_stay_short():
+    # n = 100 at sigma 0.5 certifies at most 0.75: the 0 at r = 1.0 is n's, not the model's.
+    row = TrialRow(name="trial_0", outcome="completed", searched=("lambda",),
+                   params={"lambda": "1.842045315890222", "sigma": "0.5", "certify.n": "100",
+                           "certify.alpha": "0.001"},
+                   metrics={tracking.certified_accuracy_metric(r): a
+                            for r, a in ((0.0, 0.9), (0.5, 0.6), (0.75, 0.2), (1.0, 0.0))})
+    assert row.reach == pytest.approx(0.7502, abs=1e-4)
+    assert reachable_points(row) == [(0.0, 0.9), (0.5, 0.6), (0.75, 0.2)]
+    assert row.label == "trial_0 (lambda=1.842)"
+    unknown = TrialRow(name="t", outcome="completed", params={}, metrics=row.metrics)
+    assert reachable_points(unknown) == list(row.accuracy.items())
 
 
 @pytest.mark.parametrize("plot", [plot_curves, lambda rows, path: plot_ablation(rows, BY, path)],

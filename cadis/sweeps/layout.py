@@ -7,6 +7,7 @@ writer::
     tune/             Tune's experiment (Tuner.restore reads it)
     train/<trial>/    each trial's Ray Train run and checkpoints
     draws/            the denoised draws of the rank stage and the proxy, made once
+    figures/          the sweep's figures (cadis.sweeps.figures), also on the parent run
     trials/<trial>/trained.json   the trial's last checkpoint and config
     trials/<trial>/rank/     the rank stage (validation): records.tsv, summary.json, plot
     trials/<trial>/certify/  the final stage (test), for finalists: the same files

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from cadis.errors import CadisError
 from cadis.files import atomic_write_bytes
+from cadis.smoothing.bounds import max_certifiable_radius
 from cadis.smoothing.records import CSV_DIGITS, MARKDOWN_DIGITS, TableFormat, render_table
 from cadis.tracking import contract as tracking
 
@@ -76,10 +77,23 @@ class TrialRow:
 
     @property
     def label(self) -> str:
-        """The trial's name with its searched values: ``trial_0 (confidence_threshold=0.5)``."""
-        values = ", ".join(f"{key}={self.params[key]}" for key in self.searched
-                           if key in self.params)
+        """The trial's name with its searched values, sampled floats to
+        :data:`MAX_PARAM_DIGITS` digits: ``trial_0 (confidence_threshold=0.5, lambda=1.842)``."""
+        values = ", ".join(f"{key}={_param_cell(self.params[key], '', 'markdown')}"
+                           for key in self.searched if key in self.params)
         return f"{self.name} ({values})" if values else self.name
+
+    @property
+    def reach(self) -> float:
+        """The largest radius the trial's test certification can certify (its params
+        ``sigma``, ``certify.n``, ``certify.alpha``: σ·Φ⁻¹(α^(1/n))); infinite when it does not
+        say."""
+        try:
+            return max_certifiable_radius(float(self.params["sigma"]),
+                                          int(self.params["certify.n"]),
+                                          float(self.params["certify.alpha"]))
+        except (KeyError, ValueError):
+            return math.inf
 
 
 def trial_row(run: Any) -> TrialRow:
@@ -314,16 +328,29 @@ def plot_ablation(rows: Sequence[TrialRow], by: str, path: str | os.PathLike) ->
     return _save(figure, axes, path)
 
 
+def reachable_points(row: TrialRow) -> list[tuple[float, float]]:
+    """A trial's (radius, test certified accuracy) up to its :attr:`TrialRow.reach`: beyond
+    it the accuracy is 0 because of n, not of the model."""
+    return [(radius, value) for radius, value in row.accuracy.items()
+            if radius <= row.reach + 1e-9]
+
+
 def plot_curves(rows: Sequence[TrialRow], path: str | os.PathLike) -> Path:
     """Save certified accuracy over radius as a PNG, one line per certified trial labelled
-    with its name and searched values."""
+    with its name and searched values, each up to the radius its n can certify (the nearest
+    such limit marked)."""
     kept, _ = plottable(rows)
     if not kept:
         raise CadisError("no certified trial to plot")
     figure, axes = _figure(width=6.0)
     for row in _started(kept):
-        axes.plot(list(row.accuracy), list(row.accuracy.values()), marker="o",
-                  label=row.label, clip_on=False)
+        points = reachable_points(row)
+        axes.plot([r for r, _ in points], [a for _, a in points], marker="o", label=row.label,
+                  clip_on=False)
+    nearest = min(kept, key=lambda row: row.reach)
+    if math.isfinite(nearest.reach):
+        axes.axvline(nearest.reach, color="0.4", linestyle=":", linewidth=1,
+                     label=f"n={nearest.params['certify.n']} certifies r ≤ {nearest.reach:.2f}")
     axes.set_xlabel("radius (l2)")
     axes.set_xlim(left=0.0)
     axes.set_title("certified accuracy vs radius")
