@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -18,6 +18,17 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError:
         raise CadisError(f"--set {key}: cannot parse value {raw!r}") from None
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """Every ``key=value`` item parsed by :func:`parse_override`, in order. A key given twice
+    is refused: which of its values was meant would be a guess."""
+    parsed = [parse_override(item) for item in items]
+    keys = [key for key, _ in parsed]
+    twice = next((key for index, key in enumerate(keys) if key in keys[:index]), None)
+    if twice is not None:
+        raise CadisError(f"--set {twice}: given more than once; give each key once")
+    return parsed
 
 
 def coerce_like(key: str, value: Any, current: Any) -> Any:
