@@ -387,7 +387,7 @@ def test_raycluster_manifest():
     assert cluster["apiVersion"] == "ray.io/v1"
     _check_ray_cluster_spec(cluster["spec"])
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    assert "cadis-shared" in claims
+    assert "cadis-shared" not in claims  # shared-volume.yaml holds it (tests/test_manifests.py)
 
 
 def test_rayjob_manifest():
@@ -438,6 +438,6 @@ def test_nothing_binds_all_interfaces_except_commented_pod_listeners():
 def test_readme_covers_every_file():
     readme = (CLUSTER / "README.md").read_text()
     for name in ("cadis-cluster", "launcher.yaml", "raycluster.yaml", "rayjob.yaml",
-                 "mlflow.yaml", "Dockerfile", "RAY_AUTH_MODE", "ray job submit", "ray up",
-                 "kubectl apply"):
+                 "shared-volume.yaml", "mlflow.yaml", "Dockerfile", "RAY_AUTH_MODE",
+                 "ray job submit", "ray up", "kubectl apply"):
         assert name in readme, name
