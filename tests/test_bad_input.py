@@ -85,6 +85,11 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def _already_a_sweep(inputs: Inputs) -> list[str]:
     (inputs.tmp / "results").mkdir()
     (inputs.tmp / "results" / "sweep.json").write_text("{}")
@@ -168,6 +173,19 @@ CASES: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
     ("certify-data-missing",
      lambda i: i.certify("--dataset", "fashion-mnist", "--data-root", str(i.tmp)),
      "Fashion-MNIST not found in"),
+    ("certify-out-inside-a-file",
+     lambda i: ["certify", "--models", str(i.models), *QUICK_CERTIFY,
+                "--out", str(i.a_file() / "run")],
+     "--out: "),
+    ("train-out-inside-a-file",
+     lambda i: [*i.train(), "--out", str(i.a_file() / "out")], "--out: "),
+    ("pretrain-out-inside-a-file",
+     lambda i: ["pretrain", "--dataset", "digits", "--out", str(i.a_file() / "out"),
+                "--quiet", "--set", "classifier.model_args={patch_size: 4}"],
+     "--out: "),
+    ("analyze-a-file-that-is-not-records",
+     lambda i: ["analyze", str(_write_bytes(i.tmp / "plot.png", b"\x89PNG\r\n\x1a\n"))],
+     "plot.png is not a records file"),
     ("checkpoint-truncated", lambda i: i.checkpoint("truncated"),
      "has no readable trained.safetensors"),
     ("checkpoint-of-another-architecture", lambda i: i.checkpoint("wider"),
