@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -20,14 +20,19 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise CadisError(f"--set {key}: cannot parse value {raw!r}") from None
 
 
-def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
-    """Every ``key=value`` item parsed by :func:`parse_override`, in order. A key given twice
-    is refused: which of its values was meant would be a guess."""
+def parse_overrides(items: Sequence[str],
+                    setting: Callable[[str], str] = lambda key: key) -> list[tuple[str, Any]]:
+    """Every ``key=value`` item parsed by :func:`parse_override`, in order. A setting given
+    twice is refused: which of its values was meant would be a guess. ``setting`` maps a key
+    to the setting it writes, where two spellings write the same one (``lr``, ``base.lr``)."""
     parsed = [parse_override(item) for item in items]
-    keys = [key for key, _ in parsed]
-    twice = next((key for index, key in enumerate(keys) if key in keys[:index]), None)
-    if twice is not None:
-        raise CadisError(f"--set {twice}: given more than once; give each key once")
+    seen: dict[str, str] = {}
+    for key, _ in parsed:
+        name = setting(key)
+        if name in seen:
+            also = "" if seen[name] == key else f" (also as {seen[name]})"
+            raise CadisError(f"--set {key}: given more than once{also}; give each key once")
+        seen[name] = key
     return parsed
 
 

@@ -144,6 +144,8 @@ CASES: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
      "num_trials must be an integer, got 'many'"),
     ("set-duplicated-key", lambda i: i.sweep("--set", "lambda=1", "--set", "lambda=2"),
      "--set lambda: given more than once"),
+    ("set-one-setting-spelt-twice", lambda i: i.sweep("--set", "lr=1e-3", "--set", "base.lr=2e-3"),
+     "--set base.lr: given more than once (also as lr)"),
     ("set-unknown-nested-key", lambda i: i.sweep("--set", "scheduler.grace=1"),
      "unknown key 'scheduler.grace'"),
     ("set-unknown-base-nested-key", lambda i: i.sweep("--set", "base.certify.speed=2"),

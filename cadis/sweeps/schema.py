@@ -305,9 +305,18 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """
     data = dict(load_sweep_file(path))
     data.setdefault("name", Path(path).stem)
-    for key, value in parse_overrides(overrides):
+    for key, value in parse_overrides(overrides, _overridden_setting):
         _apply_override(data, key, value)
     return sweep_from_mapping(data)
+
+
+def _overridden_setting(key: str) -> str:
+    """The setting a ``--set`` key writes, as :func:`_apply_override` routes it: a bare base
+    key is ``base.KEY``."""
+    head = key.partition(".")[0]
+    if head == "base" or head in SECTIONS or key in TOP_LEVEL_KEYS or head not in _base_keys():
+        return key
+    return f"base.{key}"
 
 
 def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
