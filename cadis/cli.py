@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from cadis.errors import EXIT_USAGE, CadisError
-from cadis.files import atomic_write_text
+from cadis.files import atomic_write_text, check_creatable_folder
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None):  # an --out that cannot be made fails before any work
+            check_creatable_folder(args.out, "--out")
         args.handler(args)
     except CadisError as error:
         print(f"cadis: error: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -293,14 +294,19 @@ def _fashion_mnist(split: str, root, augment: str, download: bool) -> ImageTenso
 
 
 def _torchvision_download(class_name: str, directory: Path, split: str) -> None:
-    """Try torchvision's downloader; stay silent on failure (the caller reports what is missing)."""
+    """Try torchvision's downloader; stay silent on failure (the caller reports what is
+    missing), leaving no folder behind that the failed download made."""
     import torchvision.datasets
 
+    # torchvision makes the root and (Fashion-MNIST) a folder of the class's name below it.
+    made = next((folder for folder in (directory, directory / class_name)
+                 if not folder.exists()), None)
     try:
         getattr(torchvision.datasets, class_name)(str(directory), train=split == "train",
                                                   download=True)
     except (OSError, RuntimeError, ValueError):
-        pass
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def _cifar10(split: str, root, augment: str, download: bool) -> ImageTensorDataset:

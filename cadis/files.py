@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from cadis.errors import CadisError
+
 # mkstemp makes files only their owner can read; results get ordinary permissions.
 RESULT_FILE_MODE: Final = 0o644
 RESULT_FOLDER_MODE: Final = 0o755
@@ -61,3 +63,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_creatable_folder(path: str | os.PathLike, key: str) -> None:
+    """Raise :class:`CadisError` (one line naming ``key``) unless ``path`` is a writable folder
+    or one that can be made: its nearest existing ancestor is a writable folder. Creates
+    nothing, so a check that fails (or a dry run) leaves no trace."""
+    path = Path(path).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, a file"
+        raise CadisError(f"{key}: {path} {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CadisError(f"{key}: cannot create {path}: {existing} is not writable")

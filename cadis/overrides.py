@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -18,6 +18,22 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError:
         raise CadisError(f"--set {key}: cannot parse value {raw!r}") from None
+
+
+def parse_overrides(items: Sequence[str],
+                    setting: Callable[[str], str] = lambda key: key) -> list[tuple[str, Any]]:
+    """Every ``key=value`` item parsed by :func:`parse_override`, in order. A setting given
+    twice is refused: which of its values was meant would be a guess. ``setting`` maps a key
+    to the setting it writes, where two spellings write the same one (``lr``, ``base.lr``)."""
+    parsed = [parse_override(item) for item in items]
+    seen: dict[str, str] = {}
+    for key, _ in parsed:
+        name = setting(key)
+        if name in seen:
+            also = "" if seen[name] == key else f" (also as {seen[name]})"
+            raise CadisError(f"--set {key}: given more than once{also}; give each key once")
+        seen[name] = key
+    return parsed
 
 
 def coerce_like(key: str, value: Any, current: Any) -> Any:

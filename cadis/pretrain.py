@@ -30,7 +30,7 @@ from cadis.finetuning.schedule import warmup_cosine
 from cadis.models.classifier import Classifier, count_parameters, load_classifier, save_classifier
 from cadis.models.denoiser import load_denoiser, save_denoiser
 from cadis.models.sources import CLASSIFIER_DIR, DENOISER_DIR, MANIFEST
-from cadis.overrides import coerce_like, parse_override
+from cadis.overrides import coerce_like, parse_overrides
 from cadis.progress import progress_bar
 from cadis.smoothing.denoise import OneShotDenoiser, timestep_for_sigma, to_diffusion_space
 
@@ -94,8 +94,7 @@ class PretrainConfig:
 def apply_overrides(config: PretrainConfig, overrides: list[str]) -> PretrainConfig:
     """Apply ``key=value`` overrides (dotted keys, values parsed as YAML) to a copy of ``config``."""
     data = dataclasses.asdict(config)
-    for item in overrides:
-        key, value = parse_override(item)
+    for key, value in parse_overrides(overrides):
         *parents, leaf = key.split(".")
         node = data
         for part in parents:

@@ -28,6 +28,13 @@ def make_scheduler():
                          prediction_type="epsilon")
 
 
+def set_flags(*items: str) -> list[str]:
+    """``--set`` flags for ``key=value`` items, a later item replacing an earlier one of the
+    same key (cadis refuses a key given twice): test defaults, then a test's own values."""
+    chosen = {item.partition("=")[0]: item for item in items}
+    return [flag for item in chosen.values() for flag in ("--set", item)]
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory):
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ to move to conftest.py unchanged when other tests need a cluster.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -143,6 +144,42 @@ def _cluster_processes(state_dir: Path, session_ids: set[int]) -> list[str]:
     return found
 
 
+# The kernel's tables of TCP sockets (this network namespace) and the LISTEN state's code.
+SOCKET_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+TCP_LISTEN = "0A"
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses that sockets LISTENing on ``port`` are bound to, read from the
+    kernel's socket tables (what ``ss -ltn`` shows): ``0.0.0.0`` or ``::`` is every
+    interface."""
+    found = set()
+    for table in SOCKET_TABLES:
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if fields[3] != TCP_LISTEN or int(port_hex, 16) != port:
+                continue
+            # Each 32-bit word is stored in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1]
+                           for i in range(0, len(address), 8))
+            found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def test_the_socket_table_reader_sees_a_loopback_and_an_any_listener():
+    # What the cluster test below relies on, on sockets of its own.
+    with socket.socket() as loopback, socket.socket() as anywhere:
+        loopback.bind(("127.0.0.1", 0))
+        anywhere.bind(("0.0.0.0", 0))
+        loopback.listen()
+        anywhere.listen()
+        assert _listening_addresses(loopback.getsockname()[1]) == {"127.0.0.1"}
+        assert _listening_addresses(anywhere.getsockname()[1]) == {"0.0.0.0"}
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(2)
@@ -230,6 +267,12 @@ def test_local_cluster_runs_a_job_serves_mlflow_and_stops_clean(local_cluster, t
     # MLflow on loopback.
     with urllib.request.urlopen(cluster.mlflow_uri + "/health", timeout=30) as response:
         assert response.status == 200
+    # Every server the script binds listens on loopback only, as the kernel's socket table
+    # shows (Ray's own gRPC ports listen on all interfaces: cluster/README.md says so).
+    for url in (cluster.dashboard_url, cluster.mlflow_uri):
+        addresses = _listening_addresses(int(url.rsplit(":", 1)[1]))
+        assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses), \
+            (url, addresses)
 
     # status answers; a second start refuses in one line and leaves the cluster running.
     status = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True,
@@ -387,7 +430,7 @@ def test_raycluster_manifest():
     assert cluster["apiVersion"] == "ray.io/v1"
     _check_ray_cluster_spec(cluster["spec"])
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    assert "cadis-shared" in claims
+    assert "cadis-shared" not in claims  # shared-volume.yaml holds it (tests/test_manifests.py)
 
 
 def test_rayjob_manifest():
@@ -438,6 +481,6 @@ def test_nothing_binds_all_interfaces_except_commented_pod_listeners():
 def test_readme_covers_every_file():
     readme = (CLUSTER / "README.md").read_text()
     for name in ("cadis-cluster", "launcher.yaml", "raycluster.yaml", "rayjob.yaml",
-                 "mlflow.yaml", "Dockerfile", "RAY_AUTH_MODE", "ray job submit", "ray up",
-                 "kubectl apply"):
+                 "shared-volume.yaml", "mlflow.yaml", "Dockerfile", "RAY_AUTH_MODE",
+                 "ray job submit", "ray up", "kubectl apply"):
         assert name in readme, name

@@ -108,3 +108,43 @@ def test_the_proxy_from_stored_draws_equals_the_proxy_denoised_live(tiny_models_
     config.proxy_store = str(store.folder)
     stored = _evaluate(classifier, denoiser, dataset, validation, config, sources, 10, 8)
     assert stored == live and "proxy_acr" in stored
+
+
+def test_a_non_finite_loss_stops_training_before_the_optimizer_steps(tiny_models_dir, tmp_path):
+    from cadis.errors import CadisError
+    from cadis.finetuning.fit import LocalSession
+    from cadis.finetuning.loop import NonFiniteLoss, train_loop
+
+    # An lr of 1e30 makes the first step's weights enormous: the second step's loss is not
+    # finite. Deterministic: the seed fixes the data order and the noise.
+    config = from_mapping({"models": str(tiny_models_dir), "epochs": 2, "max_steps_per_epoch": 3,
+                           "batch_size": 4, "effective_batch_size": 4, "val_images": 20,
+                           "proxy_images": 4, "proxy_n": 10, "proxy_n0": 4, "warmup_steps": 0,
+                           "lr": 1e30})
+    session = LocalSession(tmp_path, torch.device("cpu"), resume=False)
+    with pytest.raises(NonFiniteLoss) as stopped:
+        train_loop(config, session, progress=False)
+    message = str(stopped.value)
+    assert isinstance(stopped.value, CadisError) and "\n" not in message
+    assert message.startswith("epoch 1, step 2: the loss is nan (")
+    assert "selective cross-entropy (SCE) = nan" in message
+    assert "training stopped before the optimizer step" in message
+    assert not session.checkpoints.exists()  # the epoch never ended: no checkpoint of it
+
+
+@pytest.mark.parametrize("logged, named, unnamed", [
+    ({"loss": float("nan"), "sce": float("nan"), "madv": 0.5},
+     ["selective cross-entropy (SCE) = nan"], "MAdv"),
+    ({"loss": float("inf"), "sce": 0.5, "madv": float("inf")},
+     ["adversarial (MAdv) = inf"], "SCE"),
+    ({"loss": float("nan"), "sce": float("inf"), "madv": float("nan")},
+     ["selective cross-entropy (SCE) = inf", "adversarial (MAdv) = nan"], None),
+])
+def test_the_error_names_each_term_that_went_non_finite(logged, named, unnamed):
+    from cadis.finetuning.loop import NonFiniteLoss, check_finite_loss
+
+    check_finite_loss({"loss": 1.0, "sce": 0.5, "madv": 0.5}, 1, 1)  # finite: nothing raised
+    with pytest.raises(NonFiniteLoss, match="^epoch 3, step 17: ") as stopped:
+        check_finite_loss(logged, 3, 17)
+    assert all(name in str(stopped.value) for name in named)
+    assert unnamed is None or unnamed not in str(stopped.value)

@@ -8,6 +8,7 @@ import torch
 from cadis.cli import main
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
+from tests.conftest import set_flags
 
 TINY_RECIPE = [
     "classifier.epochs=8", "classifier.augment=none", "classifier.lr=3e-3",
@@ -18,10 +19,8 @@ TINY_RECIPE = [
 
 
 def _pretrain(out, *extra, flags=()):
-    args = ["pretrain", "--dataset", "digits", "--out", str(out), "--quiet", *flags]
-    for item in (*TINY_RECIPE, *extra):
-        args += ["--set", item]
-    return main(args)
+    return main(["pretrain", "--dataset", "digits", "--out", str(out), "--quiet", *flags,
+                 *set_flags(*TINY_RECIPE, *extra)])
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,15 @@ BAD_CASES = [
     pytest.param(with_changes(resources={"cpus_per_worker": -1}),
                  "resources.cpus_per_worker must be a number >= 0", id="negative-cpus"),
     pytest.param(with_changes(base={"lr": -1}), "base: lr must be", id="bad-base-value"),
+    pytest.param(with_changes(base={"method": "denoised_ce"}),
+                 "search.lambda: searches nothing: every trial runs method denoised_ce, which "
+                 "ignores lambda (it has no adversarial loss)", id="lambda-under-denoised-ce"),
+    pytest.param(with_changes(base={"method": "denoised_ce"},
+                              search={"epsilon": {"choice": [0.1, 0.25]}}),
+                 "search.epsilon: searches nothing", id="epsilon-under-denoised-ce"),
+    pytest.param(with_changes(search={"method": {"grid": ["denoised_ce"]},
+                                      "attack_steps": {"choice": [1, 2]}}),
+                 "search.attack_steps: searches nothing", id="searched-method-ignores-it"),
     pytest.param(with_changes(certify={"final": {"alpha": 2}}),
                  "certify.final.alpha must be a number strictly between 0 and 1",
                  id="bad-certify-value"),
@@ -207,6 +216,18 @@ def test_bad_sweep_is_one_line_naming_the_key(tmp_path, data, expected):
 
 
 # ---------------------------------------------------------------------------- good files
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param({"search": {"method": {"grid": ["ft_cadis", "denoised_ce"]},
+                             "lambda": {"uniform": [0.5, 8]}}}, id="some-trials-use-it"),
+    pytest.param({"base": {"method": "denoised_ce"},
+                  "search": {"variant": {"grid": [{"method": "ft_cadis"}, {"lr": 1e-4}]},
+                             "confidence_threshold": {"choice": [0.5, "argmax"]}}},
+                 id="a-variant-uses-it"),
+])
+def test_a_key_searched_where_some_trial_uses_it_is_accepted(changes):
+    assert sweep_from_mapping(with_changes(**changes)).search
 
 
 def test_minimal_sweep_resolves_defaults(tmp_path):

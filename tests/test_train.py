@@ -9,6 +9,7 @@ import torch
 from cadis.cli import main
 from cadis.errors import CadisError
 from cadis.finetuning.config import from_mapping
+from tests.conftest import set_flags
 
 # A few steps on digits with the tiny untrained models of conftest: exercises every stage.
 TINY = ["epochs=1", "max_steps_per_epoch=2", "batch_size=4", "effective_batch_size=8",
@@ -18,10 +19,8 @@ TINY = ["epochs=1", "max_steps_per_epoch=2", "batch_size=4", "effective_batch_si
 
 
 def _train(models, out, *extra, flags=()):
-    args = ["train", "sweeps/default.yaml", "--out", str(out), "--quiet", *flags]
-    for item in (f"models={models}", *TINY, *extra):
-        args += ["--set", item]
-    return main(args)
+    return main(["train", "sweeps/default.yaml", "--out", str(out), "--quiet", *flags,
+                 *set_flags(f"models={models}", *TINY, *extra)])
 
 
 @pytest.mark.parametrize("override,message", [

@@ -22,7 +22,7 @@ from cadis.finetuning.train_draws import (
 from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.smoothing.draws import STORE_META
 from cadis.sweeps.schema import sweep_from_mapping
-from tests.conftest import make_scheduler, make_tiny_unet
+from tests.conftest import make_scheduler, make_tiny_unet, set_flags
 from tests.test_train import TINY
 
 SIGMA = 0.25
@@ -165,11 +165,9 @@ def test_train_from_stored_draws_never_denoises_in_a_step(tiny_models_dir, tmp_p
     original = loop.denoise_draws
     monkeypatch.setattr(loop, "denoise_draws", lambda *args: live.append(1) or original(*args))
     def train(out, *extra):
-        args = ["train", "sweeps/default.yaml", "--out", str(out), "--quiet"]
-        for item in (f"models={tiny_models_dir}", *TINY, "max_train_images=40",
-                     "certify.max_images=1", *extra):
-            args += ["--set", item]
-        return main(args)
+        return main(["train", "sweeps/default.yaml", "--out", str(out), "--quiet",
+                     *set_flags(f"models={tiny_models_dir}", *TINY, "max_train_images=40",
+                                "certify.max_images=1", *extra)])
 
     out = tmp_path / "out"
     assert train(out, "train_draws=3") == 0

@@ -29,7 +29,7 @@ from cadis.finetuning.losses import (
 )
 from cadis.models.devices import DEVICES
 from cadis.models.sources import ModelSources
-from cadis.overrides import coerce_like, parse_override
+from cadis.overrides import coerce_like, parse_overrides
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import PRECISION_CHOICES, resolve_precision
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
@@ -240,7 +240,7 @@ def from_mapping(base: dict[str, Any], overrides: list[str] = ()) -> TrainConfig
     values = dict(defaults)
     certify = dict(defaults["certify"])
     items = [(key, value) for key, value in (base or {}).items()]
-    items += [parse_override(item) for item in overrides]
+    items += parse_overrides(overrides)
     for key, value in items:
         if key.startswith("certify.") or key == "certify":
             updates = value if key == "certify" else {key.split(".", 1)[1]: value}

@@ -17,6 +17,7 @@ With ``train_draws`` set, the draws come from a store denoised once
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -57,6 +58,27 @@ from cadis.smoothing.records import (
 )
 from cadis.smoothing.smooth import Smooth, default_batch_size, image_generators
 from cadis.tracking.contract import PROXY_ACR, PROXY_PREFIX
+
+
+# The loss terms a micro-step logs, by the names an error about them uses.
+LOSS_TERMS = {"sce": "selective cross-entropy (SCE)", "madv": "adversarial (MAdv)"}
+
+
+class NonFiniteLoss(CadisError):
+    """Training stopped: a loss went NaN or infinite. Stepping on it would write non-finite
+    weights into every later checkpoint (the reference code stops too)."""
+
+
+def check_finite_loss(logged: dict[str, float], epoch: int, step: int) -> None:
+    """Raise :class:`NonFiniteLoss` naming the epoch, the optimizer step and the terms that
+    are not finite, when the micro-step's loss is not; called before the optimizer steps."""
+    if math.isfinite(logged["loss"]) and all(math.isfinite(logged[key]) for key in LOSS_TERMS):
+        return
+    bad = [f"{name} = {logged[key]}" for key, name in LOSS_TERMS.items()
+           if not math.isfinite(logged[key])]
+    raise NonFiniteLoss(f"epoch {epoch}, step {step}: the loss is {logged['loss']} ("
+                        f"{', '.join(bad) or 'its terms are finite'}); training stopped before "
+                        "the optimizer step: lower lr, or check the data and models")
 
 
 class Session(Protocol):
@@ -168,6 +190,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
                 with sync:
                     logged = _micro_step(denoised, labels, model, attacked_model, scorer, config,
                                          loss_config, amp)
+                check_finite_loss(logged, epoch + 1, state.global_step + 1)
                 for key, value in logged.items():
                     sums[key] = sums.get(key, 0.0) + value
             optimizer.step()

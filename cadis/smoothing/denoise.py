@@ -33,6 +33,12 @@ def noise_level(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(1.0 - alphas_cumprod) / torch.sqrt(alphas_cumprod)
 
 
+def max_sigma(alphas_cumprod: torch.Tensor) -> float:
+    """The largest sigma ([0, 1] units) the schedule can denoise: its last noise level, set by
+    its last cumulative product, over the factor 2 of the [-1, 1] space."""
+    return noise_level(alphas_cumprod)[-1].item() / DIFFUSION_SCALE
+
+
 def timestep_for_sigma(alphas_cumprod: torch.Tensor, sigma: float) -> int:
     """The first timestep whose noise level reaches 2*sigma (noise std sigma in [0, 1] units).
 
@@ -46,7 +52,7 @@ def timestep_for_sigma(alphas_cumprod: torch.Tensor, sigma: float) -> int:
     reached = torch.nonzero(levels >= DIFFUSION_SCALE * sigma)
     if len(reached) == 0:
         raise CadisError(f"sigma {sigma} is beyond the denoiser's schedule (its largest noise "
-                         f"level is sigma = {levels[-1].item() / DIFFUSION_SCALE:.3f})")
+                         f"level is sigma = {max_sigma(alphas_cumprod):.3f})")
     return int(reached[0])
 
 

@@ -175,10 +175,16 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise CadisError(f"no records file at {path}")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise CadisError(f"{path} is not a records file (not text)") from None
     # The last piece is "" after a final newline, else a line cut short: dropped either way.
     complete = lines[:-1]
     if not complete:
+        # A header cut short by a crash holds no records; anything else is another file.
+        if not any(header.startswith(lines[0]) for header in HEADERS):
+            raise CadisError(f"{path} is not a records file (it starts {lines[0][:40]!r})")
         return []
     columns = HEADERS.get(complete[0])
     if columns is None:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cadis.errors import CadisError, first_line
-from cadis.files import atomic_write_text
+from cadis.files import atomic_write_text, check_creatable_folder
 from cadis.finetuning.config import portable_config
 from cadis.sweeps.layout import (
     STATE_FILE,
@@ -33,6 +33,7 @@ from cadis.sweeps.layout import (
     trained_file,
     trial_certify_dir,
 )
+from cadis.sweeps.preflight import check_searched_sigma
 from cadis.sweeps.schema import (
     TRIAL_DRIVER_CPUS,
     VARIANT_KEY,
@@ -72,6 +73,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
 
     Every check that can fail on input runs before a trial starts or an MLflow run opens:
     the file, the models and data of the base, the tracking store and the cluster's resources.
+    A dry run runs them all but the cluster's, creating nothing.
     """
     if stop_after is not None and stop_after not in STOP_AFTER:
         raise CadisError(f"--stop-after must be one of {', '.join(STOP_AFTER)}, "
@@ -80,18 +82,22 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     path = Path(path).absolute()
     sweep = load_sweep(path, overrides)
     print(describe(sweep), flush=True)
-    warm = _load_warm_start(warm_start, sweep, resume)
-    if dry_run:
-        return
     # Trials run in folders of their own (Tune's working directory per trial), perhaps on
     # other machines: the paths of models and data must not depend on this directory.
     sweep.base = portable_config(sweep.base)
     results = Path(sweep.results_dir).absolute()
+    check_creatable_folder(results, "results_dir")
     fingerprint = _fingerprint(sweep)
     state = _check_results_dir(results, fingerprint, resume)
+    # A dry run refuses what the real run would refuse before its first trial (it creates
+    # nothing: neither the results folder nor the tracking store's).
     _preflight_trials(sweep)
+    check_searched_sigma(sweep)
     uri = sweep.tracking_uri()
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, create=not dry_run)
+    warm = _load_warm_start(warm_start, sweep, resume)
+    if dry_run:
+        return
 
     import ray
 

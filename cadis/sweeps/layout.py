@@ -15,8 +15,11 @@ writer::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Final
+
+from cadis.errors import CadisError
 
 STATE_FILE: Final = "sweep.json"
 SWEEP_FILE_COPY: Final = "sweep.yaml"
@@ -31,18 +34,31 @@ DRAWS_DIR: Final = "draws"
 # The per-epoch time axis of ASHA and MLflow's step: an epoch survives resume, Tune's
 # iteration count does not.
 EPOCH: Final = "epoch"
+# A trial id names a folder under results_dir. Tune's ids fit this; an id that does not (one
+# read back from an edited MLflow tag, say) could climb out of the results folder.
+TRIAL_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def trial_folder(results: str | Path, trial_id: str) -> Path:
+    """``results/trials/<trial_id>``; :class:`CadisError` for an id that is not one plain
+    folder name (a ``/``, a leading ``.``, so no ``..``): nothing is written outside
+    ``results``."""
+    if not isinstance(trial_id, str) or not TRIAL_ID_PATTERN.fullmatch(trial_id):
+        raise CadisError(f"trial id {trial_id!r} is not a plain folder name (letters, digits, "
+                         f"'.', '_', '-'): refusing to write outside {results}")
+    return Path(results) / TRIALS_DIR / trial_id
 
 
 def trial_certify_dir(results: str | Path, trial_id: str) -> Path:
     """Where a finalist's final stage (test) writes its records, summary and plot."""
-    return Path(results) / TRIALS_DIR / trial_id / CERTIFY_DIR
+    return trial_folder(results, trial_id) / CERTIFY_DIR
 
 
 def trial_rank_dir(results: str | Path, trial_id: str) -> Path:
     """Where a trial's rank stage (validation) writes its records, summary and plot."""
-    return Path(results) / TRIALS_DIR / trial_id / RANK_DIR
+    return trial_folder(results, trial_id) / RANK_DIR
 
 
 def trained_file(results: str | Path, trial_id: str) -> Path:
     """Where a trained trial names its last checkpoint and config."""
-    return Path(results) / TRIALS_DIR / trial_id / TRAINED_FILE
+    return trial_folder(results, trial_id) / TRAINED_FILE

@@ -49,7 +49,7 @@ from cadis.finetuning.config import (
     from_mapping,
     load_sweep_file,
 )
-from cadis.overrides import parse_override
+from cadis.overrides import parse_overrides
 from cadis.smoothing.bounds import CertificationParameters, draws_needed, max_certifiable_radius
 from cadis.smoothing.records import radius_key
 from cadis.smoothing.sequential import draws_to_reach
@@ -79,6 +79,16 @@ NOT_SEARCHABLE = {
     "train_store": "the sweep makes its training draws; set train_draws in base",
     "proxy_store": "the sweep makes the proxy's draws",
 }
+# Base keys a method ignores, and why: searching one while every trial runs that method
+# searches nothing (denoised_ce forces tau = 0 and lambda = 0: no selection, no attack).
+IGNORED_BY_METHOD = {
+    "denoised_ce": {
+        "confidence_threshold": "it trains on every draw (tau = 0)",
+        "lambda": "it has no adversarial loss",
+        "epsilon": "it runs no attack",
+        "attack_steps": "it runs no attack",
+    },
+}
 # Integer ranges up to this many values are validated value by value (base checks such as
 # effective_batch_size % batch_size are not intervals); wider ones by their bounds.
 MAX_ENUMERATED_INTS = 1024
@@ -99,7 +109,8 @@ METRIC_FORMS = (f"{FINAL_ACCURACY_PREFIX}<radius>, {FINAL_ACR}, {PROXY_PREFIX}<r
 # 0.5-CPU workers share two 1-CPU nodes (docs/design.md).
 TRIAL_DRIVER_CPUS = 0.25
 SWEEPS_DIR = "runs/sweeps"
-# The name becomes a folder and an MLflow experiment: nothing that needs quoting.
+# The name becomes a folder and an MLflow experiment: nothing that needs quoting, and no path
+# (no '/', and no leading '.': '..' cannot climb out of runs/sweeps).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 SEARCHER_OPTUNA = "optuna"
@@ -294,13 +305,21 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """
     data = dict(load_sweep_file(path))
     data.setdefault("name", Path(path).stem)
-    for item in overrides:
-        _apply_override(data, item)
+    for key, value in parse_overrides(overrides, _overridden_setting):
+        _apply_override(data, key, value)
     return sweep_from_mapping(data)
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    key, value = parse_override(item)
+def _overridden_setting(key: str) -> str:
+    """The setting a ``--set`` key writes, as :func:`_apply_override` routes it: a bare base
+    key is ``base.KEY``."""
+    head = key.partition(".")[0]
+    if head == "base" or head in SECTIONS or key in TOP_LEVEL_KEYS or head not in _base_keys():
+        return key
+    return f"base.{key}"
+
+
+def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     head, _, rest = key.partition(".")
     if head == "base" and rest:
         data["base"] = {**_mapping_or_empty("base", data.get("base")), rest: value}
@@ -371,8 +390,9 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
         raise CadisError(f"mlflow.tracking_uri must be a URI such as http://127.0.0.1:5000, or "
                          f"null for $MLFLOW_TRACKING_URI or the local SQLite store; got {tracking_uri!r}")
     experiment = mlflow.get("experiment", name)
-    if not isinstance(experiment, str) or not experiment:
-        raise CadisError(f"mlflow.experiment must be a non-empty string, got {experiment!r}")
+    if not isinstance(experiment, str) or not NAME_PATTERN.fullmatch(experiment):
+        raise CadisError(f"mlflow.experiment must be letters, digits, '.', '_' or '-' starting "
+                         f"with a letter or digit (no path), got {experiment!r}")
     results_dir = data.get("results_dir", f"{SWEEPS_DIR}/{name}")
     if not isinstance(results_dir, str) or not results_dir:
         raise CadisError(f"results_dir must be a folder path, got {results_dir!r}")
@@ -569,6 +589,7 @@ def _parse_search(spec: Any, base: TrainConfig) -> dict[str, Distribution]:
             _check_variants(distribution, search, base_values)
         else:
             _check_values(key, distribution, base_values)
+    _check_searched_keys_matter(search, base)
     if not any(d.kind == "grid" for d in search.values()):
         # Optuna's categorical distribution holds only scalars; Tune's grid holds anything.
         for key, distribution in search.items():
@@ -578,6 +599,25 @@ def _parse_search(spec: Any, base: TrainConfig) -> dict[str, Distribution]:
                 raise CadisError(f"search.{key}: choice takes numbers, strings, booleans or null "
                                  "(Optuna's categories); use grid for lists and mappings")
     return search
+
+
+def _check_searched_keys_matter(search: Mapping[str, Distribution], base: TrainConfig) -> None:
+    """Refuse a searched key that every trial's method ignores (:data:`IGNORED_BY_METHOD`):
+    its trials would differ in a name only."""
+    method = search.get("method")
+    variants = search.get(VARIANT_KEY)
+    if method is not None:
+        methods = set(method.values)
+    elif variants is not None:
+        methods = {variant.get("method", base.method) for variant in variants.values}
+    else:
+        methods = {base.method}
+    for key in search:
+        reasons = [IGNORED_BY_METHOD.get(name, {}).get(key) for name in sorted(methods)]
+        if all(reasons):
+            raise CadisError(f"search.{key}: searches nothing: every trial runs method "
+                             f"{', '.join(sorted(methods))}, which ignores {key} ({reasons[0]}); "
+                             f"search it with method ft_cadis or leave it out of search")
 
 
 def _parse_distribution(key: str, spec: Any) -> Distribution:
@@ -659,7 +699,7 @@ def _check_variants(distribution: Distribution, search: Mapping[str, Distributio
             raise CadisError(f"{where}: {error}") from None
 
 
-def _largest(search: Mapping[str, Distribution], base: TrainConfig, key: str) -> float:
+def largest_value(search: Mapping[str, Distribution], base: TrainConfig, key: str) -> float:
     """The largest value of a numeric base key over every trial of the search."""
     base_value = base.to_dict()[key]
     distribution = search.get(key)
@@ -700,8 +740,8 @@ def _check_reachable(where: str, metric: str, sweep_search: Mapping[str, Distrib
     accuracy 0 in every trial: refuse it, naming the n it needs. A final metric is measured
     by the rank stage (the objective), the final stage and, per epoch, the proxy: all three
     must reach its radius."""
-    sigma = _largest(sweep_search, base, "sigma")
-    proxy = (int(_largest(sweep_search, base, "proxy_n")), base.proxy_alpha, "proxy_n")
+    sigma = largest_value(sweep_search, base, "sigma")
+    proxy = (int(largest_value(sweep_search, base, "proxy_n")), base.proxy_alpha, "proxy_n")
     if metric.startswith(PROXY_PREFIX):
         radius = float(metric[len(PROXY_PREFIX):])
         counts = [proxy]
@@ -789,7 +829,7 @@ def _parse_scheduler(section: dict[str, Any], objectives: Sequence[Objective],
     if not reduction_factor > 1:
         raise CadisError(f"scheduler.reduction_factor must be > 1 (ASHA keeps 1/factor of the "
                          f"trials at each rung), got {reduction_factor}")
-    most_epochs = int(_largest(search, base, "epochs"))
+    most_epochs = int(largest_value(search, base, "epochs"))
     max_t = _positive_integer("scheduler.max_t", section.get("max_t", most_epochs),
                               "epochs after which ASHA stops any trial")
     if max_t < most_epochs:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cadis.errors import CadisError
+from cadis.files import check_creatable_folder
 
 # Tags. ``mlflow.parentRunId`` makes the MLflow UI nest trials under their sweep.
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -148,11 +149,12 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return params
 
 
-def check_tracking_uri(uri: str) -> None:
+def check_tracking_uri(uri: str, create: bool = True) -> None:
     """Raise :class:`CadisError` (one line) unless ``uri`` can take runs: an HTTP server must
     answer ``/health`` within :data:`HEALTH_TIMEOUT_SECONDS`; a SQLite file's folder must be
-    creatable. Checked before a sweep starts any trial: MLflow's own client retries an
-    unreachable server for minutes."""
+    creatable (and is created, unless ``create`` is false: a dry run leaves no trace).
+    Checked before a sweep starts any trial: MLflow's own client retries an unreachable
+    server for minutes."""
     if uri.startswith(("http://", "https://")):
         health = uri.rstrip("/") + "/health"
         try:
@@ -167,6 +169,9 @@ def check_tracking_uri(uri: str) -> None:
                              ) from None
     elif uri.startswith(SQLITE_SCHEME):
         folder = Path(uri[len(SQLITE_SCHEME):]).parent
+        if not create:
+            check_creatable_folder(folder, f"MLflow store {uri}")
+            return
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
