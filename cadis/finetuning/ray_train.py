@@ -66,8 +66,10 @@ class RaySession:
 
 
 def ray_train_worker(config_dict: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the TorchTrainer: the same loop inside a Ray worker."""
-    train_loop(from_mapping(config_dict), RaySession(), progress=False)
+    """``train_loop_per_worker`` of the TorchTrainer: the same loop inside a Ray worker. Its
+    rank-0 worker writes progress lines (a worker's output is a log, never a terminal), which
+    Ray forwards to the driver and the job's log, prefixed by the worker."""
+    train_loop(from_mapping(config_dict), RaySession())
 
 
 def build_trainer(config: TrainConfig, name: str, storage: Path, *, cpus_per_worker: float,
