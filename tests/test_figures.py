@@ -189,3 +189,15 @@ def test_compare_writes_the_figures_and_says_what_it_skipped(one_objective, tmp_
     assert "pareto_front.png: one objective" in capsys.readouterr().err
     paths, _ = write_sweep_figures(client, parent, tmp_path / "again")
     assert sorted(path.name for path in paths) == written
+
+
+def test_a_sweep_run_without_a_rank_stage_is_refused_in_one_line(one_objective):
+    from cadis.errors import CadisError
+
+    client, parent = one_objective
+    experiment = client.get_run(parent).info.experiment_id
+    old = client.create_run(experiment, tags={tracking.ROLE_TAG: tracking.ROLE_SWEEP})
+    client.create_run(experiment, tags={tracking.ROLE_TAG: tracking.ROLE_TRIAL,
+                                        tracking.PARENT_RUN_TAG: old.info.run_id})
+    with pytest.raises(CadisError, match="has no param objective"):
+        load_sweep_view(client, old.info.run_id)

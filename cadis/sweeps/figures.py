@@ -138,6 +138,10 @@ def load_sweep_view(client: Any, parent_run_id: str) -> SweepView:
     rows = load_trials(client, sweep_run_id=parent_run_id)
     parent = client.get_run(parent_run_id)
     params = parent.data.params
+    missing = [key for key in REQUIRED_PARAMS if key not in params]
+    if missing:
+        raise CadisError(f"sweep run {parent_run_id} has no param {missing[0]}: it was made "
+                         f"before sweeps had a rank stage, and cannot be drawn")
     objectives = tuple(Objective(*part.split()) for part in params["objective"].split(", "))
     scheduler = None if params.get("scheduler", "none") == "none" else \
         json.loads(params["scheduler"])
@@ -173,6 +177,11 @@ def _certification(name: str, params: Mapping[str, str], prefix: str, images: in
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(float(value))
 
+
+#: What the figures read from a sweep's parent run.
+REQUIRED_PARAMS: Final = ("objective", "base.sigma", *(f"certify.{stage}.{key}" for stage in
+                                                       ("rank", "final")
+                                                       for key in ("n", "n0", "alpha")))
 
 RANGE_PATTERN = re.compile(r"(uniform|loguniform|int) \[([^,\]]+), ([^\]]+)\]")
 
