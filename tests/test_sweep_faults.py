@@ -98,4 +98,5 @@ def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others
     # The driver names the failed trial and its reason.
     assert "1 trial(s) failed; their errors are in" in err
     assert f"  {failed.info.run_name}: {reason}\n" in err
+    assert f"| {failed.info.run_name} | failed |" in out  # the closing table
     assert f"(trial {good.data.tags['cadis.trial_id']}), first by validation" in out
