@@ -43,7 +43,7 @@ from cadis.sweeps.schema import (
     required_per_trial,
     trial_config,
 )
-from cadis.tracking.contract import TRIAL_ID_TAG, check_tracking_uri
+from cadis.tracking.contract import ERROR_ARTIFACT, TRIAL_ID_TAG, check_tracking_uri
 
 if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
@@ -407,8 +407,11 @@ def _search(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent
     if grid.num_terminated + grid.num_errors < sweep.total_trials:
         raise KeyboardInterrupt  # Tune stopped early (a signal it caught): resumable
     if grid.num_errors:
-        print(f"{grid.num_errors} trial(s) failed; their errors are in {results / TUNE_NAME}",
-              file=sys.stderr)
+        # The others went on: the sweep carries on with the trials that ranked.
+        print(f"{grid.num_errors} trial(s) failed; their errors are in {results / TUNE_NAME} "
+              f"and on their MLflow runs ({ERROR_ARTIFACT}):", file=sys.stderr, flush=True)
+        for name, reason in tracker.failures():
+            print(f"  {name}: {reason}", file=sys.stderr, flush=True)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

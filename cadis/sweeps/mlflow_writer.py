@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from cadis.tracking.contract import (
     ACR,
     BEST_PREFIX,
     BEST_TRIAL_TAG,
+    ERROR_ARTIFACT,
+    FAILURE_TAG,
     FINALIST_TAG,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
@@ -65,6 +68,16 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch
 MAX_METRICS_PER_BATCH = 1000
 # What a certified trial's run keeps of its certification folder.
 CERTIFY_ARTIFACTS = ("records.tsv", "summary.json", "certified_accuracy.png")
+# A failure's reason is read in the sweep's last lines: a message longer than this is cut.
+MAX_REASON_CHARS = 1000
+NO_ERROR_TEXT = "Tune kept no error text for this trial"
+# Tune's error file: each attempt's error, after a line "Failure # N (occurred at TIME)".
+ATTEMPT_LINE = re.compile(r"^Failure # \d+ \(occurred at [^)\n]*\)$", re.MULTILINE)
+# A traceback's exception line, unindented: ``package.module.Type: message`` or ``Type``
+# alone (a class name, so capitalised); a Ray wrapper's reads ``RayTaskError(Cause): ...``.
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:\([\w.]+\))?)(?:: (.*))?$")
+# Ray colours the names in its errors for terminals.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class SweepTracker:
@@ -149,6 +162,15 @@ class SweepTracker:
 
     def has_final(self, trial_id: str) -> bool:
         return ACR in self.client.get_run(self.run_of(trial_id)).data.metrics
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(run name, reason) of each of the sweep's trials whose last attempt failed, in the
+        order they started: the reason is the run's :data:`FAILURE_TAG` (runs written before
+        it existed say so)."""
+        failed = [run for run in trial_runs(self.client, self.experiment_id, self.parent_run_id)
+                  if run.data.tags.get(OUTCOME_TAG) == OUTCOME_FAILED]
+        return [(run.info.run_name, run.data.tags.get(FAILURE_TAG, "no reason recorded"))
+                for run in sorted(failed, key=lambda run: run.info.start_time)]
 
     def run_of(self, trial_id: str) -> str:
         for run in trial_runs(self.client, self.experiment_id, self.parent_run_id):
@@ -259,6 +281,10 @@ class MlflowTrialCallback(Callback):
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            # A resumed sweep reruns its failed trials: the old reason no longer holds (the
+            # old error text stays, in error.txt, with the attempt that failed).
+            if FAILURE_TAG in found[0].data.tags:
+                self.client.delete_tag(run_id, FAILURE_TAG)
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=str(trial),
@@ -307,9 +333,42 @@ class MlflowTrialCallback(Callback):
         self.client.set_terminated(run_id, "FINISHED" if certified else "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial failed after its last attempt (Tune calls this once it gives up): its run
+        ends FAILED with the reason as :data:`FAILURE_TAG` and Tune's error text (every
+        attempt's) as the artifact :data:`ERROR_ARTIFACT`."""
         run_id = self.run_id(trial)
+        text = _error_text(trial)
+        if text:
+            self.client.log_text(run_id, text, ERROR_ARTIFACT)
+        self.client.set_tag(run_id, FAILURE_TAG, failure_reason(text) if text else NO_ERROR_TEXT)
         self.client.set_tag(run_id, OUTCOME_TAG, OUTCOME_FAILED)
         self.client.set_terminated(run_id, "FAILED")
+
+
+def failure_reason(error_text: str) -> str:
+    """Why a trial failed, in one line, from Tune's error text: the last exception line of
+    its last attempt as ``Type: first line of the message`` (module path dropped). A Ray
+    wrapper's message ends with its cause's traceback, so that line is the innermost cause's
+    (``NonFiniteLoss: ...`` rather than ``WorkerGroupError: ...``); a text with no exception
+    line gives its first line. Cut at :data:`MAX_REASON_CHARS`."""
+    attempt = ATTEMPT_LINE.split(ANSI_ESCAPE.sub("", error_text))[-1]
+    lines = [line.rstrip() for line in attempt.splitlines() if line.strip()]
+    matches = [match for line in lines if (match := EXCEPTION_LINE.match(line))]
+    if matches:
+        name, message = matches[-1].groups()
+        reason = f"{name}: {message}" if message else name
+    else:
+        reason = lines[0].strip() if lines else NO_ERROR_TEXT
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
+
+
+def _error_text(trial: Any) -> str:
+    """Tune's error text of a trial (its error file, written before the callbacks run),
+    without terminal colours; empty when Tune kept none."""
+    path = trial.error_file
+    if not path or not Path(path).is_file():
+        return ""
+    return ANSI_ESCAPE.sub("", Path(path).read_text(errors="replace"))
 
 
 def mlflow_ui_hint(uri: str, experiment_id: str, run_id: str) -> str:

@@ -13,7 +13,8 @@ metrics with ``step`` = epoch, the final certified accuracy per radius
 the smoothed classifier is right and does not abstain), ``mean_draws`` (draws an image
 spent), the last epoch's
 ``hallucination_rate`` and ``trainable_fraction``, and the artifacts ``records.tsv``,
-``summary.json`` and ``certified_accuracy.png``.
+``summary.json`` and ``certified_accuracy.png``; a trial that failed, why (the tag
+``cadis.failure`` and the artifact ``error.txt``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ OUTCOME_TAG = "cadis.outcome"
 OUTCOME_COMPLETED = "completed"
 OUTCOME_STOPPED = "stopped_early"
 OUTCOME_FAILED = "failed"
+# On a failed trial's run: why it failed, one line naming the innermost exception's type and
+# message (``NonFiniteLoss: epoch 1, step 2: the loss is nan (...)``); the whole error text
+# Tune kept (every attempt's traceback) is its artifact ERROR_ARTIFACT.
+FAILURE_TAG = "cadis.failure"
+ERROR_ARTIFACT = "error.txt"
 BEST_TRIAL_TAG = "cadis.best_trial_id"
 # On a warm-started sweep's run: the parent run id of the sweep its search started from.
 WARM_START_TAG = "cadis.warm_start_from"
