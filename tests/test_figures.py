@@ -201,3 +201,16 @@ def test_a_sweep_run_without_a_rank_stage_is_refused_in_one_line(one_objective):
                                         tracking.PARENT_RUN_TAG: old.info.run_id})
     with pytest.raises(CadisError, match="has no param objective"):
         load_sweep_view(client, old.info.run_id)
+
+
+def test_importances_of_a_constant_objective_are_skipped_and_the_rest_drawn(one_objective):
+    import dataclasses
+
+    client, parent = one_objective
+    view = load_sweep_view(client, parent)
+    flat = [dataclasses.replace(row, metrics={**row.metrics, "val_certified_accuracy_r0.5": 0.5})
+            for row in view.trials]
+    figures, skipped = sweep_figures(dataclasses.replace(view, trials=tuple(flat)))
+    assert skipped["importance.png"] == ("every ranked trial has the same val "
+                                         "certified_accuracy_r0.5: nothing to attribute")
+    assert {"certified_accuracy.png", "rungs.png", "parallel_coordinates.png"} <= set(figures)

@@ -100,3 +100,6 @@ def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others
     assert f"  {failed.info.run_name}: {reason}\n" in err
     assert f"| {failed.info.run_name} | failed |" in out  # the closing table
     assert f"(trial {good.data.tags['cadis.trial_id']}), first by validation" in out
+    # So does the closing summary, after the chosen trial.
+    assert f"1 trial(s) failed (error.txt on their MLflow runs):\n  {failed.info.run_name}: " \
+           f"{reason}\n" in out

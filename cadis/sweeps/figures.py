@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from cadis.errors import CadisError
+from cadis.errors import CadisError, first_line
 from cadis.files import atomic_write_bytes
 from cadis.smoothing.bounds import certified_radius, lower_confidence_bound
 from cadis.smoothing.sequential import FIRST_LOOK, look_schedule
@@ -448,6 +448,18 @@ def _needs_ranked(count: int) -> Callable[[SweepView], str | None]:
     return check
 
 
+def _needs_spread(view: SweepView) -> str | None:
+    """Importances attribute the spread of an objective to the params: two ranked trials at
+    least, and some spread in each objective (fANOVA refuses a constant target)."""
+    why = _needs_ranked(2)(view)
+    if why is not None:
+        return why
+    for objective in view.objectives:
+        if len({row.metrics[objective.searched] for row in view.ranked()}) < 2:
+            return f"every ranked trial has the same val {objective.metric}: nothing to attribute"
+    return None
+
+
 def _needs_two_objectives(view: SweepView) -> str | None:
     if len(view.objectives) != 2:
         return "one objective: no front"
@@ -458,7 +470,7 @@ def _figure_rules(view: SweepView) -> list[FigureRule]:
     rules: list[FigureRule] = [
         ("certified_accuracy.png", _needs_ranked(1), lambda v, s: plot_certified_accuracy(v)),
         ("rungs.png", lambda v: None, lambda v, s: plot_rungs(v)),
-        ("importance.png", _needs_ranked(2), plot_importance),
+        ("importance.png", _needs_spread, plot_importance),
         ("pareto_front.png", _needs_two_objectives, plot_pareto),
     ]
     for index, objective in enumerate(view.objectives):
@@ -475,10 +487,13 @@ def sweep_figures(view: SweepView) -> tuple[dict[str, Any], dict[str, str]]:
     figures, skipped = {}, {}
     for name, needs, draw in _figure_rules(view):
         why = needs(view)
-        if why is None:
-            figures[name] = draw(view, study)
-        else:
+        if why is not None:
             skipped[name] = why
+            continue
+        try:
+            figures[name] = draw(view, study)
+        except Exception as error:  # noqa: BLE001 - one picture must not cost the others
+            skipped[name] = f"could not be drawn ({type(error).__name__}: {first_line(error)})"
     return figures, skipped
 
 

@@ -209,7 +209,8 @@ class SweepTracker:
 
     def summary(self, best_trial: str | None, figures: Path | None) -> str:
         """What a person reads when the sweep ends: the chosen trial and its test figures,
-        where its checkpoint and records are, the figures, and how to open MLflow's UI."""
+        where its checkpoint and records are, the trials that failed and why, the figures,
+        and how to open MLflow's UI."""
         lines = [f"sweep {self.sweep.name} done."]
         if best_trial is None:
             lines.append("no trial was ranked on validation: nothing was chosen")
@@ -230,6 +231,10 @@ class SweepTracker:
             if trained.is_file():
                 lines.append(f"  checkpoint: {json.loads(trained.read_text())['checkpoint']}")
             lines.append(f"  records: {trial_certify_dir(self.results, best_trial) / 'records.tsv'}")
+        failures = self.failures()
+        if failures:
+            lines.append(f"{len(failures)} trial(s) failed (error.txt on their MLflow runs):")
+            lines += [f"  {name}: {reason}" for name, reason in failures]
         if figures is not None:
             lines.append(f"figures: {figures} (and on the sweep's MLflow run, folder figures)")
         lines.append(f"MLflow: {mlflow_ui_hint(self.uri, self.experiment_id, self.parent_run_id)}")
