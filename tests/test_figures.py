@@ -129,8 +129,8 @@ def test_curves_are_the_runs_values_up_to_the_reach_of_n(one_objective):
     assert set(test_lines) == {trial_label(view, row) for row in view.finalists()}
     assert test_lines[trial_label(view, view.finalists()[0])] == [
         [r, a] for r, a in zip(RADII, TRIALS["run_trial_00000"][2])]
-    # Labels are short: the trial's number and 3 significant digits.
-    assert trial_label(view, view.ranked()[0]) == "#0 τ=argmax, λ=1.23"
+    # Labels are short: the trial's id and 3 significant digits.
+    assert trial_label(view, view.ranked()[0]) == "00000: τ=argmax, λ=1.23"
     assert "n=400, n0=10, α=0.001" in validation.get_title()
     assert "20 images" in validation.get_title() and "30 images" in test.get_title()
 

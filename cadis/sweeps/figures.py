@@ -264,12 +264,12 @@ def _param_value(ranges: Ranges, text: str) -> Any:
 
 
 def trial_label(view: SweepView, row: TrialRow) -> str:
-    """``#3 λ=1.84, ε=0.324, M=2``: the trial's number and its searched values, short."""
-    number = re.search(r"_0*(\d+)$", row.name)
-    name = f"#{number.group(1)}" if number else row.name
+    """``6c5f8d57: λ=1.84, ε=0.324, M=2``: the trial's id (its run name's last part, Tune's
+    ``run_trial_<id>``) and its searched values, short."""
     values = ", ".join(f"{SYMBOLS.get(key, key)}={_short(row.params[key])}"
                        for key in view.searched if key in row.params)
-    return f"{name} {values}".strip()
+    name = row.name.rsplit("_", 1)[-1]
+    return f"{name}: {values}" if values else name
 
 
 def _short(text: str) -> str:
