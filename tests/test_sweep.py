@@ -231,7 +231,8 @@ def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models
     assert main(["sweep", str(again), "--dry-run", "--warm-start", str(results)]) == 0
     assert (f"warm start: 2 ranked trials of sweep run {parent.info.run_id}"
             in capsys.readouterr().out)
-    other = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None)
+    other = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None,
+                       results_dir=str(tmp_path / "other"))
     other["search"] = {"lambda": {"uniform": [0.5, 2.0]}, "epsilon": {"uniform": [0.1, 0.3]}}
     assert main(["sweep", str(write(tmp_path, other)), "--dry-run", "--warm-start",
                  parent.info.run_id]) == 2
