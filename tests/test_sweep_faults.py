@@ -1,14 +1,21 @@
 """Faults inside a sweep: a trial that fails is named with its reason, in MLflow and in the
-driver's last lines, while the other trials go on (end to end: a real local Ray, Tune + Train,
-and an MLflow store); how the reason is read from Tune's error text."""
+driver's last lines, while the other trials go on; a driver killed in the final stage resumes
+without certifying an image twice (end to end: a real local Ray, Tune + Train, and an MLflow
+store); how the reason is read from Tune's error text."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cadis.cli import main
+from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.mlflow_writer import MAX_REASON_CHARS, NO_ERROR_TEXT, failure_reason
 from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
 
@@ -103,3 +110,49 @@ def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others
     # So does the closing summary, after the chosen trial.
     assert f"1 trial(s) failed (error.txt on their MLflow runs):\n  {failed.info.run_name}: " \
            f"{reason}\n" in out
+
+
+@pytest.mark.slow
+def test_a_driver_killed_in_the_final_stage_resumes_without_redoing_certified_images(
+        tiny_models_dir, tmp_path):
+    # The rank stage first (in this process), then the final stage in a driver of its own,
+    # SIGKILLed (with the Ray it started) once a finalist has certified test images. A final
+    # certification long enough to be caught midway (about 12 s here): 40 images at n = 2,000.
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None)
+    sweep["certify"]["final"].update(n=2000, n0=20, max_images=40)
+    path = write(tmp_path, sweep)
+    assert main(["sweep", str(path), "--stop-after", "rank"]) == 0
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "cadis", "sweep", str(path), "--resume"]
+    driver = subprocess.Popen(command, cwd=tmp_path, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            if any(len(_lines(records)) >= 3 for records in
+                   results.glob(f"trials/*/certify/{RECORDS_FILENAME}")):
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the final stage ended before it could be interrupted"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    # Whole lines written before the kill (the last may be cut short: the runner cuts it).
+    before = {records.parent.parent.name: _lines(records)[:-1]
+              for records in results.glob(f"trials/*/certify/{RECORDS_FILENAME}")}
+    assert any(len(lines) >= 2 for lines in before.values())
+    assert main(["sweep", str(path), "--resume"]) == 0
+    _, runs = mlflow_runs(tmp_path)
+    [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
+    assert len({run.data.tags["cadis.trial_id"] for run in trials}) == len(trials) == 2
+    assert all(run.info.status == "FINISHED" and "acr" in run.data.metrics for run in trials)
+    for trial_id, lines in before.items():
+        after = _lines(results / "trials" / trial_id / "certify" / RECORDS_FILENAME)
+        # Every image certified before the kill kept its record, seconds and all: none was
+        # certified again; the rest were added after them.
+        assert after[:len(lines)] == lines and len(after) == 1 + 40
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True) if path.is_file() else []
