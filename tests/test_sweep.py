@@ -253,19 +253,9 @@ def test_resume_after_the_driver_is_killed_runs_no_trial_twice(tiny_models_dir, 
     path = write(tmp_path, sweep)
     command = [sys.executable, "-m", "cadis", "sweep", str(path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # Kill the driver (and the Ray it started) once the first trial has finished.
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and driver.poll() is None:
-            if (tmp_path / "mlflow.db").exists() and _finished_trials(tmp_path) >= 1:
-                break
-            time.sleep(2)
-        assert driver.poll() is None, "the sweep ended before it could be interrupted"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    # Kill the driver (and the Ray it started) once the first trial has finished.
+    kill_driver_when(command, tmp_path, lambda: (tmp_path / "mlflow.db").exists()
+                     and _finished_trials(tmp_path) >= 1, poll_s=2.0)
     assert _finished_trials(tmp_path) < 3
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
@@ -278,6 +268,23 @@ def test_resume_after_the_driver_is_killed_runs_no_trial_twice(tiny_models_dir, 
     assert all(run.data.tags["cadis.outcome"] == "completed" for run in trials)
     state = json.loads((tmp_path / "results" / "sweep.json").read_text())
     assert [run.info.run_id for run in by_role(runs, "sweep")] == [state["parent_run_id"]]
+
+
+def kill_driver_when(command: list[str], cwd: Path, ready, poll_s: float,
+                     timeout_s: float = 300.0) -> None:
+    """Start a sweep driver in a session of its own and SIGKILL it, with the Ray it started,
+    once ``ready()``; fails if the driver ends first."""
+    driver = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and driver.poll() is None and not ready():
+            time.sleep(poll_s)
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
 
 
 def _finished_trials(tmp_path: Path) -> int:

@@ -5,11 +5,7 @@ store); how the reason is read from Tune's error text."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ import pytest
 from cadis.cli import main
 from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.mlflow_writer import MAX_REASON_CHARS, NO_ERROR_TEXT, failure_reason
-from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
+from tests.test_sweep import by_role, kill_driver_when, mlflow_runs, tiny_sweep, write
 
 # Tune's error text of a trial whose Train worker raised, as Ray 2.60 writes it (two attempts,
 # terminal colours, the worker's traceback inside the wrapper's message); shortened.
@@ -123,20 +119,10 @@ def test_a_driver_killed_in_the_final_stage_resumes_without_redoing_certified_im
     path = write(tmp_path, sweep)
     assert main(["sweep", str(path), "--stop-after", "rank"]) == 0
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "cadis", "sweep", str(path), "--resume"]
-    driver = subprocess.Popen(command, cwd=tmp_path, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and driver.poll() is None:
-            if any(len(_lines(records)) >= 3 for records in
-                   results.glob(f"trials/*/certify/{RECORDS_FILENAME}")):
-                break
-            time.sleep(0.2)
-        assert driver.poll() is None, "the final stage ended before it could be interrupted"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    kill_driver_when([sys.executable, "-m", "cadis", "sweep", str(path), "--resume"], tmp_path,
+                     lambda: any(len(_lines(records)) >= 3 for records in
+                                 results.glob(f"trials/*/certify/{RECORDS_FILENAME}")),
+                     poll_s=0.2)
     # Whole lines written before the kill (the last may be cut short: the runner cuts it).
     before = {records.parent.parent.name: _lines(records)[:-1]
               for records in results.glob(f"trials/*/certify/{RECORDS_FILENAME}")}
