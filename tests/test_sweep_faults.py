@@ -1,7 +1,7 @@
 """Faults inside a sweep: a trial that fails is named with its reason, in MLflow and in the
-driver's last lines, while the other trials go on; a driver killed in the final stage resumes
-without certifying an image twice (end to end: a real local Ray, Tune + Train, and an MLflow
-store); how the reason is read from Tune's error text."""
+driver's last lines, while the other trials go on; a driver killed in the rank or the final
+stage resumes without certifying an image twice (end to end: a real local Ray, Tune + Train,
+and an MLflow store); how the reason is read from Tune's error text."""
 
 from __future__ import annotations
 
@@ -142,3 +142,32 @@ def test_a_driver_killed_in_the_final_stage_resumes_without_redoing_certified_im
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines(keepends=True) if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_a_driver_killed_in_the_rank_stage_resumes_without_redoing_certified_images(
+        tiny_models_dir, tmp_path):
+    # One trial; its rank stage denoises its own draws (no store) for 40 validation images at
+    # n = 2,000: long enough to be caught midway. Killed there, the resumed sweep keeps every
+    # validation record written before the kill.
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None, num_trials=1,
+                       store_draws=False)
+    sweep["base"]["val_images"] = 40
+    sweep["certify"]["rank"].update(n=2000, n0=20, images=40)
+    sweep["certify"]["final"]["top_k"] = 1
+    path = write(tmp_path, sweep)
+    results = tmp_path / "results"
+    kill_driver_when([sys.executable, "-m", "cadis", "sweep", str(path)], tmp_path,
+                     lambda: any(len(_lines(records)) >= 3 for records in
+                                 results.glob(f"trials/*/rank/{RECORDS_FILENAME}")),
+                     poll_s=0.2)
+    [records] = results.glob(f"trials/*/rank/{RECORDS_FILENAME}")
+    before = _lines(records)[:-1]
+    assert len(before) >= 2
+    assert main(["sweep", str(path), "--resume"]) == 0
+    _, runs = mlflow_runs(tmp_path)
+    [parent], [trial] = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and trial.info.status == "FINISHED"
+    assert trial.data.metrics["val_num_images"] == 40 and "acr" in trial.data.metrics
+    after = _lines(records)
+    assert after[:len(before)] == before and len(after) == 1 + 40
