@@ -11,8 +11,8 @@ MAX = Objective("certified_accuracy_r0.5", "max")
 
 
 def rank(values, objectives):
-    items = list(range(len(values)))
-    return rank_trials(items, objectives, lambda i: values[i], lambda i: i)
+    metrics = [{o.searched: value for o, value in zip(objectives, row)} for row in values]
+    return rank_trials(list(range(len(values))), objectives, lambda i: metrics[i], lambda i: i)
 
 
 def test_one_objective_is_best_first_ties_to_the_first_started():
@@ -28,3 +28,8 @@ def test_one_objective_is_best_first_ties_to_the_first_started():
 ])
 def test_two_objectives_take_the_front_first(values, order):
     assert rank(values, [MAX, Objective("certified_accuracy_r1.0", "max")]) == order
+
+
+def test_trials_without_every_objective_are_left_out():
+    metrics = [{"val_certified_accuracy_r0.5": 0.4}, {}, {"val_certified_accuracy_r0.5": 0.6}]
+    assert rank_trials([0, 1, 2], [MAX], lambda i: metrics[i], lambda i: i) == [2, 0]

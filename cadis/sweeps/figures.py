@@ -41,7 +41,7 @@ from cadis.smoothing.sequential import FIRST_LOOK, look_schedule
 from cadis.sweeps.ranking import rank_trials
 from cadis.sweeps.schema import Objective
 from cadis.tracking import contract as tracking
-from cadis.tracking.compare import TrialRow, load_trials, resolve_tracking_uri
+from cadis.tracking.compare import TrialRow, load_trials, resolve_tracking_uri, within_reach
 
 #: The parent run's artifact folder of the figures, and the results folder's.
 FIGURES_DIR: Final = "figures"
@@ -120,11 +120,7 @@ class SweepView:
     def ranked(self) -> list[TrialRow]:
         """Trials with every objective measured on validation, best first as the sweep
         ranked them (:mod:`cadis.sweeps.ranking`)."""
-        objectives = self.objectives
-        ranked = [row for row in self.trials if all(
-            objective.searched in row.metrics for objective in objectives)]
-        return rank_trials(ranked, objectives,
-                           lambda row: [row.metrics[o.searched] for o in objectives],
+        return rank_trials(self.trials, self.objectives, lambda row: row.metrics,
                            lambda row: row.start_time)
 
     def finalists(self) -> list[TrialRow]:
@@ -284,9 +280,8 @@ def curve_points(view: SweepView, row: TrialRow, stage: Certification
                  ) -> list[tuple[float, float]]:
     """The (radius, certified accuracy) points a trial's curve in ``stage`` draws: its
     figures at the radii ``stage``'s n can certify."""
-    accuracy = row.val_accuracy if stage is view.rank else row.accuracy
-    reach = stage.reach(view.sigma)
-    return [(radius, value) for radius, value in accuracy.items() if radius <= reach + 1e-9]
+    return within_reach(row.val_accuracy if stage is view.rank else row.accuracy,
+                        stage.reach(view.sigma))
 
 
 def plot_certified_accuracy(view: SweepView) -> Any:

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 from ray.tune import Callback
 
 from cadis.errors import CadisError
+from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.layout import EPOCH, trained_file, trial_certify_dir, trial_rank_dir
 from cadis.sweeps.ranking import rank_trials
 from cadis.sweeps.schema import SweepConfig, describe, trial_config
+from cadis.tracking.compare import trial_row
 from cadis.tracking.contract import (
     ACR,
     BEST_PREFIX,
@@ -48,7 +50,6 @@ from cadis.tracking.contract import (
     flatten_params,
     is_final_metric,
     is_validation_metric,
-    radius_of_metric,
     trial_runs,
     validation_metric,
 )
@@ -144,11 +145,8 @@ class SweepTracker:
     def ranked(self) -> list[Any]:
         """The trial runs the rank stage certified, best first by their validation
         objectives (:mod:`cadis.sweeps.ranking`: a Pareto front first for two)."""
-        objectives = self.sweep.objective
-        scored = [run for run in trial_runs(self.client, self.experiment_id, self.parent_run_id)
-                  if all(objective.searched in run.data.metrics for objective in objectives)]
-        return rank_trials(scored, objectives,
-                           lambda run: [run.data.metrics[o.searched] for o in objectives],
+        return rank_trials(trial_runs(self.client, self.experiment_id, self.parent_run_id),
+                           self.sweep.objective, lambda run: run.data.metrics,
                            lambda run: run.info.start_time)
 
     def log_final(self, trial_id: str, figures: Mapping[str, float], certify_dir: Path) -> None:
@@ -219,9 +217,8 @@ class SweepTracker:
             metrics = run.data.metrics
             objective = self.sweep.objective[0]
             certify = self.sweep.certify
-            accuracy = ", ".join(f"r={radius:g} {value:.3f}" for radius, value in sorted(
-                (radius_of_metric(key), value) for key, value in metrics.items()
-                if radius_of_metric(key) is not None))
+            accuracy = ", ".join(f"r={radius:g} {value:.3f}"
+                                 for radius, value in trial_row(run).accuracy.items())
             lines += [f"chosen: {run.info.run_name} (trial {best_trial}), first by validation "
                       f"{objective.metric} = {metrics.get(objective.searched, math.nan):.3f}",
                       f"  test ({int(metrics.get(NUM_IMAGES, 0))} images, n={certify.n}, "
@@ -230,10 +227,10 @@ class SweepTracker:
             trained = trained_file(self.results, best_trial)
             if trained.is_file():
                 lines.append(f"  checkpoint: {json.loads(trained.read_text())['checkpoint']}")
-            lines.append(f"  records: {trial_certify_dir(self.results, best_trial) / 'records.tsv'}")
+            lines.append(f"  records: {trial_certify_dir(self.results, best_trial) / RECORDS_FILENAME}")
         failures = self.failures()
         if failures:
-            lines.append(f"{len(failures)} trial(s) failed (error.txt on their MLflow runs):")
+            lines.append(f"{len(failures)} trial(s) failed ({ERROR_ARTIFACT} on their MLflow runs):")
             lines += [f"  {name}: {reason}" for name, reason in failures]
         if figures is not None:
             lines.append(f"figures: {figures} (and on the sweep's MLflow run, folder figures)")

@@ -10,7 +10,7 @@ started first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from cadis.sweeps.schema import Objective
@@ -19,12 +19,15 @@ Item = TypeVar("Item")
 
 
 def rank_trials(items: Sequence[Item], objectives: Sequence[Objective],
-                values: Callable[[Item], Sequence[float]],
+                metrics: Callable[[Item], Mapping[str, float]],
                 started: Callable[[Item], int]) -> list[Item]:
-    """``items`` (each with every objective's value) best first, as the module says."""
+    """The ``items`` whose ``metrics`` hold every objective as measured on validation
+    (:attr:`Objective.searched`), best first as the module says; the others are left out."""
     signs = [1.0 if objective.mode == "max" else -1.0 for objective in objectives]
-    scored = [(item, [sign * value for sign, value in zip(signs, values(item))])
-              for item in items]
+    scored = [(item, [sign * metrics(item)[objective.searched]
+                      for sign, objective in zip(signs, objectives)])
+              for item in items
+              if all(objective.searched in metrics(item) for objective in objectives)]
     ordered: list[Item] = []
     remaining = scored
     while remaining:

@@ -328,11 +328,16 @@ def plot_ablation(rows: Sequence[TrialRow], by: str, path: str | os.PathLike) ->
     return _save(figure, axes, path)
 
 
+def within_reach(accuracy: Mapping[float, float], reach: float) -> list[tuple[float, float]]:
+    """The (radius, certified accuracy) pairs at radii up to ``reach``, the largest radius
+    the certification's n can certify: beyond it the accuracy is 0 because of n, not of the
+    model."""
+    return [(radius, value) for radius, value in accuracy.items() if radius <= reach + 1e-9]
+
+
 def reachable_points(row: TrialRow) -> list[tuple[float, float]]:
-    """A trial's (radius, test certified accuracy) up to its :attr:`TrialRow.reach`: beyond
-    it the accuracy is 0 because of n, not of the model."""
-    return [(radius, value) for radius, value in row.accuracy.items()
-            if radius <= row.reach + 1e-9]
+    """A trial's test certified accuracy up to its :attr:`TrialRow.reach`."""
+    return within_reach(row.accuracy, row.reach)
 
 
 def plot_curves(rows: Sequence[TrialRow], path: str | os.PathLike) -> Path:
