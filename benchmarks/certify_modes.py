@@ -8,14 +8,15 @@ time, fixed batches, fp32, eager); (b) the engine (`Smooth.certify_images`, as `
 certify` runs it); (c) the engine's sequential test at the grid radii n can reach
 (`Smooth.certify_sequential`); (d) that in bf16 autocast; (e) that compiled, fp32; (f)
 compiled and bf16 (compiles are done and timed before, as `cadis certify --compile` does it
-once a run). Prints images per second and draws per image of each, the ratios against (a),
-how often (d)-(f)'s base agrees with fp32 eager on the check draws `cadis certify` compares
-(2,000 draws of the first 20 images; it refuses a base below 99.9%), and certified accuracy
-at each grid radius with McNemar's exact paired test of each sequential mode against (b) on
-the same images.
+once a run). The modes take turns image by image, so a machine that gets busier or quieter
+during the run slows or speeds them alike. Prints images per second and draws per image of
+each, the ratios against (a), how often (d)-(f)'s base agrees with fp32 eager on the check
+draws `cadis certify` compares (2,000 draws of the first 20 images; it refuses a base below
+99.9%), and certified accuracy at each grid radius with McNemar's exact paired test of each
+sequential mode against (b) on the same images.
 
     .venv/bin/python benchmarks/certify_modes.py --models models/fashion-mnist \\
-        --images 60 --n 1000 --threads 2
+        --images 200 --n 1000 --threads 2 --modes a,b,c,e
 """
 
 from __future__ import annotations
@@ -51,16 +52,21 @@ from cadis.smoothing.smooth import Smooth, check_draws, image_generators  # noqa
 
 SEQUENTIAL = ("(c) engine, sequential", "(d) sequential, bf16", "(e) sequential, compiled",
               "(f) sequential, bf16, compiled")
+REFERENCE, FIXED = "(a) reference loop, fixed n", "(b) engine, fixed n"
 
 
-def timed(certify, images, labels) -> tuple[list[Record], float]:
-    started = time.perf_counter()
-    records = []
+def interleaved(certifiers, images, labels) -> dict[str, tuple[list[Record], float]]:
+    """Each certifier's records and seconds, the certifiers taking turns on every image."""
+    records = {label: [] for label in certifiers}
+    seconds = dict.fromkeys(certifiers, 0.0)
     for index, (image, label) in enumerate(zip(images, labels)):
-        prediction, radius, *draws = certify(image)
-        records.append(Record.from_prediction(index, int(label), prediction, radius, 0.0,
-                                              *draws))
-    return records, time.perf_counter() - started
+        for mode, certify in certifiers.items():
+            started = time.perf_counter()
+            prediction, radius, *draws = certify(image)
+            seconds[mode] += time.perf_counter() - started
+            records[mode].append(Record.from_prediction(index, int(label), prediction, radius,
+                                                        0.0, *draws))
+    return {mode: (records[mode], seconds[mode]) for mode in certifiers}
 
 
 def main() -> None:
@@ -73,7 +79,11 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch", type=int, default=100, help="draws per forward, all three")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", default="a,b,c,d,e,f",
+                        help="which of a-f to run (a and b always run: the ratios and the "
+                             "paired tests are against them)")
     args = parser.parse_args()
+    wanted = {mode.strip() for mode in args.modes.split(",")} | {"a", "b"}
     torch.set_num_threads(args.threads)
 
     sources = ModelSources.resolve(args.models)
@@ -94,14 +104,15 @@ def main() -> None:
     draws = check_draws(check, args.sigma, image_generators(0, range(len(check)),
                                                             torch.device("cpu")),
                         AGREEMENT_DRAWS // len(check), args.batch)
-    compile_seconds = []
-    for precision in (FP32, bf16):
+    compile_seconds = [0.0, 0.0]
+    for slot, precision in enumerate((FP32, bf16)) if wanted & {"e", "f"} else ():
         started = time.perf_counter()
         with torch.inference_mode(), autocast(precision, torch.device("cpu")):
             compiled(draws[0])
-        compile_seconds.append(time.perf_counter() - started)
-    fast_modes = {SEQUENTIAL[1]: (base, bf16), SEQUENTIAL[2]: (compiled, FP32),
-                  SEQUENTIAL[3]: (compiled, bf16)}
+        compile_seconds[slot] = time.perf_counter() - started
+    fast_modes = {mode: fast for mode, fast in {
+        SEQUENTIAL[1]: (base, bf16), SEQUENTIAL[2]: (compiled, FP32),
+        SEQUENTIAL[3]: (compiled, bf16)}.items() if mode[1] in wanted}
     agreements = {mode: agreement(base, fast, draws, precision, torch.device("cpu"))
                   for mode, (fast, precision) in fast_modes.items()}
 
@@ -111,45 +122,42 @@ def main() -> None:
 
     torch.manual_seed(0)
     engine = smooth()
-    sequential = {SEQUENTIAL[0]: smooth(),
-                  **{mode: smooth(fast, precision)
-                     for mode, (fast, precision) in fast_modes.items()}}
+    sequential = {mode: smooth(*fast_modes.get(mode, (base, FP32)))
+                  for mode in SEQUENTIAL if mode[1] in wanted}
     reference_certify(base, images[0], classes, args.sigma, args.n0, 50, args.alpha, args.batch)
-    runs = {
-        "(a) reference loop, fixed n": timed(
-            lambda x: reference_certify(base, x, classes, args.sigma, args.n0, args.n,
-                                        args.alpha, args.batch), images, labels),
-        "(b) engine, fixed n": timed(
-            lambda x: engine.certify_images(x[None], parameters)[0], images, labels),
-        **{mode: timed(lambda x, mode=mode: sequential[mode].certify_sequential(
-                           x, args.n0, plan, args.batch), images, labels)
-           for mode in SEQUENTIAL},
-    }
+    runs = interleaved({
+        REFERENCE: lambda x: reference_certify(base, x, classes, args.sigma, args.n0, args.n,
+                                               args.alpha, args.batch),
+        FIXED: lambda x: engine.certify_images(x[None], parameters)[0],
+        **{mode: lambda x, mode=mode: sequential[mode].certify_sequential(
+               x, args.n0, plan, args.batch) for mode in sequential},
+    }, images, labels)
     print(f"{args.images} test images (every {len(test_set) // args.images}th), "
           f"sigma={args.sigma}, n={args.n} (sequential: at most), n0={args.n0}, "
           f"alpha={args.alpha}, {args.batch} draws a forward, {args.threads} thread(s); "
-          f"sequential looks {list(plan.looks)} at alpha/{len(plan.looks)} each, radii {grid}")
+          f"radii {grid}; sequential looks {list(plan.looks)} at alphas "
+          f"{[float(f'{a:.3g}') for a in plan.alphas]}")
     print(f"torch.compile: {compile_seconds[0]:.0f} s (fp32) and {compile_seconds[1]:.0f} s "
           f"(bf16) before the runs, not in their rates; agreement with "
           f"fp32 eager on {sum(len(batch) for batch in draws)} check draws: "
           + ", ".join(f"{mode[:3]} {share:.4f}" for mode, share in agreements.items()))
     print("| mode | images/s | draws an image | ratio to (a) |")
     print("|---|---:|---:|---:|")
-    reference_rate = args.images / runs["(a) reference loop, fixed n"][1]
+    reference_rate = args.images / runs[REFERENCE][1]
     for label, (records, seconds) in runs.items():
         draws = (sum(r.draws for r in records) / len(records) if records[0].draws is not None
                  else args.n0 + args.n)
         rate = args.images / seconds
         print(f"| {label} | {rate:.3f} | {draws:.0f} | {rate / reference_rate:.2f}x |")
     print("| radius | " + " | ".join(label[:3] for label in runs) + " | "
-          + " | ".join(f"{mode[:3]} vs (b): (b) only, {mode[:3]} only, p" for mode in SEQUENTIAL)
+          + " | ".join(f"{mode[:3]} vs (b): (b) only, {mode[:3]} only, p" for mode in sequential)
           + " |")
-    print("|---:|" + "---:|" * (len(runs) + len(SEQUENTIAL)))
-    fixed = runs["(b) engine, fixed n"][0]
+    print("|---:|" + "---:|" * (len(runs) + len(sequential)))
+    fixed = runs[FIXED][0]
     for radius in grid:
         cells = [f"{sum(r.correct and r.radius >= radius for r in records) / len(records):.3f}"
                  for records, _ in runs.values()]
-        for mode in SEQUENTIAL:
+        for mode in sequential:
             result = paired_test(runs[mode][0], fixed, radius)
             cells.append(f"{result.only_b}, {result.only_a}, {result.p_value:.3f}")
         print(f"| {radius:g} | " + " | ".join(cells) + " |")

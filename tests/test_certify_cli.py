@@ -109,7 +109,7 @@ def test_sequential_certify_records_draws_and_keeps_its_own_folder(tiny_models_d
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "sequential" and summary["acr_over"] == "grid"
     assert summary["mean_draws"] == pytest.approx(sum(r.draws for r in records) / 3)
-    assert summary["looks"] == [100, 200] and summary["radii"] == [0.0, 0.25]
+    assert summary["looks"] == [21, 121, 200] and summary["radii"] == [0.0, 0.25]
     assert "sequential" in capsys.readouterr().out
     # Fixed-n records never join a sequential folder (nor the other way round).
     assert _certify(tiny_models_dir, out, "--max-images", "3", "--radii", "0,0.25",
@@ -121,8 +121,8 @@ def test_sequential_certify_records_draws_and_keeps_its_own_folder(tiny_models_d
     (["--sequential"], "sequential certification needs radii to decide"),
     (["--sequential", "--radii", "0.5,0.25"], "radii must be strictly increasing"),
     (["--sequential", "--radii", "0,1.0", "--n", "100"],
-     "n = 100 draws cannot certify radius 1 at sigma 0.5 sequentially (alpha 0.001 over 1 "
-     "looks); it needs n >= 348"),
+     "n = 100 draws cannot certify radius 1 at sigma 0.5 sequentially (alpha 0.001); it "
+     "needs n >= 303"),
 ])
 def test_sequential_bad_input_is_one_line_and_exit_two(tiny_models_dir, tmp_path, capsys, args,
                                                        message):

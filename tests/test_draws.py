@@ -132,7 +132,7 @@ def test_sequential_from_a_store_with_one_look_agrees_with_certify_from_it(tmp_p
     indices = [3, 9, 4, 1, 7]
     fixed = store.certify(classifier, indices, 0.2, torch.device("cpu"))
     grid = (0.0, 0.05, 0.1, 0.2, 0.3)
-    plan = SequentialPlan(grid, SIGMA, 0.2, n_max=300, first_look=300)
+    plan = SequentialPlan.single_look(grid, SIGMA, 0.2, n=300)
     sequential = store.certify_sequential(classifier, indices, plan, torch.device("cpu"))
     for (label, prediction, radius), (s_label, s_prediction, s_radius, draws) in zip(
             fixed, sequential):
@@ -140,10 +140,10 @@ def test_sequential_from_a_store_with_one_look_agrees_with_certify_from_it(tmp_p
         if prediction != -1:
             assert s_radius == max(r for r in grid if r <= radius)
     # With looks, images stop early and never read past the store's n.
-    plan = SequentialPlan(grid, SIGMA, 0.2, n_max=300, first_look=25)
+    plan = SequentialPlan(grid, SIGMA, 0.2, n_max=300)
     spent = [answer[3] for answer in store.certify_sequential(classifier, indices, plan,
                                                               torch.device("cpu"))]
-    assert all(6 + 25 <= draws <= 6 + 300 for draws in spent)
+    assert all(6 + plan.looks[0] <= draws <= 6 + 300 for draws in spent)
     with pytest.raises(CadisError, match="may spend 400 draws but the store"):
         store.certify_sequential(classifier, indices, SequentialPlan(grid, SIGMA, 0.2, 400),
                                  torch.device("cpu"))

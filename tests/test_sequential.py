@@ -17,7 +17,14 @@ from torch import nn
 
 from cadis.errors import CadisError
 from cadis.smoothing.bounds import ABSTAIN, CertificationParameters
-from cadis.smoothing.sequential import SequentialPlan, draws_to_reach, look_schedule
+from cadis.smoothing.sequential import (
+    SELECTION_FIRST,
+    SequentialPlan,
+    draws_to_reach,
+    look_schedule,
+    run_sequential,
+    threshold,
+)
 from cadis.smoothing.smooth import Smooth
 
 SIGMA = 0.5
@@ -55,8 +62,8 @@ HARD = [radius - 0.01 for radius in RADII[1:]]
 
 def test_false_certificates_stay_within_alpha_over_all_looks():
     alpha, images = 0.2, 1200
-    plan = SequentialPlan(RADII, SIGMA, alpha, n_max=1600, first_look=100)
-    assert len(plan.looks) == 5
+    plan = SequentialPlan(RADII, SIGMA, alpha, n_max=1600)
+    assert len(plan.looks) > 5 and math.isclose(sum(plan.alphas), alpha)
     rate = false_certificate_rate(plan, [HARD[i % len(HARD)] for i in range(images)], seed=0)
     sampling_error = 3 * math.sqrt(alpha * (1 - alpha) / images)
     assert rate <= alpha + sampling_error
@@ -65,8 +72,8 @@ def test_false_certificates_stay_within_alpha_over_all_looks():
 def test_the_same_test_without_splitting_alpha_over_the_looks_fails():
     # The check above can fail: spend the whole alpha at every look and the rate exceeds it.
     alpha, images = 0.2, 1200
-    plan = SequentialPlan(RADII, SIGMA, alpha, n_max=1600, first_look=100)
-    plan.alpha_per_look = alpha
+    plan = SequentialPlan(RADII, SIGMA, alpha, n_max=1600)
+    plan.alphas = (alpha,) * len(plan.looks)
     rate = false_certificate_rate(plan, [HARD[i % len(HARD)] for i in range(images)], seed=0)
     assert rate > alpha + 3 * math.sqrt(alpha * (1 - alpha) / images)
 
@@ -97,8 +104,10 @@ def test_certified_accuracy_at_the_grid_agrees_with_fixed_n_certify():
 
 
 @pytest.mark.parametrize("distance,radii,most_draws", [
-    (3.0, (0.0, 0.25), 100 + 100),   # p_A ~ 1 at small radii: decided at the first look
-    (-3.0, (0.0, 0.25), 100 + 100),  # the other class, as clearly
+    # p_A ~ 1: the lead of the first selection draws settles the candidate and the main look,
+    # where a unanimous image certifies the largest radius, decides every radius.
+    (3.0, (0.0, 0.25), SELECTION_FIRST + 21),
+    (-3.0, (0.0, 0.25), SELECTION_FIRST + 21),
     # p_A = 0.79 between 0.25's 0.69 and 0.5's 0.84: a few looks decide both, well
     # before n_max (about 15 / gap^2 * p(1 - p) draws for the nearer threshold).
     (0.4, (0.0, 0.25, 0.5), 100 + 1600),
@@ -111,6 +120,39 @@ def test_draws_spent_fall_where_the_theory_says(distance, radii, most_draws):
     assert radius == max(r for r in radii if r <= abs(distance))
 
 
+def test_the_main_look_is_where_a_unanimous_image_certifies_the_largest_radius():
+    plan = SequentialPlan(RADII, SIGMA, 0.001, n_max=5000)
+    main = plan.alphas.index(max(plan.alphas[:-1]))
+    n, top = plan.looks[main], threshold(RADII[-1], SIGMA)
+    from cadis.smoothing.bounds import lower_confidence_bound
+    assert lower_confidence_bound(n, n, plan.alphas[main]) >= top
+    assert lower_confidence_bound(n - 1, n - 1, plan.alphas[main]) < top
+
+
+def two_class_counts(sequence):
+    """A ``draw`` for :func:`run_sequential` whose draws are read from ``sequence`` of class
+    ids, selection and estimation draws from separate positions of it."""
+    selection, estimation = iter(sequence[:100]), iter(sequence[100:])
+
+    def draw(n_selection, n_estimation):
+        def counts(source, k):
+            return torch.bincount(torch.tensor([next(source) for _ in range(k)], dtype=torch.long),
+                                  minlength=2).numpy()
+        return counts(selection, n_selection), counts(estimation, n_estimation)
+    return draw
+
+
+@pytest.mark.parametrize("first_selection,selection_draws", [
+    ([1] * 8 + [0] * 2, SELECTION_FIRST),        # a lead of 6: settled
+    ([1] * 7 + [0] * 3, 100),                    # a lead of 4: all n0 drawn
+])
+def test_selection_stops_early_only_on_a_clear_lead(first_selection, selection_draws):
+    plan = SequentialPlan((0.0,), SIGMA, 0.001, n_max=200)
+    sequence = first_selection + [1] * 90 + [1] * 200
+    prediction, _, draws = run_sequential(two_class_counts(sequence), 100, plan)
+    assert prediction == 1 and draws - plan.looks[0] == selection_draws
+
+
 def test_an_image_on_the_boundary_runs_to_the_end_or_abstains():
     plan = SequentialPlan((0.0, 0.25), SIGMA, 0.001, n_max=800)
     smooth = Smooth(HalfSpace(), 2, SIGMA, generator=torch.Generator().manual_seed(0))
@@ -118,10 +160,14 @@ def test_an_image_on_the_boundary_runs_to_the_end_or_abstains():
     assert radius == 0.0 and (prediction == ABSTAIN or draws == 100 + 800)
 
 
-def test_the_schedule_doubles_to_n_max():
-    assert look_schedule(1000, 100) == (100, 200, 400, 800, 1000)
-    assert look_schedule(800, 100) == (100, 200, 400, 800)
-    assert look_schedule(50, 100) == (50,)
+def test_the_schedule_spends_alpha_at_its_looks_and_ends_at_n_max():
+    looks, alphas = look_schedule(1000, 0.001, threshold(1.0, 0.5))
+    assert looks == (100, 200, 331, 431, 539, 674, 843, 1000)
+    assert math.isclose(sum(alphas), 0.001) and alphas[2] == 0.0005
+    # A main look that cannot come before n_max: early looks and n_max; none: one look.
+    looks, alphas = look_schedule(300, 0.001, threshold(1.0, 0.5))
+    assert looks == (100, 200, 300) and math.isclose(sum(alphas), 0.001)
+    assert look_schedule(120, 0.001, threshold(1.0, 0.5)) == ((120,), (0.001,))
 
 
 def test_the_draws_needed_for_a_radius_are_the_fewest_that_reach_it():
@@ -137,7 +183,7 @@ def test_the_draws_needed_for_a_radius_are_the_fewest_that_reach_it():
     ((0.5, 0.25), 1000, "strictly increasing"),
     ((-0.25, 0.5), 1000, "finite numbers >= 0"),
     ((0.0, 1.25), 1000, "n = 1000 draws cannot certify radius 1.25 at sigma 0.5 sequentially "
-                        "(alpha 0.001 over 5 looks); it needs n >= 1368"),
+                        "(alpha 0.001); it needs n >= 1118"),
 ])
 def test_plans_that_cannot_work_are_refused_with_what_they_need(radii, n_max, message):
     with pytest.raises(CadisError) as error:

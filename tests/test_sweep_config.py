@@ -157,10 +157,10 @@ BAD_CASES = [
     pytest.param(with_changes(certify={"rank": {"sequential": "often"}}),
                  "certify.rank.sequential must be true or false", id="rank-sequential-not-a-flag"),
     pytest.param(with_changes(objective={"metric": "certified_accuracy_r1.0", "mode": "max"},
-                              certify={"rank": {"n": 320, "sequential": True}},
+                              certify={"rank": {"n": 300, "sequential": True}},
                               base={"proxy_n": 1000}),
-                 "certified_accuracy_r1.0 is beyond what certify.rank.n=320 can certify "
-                 "sequentially at sigma 0.5: certify.rank.n needs at least 348",
+                 "certified_accuracy_r1.0 is beyond what certify.rank.n=300 can certify "
+                 "sequentially at sigma 0.5: certify.rank.n needs at least 303",
                  id="sequential-rank-cannot-reach"),
     pytest.param(with_changes(certify={"rank": {"alpha": 0}}),
                  "certify.rank.alpha must be a number strictly between 0 and 1",

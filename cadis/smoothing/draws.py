@@ -193,8 +193,8 @@ class DrawStore:
                            plan: SequentialPlan, device: torch.device
                            ) -> list[tuple[int, int, float, int]]:
         """``[(label, prediction, radius, draws)]`` of the sequential test of ``plan`` for the
-        store's images ``indices``, in that order: the image's ``n0`` stored selection draws
-        choose the candidate, its stored estimation draws are read in the plan's looks (at most
+        store's images ``indices``, in that order: at most the image's ``n0`` stored selection
+        draws choose the candidate, its stored estimation draws are read in the plan's looks (at most
         the store's ``n``, which ``plan.n_max`` may not exceed). The stored draws are iid and
         independent of the classifier, so :class:`SequentialPlan`'s guarantee holds."""
         n0, n = self.key["n0"], self.key["n"]
@@ -205,16 +205,18 @@ class DrawStore:
         for index in indices:
             position = self._position(index)
             rows = self._draws[position]
-            read = n0  # estimation draws follow the selection draws in the row
+            # Selection rows come first in a row, estimation rows after them: read in order.
+            read = {"selection": 0, "estimation": n0}
 
-            def estimate(draws: int) -> np.ndarray:
-                nonlocal read
-                read += draws
-                return self._count_rows(classifier, rows[read - draws:read], device)
+            def take(kind: str, draws: int, rows: np.ndarray = rows) -> np.ndarray:
+                start = read[kind]
+                read[kind] += draws
+                return self._count_rows(classifier, rows[start:start + draws], device)
 
             prediction, radius, spent = run_sequential(
-                self._count_rows(classifier, rows[:n0], device), estimate, plan)
-            answers.append((self.info.labels[position], prediction, radius, n0 + spent))
+                lambda selection, estimation: (take("selection", selection),
+                                               take("estimation", estimation)), n0, plan)
+            answers.append((self.info.labels[position], prediction, radius, spent))
         return answers
 
     def _count_rows(self, classifier: nn.Module, rows: np.ndarray,

@@ -307,11 +307,11 @@ class Smooth:
         """Sequential CERTIFY of one C x H x W image at the radii of ``plan``: ``(class,
         largest certified radius of the grid, draws spent)``, or ``(ABSTAIN, 0.0, draws)``.
 
-        ``n0`` draws choose the candidate; estimation draws follow in the looks of ``plan``
-        and stop once every radius is decided (:class:`SequentialPlan`). With probability
-        >= 1 - alpha over the noise, a returned ``(c, r)`` with ``c != ABSTAIN`` means
-        ``g(x + e) = c`` for every ``||e||_2 < r``, over all looks together. ``generator``
-        (this image's own) replaces the shared one.
+        At most ``n0`` draws choose the candidate; estimation draws follow in the looks of
+        ``plan`` and stop once every radius is decided (:class:`SequentialPlan`; draws spent
+        count both). With probability >= 1 - alpha over the noise, a returned ``(c, r)`` with
+        ``c != ABSTAIN`` means ``g(x + e) = c`` for every ``||e||_2 < r``, over all looks
+        together. ``generator`` (this image's own) replaces the shared one.
         """
         n0 = positive_int(n0, "n0")
         batch_size = positive_int(batch_size, "batch_size")
@@ -319,13 +319,15 @@ class Smooth:
         images = self._check_images(self._one_image(x), None if generator is None
                                     else [generator])
 
-        def counts(draws: int) -> np.ndarray:
-            batches = noisy_batches(images, [(0, draws)], self.sigma, generator, batch_size)
-            return count_predictions(self.base, batches, 1, self.num_classes,
-                                     images.device, self.precision)[0]
+        def draw(selection: int, estimation: int) -> tuple[np.ndarray, np.ndarray]:
+            # Both kinds share forwards; each is counted apart.
+            batches = noisy_batches(images, [(0, selection), (0, estimation)], self.sigma,
+                                    generator, batch_size)
+            counts = count_predictions(self.base, batches, 2, self.num_classes,
+                                       images.device, self.precision)
+            return counts[0], counts[1]
 
-        prediction, radius, spent = run_sequential(counts(n0), counts, plan)
-        return prediction, radius, n0 + spent
+        return run_sequential(draw, n0, plan)
 
     @staticmethod
     def _one_image(x: Tensor) -> Tensor:

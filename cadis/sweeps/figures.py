@@ -37,7 +37,7 @@ from typing import Any, Final
 from cadis.errors import CadisError, first_line
 from cadis.files import atomic_write_bytes
 from cadis.smoothing.bounds import certified_radius, lower_confidence_bound
-from cadis.smoothing.sequential import FIRST_LOOK, look_schedule
+from cadis.smoothing.sequential import draws_to_reach
 from cadis.sweeps.ranking import rank_trials
 from cadis.sweeps.schema import Objective
 from cadis.tracking import contract as tracking
@@ -55,6 +55,9 @@ LEGEND_DIGITS: Final = 3
 STOPPED_COLOUR: Final = "0.6"
 TRIAL_COLOURMAP: Final = "viridis"
 DPI: Final = 110
+#: How finely a sequential stage's reach is found below fixed n's (its plan may need a few
+#: more draws for the same radius).
+SEQUENTIAL_REACH_STEP: Final = 0.01
 
 
 # --------------------------------------------------------------------------- what is drawn
@@ -74,10 +77,12 @@ class Certification:
 
     def reach(self, sigma: float) -> float:
         """The largest radius this stage can certify: every draw the top class, its bound at
-        alpha (split over the looks when sequential)."""
-        alpha = self.alpha / len(look_schedule(self.n, FIRST_LOOK)) if self.sequential \
-            else self.alpha
-        return certified_radius(lower_confidence_bound(self.n, self.n, alpha), sigma)
+        alpha (when sequential, the largest radius whose plan of n draws can, to 0.01)."""
+        reach = certified_radius(lower_confidence_bound(self.n, self.n, self.alpha), sigma)
+        while (self.sequential and reach > 0
+               and draws_to_reach(reach, sigma, self.alpha) > self.n):
+            reach = round(reach - SEQUENTIAL_REACH_STEP, 10)
+        return reach
 
     def caption(self) -> str:
         images = "" if self.images is None else f"{self.images} images, "
