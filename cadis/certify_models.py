@@ -35,7 +35,7 @@ from cadis.smoothing.precision import (
 )
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import certify_dataset
-from cadis.smoothing.sequential import SequentialPlan
+from cadis.smoothing.sequential import SequentialPlan, check_budget
 from cadis.smoothing.smooth import (
     Smooth,
     check_draws,
@@ -97,7 +97,10 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     chosen_precision = resolve_precision(precision, chosen_device)
     parameters = CertificationParameters(n0, n, alpha,
                                          batch_size or default_batch_size(chosen_device))
-    plan = SequentialPlan(radii or (), sigma, alpha, n) if sequential else None
+    plan = None
+    if sequential:
+        plan = SequentialPlan(radii or (), sigma, alpha, n)
+        check_budget(n0, n)
     test_set = load_dataset(sources.dataset, "test", sources.data_root,
                             image_size=sources.image_size)
     info = test_set.info

@@ -123,6 +123,9 @@ def test_sequential_certify_records_draws_and_keeps_its_own_folder(tiny_models_d
     (["--sequential", "--radii", "0,1.0", "--n", "100"],
      "n = 100 draws cannot certify radius 1 at sigma 0.5 sequentially (alpha 0.001); it "
      "needs n >= 303"),
+    (["--sequential", "--radii", "0", "--n0", "20"],
+     "n (10), the most estimation draws the sequential test may spend on an image, is below "
+     "n0 (20)"),
 ])
 def test_sequential_bad_input_is_one_line_and_exit_two(tiny_models_dir, tmp_path, capsys, args,
                                                        message):

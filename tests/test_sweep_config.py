@@ -162,6 +162,9 @@ BAD_CASES = [
                  "certified_accuracy_r1.0 is beyond what certify.rank.n=300 can certify "
                  "sequentially at sigma 0.5: certify.rank.n needs at least 303",
                  id="sequential-rank-cannot-reach"),
+    pytest.param(with_changes(certify={"rank": {"n": 50, "n0": 100, "sequential": True}}),
+                 "certify.rank.n (50), the most estimation draws the sequential test may spend "
+                 "on an image, is below n0 (100)", id="sequential-rank-n-below-n0"),
     pytest.param(with_changes(certify={"rank": {"alpha": 0}}),
                  "certify.rank.alpha must be a number strictly between 0 and 1",
                  id="bad-rank-alpha"),

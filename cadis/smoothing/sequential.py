@@ -108,6 +108,14 @@ def check_radii(radii: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(r) for r in values)
 
 
+def check_budget(n0: int, n_max: int) -> None:
+    """:class:`CadisError` when ``n_max``, the most estimation draws an image may spend, is
+    below ``n0``, the most selection draws: the selection would outspend the test."""
+    if n_max < n0:
+        raise CadisError(f"n ({n_max}), the most estimation draws the sequential test may "
+                         f"spend on an image, is below n0 ({n0}); raise n or lower n0")
+
+
 def threshold(radius: float, sigma: float) -> float:
     """The p_A a certificate of ``radius`` at noise ``sigma`` needs: ``Phi(radius / sigma)``,
     and CERTIFY's majority (1/2) for radius 0."""

@@ -52,7 +52,7 @@ from cadis.finetuning.config import (
 from cadis.overrides import parse_overrides
 from cadis.smoothing.bounds import CertificationParameters, draws_needed, max_certifiable_radius
 from cadis.smoothing.records import radius_key
-from cadis.smoothing.sequential import draws_to_reach
+from cadis.smoothing.sequential import check_budget, draws_to_reach
 from cadis.tracking.contract import (
     ACR,
     CERTIFIED_ACCURACY_PREFIX,
@@ -443,6 +443,8 @@ def _parse_rank(values: Mapping[str, Any], base: TrainConfig) -> RankSettings:
                            if key in parsers else value for key, value in values.items()})
     try:
         CertificationParameters(rank.n0, rank.n, rank.alpha, rank.batch_size or 1)
+        if rank.sequential:
+            check_budget(rank.n0, rank.n)
     except CadisError as error:
         raise CadisError(f"certify.rank.{error}") from None
     for key in ("images",) + (("batch_size",) if rank.batch_size is not None else ()):
