@@ -189,3 +189,8 @@ def test_plans_that_cannot_work_are_refused_with_what_they_need(radii, n_max, me
     with pytest.raises(CadisError) as error:
         SequentialPlan(radii, SIGMA, 0.001, n_max)
     assert message in str(error.value)
+
+
+def test_a_radius_no_count_of_draws_can_certify_is_refused_by_name():
+    with pytest.raises(CadisError, match="radius 20 at sigma 0.25 needs p_A = 1"):
+        SequentialPlan((0.0, 20.0), 0.25, 0.001, 1000)

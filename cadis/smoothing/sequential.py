@@ -118,13 +118,18 @@ def check_budget(n0: int, n_max: int) -> None:
 
 def threshold(radius: float, sigma: float) -> float:
     """The p_A a certificate of ``radius`` at noise ``sigma`` needs: ``Phi(radius / sigma)``,
-    and CERTIFY's majority (1/2) for radius 0."""
-    return max(MAJORITY, float(norm.cdf(radius / sigma)))
+    and CERTIFY's majority (1/2) for radius 0. :class:`CadisError` when that is 1 in floating
+    point: no number of draws certifies such a radius."""
+    p = max(MAJORITY, float(norm.cdf(radius / sigma)))
+    if p >= 1.0:
+        raise CadisError(f"radius {radius:g} at sigma {sigma:g} needs p_A = 1: no number of "
+                         f"draws certifies it")
+    return p
 
 
 def unanimous_draws(p: float, alpha: float) -> int:
     """The fewest draws, every one the candidate, whose lower bound at ``alpha`` reaches
-    ``p``: about ``log(alpha) / log(p)``, settled by the bound itself."""
+    ``p`` (below 1): about ``log(alpha) / log(p)``, settled by the bound itself."""
     n = max(1, math.ceil(math.log(alpha) / math.log(p)))
     # Float rounding at the edge: the bound decides.
     while lower_confidence_bound(n, n, alpha) < p:
