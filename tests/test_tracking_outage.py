@@ -1,0 +1,156 @@
+"""The sweep's tracking store going away: against a real ``mlflow server`` on 127.0.0.1 (a
+SQLite backend in a temporary folder, stopped by SIGKILL to its process group), the driver's
+MLflow client waits out an outage and loses no write; a store that stays down ends the sweep
+in one line, and ``--resume`` finishes it once the store is back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cadis.cli import main
+from cadis.sweeps.mlflow_writer import (
+    MLFLOW_RETRIES_ENV,
+    PatientClient,
+    TrackingStoreUnreachable,
+)
+from tests.test_cluster import _free_ports
+from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
+
+MLFLOW = Path(sys.prefix) / "bin" / "mlflow"
+# /health answers after about 12 s, and up to 100 s on a loaded machine (docs/design.md §8).
+SERVER_START_TIMEOUT_S = 240.0
+
+
+class MlflowServer:
+    """``mlflow server`` on a free loopback port, its store ``folder/mlflow.db`` (which
+    tests/test_sweep.py's ``mlflow_runs`` reads), in a process group of its own: stopped by
+    SIGKILL to the group, started again on the same port and store."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        [self.port] = _free_ports(1)
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        self.process = subprocess.Popen(
+            [str(MLFLOW), "server", "--backend-store-uri",
+             f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination",
+             str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             # One worker starts in about half the time of the default four on 2 cores.
+             "--workers", "1"],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=open(self.folder / "server.log", "ab"))
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server did not answer /health in {SERVER_START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(autouse=True)
+def mlflow_tries_once(monkeypatch):
+    """What the driver's client sets, undone after each test (other tests' clients keep
+    MLflow's own retries)."""
+    monkeypatch.setenv(MLFLOW_RETRIES_ENV, "0")
+
+
+@pytest.fixture
+def server(tmp_path):
+    running = MlflowServer(tmp_path)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _store_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("mlflow: the tracking store")]
+
+
+@pytest.mark.slow
+def test_a_write_waits_out_a_stopped_server_and_a_server_that_stays_down_ends_it(server,
+                                                                                 capsys):
+    from mlflow.entities import Metric
+
+    client = PatientClient(server.uri, retry_s=SERVER_START_TIMEOUT_S)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    client.log_metric(run_id, "m", 1.0, step=1)
+    # An answer of the store (no such run) is raised at once, not waited out.
+    started = time.monotonic()
+    with pytest.raises(Exception, match="not found|does not exist"):
+        client.get_run("0" * 32)
+    assert time.monotonic() - started < 5 and not _store_lines(capsys.readouterr().err)
+
+    server.stop()
+    written: dict[str, object] = {}
+
+    def log_step_two() -> None:
+        try:
+            client.log_batch(run_id, metrics=[Metric("m", 2.0, int(time.time() * 1000), 2)])
+            written["at"] = time.monotonic()
+        except Exception as error:  # noqa: BLE001 - the test reports it
+            written["error"] = error
+
+    writer = threading.Thread(target=log_step_two)
+    writer.start()
+    time.sleep(3)
+    assert writer.is_alive() and not written, "the write did not wait for the store"
+    restarted = time.monotonic()
+    server.start()
+    writer.join(timeout=60)
+    assert not writer.is_alive() and "error" not in written, written
+    assert written["at"] >= restarted
+    history = PatientClient(server.uri).get_metric_history(run_id, "m")
+    assert sorted((metric.step, metric.value) for metric in history) == [(1, 1.0), (2, 2.0)]
+    away, back = _store_lines(capsys.readouterr().err)
+    assert away.startswith(f"mlflow: the tracking store {server.uri} is unreachable (")
+    assert back.startswith(
+        f"mlflow: the tracking store {server.uri} is back after ")
+
+    # A store that stays down past the bound: the call raises, and every later one at once.
+    server.stop()
+    short = PatientClient(server.uri, retry_s=3)
+    started = time.monotonic()
+    with pytest.raises(TrackingStoreUnreachable,
+                       match=f"the MLflow tracking store {server.uri} is unreachable "
+                             r"\(Connection (refused|reset by peer); retried for [3-9] s"):
+        short.get_run(run_id)
+    assert 3 <= time.monotonic() - started < 10
+    started = time.monotonic()
+    with pytest.raises(TrackingStoreUnreachable):
+        short.log_metric(run_id, "m", 3.0, step=3)
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_bad_retry_bound_is_refused_before_any_work(tiny_models_dir, tmp_path, capsys,
+                                                      monkeypatch):
+    monkeypatch.setenv("CADIS_TRACKING_RETRY_S", "soon")
+    path = write(tmp_path, tiny_sweep(tiny_models_dir, tmp_path))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == "cadis: error: CADIS_TRACKING_RETRY_S must be a finite number >= 0, got 'soon'\n"
+    assert not (tmp_path / "results").exists()
