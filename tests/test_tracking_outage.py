@@ -77,9 +77,10 @@ def mlflow_tries_once(monkeypatch):
     monkeypatch.setenv(MLFLOW_RETRIES_ENV, "0")
 
 
-@pytest.fixture
-def server(tmp_path):
-    running = MlflowServer(tmp_path)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module (a start costs 15-40 s here); each test leaves it running."""
+    running = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     running.start()
     try:
         yield running
@@ -92,8 +93,8 @@ def _store_lines(err: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_write_waits_out_a_stopped_server_and_a_server_that_stays_down_ends_it(server,
-                                                                                 capsys):
+def test_a_store_that_stays_down_past_the_bound_raises_and_a_write_waits_out_a_restart(
+        server, capsys):
     from mlflow.entities import Metric
 
     client = PatientClient(server.uri, retry_s=SERVER_START_TIMEOUT_S)
@@ -106,6 +107,21 @@ def test_a_write_waits_out_a_stopped_server_and_a_server_that_stays_down_ends_it
     assert time.monotonic() - started < 5 and not _store_lines(capsys.readouterr().err)
 
     server.stop()
+    # Down past the bound: the call raises, and every later call of that client at once.
+    short = PatientClient(server.uri, retry_s=3)
+    started = time.monotonic()
+    with pytest.raises(TrackingStoreUnreachable,
+                       match=f"the MLflow tracking store {server.uri} is unreachable "
+                             r"\(Connection (refused|reset by peer); retried for [3-9] s"):
+        short.get_run(run_id)
+    assert 3 <= time.monotonic() - started < 10
+    started = time.monotonic()
+    with pytest.raises(TrackingStoreUnreachable):
+        short.log_metric(run_id, "m", 3.0, step=3)
+    assert time.monotonic() - started < 0.5
+    capsys.readouterr()
+
+    # Down for a restart (15-40 s here): the write waits, and lands once it is back.
     written: dict[str, object] = {}
 
     def log_step_two() -> None:
@@ -124,26 +140,11 @@ def test_a_write_waits_out_a_stopped_server_and_a_server_that_stays_down_ends_it
     writer.join(timeout=60)
     assert not writer.is_alive() and "error" not in written, written
     assert written["at"] >= restarted
-    history = PatientClient(server.uri).get_metric_history(run_id, "m")
+    history = client.get_metric_history(run_id, "m")
     assert sorted((metric.step, metric.value) for metric in history) == [(1, 1.0), (2, 2.0)]
     away, back = _store_lines(capsys.readouterr().err)
     assert away.startswith(f"mlflow: the tracking store {server.uri} is unreachable (")
-    assert back.startswith(
-        f"mlflow: the tracking store {server.uri} is back after ")
-
-    # A store that stays down past the bound: the call raises, and every later one at once.
-    server.stop()
-    short = PatientClient(server.uri, retry_s=3)
-    started = time.monotonic()
-    with pytest.raises(TrackingStoreUnreachable,
-                       match=f"the MLflow tracking store {server.uri} is unreachable "
-                             r"\(Connection (refused|reset by peer); retried for [3-9] s"):
-        short.get_run(run_id)
-    assert 3 <= time.monotonic() - started < 10
-    started = time.monotonic()
-    with pytest.raises(TrackingStoreUnreachable):
-        short.log_metric(run_id, "m", 3.0, step=3)
-    assert time.monotonic() - started < 0.5
+    assert back.startswith(f"mlflow: the tracking store {server.uri} is back after ")
 
 
 def test_a_bad_retry_bound_is_refused_before_any_work(tiny_models_dir, tmp_path, capsys,
@@ -154,3 +155,55 @@ def test_a_bad_retry_bound_is_refused_before_any_work(tiny_models_dir, tmp_path,
     err = capsys.readouterr().err
     assert err == "cadis: error: CADIS_TRACKING_RETRY_S must be a finite number >= 0, got 'soon'\n"
     assert not (tmp_path / "results").exists()
+
+
+def _trial_metric_logged(folder: Path, key: str) -> bool:
+    try:
+        _, runs = mlflow_runs(folder)
+    except Exception:  # noqa: BLE001 - the driver has not created the experiment yet
+        return False
+    return any(key in run.data.metrics for run in by_role(runs, "trial"))
+
+
+@pytest.mark.slow
+def test_a_store_that_stays_down_ends_the_sweep_in_one_line_and_resume_finishes_it(
+        tiny_models_dir, tmp_path, server):
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, num_trials=1, scheduler=None,
+                       store_draws=False, mlflow={"tracking_uri": server.uri,
+                                                  "experiment": "tiny"})
+    path = write(tmp_path, sweep)
+    command = [sys.executable, "-m", "cadis", "sweep", str(path)]
+    # A local Ray of its own (not one a `ray start` left on this machine), a short bound.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local",
+           "CADIS_TRACKING_RETRY_S": "5"}
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (time.monotonic() < deadline and driver.poll() is None
+               and not _trial_metric_logged(server.folder, "proxy_acr")):
+            time.sleep(1)
+        assert driver.poll() is None, "the sweep ended before the store was stopped"
+        # The first epoch is in MLflow; the next write finds no store.
+        server.stop()
+        _, err = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"cadis: error: the MLflow tracking store {server.uri} is "
+                           f"unreachable ("), err[-3000:]
+    assert f"once the store is back, cadis sweep {path} --resume continues it" in last
+    assert f"mlflow: the tracking store {server.uri} is unreachable (" in err
+
+    server.start()
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, runs = mlflow_runs(server.folder)  # the server's store, experiment "tiny"
+    [parent], [trial] = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
+    assert trial.info.status == "FINISHED" and trial.data.tags["cadis.outcome"] == "completed"
+    assert {"val_acr", "acr"} <= set(trial.data.metrics)
