@@ -23,6 +23,7 @@ from cadis.sweeps.mlflow_writer import (
     PatientClient,
     TrackingStoreUnreachable,
 )
+from tests.conftest import own_group
 from tests.test_cluster import _free_ports
 from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
 
@@ -176,9 +177,7 @@ def test_a_store_that_stays_down_ends_the_sweep_in_one_line_and_resume_finishes_
     # A local Ray of its own (not one a `ray start` left on this machine), a short bound.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local",
            "CADIS_TRACKING_RETRY_S": "5"}
-    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with own_group(command, tmp_path, env) as driver:
         deadline = time.monotonic() + 300
         while (time.monotonic() < deadline and driver.poll() is None
                and not _trial_metric_logged(server.folder, "proxy_acr")):
@@ -187,10 +186,6 @@ def test_a_store_that_stays_down_ends_the_sweep_in_one_line_and_resume_finishes_
         # The first epoch is in MLflow; the next write finds no store.
         server.stop()
         _, err = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
     assert driver.returncode == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"cadis: error: the MLflow tracking store {server.uri} is "
