@@ -194,11 +194,17 @@ def test_a_store_that_stays_down_ends_the_sweep_in_one_line_and_resume_finishes_
     assert f"mlflow: the tracking store {server.uri} is unreachable (" in err
 
     server.start()
+    # The driver did not wait for the store again to close the runs: --resume reopens them.
+    _, runs = mlflow_runs(server.folder)  # the server's store, experiment "tiny"
+    assert {run.info.status for run in runs} == {"RUNNING"}
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, runs = mlflow_runs(server.folder)  # the server's store, experiment "tiny"
+    client, runs = mlflow_runs(server.folder)
     [parent], [trial] = by_role(runs, "sweep"), by_role(runs, "trial")
     assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
     assert trial.info.status == "FINISHED" and trial.data.tags["cadis.outcome"] == "completed"
     assert {"val_acr", "acr"} <= set(trial.data.metrics)
+    # What was written before the store went away is kept.
+    assert 1 in {metric.step for metric in client.get_metric_history(trial.info.run_id,
+                                                                       "proxy_acr")}
