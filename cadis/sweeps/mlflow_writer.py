@@ -426,6 +426,8 @@ class MlflowTrialCallback(Callback):
         run_id = self.run_id(trial)
         certified = RANKED in (trial.last_result or {})
         rank_dir = trial_rank_dir(self.results, trial.trial_id)
+        if certified:
+            self._log_missing_epochs(run_id, trial.trial_id)
         if certified and rank_dir.is_dir():
             for name in CERTIFY_ARTIFACTS:
                 if (rank_dir / name).is_file():
@@ -433,6 +435,24 @@ class MlflowTrialCallback(Callback):
         self.client.set_tag(run_id, OUTCOME_TAG,
                             OUTCOME_COMPLETED if certified else OUTCOME_STOPPED)
         self.client.set_terminated(run_id, "FINISHED" if certified else "KILLED")
+
+    def _log_missing_epochs(self, run_id: str, trial_id: str) -> None:
+        """The per-epoch metrics of a trained trial that its run lacks, from its last
+        checkpoint's history: a sweep that ended on an unreachable store lost the result it
+        could not write, and the resumed Train run starts after that epoch's checkpoint."""
+        from cadis.finetuning.checkpoint import read_metadata
+
+        trained = trained_file(self.results, trial_id)
+        if not trained.is_file():
+            return
+        history = read_metadata(Path(json.loads(trained.read_text())["checkpoint"]))["history"]
+        logged = {metric.step for metric in self.client.get_metric_history(run_id, EPOCH)}
+        for metrics in history:
+            if int(metrics[EPOCH]) not in logged:
+                # What on_trial_result would have written of that epoch's result.
+                _log_metrics(self.client, run_id,
+                             {key: value for key, value in metrics.items()
+                              if math.isfinite(value)}, step=int(metrics[EPOCH]))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial failed after its last attempt (Tune calls this once it gives up): its run
