@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -33,6 +39,21 @@ def set_flags(*items: str) -> list[str]:
     same key (cadis refuses a key given twice): test defaults, then a test's own values."""
     chosen = {item.partition("=")[0]: item for item in items}
     return [flag for item in chosen.values() for flag in ("--set", item)]
+
+
+@contextlib.contextmanager
+def own_group(command: list[str], cwd, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """``command`` in a session of its own, its standard error piped (read it with
+    ``communicate``); SIGKILLed with its whole group (the Ray it started) if it is still
+    running when the block ends."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -43,7 +44,12 @@ from cadis.sweeps.schema import (
     required_per_trial,
     trial_config,
 )
-from cadis.tracking.contract import ERROR_ARTIFACT, TRIAL_ID_TAG, check_tracking_uri
+from cadis.tracking.contract import (
+    ERROR_ARTIFACT,
+    TRIAL_ID_TAG,
+    check_tracking_uri,
+    tracking_retry_s,
+)
 
 if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
@@ -95,6 +101,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     check_searched_sigma(sweep)
     uri = sweep.tracking_uri()
     check_tracking_uri(uri, create=not dry_run)
+    tracking_retry_s()  # a bad $CADIS_TRACKING_RETRY_S is refused now, not at the first outage
     warm = _load_warm_start(warm_start, sweep, resume)
     if dry_run:
         return
@@ -113,7 +120,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
         # Inside a Ray job, Ray may replace the job's working directory (its unpacked copy)
         # once the driver connects; every path is absolute by now, and this one stays.
         os.chdir(results)
-        with _mlflow_errors(uri, results):
+        with _mlflow_errors(uri, results, _resume_command(path, overrides)):
             _run_stages(sweep, path, results, uri, fingerprint, state, concurrent, stop_after,
                         warm)
     finally:
@@ -124,15 +131,31 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
 
 
 @contextlib.contextmanager
-def _mlflow_errors(uri: str, results: Path) -> Iterator[None]:
-    """An MLflow failure anywhere in the sweep ends it in one line, resumable."""
+def _mlflow_errors(uri: str, results: Path, resume_command: str) -> Iterator[None]:
+    """An MLflow failure anywhere in the sweep ends it in one line, resumable: a store that
+    stayed unreachable past the writer's retry bound (its ``PatientClient``) says how to
+    continue once it is back."""
     from mlflow.exceptions import MlflowException
+
+    from cadis.sweeps.mlflow_writer import store_given_up
 
     try:
         yield
-    except MlflowException as error:
-        raise CadisError(f"MLflow at {uri} failed ({first_line(error)}); the sweep in "
-                         f"{results} is resumable with --resume") from None
+    except Exception as error:
+        unreachable = store_given_up(error)
+        if unreachable is not None:
+            raise CadisError(f"{unreachable}; the sweep stopped: once the store is back, "
+                             f"{resume_command} continues it (results in {results})") from None
+        if isinstance(error, MlflowException):
+            raise CadisError(f"MLflow at {uri} failed ({first_line(error)}); the sweep in "
+                             f"{results} is resumable with --resume") from None
+        raise
+
+
+def _resume_command(path: Path, overrides: Sequence[str]) -> str:
+    """The command that continues this sweep: the same file, the same ``--set`` values."""
+    return shlex.join(["cadis", "sweep", str(path), "--resume",
+                       *[part for item in overrides for part in ("--set", item)]])
 
 
 def _load_warm_start(source: str | None, sweep: SweepConfig, resume: bool
@@ -155,7 +178,7 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
                 stop_after: str | None, warm: WarmStart | None) -> None:
     """search (the trials, each certified on validation), then final (the top_k on test);
     the sweep's figures and summary once either ends."""
-    from cadis.sweeps.mlflow_writer import SweepTracker
+    from cadis.sweeps.mlflow_writer import SweepTracker, store_given_up
 
     tracker = SweepTracker(uri, sweep, results, state)
     if state is None:
@@ -203,9 +226,12 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
             tracker.close_sweep(finished=False)
         raise CadisError(f"sweep interrupted; continue it with: cadis sweep ... --resume "
                          f"(results in {results})") from None
-    except BaseException:
-        with contextlib.suppress(Exception):
-            tracker.close_sweep(finished=False, failed=True)
+    except BaseException as error:
+        # A store given up on would be waited for again, to no end: its runs stay RUNNING
+        # until --resume reopens them.
+        if store_given_up(error) is None:
+            with contextlib.suppress(Exception):
+                tracker.close_sweep(finished=False, failed=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -7,17 +7,19 @@ it writes are :mod:`cadis.tracking.contract`'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Final, Mapping
 
 from ray.tune import Callback
 
-from cadis.errors import CadisError
+from cadis.errors import CadisError, first_line
 from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.layout import EPOCH, trained_file, trial_certify_dir, trial_rank_dir
 from cadis.sweeps.ranking import rank_trials
@@ -44,12 +46,14 @@ from cadis.tracking.contract import (
     RANK_ARTIFACTS_DIR,
     STAGE_TAG,
     SWEEP_TAG,
+    TRACKING_RETRY_ENV,
     TRIAL_ID_TAG,
     WARM_START_TAG,
     artifact_location,
     flatten_params,
     is_final_metric,
     is_validation_metric,
+    tracking_retry_s,
     trial_runs,
     validation_metric,
 )
@@ -79,6 +83,106 @@ ATTEMPT_LINE = re.compile(r"^Failure # \d+ \(occurred at [^)\n]*\)$", re.MULTILI
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:\([\w.]+\))?)(?:: (.*))?$")
 # Ray colours the names in its errors for terminals.
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# The waits between two attempts to reach an unreachable tracking store double from the first
+# to the last, for up to tracking_retry_s() seconds in all.
+RETRY_FIRST_WAIT_S: Final = 1.0
+RETRY_MAX_WAIT_S: Final = 15.0
+# MLflow's client retries a failed request itself (MLflow 3.17: 7 retries, waits doubling from
+# 2 s to 120 s, about 4 minutes, a warning each): the bound and the lines are the driver's, so
+# MLflow tries once unless its retries are set in the environment.
+MLFLOW_RETRIES_ENV: Final = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+class TrackingStoreUnreachable(CadisError):
+    """The tracking store did not answer within the retry bound: the sweep ends here."""
+
+
+class PatientClient:
+    """An ``MlflowClient`` whose every call outlasts a short outage of the tracking store.
+
+    A call that does not reach the store (a refused or broken connection, a timeout, HTTP 429
+    or 5xx: a ``requests`` error under MLflow's) is made again, the waits doubling from
+    :data:`RETRY_FIRST_WAIT_S` to :data:`RETRY_MAX_WAIT_S`, for up to ``retry_s`` seconds
+    (:func:`~cadis.tracking.contract.tracking_retry_s` unless given); one line says that the
+    store went away, one that it is back. Any other error is the store's answer, raised at
+    once. Past the bound the call raises :class:`TrackingStoreUnreachable`, and so does every
+    later call, without waiting again: no write is dropped unsaid, the sweep ends (resumable).
+    """
+
+    def __init__(self, uri: str, retry_s: float | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault(MLFLOW_RETRIES_ENV, "0")
+        self.uri = uri
+        self.retry_s = tracking_retry_s() if retry_s is None else retry_s
+        self._client = MlflowClient(uri)
+        self._gave_up: TrackingStoreUnreachable | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        return functools.partial(self._call, attribute) if callable(attribute) else attribute
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._gave_up is not None:
+            raise self._gave_up
+        started = time.monotonic()
+        wait = RETRY_FIRST_WAIT_S
+        away = False
+        while True:
+            try:
+                result = method(*args, **kwargs)
+                break
+            except Exception as error:  # noqa: BLE001 - only an outage is retried, below
+                reason = _outage_reason(error)
+                waited = time.monotonic() - started
+                if reason is None:
+                    raise
+                if waited >= self.retry_s:
+                    self._gave_up = TrackingStoreUnreachable(
+                        f"the MLflow tracking store {self.uri} is unreachable ({reason}; "
+                        f"retried for {waited:.0f} s, {TRACKING_RETRY_ENV} sets how long)")
+                    raise self._gave_up from None
+                if not away:
+                    away = True
+                    print(f"mlflow: the tracking store {self.uri} is unreachable ({reason}); "
+                          f"retrying for up to {self.retry_s:g} s", file=sys.stderr, flush=True)
+            time.sleep(min(wait, self.retry_s - waited))
+            wait = min(2 * wait, RETRY_MAX_WAIT_S)
+        if away:
+            print(f"mlflow: the tracking store {self.uri} is back after "
+                  f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        return result
+
+
+def exception_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def store_given_up(error: BaseException) -> TrackingStoreUnreachable | None:
+    """The :class:`TrackingStoreUnreachable` in ``error``'s chain, if any (Tune raises its
+    own error while handling a callback's)."""
+    return next((item for item in exception_chain(error)
+                 if isinstance(item, TrackingStoreUnreachable)), None)
+
+
+def _outage_reason(error: BaseException) -> str | None:
+    """Why the store was not reached, when ``error`` is an HTTP failure (a ``requests`` error
+    in its chain): the system's words where a socket error is in the chain or its arguments
+    (``Connection refused``; urllib3 keeps a reset connection's error as an argument), else
+    the innermost error's first line; None for an answer of the store."""
+    import requests
+
+    chain = exception_chain(error)
+    if not any(isinstance(item, requests.exceptions.RequestException) for item in chain):
+        return None
+    sockets = [item for link in chain for item in (link, *link.args)
+               if isinstance(item, OSError) and item.strerror]
+    return sockets[-1].strerror if sockets else first_line(chain[-1])
 
 
 class SweepTracker:
@@ -86,12 +190,10 @@ class SweepTracker:
 
     def __init__(self, uri: str, sweep: SweepConfig, results: Path,
                  state: Mapping[str, Any] | None) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri
         self.sweep = sweep
         self.results = results
-        self.client = MlflowClient(uri)
+        self.client = PatientClient(uri)
         self.parent_run_id = state["parent_run_id"] if state else ""
         self.experiment_id = state["experiment_id"] if state else ""
 
@@ -267,9 +369,7 @@ class MlflowTrialCallback(Callback):
     @property
     def client(self) -> Any:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(self.uri)
+            self._client = PatientClient(self.uri)
         return self._client
 
     def run_id(self, trial: Any) -> str:
@@ -326,6 +426,8 @@ class MlflowTrialCallback(Callback):
         run_id = self.run_id(trial)
         certified = RANKED in (trial.last_result or {})
         rank_dir = trial_rank_dir(self.results, trial.trial_id)
+        if certified:
+            self._log_missing_epochs(run_id, trial.trial_id)
         if certified and rank_dir.is_dir():
             for name in CERTIFY_ARTIFACTS:
                 if (rank_dir / name).is_file():
@@ -333,6 +435,24 @@ class MlflowTrialCallback(Callback):
         self.client.set_tag(run_id, OUTCOME_TAG,
                             OUTCOME_COMPLETED if certified else OUTCOME_STOPPED)
         self.client.set_terminated(run_id, "FINISHED" if certified else "KILLED")
+
+    def _log_missing_epochs(self, run_id: str, trial_id: str) -> None:
+        """The per-epoch metrics of a trained trial that its run lacks, from its last
+        checkpoint's history: a sweep that ended on an unreachable store lost the result it
+        could not write, and the resumed Train run starts after that epoch's checkpoint."""
+        from cadis.finetuning.checkpoint import read_metadata
+
+        trained = trained_file(self.results, trial_id)
+        if not trained.is_file():
+            return
+        history = read_metadata(Path(json.loads(trained.read_text())["checkpoint"]))["history"]
+        logged = {metric.step for metric in self.client.get_metric_history(run_id, EPOCH)}
+        for metrics in history:
+            if int(metrics[EPOCH]) not in logged:
+                # What on_trial_result would have written of that epoch's result.
+                _log_metrics(self.client, run_id,
+                             {key: value for key, value in metrics.items()
+                              if math.isfinite(value)}, step=int(metrics[EPOCH]))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial failed after its last attempt (Tune calls this once it gives up): its run

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 from cadis.errors import CadisError
 from cadis.files import check_creatable_folder
+from cadis.validation import non_negative_float
 
 # Tags. ``mlflow.parentRunId`` makes the MLflow UI nest trials under their sweep.
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -109,6 +110,10 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_STORE = Path("runs/sweeps/mlflow.db")
 ARTIFACTS_DIR = "mlartifacts"
 HEALTH_TIMEOUT_SECONDS = 5.0
+# How long a sweep's driver waits for an unreachable tracking store (a server restarted, a
+# network cut) before the sweep ends, resumable; the variable changes it.
+TRACKING_RETRY_S = 300.0
+TRACKING_RETRY_ENV = "CADIS_TRACKING_RETRY_S"
 # MLflow caps a param value at 6000 characters; longer values are cut, never refused.
 MAX_PARAM_CHARS = 6000
 
@@ -186,6 +191,19 @@ def check_tracking_uri(uri: str, create: bool = True) -> None:
     elif "://" not in uri and not uri.startswith(("databricks", "file:")):
         raise CadisError(f"mlflow.tracking_uri {uri!r} is not a URI; use http://HOST:PORT or "
                          f"sqlite:///PATH")
+
+
+def tracking_retry_s() -> float:
+    """Seconds to wait for an unreachable tracking store: ``$CADIS_TRACKING_RETRY_S`` when
+    set (a number >= 0), else :data:`TRACKING_RETRY_S`."""
+    text = os.environ.get(TRACKING_RETRY_ENV, "").strip()
+    if not text:
+        return TRACKING_RETRY_S
+    try:
+        value: object = float(text)
+    except ValueError:
+        value = text
+    return non_negative_float(value, TRACKING_RETRY_ENV)
 
 
 def trial_runs(client: Any, experiment_id: str, parent_run_id: str | None = None,

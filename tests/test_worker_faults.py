@@ -1,0 +1,95 @@
+"""A Ray Train worker killed mid-run: ``cadis train --workers 2`` (the TorchTrainer every
+sweep trial builds too, :func:`cadis.finetuning.ray_train.build_trainer`) restarts its
+worker group from the last checkpoint, and the run goes on with its epoch and step count.
+A real local Ray; the worker is found by its process title and SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import own_group, set_flags
+from tests.test_train import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+# Ray sets a worker's process title to its actor class (and the method it runs).
+TRAIN_WORKER_TITLE = b"ray::RayTrainWorker"
+# The variable that marks the processes of this test's Ray (its workers inherit it).
+TAG_ENV = "CADIS_TEST_RAY_TAG"
+
+
+def train_workers(tag: str) -> set[int]:
+    """The pids of live Ray Train workers of the Ray whose processes carry ``tag``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if title.startswith(TRAIN_WORKER_TITLE) and f"{TAG_ENV}={tag}".encode() in environ:
+            found.add(int(entry.name))
+    return found
+
+
+# Train's record of the checkpoints it has registered, in the run's storage folder (Ray
+# 2.60). A checkpoint folder lands before its report is registered: a worker killed between
+# the two restarts from the checkpoint before it (seen: from scratch, the unregistered folder
+# left behind), so the kill waits for the record.
+CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
+
+
+def registered_checkpoint(storage: Path) -> dict | None:
+    """The metadata of the latest checkpoint Train has registered under ``storage``."""
+    try:
+        record = json.loads((storage / CHECKPOINT_RECORD).read_text())
+        name = record["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return json.loads((storage / name / "finetune.json").read_text())["metadata"]
+    except (OSError, ValueError, KeyError, TypeError):  # not yet written, or being replaced
+        return None
+
+
+@pytest.mark.slow
+def test_a_train_worker_killed_after_the_first_checkpoint_resumes_there_with_its_step_count(
+        tiny_models_dir, tmp_path):
+    out = tmp_path / "out"
+    tag = str(tmp_path)
+    epochs, steps = 3, 4
+    command = [sys.executable, "-m", "cadis", "train", str(REPO / "sweeps" / "default.yaml"),
+               "--out", str(out), "--quiet", "--workers", "2",
+               *set_flags(f"models={tiny_models_dir}", *TINY, f"epochs={epochs}",
+                          f"max_steps_per_epoch={steps}", "cpus_per_worker=0.5")]
+    # A local Ray of its own (not one a `ray start` left on this machine), its processes tagged.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local", TAG_ENV: tag}
+    with own_group(command, tmp_path, env) as run:
+        deadline = time.monotonic() + 300
+        seen = None
+        while time.monotonic() < deadline and run.poll() is None and seen is None:
+            seen = registered_checkpoint(out / "ray" / "train")
+            time.sleep(0.1)
+        assert seen is not None, "no checkpoint before the run ended"
+        workers = train_workers(tag)
+        assert len(workers) == 2 and seen["epoch"] < epochs
+        os.kill(min(workers), signal.SIGKILL)
+        # Train replaces the worker group: new workers start.
+        while time.monotonic() < deadline and run.poll() is None and not (
+                train_workers(tag) - workers):
+            time.sleep(0.2)
+        assert train_workers(tag) - workers, "no worker was started again"
+        _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    # Every epoch once, the step count carried on, and the epochs before the kill restored
+    # from the checkpoint rather than trained again (their wall time is the same number).
+    assert [metrics["epoch"] for metrics in history] == list(range(1, epochs + 1))
+    assert [metrics["global_step"] for metrics in history] == [
+        steps * epoch for epoch in range(1, epochs + 1)]
+    assert history[:seen["epoch"]] == seen["history"]
