@@ -6,6 +6,7 @@ Every user error (:class:`cadis.errors.CadisError`) becomes one line on stderr a
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
+# Storage refusing a write mid-run (disk or quota full, a file-size limit, a folder made
+# read-only): one line, not a traceback. What was written stays whole: results go through
+# atomic writes, and a records line cut short is ignored and cut when the run resumes.
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES})
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
@@ -288,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except CadisError as error:
         print(f"cadis: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        print(f"cadis: error: a write{where} failed: {error.strerror}; finished work is kept: "
+              "make room and run the same command again to continue", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cadis: interrupted", file=sys.stderr)

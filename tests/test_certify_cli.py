@@ -146,3 +146,38 @@ def test_bf16_certify_says_its_precision_and_its_agreement_with_fp32(tiny_models
     assert summary["agreement_with_fp32"] >= 0.999 and summary["agreement_draws"] == 2000
     # Records of another precision are another experiment: the folder refuses them.
     assert _certify(tiny_models_dir, out, "--max-images", "2") == 2
+
+
+def test_storage_that_refuses_a_write_mid_run_is_one_line_and_the_rerun_continues(
+        tiny_models_dir, tmp_path):
+    # A full disk, simulated without privileges by a limit on the size of any file the
+    # process writes (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with EFBIG).
+    import resource
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "cadis", "certify", "--models", str(tiny_models_dir),
+               "--sigma", "0.5", "--n", "20", "--n0", "5", "--max-images", "40", "--quiet"]
+    whole = tmp_path / "whole"
+    subprocess.run([*command, "--out", str(whole)], check=True, capture_output=True)
+    settings = (whole / "settings.json").stat().st_size
+    limit = settings + (whole / "records.tsv").stat().st_size // 2
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "cut"
+    done = subprocess.run([*command, "--out", str(out)], preexec_fn=limited,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "cadis: error: a write failed: File too large; finished work is kept: make room and "
+        "run the same command again to continue"]
+    kept = read_records(out / "records.tsv")
+    assert 0 < len(kept) < 40 and not (out / "summary.json").exists()
+    # The rerun, with room again, certifies only what is missing: the same records as a run
+    # that never stopped, but for the seconds.
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True)
+    strip = [(r.idx, r.label, r.predict, r.radius) for r in read_records(out / "records.tsv")]
+    assert strip == [(r.idx, r.label, r.predict, r.radius)
+                     for r in read_records(whole / "records.tsv")]
