@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Sequence
 
 import torch
@@ -35,7 +36,7 @@ from cadis.smoothing.precision import (
 )
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import certify_dataset
-from cadis.smoothing.sequential import SequentialPlan, check_budget
+from cadis.smoothing.sequential import SequentialPlan, check_budget, forward_sizes
 from cadis.smoothing.smooth import (
     Smooth,
     check_draws,
@@ -108,7 +109,8 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     base = build_denoised_classifier(sources, sigma, checkpoint, chosen_device,
                                      channels=info.channels, image_size=info.image_size)
     fast, notes = _fast_base(base, test_set, indices, sigma, seed, chosen_precision, compile,
-                             parameters.batch_size, chosen_device)
+                             parameters.batch_size, chosen_device,
+                             forward_sizes(plan, n0, parameters.batch_size) if plan else ())
     smooth = Smooth(fast, info.num_classes, sigma, precision=chosen_precision)
     settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
                 "checkpoint": checkpoint, "dataset": sources.dataset, "seed": seed,
@@ -134,10 +136,12 @@ def shard_of(indices: list[int], shard: tuple[int, int] | None) -> list[int]:
 
 def _fast_base(base: DenoisedClassifier, dataset: Any, indices: list[int], sigma: float,
                seed: int, precision: Precision, compile: bool, batch_size: int,
-               device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+               device: torch.device, sizes: Iterable[int] = ()
+               ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The base the forwards run (``base`` compiled when asked) and what to note of it: for
     anything but fp32 eager, its agreement with ``base`` in fp32 on noisy draws of the first
-    :data:`AGREEMENT_IMAGES` images (which raises below the bar) and the compile time."""
+    :data:`AGREEMENT_IMAGES` images (which raises below the bar) and the compile time, which
+    covers the forward ``sizes`` the run will also meet (a sequential plan's partial looks)."""
     fast = compile_base(base) if compile else base
     if precision is FP32 and not compile:
         return fast, {}
@@ -148,9 +152,12 @@ def _fast_base(base: DenoisedClassifier, dataset: Any, indices: list[int], sigma
     if compile:
         # The first forward of each shape compiles: paid here, once per process, and said.
         started = time.perf_counter()
+        shapes = {len(batch): batch for batch in draws}
         with torch.inference_mode(), autocast(precision, device):
-            for shape in {len(batch): batch for batch in draws}.values():
-                fast(shape)
+            for batch in shapes.values():
+                fast(batch)
+            for size in sorted(set(sizes) - set(shapes)):
+                fast(draws[0][:size])
         compile_seconds = time.perf_counter() - started
         print(f"certify: torch.compile took {compile_seconds:.0f} s", flush=True)
     share = check_agreement(base, fast, draws, precision, compile, device)

@@ -21,6 +21,7 @@ from cadis.smoothing.sequential import (
     SELECTION_FIRST,
     SequentialPlan,
     draws_to_reach,
+    forward_sizes,
     look_schedule,
     run_sequential,
     threshold,
@@ -194,3 +195,19 @@ def test_plans_that_cannot_work_are_refused_with_what_they_need(radii, n_max, me
 def test_a_radius_no_count_of_draws_can_certify_is_refused_by_name():
     with pytest.raises(CadisError, match="radius 20 at sigma 0.25 needs p_A = 1"):
         SequentialPlan((0.0, 20.0), 0.25, 0.001, 1000)
+
+
+def test_the_forward_sizes_are_every_batch_a_sequential_run_makes():
+    # What a compiled base is warmed on: record the batches a run really cuts its draws into.
+    plan = SequentialPlan(RADII, SIGMA, 0.001, n_max=1000)
+    seen = set()
+
+    class Recording(HalfSpace):
+        def forward(self, images):
+            seen.add(len(images))
+            return super().forward(images)
+
+    smooth = Smooth(Recording(), 2, SIGMA, generator=torch.Generator().manual_seed(0))
+    for distance in (0.0, 0.3, 0.6, 3.0):  # boundary cases run long, clear ones stop early
+        smooth.certify_sequential(image_at(distance), 100, plan, 100)
+    assert seen <= forward_sizes(plan, 100, 100) and len(seen) > 2

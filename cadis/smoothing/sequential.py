@@ -288,6 +288,17 @@ class SequentialPlan:
                 "futility_level": FUTILITY_LEVEL}
 
 
+def forward_sizes(plan: SequentialPlan, n0: int, batch_size: int) -> set[int]:
+    """Every number of draws a forward of ``plan``'s test can hold, ``batch_size`` at most:
+    each call of :func:`run_sequential`'s ``draw`` is cut into full forwards and one partial
+    one. What a compiled base is warmed on, so that none compiles mid-run."""
+    first = min(SELECTION_FIRST, n0)
+    calls = [first + plan.looks[0], n0 - first,
+             *(later - earlier for earlier, later in zip(plan.looks, plan.looks[1:]))]
+    return {min(batch_size, draws) for draws in calls if draws} | {
+        draws % batch_size for draws in calls if draws % batch_size}
+
+
 #: Draws the next ``(selection, estimation)`` draws of one image and returns the class counts
 #: of each: the two never share a draw.
 DrawCounts = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
