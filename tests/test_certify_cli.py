@@ -156,10 +156,10 @@ def test_storage_that_refuses_a_write_mid_run_is_one_line_and_the_rerun_continue
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "cadis", "certify", "--models", str(tiny_models_dir),
-               "--sigma", "0.5", "--n", "20", "--n0", "5", "--max-images", "40", "--quiet"]
+    flags = ["certify", "--models", str(tiny_models_dir), "--sigma", "0.5", "--n", "20", "--n0",
+             "5", "--max-images", "40", "--quiet"]
     whole = tmp_path / "whole"
-    subprocess.run([*command, "--out", str(whole)], check=True, capture_output=True)
+    assert main([*flags, "--out", str(whole)]) == 0
     settings = (whole / "settings.json").stat().st_size
     limit = settings + (whole / "records.tsv").stat().st_size // 2
 
@@ -167,8 +167,9 @@ def test_storage_that_refuses_a_write_mid_run_is_one_line_and_the_rerun_continue
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "cut"
-    done = subprocess.run([*command, "--out", str(out)], preexec_fn=limited,
-                          capture_output=True, text=True)
+    # The limit binds the whole process, so the cut run is a process of its own.
+    done = subprocess.run([sys.executable, "-m", "cadis", *flags, "--out", str(out)],
+                          preexec_fn=limited, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "cadis: error: a write failed: File too large; finished work is kept: make room and "
@@ -177,7 +178,7 @@ def test_storage_that_refuses_a_write_mid_run_is_one_line_and_the_rerun_continue
     assert 0 < len(kept) < 40 and not (out / "summary.json").exists()
     # The rerun, with room again, certifies only what is missing: the same records as a run
     # that never stopped, but for the seconds.
-    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True)
+    assert main([*flags, "--out", str(out)]) == 0
     strip = [(r.idx, r.label, r.predict, r.radius) for r in read_records(out / "records.tsv")]
     assert strip == [(r.idx, r.label, r.predict, r.radius)
                      for r in read_records(whole / "records.tsv")]
