@@ -9,7 +9,7 @@ image's class with probability p_A (two classes: the hardest case for the select
 the draws an image each spends and the certified accuracy of both at each grid radius.
 
     .venv/bin/python benchmarks/sequential_replay.py docs/results/baseline-sigma0.5 \\
-        --sigma 0.5 --n 1000 --replays 6
+        --n 1000 --replays 6
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ SELECTION = 100
 ABSTAINED_P = 0.45
 
 
-def probabilities(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """p_A and correctness of each record, from the n_A its radius implies."""
+def probabilities(folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """p_A and correctness of each record, from the n_A its radius implies, and the sigma
+    they were certified at (the replay's: a radius means a p_A only at its noise)."""
     settings = json.loads((folder / "summary.json").read_text())
     n, alpha, sigma = settings["n"], settings["alpha"], settings["sigma"]
     bounds = np.array([lower_confidence_bound(k, n, alpha) for k in range(n + 1)])
@@ -42,20 +43,19 @@ def probabilities(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         else:
             shares.append(np.argmin(abs(bounds - norm.cdf(record.radius / sigma))) / n)
         correct.append(record.correct)
-    return np.array(shares), np.array(correct)
+    return np.array(shares), np.array(correct), sigma
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records", type=Path, help="a fixed-n certification folder")
-    parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--n", type=int, default=1000, help="n of both tests (sequential: at most)")
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--replays", type=int, default=6)
     args = parser.parse_args()
-    shares, correct = probabilities(args.records)
-    plan = SequentialPlan(GRID, args.sigma, args.alpha, args.n)
-    thresholds = [threshold(r, args.sigma) for r in GRID]
+    shares, correct, sigma = probabilities(args.records)
+    plan = SequentialPlan(GRID, sigma, args.alpha, args.n)
+    thresholds = [threshold(r, sigma) for r in GRID]
     rng = np.random.default_rng(1)
 
     def counts(p: float, draws: int) -> np.ndarray:
@@ -71,7 +71,7 @@ def main() -> None:
             lambda s, e, p=p: (counts(p, s), counts(p, e)), SELECTION, plan)
         sequential.append(right * (prediction == 0) * sum(radius >= r for r in GRID))
         spent.append(draws)
-    print(f"{len(shares)} images x {args.replays} replays, sigma={args.sigma}, n={args.n}, "
+    print(f"{len(shares)} images x {args.replays} replays, sigma={sigma}, n={args.n}, "
           f"n0={SELECTION}, alpha={args.alpha}; looks {list(plan.looks)}")
     print(f"draws an image: fixed {SELECTION + args.n}, sequential {np.mean(spent):.0f} "
           f"({(SELECTION + args.n) / np.mean(spent):.2f}x fewer)")

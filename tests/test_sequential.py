@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cadis.errors import CadisError
-from cadis.smoothing.bounds import ABSTAIN, CertificationParameters
+from cadis.smoothing.bounds import ABSTAIN, CertificationParameters, lower_confidence_bound
 from cadis.smoothing.sequential import (
     SELECTION_FIRST,
     SequentialPlan,
@@ -125,7 +125,6 @@ def test_the_main_look_is_where_a_unanimous_image_certifies_the_largest_radius()
     plan = SequentialPlan(RADII, SIGMA, 0.001, n_max=5000)
     main = plan.alphas.index(max(plan.alphas[:-1]))
     n, top = plan.looks[main], threshold(RADII[-1], SIGMA)
-    from cadis.smoothing.bounds import lower_confidence_bound
     assert lower_confidence_bound(n, n, plan.alphas[main]) >= top
     assert lower_confidence_bound(n - 1, n - 1, plan.alphas[main]) < top
 

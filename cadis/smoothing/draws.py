@@ -194,8 +194,8 @@ class DrawStore:
                            ) -> list[tuple[int, int, float, int]]:
         """``[(label, prediction, radius, draws)]`` of the sequential test of ``plan`` for the
         store's images ``indices``, in that order: at most the image's ``n0`` stored selection
-        draws choose the candidate, its stored estimation draws are read in the plan's looks (at most
-        the store's ``n``, which ``plan.n_max`` may not exceed). The stored draws are iid and
+        draws choose the candidate, its stored estimation draws are read in the plan's looks
+        (at most the store's ``n``, which ``plan.n_max`` may not exceed). The stored draws are iid and
         independent of the classifier, so :class:`SequentialPlan`'s guarantee holds."""
         n0, n = self.key["n0"], self.key["n"]
         if plan.n_max > n:

@@ -6,8 +6,9 @@ question: is this image certified at r = 0.5, or at the radii of its table? The 
 test answers it with three savings, each sound on its own:
 
 * **Selection stops early.** The candidate class comes from selection draws, as in CERTIFY,
-  but when the first :data:`SELECTION_FIRST` of them all name one class that class is the
-  candidate; only otherwise are the rest of the ``n0`` drawn (the top class of all ``n0``).
+  but when one class leads every other by :data:`SELECTION_LEAD` of the first
+  :data:`SELECTION_FIRST` of them that class is the candidate; only otherwise are the rest of
+  the ``n0`` drawn (the top class of all ``n0``).
   Any rule that looks only at selection draws is sound: the estimation draws are independent
   of them whatever the rule does.
 * **Looks at a fixed schedule, alpha spent where it decides.** Estimation draws come in
@@ -24,8 +25,8 @@ test answers it with three savings, each sound on its own:
   certify r: continuing would rarely certify it. Giving up only ever reports less.
 
 Radius r is **certified** at a look with level ``alpha_k > 0`` once the lower bound at
-``alpha_k`` reaches ``Phi(r / sigma)`` (r = 0: 1/2), and stays certified; an image stops once every radius is certified or out of
-reach, or at n_max, and reports its candidate with the largest certified grid radius, or
+``alpha_k`` reaches ``Phi(r / sigma)`` (r = 0: 1/2), and stays certified; an image stops
+once every radius is certified or out of reach, or at n_max, and reports its candidate with the largest certified grid radius, or
 ABSTAIN when not even r = 0 is certified.
 
 Why this is sound (the guarantee of every public function here): reporting radius r when the
@@ -225,16 +226,12 @@ class SequentialPlan:
         self.alpha = check_probability(alpha, "alpha")
         self.n_max = positive_int(n_max, "n")
         self.thresholds = tuple(threshold(r, self.sigma) for r in self.radii)
-        self.looks, self.alphas = look_schedule(self.n_max, self.alpha, self.thresholds[-1])
+        self._set_schedule(*look_schedule(self.n_max, self.alpha, self.thresholds[-1]))
         if not _certifies(self.looks, self.alphas, self.thresholds[-1]):
             needed = draws_to_reach(self.radii[-1], self.sigma, self.alpha)
             raise CadisError(f"n = {self.n_max} draws cannot certify radius {self.radii[-1]:g} "
                              f"at sigma {self.sigma:g} sequentially (alpha {self.alpha:g}); it "
                              f"needs n >= {needed}")
-        # What share of n_max draws the last look needs to certify each radius: the bar
-        # giving up compares the upper bound with (above 1: the last look cannot).
-        self.needed_share = tuple(self._last_look_needs(t) / self.n_max
-                                  for t in self.thresholds)
 
     @classmethod
     def single_look(cls, radii: Sequence[float], sigma: float, alpha: float,
@@ -242,10 +239,15 @@ class SequentialPlan:
         """The plan of one look at ``n`` draws with the whole ``alpha``: fixed-n CERTIFY's
         statistics decided at the grid (with the early selection), to set beside a plan."""
         plan = cls(radii, sigma, alpha, n)
-        plan.looks, plan.alphas = (plan.n_max,), (plan.alpha,)
-        plan.needed_share = tuple(plan._last_look_needs(t) / plan.n_max
-                                  for t in plan.thresholds)
+        plan._set_schedule((plan.n_max,), (plan.alpha,))
         return plan
+
+    def _set_schedule(self, looks: tuple[int, ...], alphas: tuple[float, ...]) -> None:
+        """The looks, their levels, and what giving up compares the upper bound with: the
+        share of n_max draws the last look needs to certify each radius (above 1: it cannot)."""
+        self.looks, self.alphas = looks, alphas
+        self.needed_share = tuple(self._last_look_needs(t) / self.n_max
+                                  for t in self.thresholds)
 
     def _last_look_needs(self, p: float) -> int:
         """The fewest candidate draws of n_max whose bound at the last look's level reaches
