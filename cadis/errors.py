@@ -9,6 +9,11 @@ class CadisError(Exception):
     """
 
 
+class RepeatedFailure(CadisError):
+    """Work refused without being tried again: an earlier attempt failed with a CadisError,
+    which a retry cannot change. The message is that attempt's reason."""
+
+
 EXIT_USAGE = 2
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from cadis.cli import main
 from cadis.smoothing.records import RECORDS_FILENAME
+from cadis.sweeps.layout import TUNE_NAME, trial_failure_file
 from cadis.sweeps.mlflow_writer import MAX_REASON_CHARS, NO_ERROR_TEXT, failure_reason
 from tests.test_sweep import by_role, kill_driver_when, mlflow_runs, tiny_sweep, write
 
@@ -52,6 +53,11 @@ cadis.finetuning.loop.NonFiniteLoss: epoch 1, step 2: the loss is nan (SCE = nan
     ("Failure # 1 (occurred at t)\nthe worker died unexpectedly\nand said nothing\n",
      "the worker died unexpectedly"),
     ("", NO_ERROR_TEXT),
+    # A retry refused because the first attempt's failure would repeat: its reason.
+    (RAY_ERROR_TEXT + "Failure # 3 (occurred at t)\n  File \"/repo/cadis/sweeps/trial.py\", "
+     "line 65, in run_trial\ncadis.errors.RepeatedFailure: NonFiniteLoss: epoch 1, step 2: "
+     "the loss is nan (SCE = nan)\n",
+     "NonFiniteLoss: epoch 1, step 2: the loss is nan (SCE = nan)"),
 ])
 def test_a_failures_reason_is_the_last_attempts_innermost_exception_in_one_line(text, reason):
     assert failure_reason(text) == reason
@@ -67,8 +73,9 @@ def test_a_long_reason_is_cut():
 def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others_go_on(
         tiny_models_dir, tmp_path, capsys):
     # lr 1e30 makes the first step's weights enormous, so the second step's loss is nan
-    # (tests/test_loop.py shows it with these models); lr 1e-3 trains as usual. Tune retries
-    # the failing trial (and Train its workers) as in any sweep: it fails each time.
+    # (tests/test_loop.py shows it with these models); lr 1e-3 trains as usual. A NonFiniteLoss
+    # would only repeat: Train does not restart the workers, and Tune's retry of the trial
+    # ends at once with the same reason, training nothing.
     # Each trial denoises its own draws (no task building shared ones first: a shorter test).
     sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None, num_trials=1,
                        store_draws=False, search={"lr": {"grid": [1.0e-3, 1.0e30]}})
@@ -88,10 +95,24 @@ def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others
     assert reason.startswith("NonFiniteLoss: epoch 1, step 2: the loss is nan (")
     assert "\n" not in reason
     assert "error.txt" in {item.path for item in client.list_artifacts(failed.info.run_id)}
-    # It is set after Tune's last attempt: the text holds both, without terminal colours.
+    # It is set after Tune's last attempt: the text holds both, without terminal colours; the
+    # second is the refused retry, which read the first's reason from the trial's folder.
     text = Path(client.download_artifacts(failed.info.run_id, "error.txt",
                                           str(tmp_path))).read_text()
-    assert "Failure # 2" in text and reason.split(" (")[0] in text and "\x1b[" not in text
+    first, second = text.split("Failure # 2")
+    assert "NonFiniteLoss: epoch 1, step 2" in first and "\x1b[" not in text
+    assert f"RepeatedFailure: {reason}" in second and "trainer.fit()" not in second
+    trial_id = failed.data.tags["cadis.trial_id"]
+    assert trial_failure_file(tmp_path / "results", trial_id).read_text() == f"{reason}\n"
+    # Tune's own table of the trials says the same: that trial errored, with this reason.
+    from ray import tune
+
+    from cadis.sweeps.trial import run_trial
+
+    grid = tune.Tuner.restore(str(tmp_path / "results" / TUNE_NAME),
+                              trainable=run_trial).get_results()
+    [error] = [result.error for result in grid if result.error is not None]
+    assert reason in str(error)
     # The other trial went on: it completed, ranked, and was certified on the test set.
     assert good.info.status == "FINISHED" and good.data.tags["cadis.outcome"] == "completed"
     assert "val_acr" in good.data.metrics and "acr" in good.data.metrics

@@ -93,3 +93,31 @@ def test_a_train_worker_killed_after_the_first_checkpoint_resumes_there_with_its
     assert [metrics["global_step"] for metrics in history] == [
         steps * epoch for epoch in range(1, epochs + 1)]
     assert history[:seen["epoch"]] == seen["history"]
+
+
+@pytest.mark.slow
+def test_a_worker_that_raises_a_cadis_error_ends_the_run_in_one_line_without_a_restart(
+        tiny_models_dir, tmp_path):
+    # lr 1e30: the second step's loss is nan on both workers (tests/test_loop.py), a
+    # NonFiniteLoss, which a restart would only repeat. Train would restart the worker group
+    # (RAY_MAX_FAILURES times) for any other error; every worker process started is counted.
+    tag = str(tmp_path)
+    command = [sys.executable, "-m", "cadis", "train", str(REPO / "sweeps" / "default.yaml"),
+               "--out", str(tmp_path / "out"), "--quiet", "--workers", "2",
+               *set_flags(f"models={tiny_models_dir}", *TINY, "epochs=1", "lr=1e30",
+                          "max_steps_per_epoch=4", "cpus_per_worker=0.5")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local", TAG_ENV: tag}
+    started: set[int] = set()
+    with own_group(command, tmp_path, env) as run:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and run.poll() is None:
+            started |= train_workers(tag)
+            time.sleep(0.05)
+        _, err = run.communicate(timeout=60)
+    assert run.returncode == 2, err[-3000:]
+    # Ray's forwarded logs of the workers may follow it; the command's own line is one line.
+    [line] = [line for line in err.splitlines() if line.startswith("cadis: error:")]
+    assert line.startswith("cadis: error: epoch 1, step 2: the loss is nan ("), err[-3000:]
+    assert "RETRY" not in err and "Traceback" not in line
+    assert len(started) == 2, f"{len(started)} Train workers started: the group was restarted"
+    assert not (tmp_path / "out" / "history.json").exists()

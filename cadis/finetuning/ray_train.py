@@ -12,12 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from cadis.errors import CadisError
 from cadis.finetuning.config import TrainConfig, from_mapping, portable_config
 from cadis.finetuning.loop import train_loop
 
 RAY_RUN_NAME: Final = "train"
-# Worker failures (a lost node, say) restart the run from the last checkpoint this often.
+# Worker failures (a lost node, say) restart the run from the last checkpoint this often; a
+# worker that raised a CadisError is not restarted (see deterministic_cause).
 RAY_MAX_FAILURES: Final = 2
+# Where Ray keeps the error a failure carries: a Train ControllerError's failure, a
+# WorkerGroupError's per-worker errors, the user exception inside a worker's traceback
+# wrapper (Ray 2.60), and Python's own chaining.
+RAY_ERROR_LINKS: Final = ("controller_failure", "worker_failures", "_base_exc", "__cause__")
 # The last checkpoint is what certification and resume read; each holds every epoch's
 # metrics, so older ones are not needed (a sweep of many trials must not fill the disk).
 CHECKPOINTS_TO_KEEP: Final = 1
@@ -65,6 +71,45 @@ class RaySession:
         return None if checkpoint is None else Path(checkpoint.path)
 
 
+def deterministic_cause(error: BaseException) -> CadisError | None:
+    """The :class:`CadisError` a failed Train run carries, seen through Ray's wrappers, or
+    None. A CadisError is deterministic: a bad value, a loss gone non-finite, data that does
+    not fit; the same config on the same data raises it again, so retrying it only repeats the
+    failure (six times over, with Train's and Tune's retries). Anything else (a lost node, a
+    killed worker, a full disk) may pass and is retried as Ray does."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, CadisError):
+            return item
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        for link in RAY_ERROR_LINKS:
+            linked = getattr(item, link, None)
+            pending.extend(linked.values() if isinstance(linked, dict) else [linked])
+    return None
+
+
+def stop_on_deterministic_failure() -> Any:
+    """A Train callback (run in the Train controller) that ends the run without restarting
+    its workers when a worker raised a :class:`CadisError`: the callback's error makes Train
+    raise rather than retry (its failure policy retries worker errors, not a controller's),
+    and the run's error carries that CadisError (:func:`deterministic_cause` finds it)."""
+    from ray.train import UserCallback
+
+    class StopOnDeterministicFailure(UserCallback):
+        def after_exception(self, run_context: Any,
+                            worker_exceptions: dict[int, Exception]) -> None:
+            for worker_error in worker_exceptions.values():
+                cause = deterministic_cause(worker_error)
+                if cause is not None:
+                    raise cause
+
+    return StopOnDeterministicFailure()
+
+
 def ray_train_worker(config_dict: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer: the same loop inside a Ray worker. Its
     rank-0 worker writes progress lines (a worker's output is a log, never a terminal), which
@@ -92,7 +137,8 @@ def build_trainer(config: TrainConfig, name: str, storage: Path, *, cpus_per_wor
         ray_train_worker, train_loop_config=config.to_dict(),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker=worker),
-        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             callbacks=[stop_on_deterministic_failure(), *callbacks],
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
                              failure_config=FailureConfig(max_failures=RAY_MAX_FAILURES)))
 
@@ -113,4 +159,11 @@ def fit_with_ray(config: TrainConfig, out_dir: Path, resume: bool) -> Path:
     trainer = build_trainer(config, RAY_RUN_NAME, storage,
                             cpus_per_worker=config.cpus_per_worker,
                             gpus_per_worker=1.0 if wants_gpu else 0.0)
-    return Path(trainer.fit().checkpoint.path)
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        cause = deterministic_cause(error)
+        if cause is None:
+            raise
+        raise cause from None  # the one line a CadisError gives, not Ray's wrapper
+    return Path(result.checkpoint.path)

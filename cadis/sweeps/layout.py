@@ -9,6 +9,7 @@ writer::
     draws/            the denoised draws of the rank stage and the proxy, made once
     figures/          the sweep's figures (cadis.sweeps.figures), also on the parent run
     trials/<trial>/trained.json   the trial's last checkpoint and config
+    trials/<trial>/failure.txt    why the trial failed, when a retry cannot change it
     trials/<trial>/rank/     the rank stage (validation): records.tsv, summary.json, plot
     trials/<trial>/certify/  the final stage (test), for finalists: the same files
 """
@@ -30,6 +31,7 @@ TRIALS_DIR: Final = "trials"
 CERTIFY_DIR: Final = "certify"
 RANK_DIR: Final = "rank"
 TRAINED_FILE: Final = "trained.json"
+FAILURE_FILE: Final = "failure.txt"
 DRAWS_DIR: Final = "draws"
 # The per-epoch time axis of ASHA and MLflow's step: an epoch survives resume, Tune's
 # iteration count does not.
@@ -62,3 +64,8 @@ def trial_rank_dir(results: str | Path, trial_id: str) -> Path:
 def trained_file(results: str | Path, trial_id: str) -> Path:
     """Where a trained trial names its last checkpoint and config."""
     return trial_folder(results, trial_id) / TRAINED_FILE
+
+
+def trial_failure_file(results: str | Path, trial_id: str) -> Path:
+    """Where a trial that failed deterministically keeps its reason, for its retries."""
+    return trial_folder(results, trial_id) / FAILURE_FILE

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Mapping
 
 from ray.tune import Callback
 
-from cadis.errors import CadisError, first_line
+from cadis.errors import CadisError, RepeatedFailure, first_line
 from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.layout import EPOCH, trained_file, trial_certify_dir, trial_rank_dir
 from cadis.sweeps.ranking import rank_trials
@@ -471,14 +471,17 @@ def failure_reason(error_text: str) -> str:
     """Why a trial failed, in one line, from Tune's error text: the last exception line of
     its last attempt as ``Type: first line of the message`` (module path dropped). A Ray
     wrapper's message ends with its cause's traceback, so that line is the innermost cause's
-    (``NonFiniteLoss: ...`` rather than ``WorkerGroupError: ...``); a text with no exception
-    line gives its first line. Cut at :data:`MAX_REASON_CHARS`."""
+    (``NonFiniteLoss: ...`` rather than ``WorkerGroupError: ...``); a retry refused as a
+    :class:`RepeatedFailure` gives the reason it repeats; a text with no exception line gives
+    its first line. Cut at :data:`MAX_REASON_CHARS`."""
     attempt = ATTEMPT_LINE.split(ANSI_ESCAPE.sub("", error_text))[-1]
     lines = [line.rstrip() for line in attempt.splitlines() if line.strip()]
     matches = [match for line in lines if (match := EXCEPTION_LINE.match(line))]
     if matches:
         name, message = matches[-1].groups()
         reason = f"{name}: {message}" if message else name
+        if name == RepeatedFailure.__name__ and message:
+            reason = message  # the failure the refused retry repeats
     else:
         reason = lines[0].strip() if lines else NO_ERROR_TEXT
     return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."

@@ -19,10 +19,11 @@ import torch
 
 from cadis.certify_models import build_denoised_classifier, certify_models, shard_of
 from cadis.data import load_dataset, stratified_holdout
+from cadis.errors import RepeatedFailure, first_line
 from cadis.files import atomic_write_text
 from cadis.finetuning.checkpoint import load_trained, read_metadata
 from cadis.finetuning.config import TrainConfig, from_mapping
-from cadis.finetuning.ray_train import build_trainer
+from cadis.finetuning.ray_train import build_trainer, deterministic_cause
 from cadis.models.classifier import load_classifier
 from cadis.models.devices import pick_device
 from cadis.models.sources import ModelSources
@@ -33,7 +34,7 @@ from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_records
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii
 from cadis.smoothing.smooth import Smooth, default_batch_size
-from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_rank_dir
+from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_failure_file, trial_rank_dir
 from cadis.sweeps.schema import RankSettings, SweepConfig, trial_config
 from cadis.sweeps.shards import certify_in_shards
 from cadis.tracking.contract import (
@@ -57,6 +58,11 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     trial_id = tune.get_context().get_trial_id()
+    failure = trial_failure_file(results, trial_id)
+    if failure.is_file():
+        # Tune retries a failed trial (and --resume an errored one); this failure would only
+        # repeat, so the retry ends at once with its reason, training nothing.
+        raise RepeatedFailure(failure.read_text().strip())
     config = trial_config(sweep, params)
     config.proxy_store = stores.get("proxy")
     config.train_store = stores.get("train")
@@ -66,7 +72,15 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
                             cpus_per_worker=resources.cpus_per_worker,
                             gpus_per_worker=resources.gpus_per_worker,
                             callbacks=[TuneReportCallback()])
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        cause = deterministic_cause(error)
+        if cause is None:
+            raise
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(failure, f"{type(cause).__name__}: {first_line(cause)}\n")
+        raise cause from None
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial_id}: training left no checkpoint")
     checkpoint = str(result.checkpoint.path)
