@@ -1,7 +1,8 @@
 """A Ray Train worker killed mid-run: ``cadis train --workers 2`` (the TorchTrainer every
 sweep trial builds too, :func:`cadis.finetuning.ray_train.build_trainer`) restarts its
 worker group from the last checkpoint, and the run goes on with its epoch and step count.
-A real local Ray; the worker is found by its process title and SIGKILLed."""
+A worker that raises a CadisError ends the run at once, its group not restarted. A real local
+Ray; the workers are found by their process titles (and SIGKILLed)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from ray.exceptions import ActorDiedError
+from ray.train import ControllerError, WorkerGroupError
+from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
+from cadis.finetuning.loop import NonFiniteLoss
+from cadis.finetuning.ray_train import deterministic_cause
 from tests.conftest import own_group, set_flags
 from tests.test_train import TINY
 
@@ -93,6 +99,28 @@ def test_a_train_worker_killed_after_the_first_checkpoint_resumes_there_with_its
     assert [metrics["global_step"] for metrics in history] == [
         steps * epoch for epoch in range(1, epochs + 1)]
     assert history[:seen["epoch"]] == seen["history"]
+
+
+def _worker_error(error: Exception) -> Exception:
+    """A worker's error as Train's controller holds it (Ray 2.60): wrapped with its traceback."""
+    return UserExceptionWithTraceback(error, traceback_str=f"Traceback ...\n{error!r}")
+
+
+@pytest.mark.parametrize("wrap, deterministic", [
+    # A worker's NonFiniteLoss as the callback sees it, as Train raises it once the callback
+    # has stopped the run, and as a WorkerGroupError carries it: the same CadisError.
+    (_worker_error, True),
+    (ControllerError, True),
+    (lambda error: WorkerGroupError("worker errors", {1: _worker_error(error)}), True),
+    # A full disk or a lost worker may pass: Ray retries them.
+    (lambda error: _worker_error(OSError(28, "No space left on device")), False),
+    (lambda error: ActorDiedError(), False),
+], ids=["worker", "controller", "worker-group", "disk-full", "actor-died"])
+def test_the_cadis_error_a_failed_run_carries_is_found_through_rays_wrappers(wrap,
+                                                                              deterministic):
+    error = NonFiniteLoss("epoch 1, step 2: the loss is nan")
+    found = deterministic_cause(wrap(error))
+    assert (found is error) if deterministic else found is None
 
 
 @pytest.mark.slow

@@ -143,6 +143,18 @@ def build_trainer(config: TrainConfig, name: str, storage: Path, *, cpus_per_wor
                              failure_config=FailureConfig(max_failures=RAY_MAX_FAILURES)))
 
 
+def fit_trainer(trainer: Any) -> Any:
+    """``trainer.fit()``'s result; a run that failed for a :class:`CadisError` raises that
+    error itself (one line for the command line and for Tune's reason), not Ray's wrapper."""
+    try:
+        return trainer.fit()
+    except Exception as error:
+        cause = deterministic_cause(error)
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def fit_with_ray(config: TrainConfig, out_dir: Path, resume: bool) -> Path:
     """``cadis train`` on Ray Train (a GPU per worker where the cluster has one for each);
     returns the last checkpoint's folder."""
@@ -159,11 +171,4 @@ def fit_with_ray(config: TrainConfig, out_dir: Path, resume: bool) -> Path:
     trainer = build_trainer(config, RAY_RUN_NAME, storage,
                             cpus_per_worker=config.cpus_per_worker,
                             gpus_per_worker=1.0 if wants_gpu else 0.0)
-    try:
-        result = trainer.fit()
-    except Exception as error:
-        cause = deterministic_cause(error)
-        if cause is None:
-            raise
-        raise cause from None  # the one line a CadisError gives, not Ray's wrapper
-    return Path(result.checkpoint.path)
+    return Path(fit_trainer(trainer).checkpoint.path)

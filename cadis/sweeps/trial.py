@@ -19,11 +19,11 @@ import torch
 
 from cadis.certify_models import build_denoised_classifier, certify_models, shard_of
 from cadis.data import load_dataset, stratified_holdout
-from cadis.errors import RepeatedFailure, first_line
+from cadis.errors import CadisError, RepeatedFailure, first_line
 from cadis.files import atomic_write_text
 from cadis.finetuning.checkpoint import load_trained, read_metadata
 from cadis.finetuning.config import TrainConfig, from_mapping
-from cadis.finetuning.ray_train import build_trainer, deterministic_cause
+from cadis.finetuning.ray_train import build_trainer, fit_trainer
 from cadis.models.classifier import load_classifier
 from cadis.models.devices import pick_device
 from cadis.models.sources import ModelSources
@@ -73,14 +73,11 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
                             gpus_per_worker=resources.gpus_per_worker,
                             callbacks=[TuneReportCallback()])
     try:
-        result = trainer.fit()
-    except Exception as error:
-        cause = deterministic_cause(error)
-        if cause is None:
-            raise
+        result = fit_trainer(trainer)
+    except CadisError as error:
         failure.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(failure, f"{type(cause).__name__}: {first_line(cause)}\n")
-        raise cause from None
+        atomic_write_text(failure, f"{type(error).__name__}: {first_line(error)}\n")
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial_id}: training left no checkpoint")
     checkpoint = str(result.checkpoint.path)
