@@ -225,3 +225,26 @@ def test_drop_path_builds_stochastic_depth_into_the_classifier():
 def test_drop_path_on_a_model_that_drops_nothing_is_an_error():
     with pytest.raises(CadisError, match="^drop_path 0.2: classifier .* has no drop-path layer"):
         vit(depth=1, drop_path=0.2)  # timm's rates start at 0: one block drops nothing
+
+
+# ---------------------------------------------------------------------------- sweep files
+
+
+@pytest.mark.parametrize("name, expected", [
+    # layer_decay, weight_decay, weight_decay_end, skip_1d, grad_clip, drop_path
+    ("cifar10", (0.65, 0.04, 0.4, True, 0.3, 0.2)),
+    ("imagenet", (0.65, 0.04, 0.4, True, 1.0, 0.0)),
+    ("default", (1.0, 0.01, None, False, None, 0.0)),  # the embedded default: unchanged
+])
+def test_the_sweep_files_carry_the_reference_recipe(name, expected):
+    from pathlib import Path
+
+    from cadis.sweeps.schema import load_sweep
+
+    base = load_sweep(Path(__file__).parent.parent / "sweeps" / f"{name}.yaml").base
+    assert (base.layer_decay, base.weight_decay, base.weight_decay_end,
+            base.weight_decay_skip_1d, base.grad_clip, base.drop_path) == expected
+    assert base.grad_clip_scope == "parameter"
+    if base.finetune == "lora":
+        scale = base.finetune_config().lora_alpha / base.lora_rank
+        assert scale == (1.0 if name == "imagenet" else 2.0)
