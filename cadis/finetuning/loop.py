@@ -58,7 +58,8 @@ from cadis.smoothing.denoise import (
     to_image_space,
 )
 from cadis.smoothing.draws import DrawStore, store_folder, store_key
-from cadis.smoothing.precision import Precision, autocast, resolve_precision
+from cadis.smoothing.precision import Precision, resolve_precision
+from cadis.smoothing.precision import autocast as precision_autocast
 from cadis.smoothing.records import (
     Record,
     average_certified_radius,
@@ -251,7 +252,7 @@ def denoise_draws(images: torch.Tensor, denoiser: OneShotDenoiser, sigma: float,
     the draws come back in float32."""
     noisy = images.repeat_interleave(num_noises, 0)
     noisy = noisy + sigma * torch.randn_like(noisy)
-    with autocast(precision, images.device):
+    with precision_autocast(precision, images.device):
         return denoiser.denoise(noisy).float()
 
 
