@@ -147,3 +147,23 @@ def test_negative_budget_is_rejected(epsilon: float, steps: int) -> None:
     denoised, target = attack_inputs()
     with pytest.raises(ValueError):
         pgd_l2_denoised(tiny_classifier(), denoised, target, epsilon, steps)
+
+
+def test_restandardisation_keeps_each_residuals_mean_and_is_off_without_clean_images():
+    from cadis.finetuning.attack import restandardize
+
+    model = tiny_classifier()
+    denoised, target = attack_inputs()
+    clean = (torch.rand(denoised.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1)
+    residual = denoised - clean
+    plain = pgd_l2_denoised(model, denoised, target, 0.5, 3)
+    kept = pgd_l2_denoised(model, denoised, target, 0.5, 3, clean=clean)
+    attacked_residual = denoised + kept - clean
+    assert torch.allclose(attacked_residual.flatten(1).mean(1), residual.flatten(1).mean(1),
+                          atol=1e-5)
+    assert not torch.allclose(kept, plain)
+    # The rule itself: an affine map per sample onto the reference's mean, scaled by the RMS.
+    rows = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    reference = torch.tensor([[2.0, 2.0], [1.0, -1.0]])
+    assert torch.allclose(restandardize(rows, reference),
+                          torch.tensor([[2.0 - 2 / 5 ** 0.5, 2.0 + 2 / 5 ** 0.5], [0.0, 0.0]]))

@@ -11,6 +11,7 @@ from cadis.finetuning.loop import DiffusionSpaceClassifier, _micro_step, denoise
 from cadis.finetuning.lora import apply_finetuning
 from cadis.models.classifier import load_classifier
 from cadis.smoothing.denoise import OneShotDenoiser
+from cadis.smoothing.precision import FP32
 from tests.conftest import TINY_VIT_ARGS, make_scheduler, make_tiny_unet
 
 IMAGES = 4
@@ -36,7 +37,7 @@ def parts(method: str = "ft_cadis", **changes):
 
 def step(classifier, denoiser, config, images, labels, seed: int = 1) -> dict[str, float]:
     torch.manual_seed(seed)
-    denoised = denoise_draws(images, denoiser, config.sigma, config.num_noises)
+    denoised = denoise_draws(images, denoiser, config.sigma, config.num_noises, FP32)
     return _micro_step(denoised, labels, classifier, DiffusionSpaceClassifier(classifier), None,
                        config, config.loss_config(), amp=False)
 
@@ -148,3 +149,123 @@ def test_the_error_names_each_term_that_went_non_finite(logged, named, unnamed):
         check_finite_loss(logged, 3, 17)
     assert all(name in str(stopped.value) for name in named)
     assert unnamed is None or unnamed not in str(stopped.value)
+
+
+# ------------------------------------------------- batch norm: clean and attacked apart
+
+
+def bn_parts():
+    """A fully fine-tuned tiny CNN with batch norm and denoised draws of 4 images."""
+    from tests.test_finetune import tiny_cnn
+
+    classifier = tiny_cnn(num_classes=10)
+    config = from_mapping({"num_noises": DRAWS, "sigma": SIGMA, "batch_size": IMAGES,
+                           "effective_batch_size": IMAGES, "confidence_threshold": 0.0,
+                           "finetune": "full"})
+    torch.manual_seed(2)
+    denoised = torch.rand(IMAGES * DRAWS, 1, 8, 8) * 2 - 1
+    return classifier, config, denoised, torch.arange(IMAGES)
+
+
+def trained_forwards(classifier) -> list[torch.Tensor]:
+    """The inputs of every forward that trains (train mode, with gradient), as they come."""
+    seen = []
+    classifier.register_forward_hook(
+        lambda module, args, output: seen.append(args[0].detach().clone())
+        if module.training and torch.is_grad_enabled() else None)
+    return seen
+
+
+@pytest.mark.parametrize("model, forwards", [("vit", [2 * IMAGES * DRAWS]),
+                                             ("cnn", [IMAGES * DRAWS, IMAGES * DRAWS])])
+def test_a_batch_norm_model_gets_two_forwards_and_any_other_one(model, forwards):
+    from cadis.finetuning.loop import shares_batch_statistics
+
+    if model == "vit":
+        classifier, denoiser, config, images, labels = parts()
+        torch.manual_seed(1)
+        denoised = denoise_draws(images, denoiser, config.sigma, config.num_noises, FP32)
+    else:
+        classifier, config, denoised, labels = bn_parts()
+    assert shares_batch_statistics(classifier) == (model == "cnn")
+    seen = trained_forwards(classifier)
+    _micro_step(denoised, labels, classifier, DiffusionSpaceClassifier(classifier), None,
+                config, config.loss_config(), amp=False)
+    assert [len(inputs) for inputs in seen] == forwards
+
+
+def test_with_batch_norm_the_running_statistics_are_those_of_two_forwards():
+    import copy
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    classifier, config, denoised, labels = bn_parts()
+    before = copy.deepcopy(classifier)
+    seen = trained_forwards(classifier)
+    _micro_step(denoised, labels, classifier, DiffusionSpaceClassifier(classifier), None,
+                config, config.loss_config(), amp=False)
+    clean, attacked = seen
+    assert torch.equal(clean, (denoised + 1) / 2)  # the clean draws first, alone
+
+    def running(model):
+        return [t for m in model.modules() if isinstance(m, _BatchNorm)
+                for t in (m.running_mean, m.running_var)]
+
+    two, one = copy.deepcopy(before), copy.deepcopy(before)
+    with torch.no_grad():
+        two(clean), two(attacked)
+        one(torch.cat([clean, attacked]))
+    assert all(torch.allclose(a, b) for a, b in zip(running(classifier), running(two)))
+    # What one shared forward would have left differs: the test can tell them apart.
+    assert not all(torch.allclose(a, b) for a, b in zip(running(classifier), running(one)))
+
+
+# ------------------------------------------------------ the denoiser's one precision
+
+
+@pytest.mark.parametrize("name", ["auto", "fp32", "bf16"])
+def test_training_denoises_in_the_precision_certification_does(name):
+    from cadis.smoothing.precision import resolve_precision
+    from cadis.smoothing.smooth import evaluating
+
+    cpu = torch.device("cpu")
+    _, denoiser, config, images, _ = parts(**{"certify.precision": name})
+    dtypes = []
+    denoiser.unet.register_forward_pre_hook(lambda module, args: dtypes.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    draws = denoise_draws(images, denoiser, config.sigma, config.num_noises,
+                          config.denoiser_precision(cpu))
+    # Certification's base evaluates under evaluating() in certify.precision for the device.
+    with evaluating(denoiser, cpu, resolve_precision(name, cpu)):
+        denoiser(images)
+    training, certification = dtypes
+    assert training == certification == resolve_precision(name, cpu).autocast
+    assert config.denoiser_precision(cpu) is resolve_precision(config.certify.precision, cpu)
+    assert draws.dtype == torch.float32
+
+
+def test_the_loop_steps_with_the_recipe(tiny_models_dir, tmp_path, monkeypatch):
+    import cadis.finetuning.loop as loop
+    from cadis.finetuning.fit import LocalSession
+    from cadis.finetuning.schedule import cosine_between
+
+    calls = {"clip": [], "precision": []}
+    clip, denoise = loop.clip_gradients, loop.denoise_draws
+    monkeypatch.setattr(loop, "clip_gradients", lambda params, bound, scope: calls["clip"].append(
+        (bound, scope)) or clip(params, bound, scope))
+    monkeypatch.setattr(loop, "denoise_draws", lambda *args: calls["precision"].append(
+        args[-1].name) or denoise(*args))
+    config = from_mapping({"models": str(tiny_models_dir), "epochs": 1, "max_steps_per_epoch": 2,
+                           "batch_size": 4, "effective_batch_size": 4, "val_images": 20,
+                           "proxy_images": 4, "proxy_n": 10, "proxy_n0": 4, "warmup_steps": 0,
+                           "layer_decay": 0.65, "grad_clip": 0.5, "weight_decay": 0.04,
+                           "weight_decay_end": 0.4, "weight_decay_skip_1d": True,
+                           "certify.precision": "bf16"})
+    session = LocalSession(tmp_path, torch.device("cpu"), resume=False)
+    reported = []
+    monkeypatch.setattr(session, "report", lambda metrics, directory: reported.append(metrics))
+    loop.train_loop(config, session, progress=False)
+    assert calls["clip"] == [(0.5, "parameter")] * 2  # once per optimizer step
+    assert calls["precision"] == ["bf16"] * 2
+    [metrics] = reported
+    assert metrics["weight_decay"] == cosine_between(1, 2, 0.04, 0.4)  # the last step's

@@ -21,6 +21,7 @@ from cadis.finetuning.train_draws import (
 )
 from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.smoothing.draws import STORE_META
+from cadis.smoothing.precision import FP32
 from cadis.sweeps.schema import sweep_from_mapping
 from tests.conftest import make_scheduler, make_tiny_unet, set_flags
 from tests.test_train import TINY
@@ -42,7 +43,7 @@ class Levels(torch.utils.data.Dataset):
 
 def key(**changes):
     fields = {"dataset": "levels", "indices": INDICES, "denoiser": "d", "sigma": SIGMA,
-              "draws": DRAWS, "seed": 3, **changes}
+              "draws": DRAWS, "seed": 3, "precision": "fp32", **changes}
     return train_store_key(**fields)
 
 
@@ -93,7 +94,7 @@ def test_live_draws_have_the_same_layout_as_stored_ones():
     model = denoiser()
     images = torch.stack([Levels()[i][0] for i in INDICES])
     torch.manual_seed(0)
-    live = denoise_draws(images, model, SIGMA, 3)
+    live = denoise_draws(images, model, SIGMA, 3, FP32)
     assert live.shape == (len(INDICES) * 3, 1, 8, 8)
     levels = live.mean(dim=(1, 2, 3)).view(len(INDICES), 3)
     # Rows of one image are adjacent: within an image they are closer than across images.

@@ -63,6 +63,7 @@ def pgd_l2_denoised(
     target_probs: Tensor,
     epsilon: float,
     steps: int,
+    clean: Tensor | None = None,
 ) -> Tensor:
     """Return the perturbation η (not the perturbed input) found by ℓ2 PGD.
 
@@ -78,6 +79,13 @@ def pgd_l2_denoised(
     and ``requires_grad`` flags are as before on return. The model must treat samples
     independently in eval mode (as classifiers do), so that the gradient of the summed
     objective is each sample's own. Works inside ``torch.no_grad()``.
+
+    ``clean`` (the clean images in the same [-1, 1] space, one row per row of ``denoised``):
+    the reference code's re-standardisation (from CAT-RS, docs/design.md §4 step 5), off when
+    None. After every step, each sample's residual ``denoised + η - clean`` is re-standardised
+    (:func:`restandardize`) by the mean and root mean square of its unperturbed residual
+    ``denoised - clean``; η is what that leaves. The ε bound then holds before the
+    re-standardisation, not after it.
     """
     if epsilon < 0 or steps < 0:
         raise ValueError(f"epsilon and steps must be >= 0, got {epsilon} and {steps}")
@@ -89,15 +97,36 @@ def pgd_l2_denoised(
     perturbation = torch.zeros_like(denoised)
     if epsilon == 0 or steps == 0:
         return perturbation
-    clean = denoised.detach()
+    start = denoised.detach()
     target = target_probs.detach()
+    residual = None if clean is None else start - clean.detach()
     step_size = 2.0 * epsilon / steps
     # enable_grad: the caller may well run the whole attack under no_grad.
     with frozen(model), torch.enable_grad():
         for _ in range(steps):
             perturbation.requires_grad_(True)
-            objective = soft_kl(target, model(clean + perturbation)).sum()
+            objective = soft_kl(target, model(start + perturbation)).sum()
             (gradient,) = torch.autograd.grad(objective, perturbation)
             direction = gradient / _per_sample_norm(gradient).clamp_min(_NORM_FLOOR)
             perturbation = project_l2_ball(perturbation.detach() + step_size * direction, epsilon)
+            if residual is not None:
+                perturbation = restandardize(residual + perturbation, residual) - residual
     return perturbation
+
+
+def _per_sample_moments(batch: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample's mean and root mean square over its non-batch dimensions, shaped to
+    broadcast back."""
+    flat = batch.flatten(start_dim=1)
+    shape = (-1, *([1] * (batch.dim() - 1)))
+    return flat.mean(dim=1).view(shape), flat.square().mean(dim=1).sqrt().view(shape)
+
+
+def restandardize(residual: Tensor, reference: Tensor) -> Tensor:
+    """``residual`` shifted and scaled per sample, ``(r - mean r) / rms r * rms ref + mean
+    ref`` (rms: root mean square), as the reference code does. Guarantees: each sample's mean
+    is ``reference``'s; the result is an affine map of ``residual`` per sample; a zero
+    ``residual`` gives a finite result."""
+    mean, rms = _per_sample_moments(residual)
+    reference_mean, reference_rms = _per_sample_moments(reference)
+    return (residual - mean) / rms.clamp_min(_NORM_FLOOR) * reference_rms + reference_mean

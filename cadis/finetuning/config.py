@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,23 @@ from cadis.models.devices import DEVICES
 from cadis.models.sources import ModelSources
 from cadis.overrides import coerce_like, parse_overrides
 from cadis.smoothing.bounds import CertificationParameters
-from cadis.smoothing.precision import PRECISION_CHOICES, resolve_precision
+from cadis.smoothing.precision import PRECISION_CHOICES, Precision, resolve_precision
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
-from cadis.validation import check_sigma, non_negative_float, positive_int
+from cadis.validation import check_sigma, is_real, non_negative_float, positive_int
 
 METHODS = ("ft_cadis", "denoised_ce", "none")
 CONFIDENCE_MODELS = ("live", "frozen")
+# How grad_clip bounds the gradient: each parameter tensor's norm (the reference code's rule,
+# from DINO) or the norm of all of them together (torch.nn.utils.clip_grad_norm_).
+GRAD_CLIP_SCOPES = ("parameter", "total")
+# lora_alpha's one word: alpha = lora_rank, so the update's scale alpha / rank is 1 at every
+# rank (the reference's scale).
+LORA_ALPHA_RANK = "rank"
 # Keys that take more than one type (a number or a rule's name; "auto" or a list of names).
 UNION_KEYS = ("confidence_threshold", "lora_target_modules")
+# Numbers whose default is None (off): given, they are read as floats (YAML reads 1e-3 as a
+# string).
+OPTIONAL_FLOATS = ("grad_clip", "weight_decay_end")
 # Keys whose Python attribute differs from what users write (``lambda`` is a keyword).
 RENAMED = {"lambda": "adv_weight"}
 
@@ -81,6 +91,9 @@ class TrainConfig:
     adv_weight: float = 2.0
     epsilon: float = 0.25
     attack_steps: int = 1
+    # The reference's re-standardisation of each attacked residual (cadis.finetuning.attack);
+    # needs the clean images, so fresh draws (train_draws: 0).
+    attack_restandardize: bool = False
     confidence_threshold: float | str = "argmax"
     confidence_model: str = "live"
     warm_start: bool = True
@@ -89,7 +102,7 @@ class TrainConfig:
     # How the classifier is fine-tuned.
     finetune: str = "lora"
     lora_rank: int = 4
-    lora_alpha: float = 8.0
+    lora_alpha: float | str = 8.0  # or "rank": alpha = lora_rank, scale 1 (the reference's)
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "auto"
     # Optimisation: batch_size images per micro-batch (each with num_noises draws),
@@ -101,6 +114,19 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_steps: int = 20
+    # The reference recipe's optimisation (README, "The reference recipe"); every default is
+    # off, what cadis did before these settings. layer_decay: each layer's lr is lr times
+    # layer_decay ** (layers above it) (cadis.finetuning.optimizer; 1 = off). grad_clip: the
+    # gradient norm bound before each optimizer step (None = off), per parameter tensor or in
+    # total (grad_clip_scope). weight_decay_end: weight decay follows a cosine from
+    # weight_decay to it over the steps (None = constant). weight_decay_skip_1d: biases and
+    # 1-D parameters (norms) get none. drop_path: timm's stochastic-depth rate.
+    layer_decay: float = 1.0
+    grad_clip: float | None = None
+    grad_clip_scope: str = "parameter"
+    weight_decay_end: float | None = None
+    weight_decay_skip_1d: bool = False
+    drop_path: float = 0.0
     augment: str = "none"
     max_train_images: int | None = None
     # The validation hold-out: val_images of the training split, class-stratified and seeded
@@ -138,9 +164,20 @@ class TrainConfig:
             require_all_selected=self.require_all_selected)
 
     def finetune_config(self) -> FinetuneConfig:
+        """What shapes the trained weights; ``lora_alpha: rank`` resolved to the rank, so a
+        checkpoint states the number that made it."""
+        alpha = self.lora_rank if self.lora_alpha == LORA_ALPHA_RANK else self.lora_alpha
         return FinetuneConfig(mode=self.finetune, lora_rank=self.lora_rank,
-                              lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                              lora_alpha=alpha, lora_dropout=self.lora_dropout,
                               lora_target_modules=self.lora_target_modules)
+
+    def denoiser_precision(self, device: torch.device) -> Precision:
+        """The one precision the denoiser runs in on ``device``, in training (live draws and
+        stored training draws) as in the final certification: ``certify.precision``
+        resolved for the device (auto: fp32 on the CPU, bf16 or fp16 on CUDA). Training on
+        draws of another precision than the certified base sees would fine-tune the
+        classifier for a denoiser it is not certified with."""
+        return resolve_precision(self.certify.precision, device)
 
     def proxy_parameters(self, batch_size: int) -> CertificationParameters:
         """The per-epoch proxy's certification parameters (the certify batch size, else
@@ -193,7 +230,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     validate_epsilon(config.epsilon)
     validate_attack_steps(config.attack_steps)
     config.confidence_threshold = validate_confidence_threshold(config.confidence_threshold)
+    config.lora_alpha = _lora_alpha(config.lora_alpha)
     config.finetune_config().validate()
+    _validate_recipe(config)
     for key in ("epochs", "batch_size", "effective_batch_size", "val_images", "proxy_images",
                 "workers"):
         positive_int(getattr(config, key), key)
@@ -205,6 +244,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         if config.num_noises > config.train_draws:
             raise CadisError(f"num_noises ({config.num_noises}) must be at most train_draws "
                              f"({config.train_draws}): each step samples its draws from them")
+        if config.attack_restandardize:
+            raise CadisError("attack_restandardize needs train_draws: 0: it re-standardises "
+                             "each draw's residual from its clean image, which stored draws "
+                             "do not carry")
         if config.augment != "none":
             raise CadisError(f"train_draws needs augment: none (got {config.augment!r}): stored "
                              "draws are of the images as they are")
@@ -234,6 +277,37 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def _lora_alpha(value: Any) -> float | str:
+    """``lora_alpha`` as a float, or the word :data:`LORA_ALPHA_RANK`; :class:`CadisError`
+    naming both forms otherwise (its range, > 0, is :class:`FinetuneConfig`'s to check)."""
+    if value == LORA_ALPHA_RANK:
+        return value
+    try:
+        return coerce_like("lora_alpha", value, 0.0)
+    except CadisError:
+        raise CadisError(f"lora_alpha must be a number > 0 or {LORA_ALPHA_RANK!r} (alpha = "
+                         f"lora_rank: scale 1); got {value!r}") from None
+
+
+def _validate_recipe(config: TrainConfig) -> None:
+    """The reference recipe's settings (layer_decay, grad_clip, the weight-decay schedule,
+    drop_path), each refused with its key and allowed range."""
+    if not (is_real(config.layer_decay) and 0.0 < config.layer_decay <= 1.0):
+        raise CadisError(f"layer_decay must be a number in (0, 1] (1 = off); got "
+                         f"{config.layer_decay!r}")
+    if config.grad_clip is not None and not (
+            is_real(config.grad_clip) and math.isfinite(config.grad_clip)
+            and config.grad_clip > 0):
+        raise CadisError(f"grad_clip must be a finite number > 0, or null (off); got "
+                         f"{config.grad_clip!r}")
+    _choice("grad_clip_scope", config.grad_clip_scope, GRAD_CLIP_SCOPES)
+    if config.weight_decay_end is not None:
+        non_negative_float(config.weight_decay_end, "weight_decay_end")
+    if not (is_real(config.drop_path) and 0.0 <= config.drop_path < 1.0):
+        raise CadisError(f"drop_path must be a number in [0, 1) (0 = off); got "
+                         f"{config.drop_path!r}")
+
+
 def from_mapping(base: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a ``base:`` mapping and ``--set`` items."""
     defaults = TrainConfig().to_dict()
@@ -257,6 +331,10 @@ def from_mapping(base: dict[str, Any], overrides: list[str] = ()) -> TrainConfig
             raise CadisError(f"unknown key {key!r}; allowed: {', '.join(sorted(values))}")
         if key in UNION_KEYS:
             values[key] = value  # more than one type allowed: validated below
+        elif key in OPTIONAL_FLOATS:
+            values[key] = coerce_like(key, value, 0.0)
+        elif key == "lora_alpha":
+            values[key] = _lora_alpha(value)
         else:
             values[key] = coerce_like(key, value, defaults[key])
     values["certify"] = CertifyConfig(**certify)

@@ -18,6 +18,7 @@ from cadis.finetuning.checkpoint import read_metadata
 from cadis.finetuning.config import TrainConfig
 from cadis.finetuning.loop import build_training_draws, train_loop
 from cadis.finetuning.lora import apply_finetuning
+from cadis.finetuning.optimizer import parameter_groups
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.devices import pick_device
@@ -35,15 +36,17 @@ SHOWN_METRICS = ("epoch", "loss", "hallucination_rate", "val_denoised_accuracy",
 
 def preflight(config: TrainConfig) -> ModelSources:
     """Everything that can be wrong with the input, checked before any work starts: the
-    models load, LoRA finds its targets, sigma fits the denoiser's schedule, data and models
+    models load (with drop_path where asked), LoRA finds its targets, layer_decay finds
+    layers, sigma fits the denoiser's schedule, data and models
     agree in channels and size."""
     sources = config.model_sources()
     info = load_dataset(sources.dataset, "test", sources.data_root,
                         image_size=sources.image_size).info
-    classifier = load_classifier(sources.classifier)
+    classifier = load_classifier(sources.classifier, drop_path=config.drop_path)
     classifier.check_input(info.channels)
     if config.method != "none":
         apply_finetuning(classifier, config.finetune_config())
+        parameter_groups(classifier.model, config.layer_decay, config.weight_decay_skip_1d)
     unet, scheduler = load_denoiser(sources.denoiser)
     OneShotDenoiser(unet, scheduler, config.sigma).check_input(info.channels, info.image_size,
                                                                info.image_size)

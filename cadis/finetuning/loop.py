@@ -6,7 +6,11 @@ gradients accumulated), draws ``num_noises`` Gaussian noises per image, denoises
 shot (no gradient), scores which draws are credible, attacks the credible ones in the
 denoised domain, and minimises the selective cross-entropy plus the masked adversarial KL
 (:mod:`cadis.finetuning.losses`); the learning rate follows
-:func:`cadis.finetuning.schedule.warmup_cosine` by optimizer step. After each epoch the worker
+:func:`cadis.finetuning.schedule.warmup_cosine` by optimizer step, the weight decay
+:func:`cadis.finetuning.schedule.cosine_between`, each parameter group scaling both
+(:mod:`cadis.finetuning.optimizer`), and the gradients are clipped before each step when
+``grad_clip`` is set. The denoiser runs in the precision the certification runs it in
+(:meth:`~cadis.finetuning.config.TrainConfig.denoiser_precision`). After each epoch the worker
 of rank 0 measures denoised accuracy and a cheap certified-accuracy proxy on images held out of
 the training split, and reports a checkpoint (:mod:`cadis.finetuning.checkpoint`) holding the
 trained weights, the optimizer state, the config and every epoch's metrics so far.
@@ -35,7 +39,8 @@ from cadis.finetuning.checkpoint import restore_training_state, save_trained
 from cadis.finetuning.config import TrainConfig
 from cadis.finetuning.lora import apply_finetuning, trainable_fraction
 from cadis.finetuning.losses import FTCadisLossConfig, ft_cadis_loss, soft_target
-from cadis.finetuning.schedule import warmup_cosine
+from cadis.finetuning.optimizer import clip_gradients, make_optimizer, set_hyperparameters
+from cadis.finetuning.schedule import cosine_between, warmup_cosine
 from cadis.finetuning.train_draws import (
     TrainDrawStore,
     build_train_store,
@@ -46,9 +51,15 @@ from cadis.models.classifier import Classifier, load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.sources import ModelSources
 from cadis.progress import progress_bar
-from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser, to_image_space
+from cadis.smoothing.denoise import (
+    DenoisedClassifier,
+    OneShotDenoiser,
+    to_diffusion_space,
+    to_image_space,
+)
 from cadis.smoothing.draws import DrawStore, store_folder, store_key
-from cadis.smoothing.precision import resolve_precision
+from cadis.smoothing.precision import Precision, resolve_precision
+from cadis.smoothing.precision import autocast as precision_autocast
 from cadis.smoothing.records import (
     Record,
     average_certified_radius,
@@ -128,7 +139,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     info = train_set.info
     train_indices, val_indices = split_training(config, train_set)
 
-    classifier = load_classifier(sources.classifier)
+    classifier = load_classifier(sources.classifier, drop_path=config.drop_path)
     classifier.check_input(info.channels)
     scorer = None
     if config.confidence_model == "frozen":
@@ -141,7 +152,9 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     model = session.prepare_model(classifier)
     attacked_model = DiffusionSpaceClassifier(classifier)
     trainable = [p for p in classifier.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(classifier.model, config.lr, config.weight_decay,
+                               config.layer_decay, config.weight_decay_skip_1d)
+    precision = config.denoiser_precision(session.device)
 
     state = TrainState()
     checkpoint = session.latest_checkpoint()
@@ -151,7 +164,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
 
     # Items are images, or with stored draws each image's K denoised draws.
     items = Subset(train_set, train_indices) if not config.train_store else TrainDrawStore(
-        config.train_store, training_store_key(config, sources, train_indices))
+        config.train_store, training_store_key(config, sources, train_indices, session.device))
     shuffle = torch.Generator()
     loader = session.prepare_loader(DataLoader(
         items, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=shuffle))
@@ -178,21 +191,28 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
                            enabled=progress and session.rank == 0)
         for _ in range(steps_per_epoch):
             lr = config.lr * warmup_cosine(state.global_step, total_steps, config.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            weight_decay = cosine_between(state.global_step, total_steps, config.weight_decay,
+                                          config.weight_decay_end)
+            set_hyperparameters(optimizer, lr, weight_decay)
             for micro in range(config.accumulation_steps):
                 batch, labels = next(micro_batches)
                 batch, labels = batch.to(session.device), labels.to(session.device)
                 denoised = sample_draws(batch, config.num_noises) if config.train_store \
-                    else denoise_draws(batch, denoiser, config.sigma, config.num_noises)
+                    else denoise_draws(batch, denoiser, config.sigma, config.num_noises,
+                                       precision)
+                # The clean images beside their draws, in the denoiser's space (stored draws
+                # carry none; the config refuses attack_restandardize with them).
+                clean = None if config.train_store else \
+                    to_diffusion_space(batch).repeat_interleave(config.num_noises, 0)
                 last = micro == config.accumulation_steps - 1
                 sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
                     logged = _micro_step(denoised, labels, model, attacked_model, scorer, config,
-                                         loss_config, amp)
+                                         loss_config, amp, clean)
                 check_finite_loss(logged, epoch + 1, state.global_step + 1)
                 for key, value in logged.items():
                     sums[key] = sums.get(key, 0.0) + value
+            clip_gradients(trainable, config.grad_clip, config.grad_clip_scope)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
@@ -204,6 +224,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
         seconds = time.perf_counter() - started
         metrics = {key: value / micro_count for key, value in sums.items()}
         metrics.update(epoch=epoch + 1, global_step=state.global_step, lr=lr,
+                       weight_decay=weight_decay,
                        epoch_seconds=seconds,
                        images_per_second=micro_count * config.batch_size * session.world_size
                        / seconds,
@@ -224,45 +245,77 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
 
 
 def denoise_draws(images: torch.Tensor, denoiser: OneShotDenoiser, sigma: float,
-                  num_noises: int) -> torch.Tensor:
+                  num_noises: int, precision: Precision) -> torch.Tensor:
     """``num_noises`` fresh draws ``D(x + delta)`` per image, image-major (draw j of image i
     is row ``i * M + j``), in the denoiser's [-1, 1] space and without gradient: the denoiser
-    stays frozen."""
+    stays frozen. The denoiser runs in ``precision`` (the noise is added in fp32 before it);
+    the draws come back in float32."""
     noisy = images.repeat_interleave(num_noises, 0)
-    return denoiser.denoise(noisy + sigma * torch.randn_like(noisy))
+    noisy = noisy + sigma * torch.randn_like(noisy)
+    with precision_autocast(precision, images.device):
+        return denoiser.denoise(noisy).float()
+
+
+def shares_batch_statistics(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` mixes its samples: a batch norm that normalises by the
+    batch's own statistics (in train mode, or in eval mode without running statistics).
+    Then the clean and the attacked draws must not share a forward: each would be
+    normalised (and the running statistics updated) by the other's, which the reference's
+    two forwards never do."""
+    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+               and (module.training or module.running_mean is None)
+               for module in model.modules())
 
 
 def _micro_step(denoised: torch.Tensor, labels: torch.Tensor, model: torch.nn.Module,
                 attacked_model: torch.nn.Module, scorer: torch.nn.Module | None,
                 config: TrainConfig, loss_config: FTCadisLossConfig,
-                amp: bool) -> dict[str, float]:
+                amp: bool, clean_images: torch.Tensor | None = None) -> dict[str, float]:
     """Forward and backward of one micro-batch of denoised draws (gradients accumulate);
     returns logged values.
 
     The ``num_noises`` draws of an image are adjacent (image-major: draw j of image i is row
     ``i * M + j``), which is the ``[B, M, C]`` layout the losses read; the loss is divided by
     the accumulation steps, so the accumulated gradient is that of the mean over the
-    effective batch.
+    effective batch. A model that mixes its samples (:func:`shares_batch_statistics`) gets
+    the reference's two forwards, clean then attacked (the attack's target from the clean
+    one); any other one forward of both, after a gradient-free forward for the target.
+    ``clean_images`` (one per draw, [-1, 1]) are what ``attack_restandardize`` needs.
     """
     draws = config.num_noises
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     with torch.no_grad(), autocast:
         score_logits = None if scorer is None else scorer(to_image_space(denoised)).float()
-    perturbation = None
-    if loss_config.uses_adversarial_term:
-        with autocast, torch.no_grad():
+    if config.attack_restandardize and clean_images is None:
+        raise CadisError("attack_restandardize needs the clean images of the draws")
+    restandardize_from = clean_images if config.attack_restandardize else None
+
+    def attack(clean_logits: torch.Tensor) -> torch.Tensor:
+        target = soft_target(clean_logits.detach().view(-1, draws, clean_logits.shape[-1]))
+        return pgd_l2_denoised(attacked_model, denoised, target.repeat_interleave(draws, 0),
+                               config.epsilon, config.attack_steps, restandardize_from)
+
+    adversarial_logits = None
+    if not loss_config.uses_adversarial_term:
+        with autocast:
             clean_logits = model(to_image_space(denoised)).float()
-        target = soft_target(clean_logits.view(-1, draws, clean_logits.shape[-1]))
-        perturbation = pgd_l2_denoised(attacked_model, denoised, target.repeat_interleave(draws, 0),
-                                       config.epsilon, config.attack_steps)
-    # One forward for the clean and the attacked draws: a single DDP forward per backward.
-    inputs = denoised if perturbation is None else torch.cat([denoised, denoised + perturbation])
-    with autocast:
-        logits = model(to_image_space(inputs)).float()
-    num_classes = logits.shape[-1]
-    clean = logits[:len(denoised)].view(-1, draws, num_classes)
-    adversarial = None if perturbation is None else \
-        logits[len(denoised):].view(-1, draws, num_classes)
+    elif shares_batch_statistics(model):
+        with autocast:
+            clean_logits = model(to_image_space(denoised)).float()
+        perturbation = attack(clean_logits)
+        with autocast:
+            adversarial_logits = model(to_image_space(denoised + perturbation)).float()
+    else:
+        with autocast, torch.no_grad():
+            perturbation = attack(model(to_image_space(denoised)).float())
+        # One forward for the clean and the attacked draws: a single DDP forward per backward.
+        with autocast:
+            logits = model(to_image_space(torch.cat([denoised, denoised + perturbation]))).float()
+        clean_logits, adversarial_logits = logits[:len(denoised)], logits[len(denoised):]
+    num_classes = clean_logits.shape[-1]
+    clean = clean_logits.view(-1, draws, num_classes)
+    adversarial = None if adversarial_logits is None else \
+        adversarial_logits.view(-1, draws, num_classes)
     score = None if score_logits is None else score_logits.view(-1, draws, num_classes)
     loss, terms = ft_cadis_loss(clean, adversarial, score, labels, loss_config)
     (loss / config.accumulation_steps).backward()
@@ -280,12 +333,14 @@ def split_training(config: TrainConfig, train_set: Any) -> tuple[list[int], list
     return train_indices[:config.max_train_images], val_indices
 
 
-def training_store_key(config: TrainConfig, sources: ModelSources,
-                       train_indices: list[int]) -> dict[str, Any]:
-    """What the training draws depend on: a store of them (``train_store``) must match it."""
+def training_store_key(config: TrainConfig, sources: ModelSources, train_indices: list[int],
+                       device: torch.device) -> dict[str, Any]:
+    """What the training draws depend on: a store of them (``train_store``) must match it.
+    They are denoised in the precision training on ``device`` denoises in."""
     return train_store_key(dataset=sources.dataset, indices=train_indices,
                            denoiser=sources.denoiser, sigma=config.sigma,
-                           draws=config.train_draws, seed=config.seed)
+                           draws=config.train_draws, seed=config.seed,
+                           precision=config.denoiser_precision(device).name)
 
 
 def build_training_draws(config: TrainConfig, root: str | Path, device: torch.device,
@@ -298,7 +353,7 @@ def build_training_draws(config: TrainConfig, root: str | Path, device: torch.de
     train_indices, _ = split_training(config, train_set)
     unet, scheduler = load_denoiser(sources.denoiser)
     denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
-    key = training_store_key(config, sources, train_indices)
+    key = training_store_key(config, sources, train_indices, device)
     return build_train_store(store_folder(root, "train", key), key, denoiser, train_set,
                              progress=progress)
 

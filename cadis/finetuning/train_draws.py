@@ -8,9 +8,10 @@ replacement and afresh at every visit. What changes for training: an image visit
 K / M times sees some draws again (with fresh noise it never would), so the draws are an
 approximation of the live recipe whose cost is measured, not assumed (docs/performance.md).
 
-The draws are the denoiser's [-1, 1] output in float32, computed as the loop computes them
-(:meth:`~cadis.smoothing.denoise.OneShotDenoiser.denoise`, full precision), so a stored draw
-is a draw the live loop could have made. The store is a folder like the certification stores
+The draws are the denoiser's [-1, 1] output stored in float32, computed as the loop computes
+them (:meth:`~cadis.smoothing.denoise.OneShotDenoiser.denoise` in the key's precision, the one
+training and certification run the denoiser in), so a stored draw is a draw the live loop
+could have made. The store is a folder like the certification stores
 (:mod:`cadis.smoothing.draws`): ``store.json`` with its key, ``denoised.npy`` of N x K x C x H
 x W, memory-mapped, written whole or not at all; a folder of other settings is refused.
 """
@@ -32,6 +33,7 @@ from cadis.errors import CadisError
 from cadis.files import atomic_directory, atomic_write_text
 from cadis.progress import progress_bar
 from cadis.smoothing.denoise import OneShotDenoiser
+from cadis.smoothing.precision import PRECISIONS, autocast
 from cadis.smoothing.draws import (
     STORE_ARRAY,
     STORE_DTYPE,
@@ -45,12 +47,13 @@ BUILD_IMAGES_PER_FORWARD = 32
 
 
 def train_store_key(*, dataset: str, indices: Sequence[int], denoiser: str, sigma: float,
-                    draws: int, seed: int) -> dict[str, Any]:
+                    draws: int, seed: int, precision: str) -> dict[str, Any]:
     """Everything the training draws depend on: data set, which training images (in order),
-    denoiser, sigma, draws per image and seed."""
+    denoiser, sigma, draws per image, seed and the precision the denoiser ran in (a name of
+    :data:`~cadis.smoothing.precision.PRECISIONS`)."""
     return {"dataset": dataset, "split": "train", "indices": [int(i) for i in indices],
             "denoiser": str(denoiser), "sigma": float(sigma), "draws": int(draws),
-            "seed": int(seed), "dtype": np.dtype(STORE_DTYPE).name}
+            "seed": int(seed), "precision": precision, "dtype": np.dtype(STORE_DTYPE).name}
 
 
 def train_store_bytes(num_images: int, draws: int, image_shape: Sequence[int]) -> int:
@@ -99,7 +102,8 @@ def sample_draws(stored: Tensor, num_noises: int) -> Tensor:
 def build_train_store(folder: str | Path, key: Mapping[str, Any], denoiser: OneShotDenoiser,
                       dataset: Dataset, progress: bool = True) -> TrainDrawStore:
     """Denoise ``key["draws"]`` seeded draws of each of the key's training images (items of
-    ``dataset``, un-augmented) into ``folder`` on the denoiser's device, or open the store
+    ``dataset``, un-augmented) into ``folder`` on the denoiser's device in the key's
+    precision, or open the store
     already there. Raises :class:`CadisError` before any work when it would not fit on the
     disk (with the size it needs), or when ``folder`` holds a store of other settings."""
     folder = Path(folder)
@@ -113,6 +117,7 @@ def build_train_store(folder: str | Path, key: Mapping[str, Any], denoiser: OneS
     device = next(denoiser.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(key["seed"]))
     sigma = float(key["sigma"])
+    precision = PRECISIONS[key["precision"]]
     labels: list[int] = []
     started = time.perf_counter()
     denoiser_seconds = 0.0
@@ -129,7 +134,8 @@ def build_train_store(folder: str | Path, key: Mapping[str, Any], denoiser: OneS
                 noisy = noisy + sigma * torch.randn(noisy.shape, generator=generator,
                                                     device=device)
                 tick = time.perf_counter()
-                denoised = denoiser.denoise(noisy).float()
+                with autocast(precision, device):
+                    denoised = denoiser.denoise(noisy).float()
                 denoiser_seconds += time.perf_counter() - tick
                 array[start:start + len(items)] = denoised.view(
                     len(items), draws, *shape).cpu().numpy()

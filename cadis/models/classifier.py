@@ -114,13 +114,17 @@ def classifier_source(name: str) -> str:
 
 
 def load_classifier(name: str, num_classes: int | None = None, pretrained: bool = False,
-                    **model_args: Any) -> Classifier:
+                    drop_path: float = 0.0, **model_args: Any) -> Classifier:
     """Create or load a timm classifier behind the input adapter.
 
     ``name`` is a timm architecture (``pretrained`` fetches its weights from the hub), an
     ``hf-hub:`` id or a local checkpoint folder (weights always loaded). ``num_classes`` resets
     the head when it differs from the checkpoint's; ``model_args`` go to the architecture
-    (``img_size``, ``patch_size``, ``in_chans``, ``depth`` ...).
+    (``img_size``, ``patch_size``, ``in_chans``, ``depth`` ...). ``drop_path`` > 0: stochastic
+    depth at that rate (timm's ``drop_path_rate``, active in train mode only); a model that
+    does not take it, or takes it and builds no drop-path layer of a rate > 0 (a one-block
+    ViT: timm's rates rise from 0 at the first block), is a :class:`CadisError` naming
+    ``drop_path``, not a setting silently ignored.
     """
     import timm
 
@@ -129,15 +133,35 @@ def load_classifier(name: str, num_classes: int | None = None, pretrained: bool 
     kwargs = dict(model_args)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
     try:
         model = timm.create_model(source, pretrained=pretrained or from_checkpoint, **kwargs)
-    except (AssertionError, TypeError, ValueError) as error:
+    except TypeError as error:
+        if drop_path and "drop_path_rate" in str(error):
+            raise CadisError(f"drop_path {drop_path}: classifier {name!r} takes no drop-path "
+                             "rate; set drop_path: 0") from None
+        raise CadisError(f"classifier {name!r} cannot be built with {kwargs}: "
+                         f"{first_line(error)}") from None
+    except (AssertionError, ValueError) as error:
         raise CadisError(f"classifier {name!r} cannot be built with {kwargs}: "
                          f"{first_line(error)}") from None
     except (OSError, RuntimeError) as error:
         raise CadisError(f"classifier {name!r} could not be loaded: {first_line(error)}") from None
     _check_patch_grid(name, model)
+    if drop_path:
+        _check_drop_path(name, model, drop_path)
     return Classifier(model)
+
+
+def _check_drop_path(name: str, model: nn.Module, drop_path: float) -> None:
+    from timm.layers import DropPath
+
+    if not any(isinstance(module, DropPath) and module.drop_prob > 0
+               for module in model.modules()):
+        raise CadisError(f"drop_path {drop_path}: classifier {name!r} has no drop-path layer "
+                         "it applies to (a one-block ViT drops nothing: its rates start at 0); "
+                         "set drop_path: 0")
 
 
 def _check_patch_grid(name: str, model: nn.Module) -> None:

@@ -87,6 +87,7 @@ IGNORED_BY_METHOD = {
         "lambda": "it has no adversarial loss",
         "epsilon": "it runs no attack",
         "attack_steps": "it runs no attack",
+        "attack_restandardize": "it runs no attack",
     },
 }
 # Integer ranges up to this many values are validated value by value (base checks such as
