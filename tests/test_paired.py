@@ -62,7 +62,7 @@ HAND_B = [0.1] * 8 + [0.8, 0.55, 0.9, 0.7, None]
 def test_mcnemar_on_a_hand_made_case_against_scipy_and_by_hand():
     result = paired_test(records_of(HAND_A), records_of(HAND_B), 0.5)
     assert (result.only_a, result.only_b, result.images) == (8, 2, 13)
-    assert result.accuracy_a == pytest.approx(10 / 13) and result.accuracy_b == pytest.approx(4 / 13)
+    assert (result.accuracy_a, result.accuracy_b) == pytest.approx((10 / 13, 4 / 13))
     # Two-sided exact binomial of 2 in 10: 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10.
     assert result.p_value == pytest.approx(binomtest(8, 10, 0.5).pvalue)
     assert result.p_value == pytest.approx(2 * (1 + 10 + 45) / 1024)
