@@ -225,3 +225,16 @@ def test_pairing_needs_the_settings_beside_the_records(tmp_path, capsys):
     write_records(bare, records_of(HAND_B))
     code, _, err = _analyze(capsys, a, bare)
     assert code == 2 and f"{bare} has no settings.json beside it" in err
+
+
+def test_a_sequential_record_set_is_paired_but_its_acr_is_not_compared(tmp_path, capsys):
+    # Sequential records hold grid radii, so their ACR is over the grid: not a fixed-n ACR.
+    fixed = records_of(HAND_A)
+    sequential = [Record(r.idx, r.label, r.predict, 0.5 if r.radius >= 0.5 else 0.0, r.correct,
+                         r.seconds, draws=50) for r in fixed]
+    a, b = folder(tmp_path, "a", fixed), folder(tmp_path, "b", sequential, mode="sequential")
+    code, out, _ = _analyze(capsys, a, b, "--radii", "0,0.5")
+    assert code == 0 and "| ACR | n/a: one is sequential (its ACR is over the grid) |" in out
+    assert "| 0.5 | +0.000 | [+0.000, +0.000] | 0 | 0 | 1.000 |" in out
+    code, out, _ = _analyze(capsys, a, b, "--radii", "0,0.5", "--format", "csv")
+    assert [row["radius"] for row in csv.DictReader(io.StringIO(out))] == ["0.0", "0.5"]
