@@ -52,6 +52,12 @@ def _certify(args: argparse.Namespace) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
+    from cadis.smoothing.paired import (
+        Certification,
+        compare_certifications,
+        format_comparison,
+        plot_comparison,
+    )
     from cadis.smoothing.records import (
         RECORDS_FILENAME,
         default_radii,
@@ -65,15 +71,33 @@ def _analyze(args: argparse.Namespace) -> None:
         raise CadisError(f"--labels needs one label per records file: {len(paths)} files, "
                          f"{len(args.labels)} labels")
     labels = args.labels or [str(p.parent if p.name == RECORDS_FILENAME else p) for p in paths]
-    record_sets = {}
-    for label, path in zip(labels, paths):
+    if len(set(labels)) != len(labels):
+        raise CadisError(f"each records file needs its own label: {', '.join(labels)}")
+    for path in paths:
         if not path.is_file():
             raise CadisError(f"records file {path} not found")
-        record_sets[label] = read_records(path)
+    paired = len(paths) > 1 and not args.unpaired
+    if args.baseline is not None and not paired:
+        raise CadisError("--baseline names the reference of a paired comparison: give two or "
+                         "more records files, without --unpaired")
     radii = sorted(set(args.radii)) if args.radii else default_radii(args.scale)
-    print(format_table(record_sets, radii, fmt=args.format).rstrip("\n"))
+    if not paired:
+        record_sets = {label: read_records(path) for label, path in zip(labels, paths)}
+        print(format_table(record_sets, radii, fmt=args.format).rstrip("\n"))
+        if args.plot:
+            plot_certified_accuracy(record_sets, Path(args.plot))
+            print(f"plot: {args.plot}", file=sys.stderr)
+        return
+    baseline = labels[0] if args.baseline is None else args.baseline
+    if baseline not in labels:
+        raise CadisError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
+    certifications = [Certification.read(label, path) for label, path in zip(labels, paths)]
+    reference = certifications[labels.index(baseline)]
+    others = [c for c in certifications if c is not reference]
+    comparisons = compare_certifications(reference, others, radii)
+    print(format_comparison(reference, others, comparisons, radii, args.format).rstrip("\n"))
     if args.plot:
-        plot_certified_accuracy(record_sets, Path(args.plot))
+        plot_comparison(reference, others, comparisons, Path(args.plot))
         print(f"plot: {args.plot}", file=sys.stderr)
 
 
@@ -259,15 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_compare)
 
     analyze = commands.add_parser(
-        "analyze", help="certified accuracy per radius of record files, side by side",
-        description="Tables and curves derived from records.tsv files (or folders holding one).")
+        "analyze", help="certified accuracy per radius of record files; two or more: paired "
+                        "differences with McNemar p-values and bootstrap intervals",
+        description="Tables and curves derived from records.tsv files (or folders holding one). "
+                    "One file: its certified accuracy per radius and ACR. Two or more, "
+                    "certified on the same images with the same sigma, n, n0 and alpha "
+                    "(settings.json beside each): side by side, then each one's difference "
+                    "from the reference per radius and in ACR, with McNemar's exact "
+                    "two-sided p-value and a paired bootstrap 95%% interval.")
     analyze.add_argument("records", nargs="+", help="records.tsv files or folders")
     analyze.add_argument("--labels", nargs="+", help="one label per records file")
+    analyze.add_argument("--baseline", metavar="LABEL",
+                         help="the reference the others are compared with (default: the first)")
+    analyze.add_argument("--unpaired", action="store_true",
+                         help="side by side only, no paired comparison (for records of other "
+                              "images or settings)")
     analyze.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     analyze.add_argument("--radii", type=_radii, help="radius grid, e.g. 0,0.25,0.5")
     analyze.add_argument("--scale", choices=("cifar", "imagenet"), default="cifar",
                          help="default radius grid: 0.25 steps (cifar) or 0.5 (imagenet)")
-    analyze.add_argument("--plot", help="write the curves to this PNG")
+    analyze.add_argument("--plot", help="write the curves (paired: and the differences with "
+                                        "their intervals) to this PNG")
     analyze.set_defaults(handler=_analyze)
     return parser
 

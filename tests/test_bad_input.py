@@ -21,10 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import pytest
 import yaml
 
 from cadis.cli import main
+from cadis.smoothing.records import (
+    RECORDS_FILENAME,
+    RECORDS_HEADER,
+    SETTINGS_FILENAME,
+    Record,
+    write_records,
+)
 from tests.test_imagefolder import make_tree
 from tests.test_sweep import tiny_sweep
 
@@ -73,6 +82,17 @@ class Inputs:
         for item in sets:
             args += ["--set", item]
         return args
+
+    def records(self, name: str, images: int = 3, **settings: object) -> str:
+        """A records folder as `cadis certify` leaves one (records.tsv, settings.json) of
+        ``images`` images, made with QUICK_CERTIFY's settings changed by ``settings``."""
+        folder = self.tmp / name
+        folder.mkdir()
+        write_records(folder / RECORDS_FILENAME, [Record.from_prediction(index, 1, 1, 0.2, 0.1)
+                                                  for index in range(images)])
+        made = {"sigma": 0.5, "n": 10, "n0": 5, "alpha": 0.001, "dataset": "digits", **settings}
+        (folder / SETTINGS_FILENAME).write_text(json.dumps(made))
+        return str(folder)
 
     def a_file(self) -> Path:
         path = self.tmp / "a-file"
@@ -188,6 +208,18 @@ CASES: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
     ("analyze-a-file-that-is-not-records",
      lambda i: ["analyze", str(_write_bytes(i.tmp / "plot.png", b"\x89PNG\r\n\x1a\n"))],
      "plot.png is not a records file"),
+    ("analyze-pair-of-other-images",
+     lambda i: ["analyze", i.records("a"), i.records("b", images=4)],
+     "certify different images: "),
+    ("analyze-pair-of-other-settings",
+     lambda i: ["analyze", i.records("a"), i.records("b", sigma=0.25)],
+     "cannot pair records made with other settings (sigma 0.5 in "),
+    ("analyze-pair-of-other-datasets",
+     lambda i: ["analyze", i.records("a"), i.records("b", dataset="fashion-mnist")],
+     "they certify images of digits test and fashion-mnist test"),
+    ("analyze-pair-without-settings",
+     lambda i: ["analyze", i.records("a"), str(_write(i.tmp / "bare.tsv", RECORDS_HEADER + "\n"))],
+     "bare.tsv has no settings.json beside it"),
     ("checkpoint-truncated", lambda i: i.checkpoint("truncated"),
      "has no readable trained.safetensors"),
     ("checkpoint-of-another-architecture", lambda i: i.checkpoint("wider"),

@@ -84,8 +84,11 @@ def test_analyze_puts_runs_side_by_side(tiny_models_dir, tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "a"), str(tmp_path / "b" / "records.tsv"),
                  "--labels", "first", "second", "--plot", str(plot)]) == 0
     table = capsys.readouterr().out
-    header = table.splitlines()[0]
-    assert "first" in header and "second" in header
+    # Two runs of the same settings on the same images: side by side, then paired.
+    header = next(line for line in table.splitlines() if line.startswith("| radius"))
+    assert header == "| radius | first | second |"
+    assert "| radius | second − first | 95% interval |" in table
+    assert "noise draws the same for each image (seed 0, per-image generators)" in table
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
     assert main(["analyze", str(tmp_path / "a"), "--format", "csv", "--radii", "0,0.5"]) == 0
     csv = capsys.readouterr().out.splitlines()

@@ -38,8 +38,9 @@ ORCHESTRATION = {
 
 #: Modules whose import (module-level imports, followed through cadis) must not load a package.
 NOT_LOADED = {
-    "torch": ("cadis.smoothing.bounds", "cadis.smoothing.records", "cadis.tracking.contract",
-              "cadis.tracking.compare", "cadis.files", "cadis.validation", "cadis.progress"),
+    "torch": ("cadis.smoothing.bounds", "cadis.smoothing.records", "cadis.smoothing.paired",
+              "cadis.tracking.contract", "cadis.tracking.compare", "cadis.files",
+              "cadis.validation", "cadis.progress"),
     # What `cadis sweep --dry-run` loads before it stops.
     "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.schema"),
 }

@@ -40,9 +40,9 @@ from cadis.files import atomic_directory, atomic_write_text
 from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import FP32, PRECISIONS, Precision
+from cadis.smoothing.records import NOISE_PER_IMAGE
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.smoothing.smooth import (
-    NOISE_PER_IMAGE,
     certify_segments,
     count_predictions,
     decide_certify,

@@ -1,22 +1,78 @@
-"""Paired comparison of two certifications of the same images: at a radius, is A's certified
-accuracy different from B's beyond noise?
+"""Paired comparison of certifications of the same images: at a radius, is A's certified
+accuracy different from B's beyond noise, and by how much?
 
 Each image is certified at ``r`` by A or not, and by B or not; only the discordant images
 (one certifies, the other does not) say anything about the difference. Under the null
 hypothesis that A and B certify at the same rate, each discordant image is A's with
 probability 1/2, so the count of A-only images among the discordant ones is Binomial(d, 1/2):
-McNemar's exact test, two-sided. Torch-free.
+McNemar's exact test, two-sided. How large the difference is comes with a paired bootstrap
+interval: the images are resampled with replacement, each keeping its pair of outcomes, and
+the percentile interval of the resampled differences is reported (the same resamples for
+every radius and for the ACR, seeded, so a table is reproducible).
+
+What may be paired (:func:`check_pairable`): records of the same images (the same data set
+and split, the same indices, each image once and with the same label in both) made with the
+same sigma, n, n0 and alpha. Different image sets have no pairs; different settings are
+refused too, because a difference in certified accuracy at other settings measures the
+settings (a larger n certifies larger radii with the same model) and not what the two
+records are meant to compare (a model, a checkpoint, a precision, a sequential or fixed
+test). Anything else may differ. Whether the two were also made from the same noise draws is
+read from their settings (:func:`shared_noise`); the tests hold either way (the images are
+the unit), shared draws only make the difference less noisy.
+
+Torch-free (``cadis analyze`` loads no torch); plots use matplotlib's Agg canvas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
 
+import numpy as np
 from scipy.stats import binomtest
 
 from cadis.errors import CadisError
-from cadis.smoothing.records import Record
+from cadis.smoothing.records import (
+    CERTIFICATION_SETTINGS,
+    CSV_DIGITS,
+    MARKDOWN_DIGITS,
+    NOISE_PER_IMAGE,
+    Record,
+    TableFormat,
+    draw_certified_accuracy,
+    format_table,
+    is_sequential,
+    radius_key,
+    read_records,
+    read_settings,
+    render_table,
+    save_png,
+)
+
+#: Bootstrap resamples of the images: at 10,000 the interval's ends move by well under a
+#: point of accuracy from one seed to another.
+BOOTSTRAP_RESAMPLES: Final = 10_000
+#: The bootstrap's seed when none is given: the same records give the same intervals.
+BOOTSTRAP_SEED: Final = 0
+#: Coverage of the bootstrap interval.
+CONFIDENCE: Final = 0.95
+#: Resamples x images drawn at a time: bounds the bootstrap's memory (32 MiB of indices)
+#: whatever the number of images.
+RESAMPLE_BLOCK_CELLS: Final = 2 ** 22
+#: How far left of radius 0 the differences' panel starts, as a share of its width.
+PLOT_LEFT_MARGIN: Final = 0.03
+#: Below this a p-value is written in scientific notation, not rounded to 0.
+SMALL_P: Final = 0.001
+#: `cadis certify` certifies the test split and writes no ``split``; the sweeps' rank stage
+#: writes ``"validation"``.
+DEFAULT_SPLIT: Final = "test"
+#: What names the images besides their indices: an index of another data set or split is
+#: another image.
+IMAGE_SETTINGS: Final = ("dataset", "split")
 
 
 @dataclass(frozen=True)
@@ -38,21 +94,368 @@ def certified_at(record: Record, radius: float) -> bool:
     return record.correct and record.radius >= radius
 
 
+def certified_matrix(records: Sequence[Record], radii: Sequence[float]) -> np.ndarray:
+    """``[image, radius]``: whether each record is certified at each radius
+    (:func:`certified_at`), images in the order of ``records``."""
+    certified = np.array([record.radius if record.correct else -math.inf
+                          for record in records])
+    return certified[:, None] >= np.asarray(radii, dtype=float)[None, :]
+
+
+def certified_radii(records: Sequence[Record]) -> np.ndarray:
+    """Each record's certified radius, 0 unless correct: the values ACR averages."""
+    return np.array([record.radius if record.correct else 0.0 for record in records])
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """McNemar's exact two-sided p-value from the discordant counts (1 when there are none)."""
+    discordant = only_a + only_b
+    return 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
+
+
+def _image_order(records: Sequence[Record], name: str) -> dict[int, Record]:
+    by_image = {record.idx: record for record in records}
+    if len(by_image) != len(records):
+        twice = next(idx for idx in by_image
+                     if sum(record.idx == idx for record in records) > 1)
+        raise CadisError(f"{name} records image {twice} more than once: not one certification "
+                         "of each image")
+    return by_image
+
+
+def aligned(a: Sequence[Record], b: Sequence[Record], names: tuple[str, str] = ("A", "B")
+            ) -> tuple[list[Record], list[Record]]:
+    """``a`` and ``b`` in the same image order (by index), or :class:`CadisError` naming
+    ``names`` and how the two differ: other images (how many each has, how many in common),
+    an image recorded twice, or an index whose label differs (another data set)."""
+    name_a, name_b = names
+    by_image_a, by_image_b = _image_order(a, name_a), _image_order(b, name_b)
+    if by_image_a.keys() != by_image_b.keys():
+        common = len(by_image_a.keys() & by_image_b.keys())
+        raise CadisError(f"{name_a} and {name_b} certify different images: {name_a} has "
+                         f"{len(a)} images, {name_b} {len(b)}; {common} in common")
+    order = sorted(by_image_a)
+    relabelled = next((idx for idx in order
+                       if by_image_a[idx].label != by_image_b[idx].label), None)
+    if relabelled is not None:
+        raise CadisError(f"{name_a} and {name_b} give image {relabelled} different labels "
+                         f"({by_image_a[relabelled].label} and {by_image_b[relabelled].label}): "
+                         "not the same images")
+    return [by_image_a[idx] for idx in order], [by_image_b[idx] for idx in order]
+
+
 def paired_test(a: Sequence[Record], b: Sequence[Record], radius: float) -> PairedResult:
     """McNemar's exact test of A against B at ``radius`` over the same images; records of
     different image sets are refused (:class:`CadisError`)."""
-    by_image_b = {record.idx: record for record in b}
-    if sorted(record.idx for record in a) != sorted(by_image_b) or len(by_image_b) != len(b):
-        raise CadisError("paired records must cover the same images, each once")
-    only_a = only_b = both_a = both_b = 0
-    for record in a:
-        in_a = certified_at(record, radius)
-        in_b = certified_at(by_image_b[record.idx], radius)
-        only_a += in_a and not in_b
-        only_b += in_b and not in_a
-        both_a += in_a
-        both_b += in_b
-    discordant = only_a + only_b
-    p_value = 1.0 if discordant == 0 else binomtest(only_a, discordant, 0.5).pvalue
-    return PairedResult(radius, len(a), both_a / len(a), both_b / len(a), only_a, only_b,
-                        float(p_value))
+    return _paired_tests(*aligned(a, b), [radius])[0]
+
+
+def _paired_tests(a: list[Record], b: list[Record], radii: Sequence[float]
+                  ) -> list[PairedResult]:
+    """:func:`paired_test` at each of ``radii`` for records already :func:`aligned`."""
+    certified_a, certified_b = certified_matrix(a, radii), certified_matrix(b, radii)
+    only_a = (certified_a & ~certified_b).sum(axis=0)
+    only_b = (certified_b & ~certified_a).sum(axis=0)
+    return [PairedResult(float(radius), len(a), float(certified_a[:, column].mean()),
+                         float(certified_b[:, column].mean()), int(only_a[column]),
+                         int(only_b[column]), mcnemar_p(int(only_a[column]), int(only_b[column])))
+            for column, radius in enumerate(radii)]
+
+
+def paired_bootstrap(values_a: np.ndarray, values_b: np.ndarray,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     confidence: float = CONFIDENCE) -> np.ndarray:
+    """The paired bootstrap's percentile interval of ``mean(values_a - values_b)`` for each
+    column: ``[[low, ...], [high, ...]]``.
+
+    Rows are images (the i-th of A and of B are one image's pair); a resample draws images with
+    replacement, keeping each pair, and is the same for every column. Reproducible: the same
+    arrays, ``resamples`` and ``seed`` give the same interval.
+    """
+    differences = np.asarray(values_a, dtype=float) - np.asarray(values_b, dtype=float)
+    if differences.ndim != 2 or not len(differences):
+        raise CadisError("the bootstrap needs an images x statistics array of one image or more")
+    images = len(differences)
+    rng = np.random.default_rng(seed)
+    means = np.empty((resamples, differences.shape[1]))
+    block = max(1, RESAMPLE_BLOCK_CELLS // images)
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        picks = rng.integers(0, images, size=(size, images))
+        # How often each resample took each image: its mean is then one matrix product,
+        # without a (resamples, images, statistics) array.
+        offsets = picks + images * np.arange(size)[:, None]
+        counts = np.bincount(offsets.ravel(), minlength=size * images).reshape(size, images)
+        means[start:start + size] = counts @ differences / images
+    tail = (1.0 - confidence) / 2
+    return np.quantile(means, [tail, 1.0 - tail], axis=0)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A against the reference B over the same images: per radius McNemar's test (``tests``;
+    the difference is ``accuracy_a - accuracy_b``) and the bootstrap interval of that
+    difference (``intervals``); each side's ACR and the interval of ``acr_a - acr_b``; the
+    bootstrap's ``resamples`` and ``seed``."""
+
+    tests: tuple[PairedResult, ...]
+    intervals: tuple[tuple[float, float], ...]
+    acr_a: float
+    acr_b: float
+    acr_interval: tuple[float, float]
+    resamples: int
+    seed: int
+
+
+def compare(a: Sequence[Record], b: Sequence[Record], radii: Sequence[float],
+            resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Comparison:
+    """A against B at each of ``radii`` and in ACR, over the same images (else
+    :class:`CadisError`); one bootstrap of the images serves every radius and the ACR."""
+    a, b = aligned(a, b)
+    values_a = np.column_stack([certified_matrix(a, radii), certified_radii(a)])
+    values_b = np.column_stack([certified_matrix(b, radii), certified_radii(b)])
+    low, high = paired_bootstrap(values_a, values_b, resamples, seed)
+    bounds = [(float(lo), float(hi)) for lo, hi in zip(low, high)]
+    return Comparison(tuple(_paired_tests(a, b, radii)), tuple(bounds[:-1]),
+                      float(values_a[:, -1].mean()), float(values_b[:, -1].mean()), bounds[-1],
+                      resamples, seed)
+
+
+# --------------------------------------------------------------------------- record folders
+
+
+@dataclass(frozen=True)
+class Certification:
+    """A records file under its label, with the settings it was made with (``settings.json``
+    beside it)."""
+
+    label: str
+    path: Path
+    records: list[Record]
+    settings: dict[str, Any]
+
+    @classmethod
+    def read(cls, label: str, path: str | os.PathLike) -> Certification:
+        """The records at ``path`` and their settings; :class:`CadisError` when either is
+        missing or unreadable, or the settings lack sigma, n, n0 or alpha."""
+        settings = read_settings(path)
+        unusable = [key for key in CERTIFICATION_SETTINGS
+                    if isinstance(settings.get(key), bool)
+                    or not isinstance(settings.get(key), (int, float))]
+        if unusable:
+            raise CadisError(f"the settings beside {path} give no number for "
+                             f"{', '.join(unusable)}")
+        records = read_records(path)
+        if not records:
+            raise CadisError(f"{path} holds no records")
+        return cls(label, Path(path), records, settings)
+
+    def images(self) -> tuple[str, str]:
+        """The data set and split the indices name."""
+        return (str(self.settings.get("dataset", "?")),
+                str(self.settings.get("split", DEFAULT_SPLIT)))
+
+
+def check_pairable(reference: Certification, other: Certification) -> None:
+    """:class:`CadisError`, in one line naming both files and how they differ, unless
+    ``other`` can be paired with ``reference``: the same data set and split, the same images
+    (:func:`aligned`) and the same sigma, n, n0 and alpha (the module docstring says why)."""
+    names = (str(reference.path), str(other.path))
+    if reference.images() != other.images():
+        raise CadisError(f"cannot pair {names[0]} with {names[1]}: they certify images of "
+                         f"{' '.join(reference.images())} and {' '.join(other.images())}, "
+                         "so an index names another image in each")
+    try:
+        aligned(reference.records, other.records, names)
+    except CadisError as error:
+        raise CadisError(f"cannot pair: {error} (--unpaired puts them side by side)") from None
+    differing = [f"{key} {reference.settings[key]!r} in {names[0]}, {other.settings[key]!r} in "
+                 f"{names[1]}" for key in CERTIFICATION_SETTINGS
+                 if reference.settings[key] != other.settings[key]]
+    if differing:
+        raise CadisError(f"cannot pair records made with other settings ({'; '.join(differing)}):"
+                         " a paired test compares equal settings (--unpaired puts them side by "
+                         "side)")
+
+
+def shared_noise(reference: Certification, other: Certification) -> tuple[bool, str]:
+    """Whether two pairable certifications drew the same noise for each image, and what shows
+    it: both settings say each image had its own generator (``noise``, or draws from a store,
+    which are drawn so) and give the same seed. The images, sigma, n0 and n being equal, each
+    image's noise is then the same stream in both (on the same kind of device: the device is
+    not in the settings, and a CPU and a CUDA generator give different streams). Records whose
+    settings do not say so are read as independent draws."""
+    def per_image(settings: Mapping[str, Any]) -> bool:
+        return (settings.get("noise") == NOISE_PER_IMAGE
+                or settings.get("stored_draws") is not None)
+
+    unseeded = [certification.label for certification in (reference, other)
+                if not per_image(certification.settings)]
+    if unseeded:
+        return False, (f"independent: the settings of {' and '.join(unseeded)} do not say "
+                       "each image's noise had its own seeded generator")
+    seeds = reference.settings.get("seed"), other.settings.get("seed")
+    if seeds[0] is None or seeds[0] != seeds[1]:
+        return False, f"independent: seeds {seeds[0]} and {seeds[1]}"
+    return True, f"the same for each image (seed {seeds[0]}, per-image generators)"
+
+
+def describe_indices(indices: Sequence[int]) -> str:
+    """A set of image indices in words: "idx 0 to 9980, step 20" (or "irregular steps")."""
+    ordered = sorted(indices)
+    if len(ordered) == 1:
+        return f"idx {ordered[0]}"
+    steps = set(np.diff(ordered).tolist())
+    step = f"step {steps.pop()}" if len(steps) == 1 else "irregular steps"
+    return f"idx {ordered[0]} to {ordered[-1]}, {step}"
+
+
+def describe_images(certification: Certification) -> str:
+    """Which images, in words: "500 fashion-mnist test images (idx 0 to 9980, step 20)"."""
+    dataset, split = certification.images()
+    indices = [record.idx for record in certification.records]
+    return f"{len(indices)} {dataset} {split} images ({describe_indices(indices)})"
+
+
+def describe_settings(certification: Certification) -> str:
+    """The images and the certification settings: what every paired table states."""
+    settings = certification.settings
+    return (f"{describe_images(certification)}; n = {settings['n']}, n0 = {settings['n0']}, "
+            f"alpha = {settings['alpha']:g}, sigma = {settings['sigma']:g}")
+
+
+def compare_certifications(reference: Certification, others: Sequence[Certification],
+                           radii: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+                           seed: int = BOOTSTRAP_SEED) -> list[Comparison]:
+    """Each of ``others`` against ``reference`` (:func:`compare`), every pair checked first
+    (:func:`check_pairable`), so nothing is computed for a refused set."""
+    if not others:
+        raise CadisError("a paired comparison needs two or more records files")
+    for other in others:
+        check_pairable(reference, other)
+    return [compare(other.records, reference.records, radii, resamples, seed)
+            for other in others]
+
+
+def _acr_comparable(reference: Certification, other: Certification) -> bool:
+    # Sequential records hold grid radii: their ACR is an average over the grid, not
+    # comparable with a fixed-n ACR.
+    return is_sequential(reference.records) == is_sequential(other.records)
+
+
+def format_comparison(reference: Certification, others: Sequence[Certification],
+                      comparisons: Sequence[Comparison], radii: Sequence[float],
+                      fmt: TableFormat = "markdown") -> str:
+    """The comparisons of :func:`compare_certifications` as text.
+
+    Markdown: certified accuracy side by side (:func:`~cadis.smoothing.records.format_table`),
+    then per other record set a table of its difference from the reference per radius and in
+    ACR, with the interval, the discordant counts and McNemar's p; each table is preceded by a
+    line naming the images, n, n0, alpha and sigma (and the noise draws). CSV: one tidy table,
+    a row per record set and radius (and ACR), each row naming the same.
+    """
+    if fmt == "csv":
+        return _comparison_csv(reference, others, comparisons)
+    caption = describe_settings(reference)
+    parts = [f"Certified accuracy: {caption}\n\n"
+             + format_table({c.label: c.records for c in (reference, *others)}, radii)]
+    for other, comparison in zip(others, comparisons):
+        _, noise = shared_noise(reference, other)
+        rows = [[radius_key(test.radius), _signed(test.accuracy_a - test.accuracy_b),
+                 _interval(interval), str(test.only_a), str(test.only_b),
+                 _p_value(test.p_value)]
+                for test, interval in zip(comparison.tests, comparison.intervals)]
+        if _acr_comparable(reference, other):
+            rows.append(["ACR", _signed(comparison.acr_a - comparison.acr_b),
+                         _interval(comparison.acr_interval), "", "", ""])
+        else:
+            rows.append(["ACR", "n/a: one is sequential (its ACR is over the grid)", "", "",
+                         "", ""])
+        header = ["radius", f"{other.label} − {reference.label}",
+                  f"{CONFIDENCE:.0%} interval", f"only {other.label}",
+                  f"only {reference.label}", "p"]
+        method = (f"McNemar's exact two-sided p; paired bootstrap {CONFIDENCE:.0%} interval "
+                  f"({comparison.resamples:,} resamples of the images, seed {comparison.seed})")
+        parts.append(f"{other.label} against {reference.label}: {caption}; noise draws "
+                     f"{noise}. {method}\n\n" + render_table(header, rows, "markdown"))
+    return "\n".join(parts)
+
+
+#: The CSV's columns: what was compared, the result, and what made the records.
+COMPARISON_COLUMNS: Final = (
+    "label", "reference", "radius", "value", "reference_value", "difference", "low", "high",
+    "only_label", "only_reference", "p_value", "images", "idx", "dataset", "split", "n", "n0",
+    "alpha", "sigma", "same_noise")
+
+
+def _comparison_csv(reference: Certification, others: Sequence[Certification],
+                    comparisons: Sequence[Comparison]) -> str:
+    settings = reference.settings
+    made = [str(len(reference.records)),
+            describe_indices([record.idx for record in reference.records]),
+            *reference.images(), *(str(settings[key]) for key in ("n", "n0", "alpha", "sigma"))]
+
+    def number(value: float) -> str:
+        return f"{value:.{CSV_DIGITS}f}"
+
+    rows = []
+    for other, comparison in zip(others, comparisons):
+        same = str(shared_noise(reference, other)[0]).lower()
+        for test, (low, high) in zip(comparison.tests, comparison.intervals):
+            rows.append([other.label, reference.label, radius_key(test.radius),
+                         number(test.accuracy_a), number(test.accuracy_b),
+                         number(test.accuracy_a - test.accuracy_b), number(low), number(high),
+                         str(test.only_a), str(test.only_b), f"{test.p_value:.{CSV_DIGITS}g}",
+                         *made, same])
+        if _acr_comparable(reference, other):
+            low, high = comparison.acr_interval
+            rows.append([other.label, reference.label, "ACR", number(comparison.acr_a),
+                         number(comparison.acr_b), number(comparison.acr_a - comparison.acr_b),
+                         number(low), number(high), "", "", "", *made, same])
+    return render_table(COMPARISON_COLUMNS, rows, "csv")
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.{MARKDOWN_DIGITS}f}"
+
+
+def _p_value(p: float) -> str:
+    return f"{p:.1e}" if p < SMALL_P else f"{p:.{MARKDOWN_DIGITS}f}"
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return f"[{_signed(bounds[0])}, {_signed(bounds[1])}]"
+
+
+def plot_comparison(reference: Certification, others: Sequence[Certification],
+                    comparisons: Sequence[Comparison], path: str | os.PathLike) -> Path:
+    """Save the paired comparison as a PNG: the certified-accuracy curves above, and below,
+    per other record set, its difference from the reference at each radius of the
+    comparisons with the bootstrap interval as an error bar; titled with the images, n, n0,
+    alpha and sigma. Written atomically (:func:`~cadis.smoothing.records.save_png`)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 7.0))
+    curves, differences = figure.subplots(2, 1, height_ratios=(3, 2))
+    draw_certified_accuracy(curves, {c.label: c.records for c in (reference, *others)})
+    # The images on one line, the settings on the next: one line is wider than the figure.
+    curves.set_title(describe_settings(reference).replace("; ", "\n", 1), fontsize="small")
+    colours = [line.get_color() for line in curves.get_lines()[1:]]
+    radii = np.array([test.radius for test in comparisons[0].tests])
+    # Side by side at each radius, so that the bars of several comparisons do not overlap.
+    spread = (np.min(np.diff(radii)) if len(radii) > 1 else 1.0) / (4 * len(others))
+    for position, (other, comparison) in enumerate(zip(others, comparisons)):
+        middle = np.array([test.accuracy_a - test.accuracy_b for test in comparison.tests])
+        low, high = np.array(comparison.intervals).T
+        differences.errorbar(radii + spread * (position - (len(others) - 1) / 2), middle,
+                             yerr=[middle - low, high - middle], fmt="o", capsize=3,
+                             color=colours[position], label=f"{other.label} − {reference.label}")
+    differences.axhline(0.0, color="grey", linewidth=0.8)
+    # A little left of 0, so that the bar at radius 0 is not cut by the frame.
+    right = curves.get_xlim()[1]
+    differences.set_xlim(min(radii.min(), 0.0) - PLOT_LEFT_MARGIN * right, right)
+    differences.set_xlabel("radius (l2)")
+    differences.set_ylabel("difference in certified accuracy")
+    differences.grid(alpha=0.3)
+    differences.legend(title=f"{CONFIDENCE:.0%} paired bootstrap interval", fontsize="small")
+    return save_png(figure, path)

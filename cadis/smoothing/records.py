@@ -31,6 +31,12 @@ from cadis.smoothing.bounds import ABSTAIN, max_certifiable_radius
 RECORDS_FILENAME: Final = "records.tsv"
 SUMMARY_FILENAME: Final = "summary.json"
 PLOT_FILENAME: Final = "certified_accuracy.png"
+#: What made the records beside it (written by cadis.smoothing.runner before any record).
+SETTINGS_FILENAME: Final = "settings.json"
+#: ``settings["noise"]`` (and a store key's) when each image has its own seeded generator
+#: (cadis.smoothing.smooth.image_generators). Here, torch-free, so that a reader of records can
+#: tell from the settings whether two runs drew the same noise.
+NOISE_PER_IMAGE: Final = "per-image generators"
 
 RECORD_COLUMNS: Final = ("idx", "label", "predict", "radius", "correct", "seconds")
 RECORDS_HEADER: Final = "\t".join(RECORD_COLUMNS)
@@ -46,8 +52,11 @@ DEFAULT_MAX_RADII: Final = {"cifar": 1.0, "imagenet": 2.0}
 #: Images larger than this are certified on the ImageNet-scale radius grid (0, 0.5, 1, ...).
 CIFAR_SCALE_MAX_SIZE: Final = 64
 
+#: The settings that the certification itself fixes (the runner's caller must agree with
+#: them); records made with other values of these are other experiments.
+CERTIFICATION_SETTINGS: Final = ("sigma", "n", "n0", "alpha")
 #: The summary's own fields; extra fields may not reuse these names.
-SUMMARY_FIELDS: Final = ("sigma", "n", "n0", "alpha", "num_images", "certified_accuracy", "acr")
+SUMMARY_FIELDS: Final = (*CERTIFICATION_SETTINGS, "num_images", "certified_accuracy", "acr")
 
 #: Points of the radius grid a certified-accuracy curve is drawn on.
 PLOT_GRID_POINTS: Final = 1000
@@ -192,6 +201,24 @@ def read_records(path: str | os.PathLike) -> list[Record]:
                          f"{RECORDS_HEADER!r} or {SEQUENTIAL_HEADER!r})")
     return [Record.from_line(line, f"{path}:{number}", columns)
             for number, line in enumerate(complete[1:], start=2)]
+
+
+def read_settings(records_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``settings.json`` beside a records file: what its records were made with.
+
+    Raises :class:`CadisError` when it is missing, not JSON or not an object.
+    """
+    path = Path(records_path).parent / SETTINGS_FILENAME
+    if not path.is_file():
+        raise CadisError(f"{records_path} has no {SETTINGS_FILENAME} beside it, so what made "
+                         "its records is unknown")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CadisError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise CadisError(f"{path} is not a JSON object of settings")
+    return settings
 
 
 # --------------------------------------------------------------------------- metrics
@@ -349,18 +376,24 @@ def plot_certified_accuracy(record_sets: Mapping[str, Sequence[Record]],
     any set. Rendering uses matplotlib's Agg canvas (no display, no pyplot state); the file
     is written atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not record_sets:
         raise CadisError("no record sets to plot")
+    figure = Figure(figsize=(6.0, 4.0))
+    axes = figure.add_subplot()
+    draw_certified_accuracy(axes, record_sets)
+    if title:
+        axes.set_title(title)
+    return save_png(figure, path)
+
+
+def draw_certified_accuracy(axes: Any, record_sets: Mapping[str, Sequence[Record]]) -> None:
+    """Draw :func:`plot_certified_accuracy`'s curves, axes and legend on matplotlib ``axes``."""
     largest = max((record.radius for records in record_sets.values() for record in records
                    if record.correct), default=0.0)
     # With nothing certified beyond 0, still show a unit of radius so the axes make sense.
     grid = np.linspace(0.0, largest * PLOT_MARGIN if largest > 0 else 1.0, PLOT_GRID_POINTS)
-    figure = Figure(figsize=(6.0, 4.0))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     for label, records in record_sets.items():
         axes.plot(grid, certified_accuracy_curve(records, grid), label=label,
                   drawstyle="steps-post")
@@ -370,8 +403,14 @@ def plot_certified_accuracy(record_sets: Mapping[str, Sequence[Record]],
     axes.set_xlim(0.0, grid[-1])
     axes.grid(alpha=0.3)
     axes.legend()
-    if title:
-        axes.set_title(title)
+
+
+def save_png(figure: Any, path: str | os.PathLike) -> Path:
+    """Render a matplotlib ``Figure`` on the Agg canvas and write it to ``path`` as a PNG,
+    atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -23,8 +23,11 @@ from cadis.files import atomic_write_text
 from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.records import (
+    CERTIFICATION_SETTINGS,
+    NOISE_PER_IMAGE,
     PLOT_FILENAME,
     RECORDS_FILENAME,
+    SETTINGS_FILENAME,
     SUMMARY_FIELDS,
     SUMMARY_FILENAME,
     Record,
@@ -36,16 +39,10 @@ from cadis.smoothing.records import (
 )
 from cadis.smoothing.sequential import MODE_FIXED, MODE_SEQUENTIAL, SequentialPlan
 from cadis.smoothing.smooth import (
-    NOISE_PER_IMAGE,
     Smooth,
     image_generators,
     images_per_forward,
 )
-
-SETTINGS_FILENAME: Final = "settings.json"
-
-#: The settings that the certification itself fixes; the caller's settings must agree.
-CERTIFICATION_SETTINGS: Final = ("sigma", "n", "n0", "alpha")
 
 
 class ImageDataset(Protocol):

@@ -125,9 +125,6 @@ def image_generators(seed: int, indices: Sequence[int],
             for index in indices]
 
 
-#: ``settings["noise"]`` (and a store key's) when each image has its own generator.
-NOISE_PER_IMAGE: Final = "per-image generators"
-
 #: Where each image's noise comes from: one generator for all (None: torch's default), or
 #: one per image of the batch (:func:`image_generators`).
 NoiseSource = torch.Generator | Sequence[torch.Generator] | None
