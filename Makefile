@@ -10,7 +10,7 @@ SWEEP := runs/sweeps/default
 STORE := runs/sweeps/mlflow.db
 PYTEST_ARGS ?=
 
-.PHONY: setup data tools demo test pretrain clean
+.PHONY: setup data tools demo test soak pretrain clean
 
 setup: $(STAMP) data
 
@@ -58,6 +58,11 @@ demo: pretrain
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault tests too long for the suite (docs/reliability.md says which): ASHA stopping a
+# dozen trials, a tracking store down for minutes mid-sweep.
+soak: setup
+	$(BIN)/python -m pytest -m soak $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
 """The sweep's tracking store going away: against a real ``mlflow server`` on 127.0.0.1 (a
 SQLite backend in a temporary folder, stopped by SIGKILL to its process group), the driver's
-MLflow client waits out an outage and loses no write, and past its bound gives up in one
-line."""
+MLflow client waits out an outage and loses no write; a store that stays down ends the sweep
+in one line, and ``--resume`` finishes it once the store is back (a soak test, ``make soak``:
+three minutes the suite cannot hold)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from cadis.sweeps.mlflow_writer import (
     PatientClient,
     TrackingStoreUnreachable,
 )
+from tests.conftest import own_group
 from tests.test_cluster import _free_ports
-from tests.test_sweep import tiny_sweep, write
+from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
 
 MLFLOW = Path(sys.prefix) / "bin" / "mlflow"
 # /health answers after about 12 s, and up to 100 s on a loaded machine (docs/design.md §8).
@@ -155,3 +157,63 @@ def test_a_bad_retry_bound_is_refused_before_any_work(tiny_models_dir, tmp_path,
     err = capsys.readouterr().err
     assert err == "cadis: error: CADIS_TRACKING_RETRY_S must be a finite number >= 0, got 'soon'\n"
     assert not (tmp_path / "results").exists()
+
+
+def _trial_metric_logged(folder: Path, key: str) -> bool:
+    try:
+        _, runs = mlflow_runs(folder)
+    except Exception:  # noqa: BLE001 - the driver has not created the experiment yet
+        return False
+    return any(key in run.data.metrics for run in by_role(runs, "trial"))
+
+
+# The sweep, its give-up and its resume: about 3 minutes on 2 cores.
+SOAK_TIMEOUT_S = 900
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+@pytest.mark.timeout(SOAK_TIMEOUT_S)
+def test_a_store_that_stays_down_ends_the_sweep_in_one_line_and_resume_finishes_it(
+        tiny_models_dir, tmp_path, server):
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, num_trials=1, scheduler=None,
+                       store_draws=False, mlflow={"tracking_uri": server.uri,
+                                                  "experiment": "tiny"})
+    path = write(tmp_path, sweep)
+    command = [sys.executable, "-m", "cadis", "sweep", str(path)]
+    # A local Ray of its own (not one a `ray start` left on this machine), a short bound.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local",
+           "CADIS_TRACKING_RETRY_S": "5"}
+    with own_group(command, tmp_path, env) as driver:
+        deadline = time.monotonic() + 300
+        while (time.monotonic() < deadline and driver.poll() is None
+               and not _trial_metric_logged(server.folder, "proxy_acr")):
+            time.sleep(1)
+        assert driver.poll() is None, "the sweep ended before the store was stopped"
+        # The first epoch is in MLflow; the next write finds no store.
+        server.stop()
+        _, err = driver.communicate(timeout=300)
+    assert driver.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"cadis: error: the MLflow tracking store {server.uri} is "
+                           f"unreachable ("), err[-3000:]
+    assert f"once the store is back, cadis sweep {path} --resume continues it" in last
+    assert f"mlflow: the tracking store {server.uri} is unreachable (" in err
+
+    server.start()
+    # The driver did not wait for the store again to close the runs: --resume reopens them.
+    _, runs = mlflow_runs(server.folder)  # the server's store, experiment "tiny"
+    assert {run.info.status for run in runs} == {"RUNNING"}
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, runs = mlflow_runs(server.folder)
+    [parent], [trial] = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
+    assert trial.info.status == "FINISHED" and trial.data.tags["cadis.outcome"] == "completed"
+    assert {"val_acr", "acr"} <= set(trial.data.metrics)
+    # Every epoch is in the run: the one written before the store went away, and the one
+    # whose write found no store, from the checkpoint's history.
+    for key in ("proxy_acr", "loss", "epoch"):
+        steps = [metric.step for metric in client.get_metric_history(trial.info.run_id, key)]
+        assert sorted(steps) == [1, 2], key

@@ -149,3 +149,47 @@ def test_a_worker_that_raises_a_cadis_error_ends_the_run_in_one_line_without_a_r
     assert "RETRY" not in err and "Traceback" not in line
     assert len(started) == 2, f"{len(started)} Train workers started: the group was restarted"
     assert not (tmp_path / "out" / "history.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_a_train_worker_killed_inside_a_sweep_trial_resumes_in_the_same_trial_and_run(
+        tiny_models_dir, tmp_path):
+    from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
+
+    epochs, steps = 3, 4
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None, num_trials=1,
+                       store_draws=False)
+    sweep["base"].update(epochs=epochs, max_steps_per_epoch=steps)
+    sweep["certify"]["final"]["top_k"] = 1
+    path = write(tmp_path, sweep)
+    tag = str(tmp_path)
+    command = [sys.executable, "-m", "cadis", "sweep", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local", TAG_ENV: tag}
+    train = tmp_path / "results" / "train"
+    with own_group(command, tmp_path, env) as run:
+        deadline = time.monotonic() + 600
+        seen = None
+        while time.monotonic() < deadline and run.poll() is None and seen is None:
+            seen = next(filter(None, map(registered_checkpoint, train.glob("*"))), None)
+            time.sleep(0.1)
+        assert seen is not None, "no checkpoint before the sweep ended"
+        workers = train_workers(tag)
+        assert len(workers) == 1 and seen["epoch"] < epochs
+        os.kill(min(workers), signal.SIGKILL)
+        _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    client, runs = mlflow_runs(tmp_path)
+    [parent], [trial] = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
+    # One trial, one run, one Tune attempt: Train replaced its worker inside the trial.
+    assert trial.info.status == "FINISHED" and trial.data.tags["cadis.outcome"] == "completed"
+    assert "error.txt" not in {item.path for item in client.list_artifacts(trial.info.run_id)}
+    assert {"val_acr", "acr"} <= set(trial.data.metrics)
+    # Every epoch once in the run, its step count carried on past the kill.
+    epochs_logged = client.get_metric_history(trial.info.run_id, "epoch")
+    assert sorted(metric.step for metric in epochs_logged) == list(range(1, epochs + 1))
+    global_steps = client.get_metric_history(trial.info.run_id, "global_step")
+    assert sorted((metric.step, metric.value) for metric in global_steps) == [
+        (epoch, steps * epoch) for epoch in range(1, epochs + 1)]
