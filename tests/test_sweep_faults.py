@@ -109,8 +109,15 @@ def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others
 
     from cadis.sweeps.trial import run_trial
 
-    grid = tune.Tuner.restore(str(tmp_path / "results" / TUNE_NAME),
-                              trainable=run_trial).get_results()
+    import ray
+
+    # Restoring a Tuner starts a Ray of its own when none runs: one that must not outlive
+    # this test (a later test's ray.init would find it, without the dashboard it needs).
+    try:
+        grid = tune.Tuner.restore(str(tmp_path / "results" / TUNE_NAME),
+                                  trainable=run_trial).get_results()
+    finally:
+        ray.shutdown()
     [error] = [result.error for result in grid if result.error is not None]
     assert reason in str(error)
     # The other trial went on: it completed, ranked, and was certified on the test set.
