@@ -36,7 +36,12 @@ from cadis.smoothing.precision import (
 )
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import certify_dataset
-from cadis.smoothing.sequential import SequentialPlan, check_budget, forward_sizes
+from cadis.smoothing.sequential import (
+    SequentialPlan,
+    check_budget,
+    forward_sizes,
+    reachable_radii,
+)
 from cadis.smoothing.smooth import (
     Smooth,
     check_draws,
@@ -78,8 +83,9 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     """Certify every ``skip``-th test image (at most ``max_images``) into ``out_dir``.
 
     ``batch_size`` (noise draws per forward) defaults to what is fast on the device. With
-    ``sequential``, each image is certified at ``radii`` (required) by the sequential test of
-    :mod:`cadis.smoothing.sequential`, ``n`` being the most estimation draws an image may spend.
+    ``sequential``, each image is certified at ``radii`` (default: the grid radii ``n`` draws
+    can reach sequentially) by the sequential test of :mod:`cadis.smoothing.sequential`, ``n``
+    being the most estimation draws an image may spend.
     Each image's noise has its own generator (seeded by ``seed`` and its index), so
     ``shard=(k, K)``, which certifies the k-th of K contiguous parts of the images, makes the
     records a whole run makes of them (:func:`~cadis.smoothing.runner.merge_records` joins
@@ -98,13 +104,17 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     chosen_precision = resolve_precision(precision, chosen_device)
     parameters = CertificationParameters(n0, n, alpha,
                                          batch_size or default_batch_size(chosen_device))
-    plan = None
     if sequential:
-        plan = SequentialPlan(radii or (), sigma, alpha, n)
         check_budget(n0, n)
     test_set = load_dataset(sources.dataset, "test", sources.data_root,
                             image_size=sources.image_size)
     info = test_set.info
+    grid = radius_grid(sigma, n, alpha, info.image_size, radii)
+    plan = None
+    if sequential:
+        # With no radius reachable, the plan of the grid's first refuses, naming the n it needs.
+        plan = SequentialPlan(radii or reachable_radii(grid, sigma, alpha, n) or grid[:1],
+                              sigma, alpha, n)
     indices = subset_indices(len(test_set), skip, max_images)
     base = build_denoised_classifier(sources, sigma, checkpoint, chosen_device,
                                      channels=info.channels, image_size=info.image_size)
@@ -118,8 +128,7 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                 "precision": chosen_precision.name, "compiled": compile}
     return certify_dataset(smooth, test_set, shard_of(indices, shard), parameters,
                            out_dir=out_dir, settings=settings,
-                           radii=radius_grid(sigma, n, alpha, info.image_size, radii),
-                           progress=progress, plan=plan, seed=seed, notes=notes)
+                           radii=grid, progress=progress, plan=plan, seed=seed, notes=notes)
 
 
 def shard_of(indices: list[int], shard: tuple[int, int] | None) -> list[int]:

@@ -126,8 +126,8 @@ def _train(args: argparse.Namespace) -> None:
         sources, config.sigma, certify_dir, n=certify.n, n0=certify.n0, alpha=certify.alpha,
         skip=certify.skip, max_images=certify.max_images, batch_size=certify.batch_size,
         checkpoint=None if checkpoint is None else str(checkpoint), seed=config.seed,
-        device=config.device, precision=certify.precision, compile=certify.compile,
-        progress=not args.quiet)
+        device=config.device, sequential=certify.sequential, precision=certify.precision,
+        compile=certify.compile, progress=not args.quiet)
     radii = [float(r) for r in summary["certified_accuracy"]]
     records = read_records(certify_dir / RECORDS_FILENAME)
     print(format_table({config.method: records}, radii).rstrip("\n"))
@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="noise draws per forward (default: 100 on CPU, 1000 on CUDA)")
     certify.add_argument("--radii", type=_radii, help="radius grid of the table, e.g. 0,0.5,1")
     certify.add_argument("--sequential", action="store_true",
-                         help="stop each image once every --radii radius is decided (n: the "
-                              "most draws); sound at alpha over all looks")
+                         help="stop each image once every --radii radius is decided (default: "
+                              "the grid radii n can reach; n: the most draws); sound at alpha "
+                              "over all looks")
     certify.add_argument("--precision", default="auto",
                          help="auto (default: fp32 on the CPU, bf16 or fp16 on CUDA), fp32, bf16 "
                               "or fp16; anything but fp32 is checked against fp32 first")
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "certified on the same images with the same sigma, n, n0 and alpha "
                     "(settings.json beside each): side by side, then each one's difference "
                     "from the reference per radius and in ACR, with McNemar's exact "
-                    "two-sided p-value and a paired bootstrap 95%% interval.")
+                    "two-sided p-value and a paired bootstrap 95% interval.")
     analyze.add_argument("records", nargs="+", help="records.tsv files or folders")
     analyze.add_argument("--labels", nargs="+", help="one label per records file")
     analyze.add_argument("--baseline", metavar="LABEL",

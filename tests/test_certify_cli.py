@@ -6,6 +6,7 @@ import pytest
 
 from cadis.cli import main
 from cadis.smoothing.records import read_records
+from cadis.smoothing.sequential import draws_to_reach
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -120,8 +121,20 @@ def test_sequential_certify_records_draws_and_keeps_its_own_folder(tiny_models_d
     assert len(read_records(out / "records.tsv")) == 3
 
 
+def test_sequential_certify_without_radii_decides_the_grid_radii_n_can_reach(
+        tiny_models_dir, tmp_path):
+    out = tmp_path / "sequential-grid"
+    assert _certify(tiny_models_dir, out, "--max-images", "2", "--sequential",
+                    "--n", "200") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    grid = [float(radius) for radius in summary["certified_accuracy"]]
+    reachable = [r for r in grid if draws_to_reach(r, 0.5, 0.001) <= 200]
+    # The table keeps the fixed-n grid (to 1.0 at n = 200); the test decides what it can reach.
+    assert grid[-1] == 1.0 and 0.0 in reachable and 1.0 not in reachable
+    assert summary["radii"] == reachable
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--sequential"], "sequential certification needs radii to decide"),
     (["--sequential", "--radii", "0.5,0.25"], "radii must be strictly increasing"),
     (["--sequential", "--radii", "0,1.0", "--n", "100"],
      "n = 100 draws cannot certify radius 1 at sigma 0.5 sequentially (alpha 0.001); it "

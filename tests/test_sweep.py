@@ -184,12 +184,14 @@ def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
 @pytest.mark.slow
 def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models_dir,
                                                                      tmp_path, capsys):
-    # This sweep also trains from stored draws, ranks sequentially and has two objectives.
+    # This sweep also trains from stored draws, ranks and certifies the finalists
+    # sequentially and has two objectives.
     sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None,
                        objective={"metric": ["acr", "certified_accuracy_r0.0"],
                                   "mode": ["max", "max"]})
     sweep["base"].update(train_draws=2, max_train_images=40)
     sweep["certify"]["rank"]["sequential"] = True
+    sweep["certify"]["final"]["sequential"] = True
     path = write(tmp_path, sweep)
     assert main(["sweep", str(path), "--stop-after", "rank"]) == 0
     assert "rank stage done" in capsys.readouterr().out
@@ -212,6 +214,8 @@ def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models
     [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
     assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
     assert len(trials) == 2 and all("acr" in run.data.metrics for run in trials)
+    for final in (results / "trials").glob("*/certify"):
+        assert json.loads((final / "summary.json").read_text())["mode"] == "sequential"
     # The sweep ends with its figures, a Pareto front among them, on the parent run and in
     # the results folder, and a summary naming the chosen trial and where its files are.
     figures = {item.path for item in client.list_artifacts(parent.info.run_id, "figures")}

@@ -33,6 +33,7 @@ from cadis.models.sources import ModelSources
 from cadis.overrides import coerce_like, parse_overrides
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import PRECISION_CHOICES, Precision, resolve_precision
+from cadis.smoothing.sequential import SequentialPlan, check_budget
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
 from cadis.validation import check_sigma, is_real, non_negative_float, positive_int
 
@@ -67,6 +68,9 @@ class CertifyConfig:
     # on CUDA; bf16 pays on CPUs with native bf16. compile: torch.compile, paid once a run.
     precision: str = "auto"
     compile: bool = False
+    # Stop each image once the grid radii n draws can reach are decided (the sequential test,
+    # sound at alpha over its looks; n is then the most draws an image may spend).
+    sequential: bool = False
 
     def parameters(self, default_batch_size: int) -> CertificationParameters:
         """The certification's parameters (``batch_size`` None: ``default_batch_size``);
@@ -260,6 +264,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     config.certify.parameters(CPU_BATCH_SIZE)
     config.proxy_parameters(CPU_BATCH_SIZE)
     positive_int(config.certify.skip, "certify.skip")
+    if config.certify.sequential:
+        try:
+            check_budget(config.certify.n0, config.certify.n)
+            # Radius 0 is the grid's first: n draws that cannot reach it certify nothing.
+            SequentialPlan([0.0], config.sigma, config.certify.alpha, config.certify.n)
+        except CadisError as error:
+            raise CadisError(f"certify.{error}") from None
     if config.certify.precision not in PRECISION_CHOICES:
         raise CadisError(f"certify.precision must be one of {', '.join(PRECISION_CHOICES)}, "
                          f"got {config.certify.precision!r}")

@@ -755,15 +755,16 @@ def _check_reachable(where: str, metric: str, sweep_search: Mapping[str, Distrib
             counts.insert(0, (rank.n, rank.alpha, "certify.rank.n"))
     else:
         return
-    if rank is not None and rank.sequential:
+    sequential = {"certify.rank.n": rank is not None and rank.sequential,
+                  "certify.final.n": base.certify.sequential}
+    for n, alpha, source in [count for count in counts if sequential.get(count[2])]:
         # The sequential test splits alpha over its looks: it needs a few more draws.
-        needed = draws_to_reach(radius, sigma, rank.alpha)
-        if needed > rank.n:
-            raise CadisError(f"{where}: {metric} is beyond what certify.rank.n={rank.n} can "
-                             f"certify sequentially at sigma {sigma}: certify.rank.n needs at "
-                             f"least {needed}, or pick a smaller radius")
-        counts = [count for count in counts if count[2] != "certify.rank.n"]
-    for n, alpha, source in counts:
+        needed = draws_to_reach(radius, sigma, alpha)
+        if needed > n:
+            raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify "
+                             f"sequentially at sigma {sigma}: {source} needs at least "
+                             f"{needed}, or pick a smaller radius")
+    for n, alpha, source in [count for count in counts if not sequential.get(count[2])]:
         reach = max_certifiable_radius(sigma, n, alpha)
         if radius > reach:
             raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify at "
@@ -897,7 +898,8 @@ def describe(sweep: SweepConfig) -> str:
                  + ", every trial that trains to the end")
     lines.append(f"final stage: the top {sweep.top_k} by rank on the test set, n={certify.n} "
                  f"n0={certify.n0} alpha={certify.alpha:g} skip={certify.skip} "
-                 f"max_images={certify.max_images}")
+                 f"max_images={certify.max_images}"
+                 + (" (sequential: n at most)" if certify.sequential else ""))
     lines.append(f"proxy per epoch: {sweep.base.proxy_images} validation images, "
                  f"n={sweep.base.proxy_n} n0={sweep.base.proxy_n0}")
     if sweep.shares_draws:

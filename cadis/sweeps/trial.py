@@ -175,8 +175,8 @@ def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str,
         config.model_sources(), config.sigma, Path(out), n=certify.n, n0=certify.n0,
         alpha=certify.alpha, skip=certify.skip, max_images=certify.max_images,
         batch_size=certify.batch_size, checkpoint=checkpoint, seed=config.seed,
-        device=config.device, precision=certify.precision, compile=certify.compile,
-        shard=shard, progress=False)
+        device=config.device, sequential=certify.sequential, precision=certify.precision,
+        compile=certify.compile, shard=shard, progress=False)
 
 
 def figures_of(summary: dict[str, Any]) -> dict[str, float]:
