@@ -3,6 +3,8 @@ run at once on given resources, and what Optuna is told of per-epoch and pruned 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cadis.errors import CadisError
@@ -143,3 +145,31 @@ def test_commands_turn_mlflow_telemetry_off(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
     main(["analyze", str(tmp_path / "missing.tsv")])
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_sweeps_of_two_methods_sharing_a_draws_dir_denoise_their_draws_once(tiny_models_dir,
+                                                                            tmp_path):
+    from cadis.sweeps.stores import build_sweep_stores
+
+    shared = tmp_path / "draws"
+    built = {}
+    for method in ("ft_cadis", "denoised_ce"):
+        method_sweep = sweep_from_mapping({
+            **SWEEP, "search": {"num_noises": {"int": [1, 2]}},
+            "base": {"models": str(tiny_models_dir), "method": method, "val_images": 20,
+                     "proxy_images": 2, "proxy_n": 4, "proxy_n0": 2},
+            "certify": {"rank": {"n": 6, "n0": 2, "images": 3}},
+            "results_dir": str(tmp_path / method), "draws_dir": str(shared)})
+        built[method] = build_sweep_stores(method_sweep.base.to_dict(), method_sweep.rank,
+                                           method_sweep.draws_dir, progress=False)
+    assert {Path(info["folder"]).parent for info in built["ft_cadis"].values()} == {shared}
+    # The second sweep opened the first's stores (their recorded build times and all).
+    assert built["denoised_ce"] == built["ft_cadis"]
+    assert sweep().draws_dir == f"{sweep().results_dir}/draws"
+
+
+@pytest.mark.parametrize("draws_dir", ["", 3])
+def test_draws_dir_must_be_a_folder_path(draws_dir):
+    with pytest.raises(CadisError, match="draws_dir must be a folder path, or null for "
+                                         "results_dir/draws; got"):
+        sweep_from_mapping({**SWEEP, "draws_dir": draws_dir})

@@ -108,7 +108,7 @@ def check_free_space(folder: Path, size: int) -> None:
     if size + DISK_MARGIN_BYTES > free:
         raise CadisError(f"the denoised draws need {size / 2 ** 30:.2f} GiB in "
                          f"{folder.parent} but {free / 2 ** 30:.2f} GiB are free: fewer images "
-                         "or draws, or another results_dir")
+                         "or draws, or another folder (results_dir, draws_dir)")
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,11 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     sweep.base = portable_config(sweep.base)
     results = Path(sweep.results_dir).absolute()
     check_creatable_folder(results, "results_dir")
+    check_creatable_folder(Path(sweep.draws_dir).absolute(), "draws_dir")
     fingerprint = _fingerprint(sweep)
+    # After the fingerprint (a resumed sweep names its draws_dir as it was given): the stores
+    # are built after this process has moved into the results folder.
+    sweep.draws_dir = str(Path(sweep.draws_dir).absolute())
     state = _check_results_dir(results, fingerprint, resume)
     # A dry run refuses what the real run would refuse before its first trial (it creates
     # nothing: neither the results folder nor the tracking store's).
@@ -202,7 +206,7 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
         if state["stage"] == STAGE_SEARCH:
             tracker.set_stage(STAGE_SEARCH)
             if sweep.shares_draws and not state["stores"]:
-                state["stores"] = _build_stores(sweep, results)
+                state["stores"] = _build_stores(sweep)
                 _save_state(results, state)
                 tracker.log_stores(state["stores"])
             _search(sweep, results, tracker, concurrent, resumed,
@@ -261,9 +265,10 @@ def _save_state(results: Path, state: Mapping[str, Any]) -> None:
     atomic_write_text(results / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
-def _build_stores(sweep: SweepConfig, results: Path) -> dict[str, dict[str, Any]]:
-    """The rank stage's and the proxy's denoised draws, made once in a Ray task holding one
-    worker's resources (its GPU where workers have one), before the first trial."""
+def _build_stores(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
+    """The rank stage's and the proxy's denoised draws, made once (or found in
+    ``sweep.draws_dir``) in a Ray task holding one worker's resources (its GPU where workers
+    have one), before the first trial."""
     import ray
 
     from cadis.sweeps.stores import build_sweep_stores
@@ -276,7 +281,7 @@ def _build_stores(sweep: SweepConfig, results: Path) -> dict[str, dict[str, Any]
     cpus = max(resources.cpus_per_worker, min(largest, STORE_BUILD_MAX_CPUS))
     task = ray.remote(build_sweep_stores).options(num_cpus=cpus,
                                                   num_gpus=resources.gpus_per_worker)
-    stores = ray.get(task.remote(sweep.base.to_dict(), sweep.rank, str(results),
+    stores = ray.get(task.remote(sweep.base.to_dict(), sweep.rank, sweep.draws_dir,
                                  threads=max(1, int(cpus))))
     for role, info in stores.items():
         classifier = info["classifier_ms_per_draw"]

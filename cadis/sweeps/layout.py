@@ -6,7 +6,8 @@ writer::
     optuna.db         Optuna's study (optuna-dashboard sqlite:///.../optuna.db)
     tune/             Tune's experiment (Tuner.restore reads it)
     train/<trial>/    each trial's Ray Train run and checkpoints
-    draws/            the denoised draws of the rank stage and the proxy, made once
+    draws/            the denoised draws of the rank stage and the proxy, made once (unless
+                      draws_dir puts them elsewhere)
     figures/          the sweep's figures (cadis.sweeps.figures), also on the parent run
     trials/<trial>/trained.json   the trial's last checkpoint and config
     trials/<trial>/failure.txt    why the trial failed, when a retry cannot change it

@@ -53,6 +53,7 @@ from cadis.overrides import parse_overrides
 from cadis.smoothing.bounds import CertificationParameters, draws_needed, max_certifiable_radius
 from cadis.smoothing.records import radius_key
 from cadis.smoothing.sequential import check_budget, draws_to_reach
+from cadis.sweeps.layout import DRAWS_DIR
 from cadis.tracking.contract import (
     ACR,
     CERTIFIED_ACCURACY_PREFIX,
@@ -138,8 +139,8 @@ DRAW_KEYS = ("models", "classifier", "denoiser", "dataset", "data_root", "image_
              "seed", "val_images", "val_seed", "proxy_images", "proxy_n", "proxy_n0",
              "max_train_images")
 TOP_LEVEL_KEYS = ("name", "base", "search", "objective", "scheduler", "num_trials",
-                  "max_concurrent_trials", "resources", "certify", "store_draws", "mlflow",
-                  "results_dir")
+                  "max_concurrent_trials", "resources", "certify", "store_draws", "draws_dir",
+                  "mlflow", "results_dir")
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,9 @@ class SweepConfig:
     store_draws: bool
     mlflow: MlflowSettings
     results_dir: str
+    # Where the shared stores live (default results_dir/draws). Each store is keyed by what its
+    # draws depend on, not by method, so sweeps of other methods at the same sigma may share it.
+    draws_dir: str
 
     @property
     def grid_size(self) -> int:
@@ -397,12 +401,19 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     results_dir = data.get("results_dir", f"{SWEEPS_DIR}/{name}")
     if not isinstance(results_dir, str) or not results_dir:
         raise CadisError(f"results_dir must be a folder path, got {results_dir!r}")
+    draws_dir = data.get("draws_dir")
+    if draws_dir is None:
+        draws_dir = f"{results_dir}/{DRAWS_DIR}"
+    elif not isinstance(draws_dir, str) or not draws_dir:
+        raise CadisError(f"draws_dir must be a folder path, or null for results_dir/"
+                         f"{DRAWS_DIR}; got {draws_dir!r}")
     sweep = SweepConfig(name=name, base=base, search=search, objective=objectives,
                         scheduler=scheduler, num_trials=num_trials,
                         max_concurrent_trials=max_concurrent, resources=resources,
                         certify=base.certify, rank=rank, top_k=DEFAULT_TOP_K,
                         store_draws=_flag("store_draws", data.get("store_draws", True)),
-                        mlflow=MlflowSettings(tracking_uri, experiment), results_dir=results_dir)
+                        mlflow=MlflowSettings(tracking_uri, experiment), results_dir=results_dir,
+                        draws_dir=draws_dir)
     if base.train_draws and not sweep.shares_draws:
         why = ("store_draws is false" if not sweep.store_draws else
                f"the draws depend on the searched {', '.join(sweep.draws_vary_with)}")
@@ -907,7 +918,7 @@ def describe(sweep: SweepConfig) -> str:
                  f"({sweep.base.train_draws} per image)" if sweep.base.train_draws
                  else "the rank stage's and the proxy's")
         lines.append(f"draws: {roles} denoised once for every trial "
-                     f"(in {sweep.results_dir}/draws)")
+                     f"(in {sweep.draws_dir})")
     else:
         why = ("store_draws is false" if not sweep.store_draws else
                f"they depend on the searched {', '.join(sweep.draws_vary_with)}")

@@ -2,8 +2,9 @@
 validation image of the rank stage), the proxy's (proxy_n0 + proxy_n per proxy image) and,
 with ``train_draws`` set, the training draws (``train_draws`` per training image).
 
-Each is a :class:`cadis.smoothing.draws.DrawStore` under ``results_dir/draws``, keyed by what
-its draws depend on; a rerun or a resumed sweep finds it there. :func:`build_sweep_stores`
+Each is a :class:`cadis.smoothing.draws.DrawStore` under the sweep's ``draws_dir`` (default
+``results_dir/draws``), keyed by what its draws depend on; a rerun, a resumed sweep or another
+sweep with that ``draws_dir`` finds it there. :func:`build_sweep_stores`
 runs in a Ray task with one worker's resources (its GPU where workers have one).
 """
 
@@ -23,7 +24,6 @@ from cadis.models.devices import pick_device
 from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.smoothing.draws import build_store, store_bytes, store_folder
 from cadis.smoothing.smooth import default_batch_size
-from cadis.sweeps.layout import DRAWS_DIR
 from cadis.sweeps.schema import RankSettings
 from cadis.sweeps.trial import rank_store_key, validation_indices
 
@@ -31,10 +31,11 @@ ROLES = ("rank", "proxy")
 TRAIN_ROLE = "train"
 
 
-def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results: str,
+def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, draws_dir: str,
                        threads: int = 1, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Build (or find) the rank stage's and the proxy's stores for the sweep's base config
-    (and the training draws' when ``train_draws`` is set), with ``threads`` torch threads;
+    """Build (or find) under ``draws_dir`` the rank stage's and the proxy's stores for the
+    sweep's base config (and the training draws' when ``train_draws`` is set), with
+    ``threads`` torch threads;
     returns per role its folder and what it cost (build seconds, bytes, per-draw
     milliseconds of the denoiser and, for certification stores, of the classifier)."""
     torch.set_num_threads(threads)
@@ -59,7 +60,7 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results:
     for role in ROLES:
         key, role_indices, batch_size = plans[role]
         images, labels = stack_images(train_set, role_indices)
-        folder = store_folder(Path(results) / DRAWS_DIR, role, key)
+        folder = store_folder(Path(draws_dir), role, key)
         if progress:
             size = store_bytes(len(images), key["n0"], key["n"], images.shape[1:])
             print(f"draws: {role} stage, {len(images)} images x {key['n0'] + key['n']} draws "
@@ -74,7 +75,7 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, results:
     if config.train_draws:
         if progress:
             print(f"draws: training, {config.train_draws} per training image", flush=True)
-        train = build_training_draws(config, Path(results) / DRAWS_DIR, device, progress)
+        train = build_training_draws(config, Path(draws_dir), device, progress)
         built[TRAIN_ROLE] = {"folder": str(train.folder), "build_seconds": train.build_seconds,
                              "bytes": train.bytes,
                              "denoiser_ms_per_draw": train.denoiser_ms_per_draw,
