@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The README's science table at one sigma: the off-the-shelf pair, denoised fine-tuning and
+# FT-CADIS, the fine-tuned arms each chosen by its staged sweep on validation and only the
+# chosen trial certified on the test set; then `cadis analyze` pairs the three on the same
+# 1,000 test images and noise draws. The two sweeps share their stores of denoised draws
+# (draws_dir): the second denoises nothing.
+#
+#   benchmarks/science.sh SIGMA [OUT]        # OUT: runs/science/sigmaSIGMA
+#
+# Every arm certifies every 10th test image (1,000), sequentially at n at most 1,000, n0 = 100,
+# alpha = 0.001, seed 0. The sweeps' objective is certified accuracy at r = SIGMA on
+# validation. One torch thread per process, so two sigmas run side by side on 2 cores; each
+# step resumes (a finished one is skipped) when the script is run again.
+set -euo pipefail
+sigma=${1:?usage: benchmarks/science.sh SIGMA [OUT]}
+out=${2:-runs/science/sigma$sigma}
+cadis=${CADIS:-.venv/bin/cadis}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$out"
+store="sqlite:///$(cd "$out" && pwd)/mlflow.db"
+radius=$(python3 -c "print(float('$sigma'))")
+
+for arm in ft_cadis denoised_ce; do
+    resume=$(test -f "$out/$arm/sweep.json" && echo --resume || true)
+    "$cadis" sweep "sweeps/science_$arm.yaml" $resume --set "sigma=$sigma" \
+        --set "objective.metric=certified_accuracy_r$radius" \
+        --set "results_dir=$out/$arm" --set "draws_dir=$out/draws" \
+        --set "mlflow.tracking_uri=$store" \
+        --set "mlflow.experiment=science-$arm-sigma$sigma"
+done
+"$cadis" certify --models models/fashion-mnist --sigma "$sigma" --n 1000 --n0 100 \
+    --alpha 0.001 --skip 10 --max-images 1000 --sequential --seed 0 --quiet \
+    --out "$out/off_the_shelf"
+
+chosen() {  # the test folder of the one trial the sweep certified (top_k: 1)
+    local found=("$out/$1"/trials/*/certify)
+    [ ${#found[@]} = 1 ] && [ -f "${found[0]}/summary.json" ] \
+        || { echo "science: $out/$1 has ${#found[@]} certified trials, not 1" >&2; exit 1; }
+    echo "${found[0]}"
+}
+"$cadis" analyze "$out/off_the_shelf" "$(chosen denoised_ce)" "$(chosen ft_cadis)" \
+    --labels off-the-shelf denoised_ce ft_cadis --baseline off-the-shelf \
+    --plot "$out/sigma$sigma.png" | tee "$out/analyze.md"
