@@ -2,7 +2,8 @@
 # The README's science table at one sigma: the off-the-shelf pair, denoised fine-tuning and
 # FT-CADIS, the fine-tuned arms each chosen by its staged sweep on validation and only the
 # chosen trial certified on the test set; then `cadis analyze` pairs the three on the same
-# 1,000 test images and noise draws. The two sweeps share their stores of denoised draws
+# 1,000 test images and noise draws, each against the off-the-shelf pair and FT-CADIS against
+# denoised fine-tuning. The two sweeps share their stores of denoised draws
 # (draws_dir): the second denoises nothing.
 #
 #   benchmarks/science.sh SIGMA [OUT]        # OUT: runs/science/sigmaSIGMA
@@ -41,3 +42,5 @@ chosen() {  # the test folder of the one trial the sweep certified (top_k: 1)
 "$cadis" analyze "$out/off_the_shelf" "$(chosen denoised_ce)" "$(chosen ft_cadis)" \
     --labels off-the-shelf denoised_ce ft_cadis --baseline off-the-shelf \
     --plot "$out/sigma$sigma.png" | tee "$out/analyze.md"
+"$cadis" analyze "$(chosen denoised_ce)" "$(chosen ft_cadis)" --labels denoised_ce ft_cadis \
+    | tee "$out/analyze-vs-denoised_ce.md"
