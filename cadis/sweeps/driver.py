@@ -93,11 +93,12 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     sweep.base = portable_config(sweep.base)
     results = Path(sweep.results_dir).absolute()
     check_creatable_folder(results, "results_dir")
-    check_creatable_folder(Path(sweep.draws_dir).absolute(), "draws_dir")
+    draws = Path(sweep.draws_dir).absolute()
+    check_creatable_folder(draws, "draws_dir")
     fingerprint = _fingerprint(sweep)
     # After the fingerprint (a resumed sweep names its draws_dir as it was given): the stores
     # are built after this process has moved into the results folder.
-    sweep.draws_dir = str(Path(sweep.draws_dir).absolute())
+    sweep.draws_dir = str(draws)
     state = _check_results_dir(results, fingerprint, resume)
     # A dry run refuses what the real run would refuse before its first trial (it creates
     # nothing: neither the results folder nor the tracking store's).
