@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -277,17 +278,24 @@ def test_resume_after_the_driver_is_killed_runs_no_trial_twice(tiny_models_dir, 
 def kill_driver_when(command: list[str], cwd: Path, ready, poll_s: float,
                      timeout_s: float = 300.0) -> None:
     """Start a sweep driver in a session of its own and SIGKILL it, with the Ray it started,
-    once ``ready()``; fails if the driver ends first."""
-    driver = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                              start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    once ``ready()``; fails if the driver ends first, with the end of what it printed."""
+    # A file, not a pipe: nobody reads the driver's output while it runs, and Ray's logs
+    # would fill a pipe and block it.
+    log_path = cwd / "killed-driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                  start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and driver.poll() is None and not ready():
             time.sleep(poll_s)
-        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        assert driver.poll() is None, (
+            f"the sweep ended (status {driver.returncode}) before it could be interrupted:\n"
+            + log_path.read_text()[-3000:])
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
+        # The group may be gone already (a driver that ended, and Ray with it).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
 
 

@@ -45,9 +45,15 @@ class DriverMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        seen = 0
         while not self._stop.wait(0.2):
             started = len(list(self.train_dir.iterdir())) if self.train_dir.is_dir() else 0
-            self.most[started] = max(self.most.get(started, 0.0), resident_mb())
+            rss = resident_mb()
+            # Two trials often start within one sample (ASHA stops both running ones at once),
+            # so a count can be passed over between samples: it had this reading too.
+            for k in range(min(seen + 1, started), started + 1):
+                self.most[k] = max(self.most.get(k, 0.0), rss)
+            seen = max(seen, started)
 
     def __enter__(self) -> DriverMemory:
         self._thread.start()
