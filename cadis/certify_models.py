@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any, Sequence
+from typing import Any, Final, Sequence
 
 import torch
 
-from cadis.data import load_dataset, subset_indices
+from cadis.data import load_dataset, stack_images, subset_indices
 from cadis.errors import CadisError
 from cadis.finetuning.checkpoint import load_trained
+from cadis.finetuning.config import TrainConfig
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.devices import pick_device
@@ -34,8 +35,9 @@ from cadis.smoothing.precision import (
     compile_base,
     resolve_precision,
 )
-from cadis.smoothing.records import radius_grid
-from cadis.smoothing.runner import certify_dataset
+from cadis.smoothing.draws import DrawStore, build_store, store_folder, store_key
+from cadis.smoothing.records import NOISE_PER_IMAGE, radius_grid
+from cadis.smoothing.runner import certify_dataset, certify_records
 from cadis.smoothing.sequential import (
     SequentialPlan,
     check_budget,
@@ -48,6 +50,10 @@ from cadis.smoothing.smooth import (
     default_batch_size,
     image_generators,
 )
+
+
+#: The role naming a store of test-set draws in its folder (``DRAWS_DIR/test-DIGEST``).
+TEST_STORE_ROLE: Final = "test"
 
 
 def build_denoised_classifier(sources: ModelSources, sigma: float,
@@ -79,6 +85,7 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                    seed: int = 0, device: str = "auto", sequential: bool = False,
                    precision: str = "auto", compile: bool = False,
                    shard: tuple[int, int] | None = None,
+                   draws_dir: str | Path | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Certify every ``skip``-th test image (at most ``max_images``) into ``out_dir``.
 
@@ -97,9 +104,20 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     (:func:`~cadis.smoothing.precision.check_agreement`), or :class:`CadisError` before any
     record. The settings say which precision made the records; the summary holds the share.
 
+    With ``draws_dir``, every draw of these images (``n0 + n`` each) is denoised once into a
+    store under it (:mod:`cadis.smoothing.draws`), or found there, and only the classifier
+    runs: the records are exactly those of certifying live with the same seed (for CERTIFY;
+    the sequential test reads the same draws in the same order), so every classifier
+    certified from one store is paired with the others on the same draws, for the cost of its
+    classifier. Building costs every draw even where a sequential test would stop early;
+    it pays from about the third classifier. ``compile`` is refused with it.
+
     Returns the summary (also in ``out_dir/summary.json``). Resumes an interrupted run with
     the same settings; refuses, untouched, an ``out_dir`` made with other settings.
     """
+    if draws_dir is not None and compile:
+        raise CadisError("draws_dir: from stored draws only the classifier runs, so compile "
+                         "must be false")
     chosen_device = pick_device(device)
     chosen_precision = resolve_precision(precision, chosen_device)
     parameters = CertificationParameters(n0, n, alpha,
@@ -126,9 +144,64 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                 "checkpoint": checkpoint, "dataset": sources.dataset, "seed": seed,
                 "denoiser_timestep": base.denoiser.timestep,
                 "precision": chosen_precision.name, "compiled": compile}
+    if draws_dir is not None:
+        return _certify_from_store(base, sources, test_set, indices, shard, sigma, seed,
+                                   chosen_precision, parameters, plan, grid, Path(draws_dir),
+                                   out_dir, settings, notes, progress)
     return certify_dataset(smooth, test_set, shard_of(indices, shard), parameters,
                            out_dir=out_dir, settings=settings,
                            radii=grid, progress=progress, plan=plan, seed=seed, notes=notes)
+
+
+def _certify_from_store(base: DenoisedClassifier, sources: ModelSources, test_set: Any,
+                        indices: list[int], shard: tuple[int, int] | None, sigma: float,
+                        seed: int, precision: Precision, parameters: CertificationParameters,
+                        plan: SequentialPlan | None, grid: Sequence[float], draws_dir: Path,
+                        out_dir: Path, settings: dict[str, Any], notes: dict[str, Any],
+                        progress: bool) -> dict[str, Any]:
+    """:func:`certify_models` from the store of all ``indices``' draws under ``draws_dir``
+    (built first when missing: the whole subset, whichever shard asks), ``base``'s classifier
+    alone running."""
+    key = store_key(dataset=sources.dataset, split="test", indices=indices,
+                    denoiser=sources.denoiser, sigma=sigma, n0=parameters.n0, n=parameters.n,
+                    seed=seed, precision=precision.name)
+    folder = store_folder(draws_dir.absolute(), TEST_STORE_ROLE, key)
+    device = next(base.parameters()).device
+    if folder.exists():
+        store = DrawStore.open(folder, key)
+    else:
+        images, labels = stack_images(test_set, indices)
+        if progress:
+            print(f"certify: denoising {len(indices)} images x {parameters.n0 + parameters.n} "
+                  f"draws once into {folder}", flush=True)
+        store = build_store(folder, key, base.denoiser, images.to(device), labels.tolist(),
+                            test_set.info.num_classes, parameters.batch_size,
+                            classifier=base.classifier, progress=progress)
+    classifier = base.classifier
+
+    def certify(group: list[int]) -> list[tuple]:
+        if plan is not None:
+            return store.certify_sequential(classifier, group, plan, device)
+        return store.certify(classifier, group, parameters.alpha, device)
+
+    return certify_records(certify, shard_of(indices, shard), parameters, sigma, out_dir,
+                           {**settings, "noise": NOISE_PER_IMAGE, "stored_draws": str(folder)},
+                           grid, progress, plan, notes)
+
+
+def certify_trained(config: TrainConfig, out_dir: Path, checkpoint: str | None = None,
+                    shard: tuple[int, int] | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """:func:`certify_models` with a training config's models, sigma, seed, device and
+    ``certify`` settings: how `cadis train` and a sweep's final stage certify what they made
+    (``checkpoint``; None: the off-the-shelf pair)."""
+    certify = config.certify
+    return certify_models(
+        config.model_sources(), config.sigma, out_dir, n=certify.n, n0=certify.n0,
+        alpha=certify.alpha, skip=certify.skip, max_images=certify.max_images,
+        batch_size=certify.batch_size, checkpoint=checkpoint, seed=config.seed,
+        device=config.device, sequential=certify.sequential, precision=certify.precision,
+        compile=certify.compile, shard=shard, draws_dir=certify.draws_dir, progress=progress)
 
 
 def shard_of(indices: list[int], shard: tuple[int, int] | None) -> list[int]:

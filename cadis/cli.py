@@ -40,7 +40,8 @@ def _certify(args: argparse.Namespace) -> None:
                              batch_size=args.batch_size, checkpoint=args.checkpoint,
                              radii=args.radii, seed=args.seed, device=args.device,
                              sequential=args.sequential, precision=args.precision,
-                             compile=args.compile, progress=not args.quiet)
+                             compile=args.compile, draws_dir=args.draws_dir,
+                             progress=not args.quiet)
     radii = [float(r) for r in summary["certified_accuracy"]]
     records = read_records(out / RECORDS_FILENAME)
     label = f"sigma={args.sigma:g}" + (", sequential" if args.sequential else "")
@@ -102,7 +103,7 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from cadis.certify_models import certify_models
+    from cadis.certify_models import certify_trained
     from cadis.finetuning.config import from_mapping, load_sweep_file
     from cadis.finetuning.fit import fit, preflight
     from cadis.smoothing.records import RECORDS_FILENAME, format_table, read_records
@@ -110,7 +111,7 @@ def _train(args: argparse.Namespace) -> None:
     sweep = load_sweep_file(args.sweep)
     overrides = list(args.set) + ([f"workers={args.workers}"] if args.workers else [])
     config = from_mapping(sweep.get("base", {}), overrides)
-    sources = preflight(config)
+    preflight(config)  # a bad model, data or LoRA target fails here, before training
     out = Path(args.out or Path("runs") / "train" / str(sweep.get("name", Path(args.sweep).stem)))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -121,13 +122,9 @@ def _train(args: argparse.Namespace) -> None:
         print(f"checkpoint: {checkpoint}")
         # One folder per trained state: resuming to more epochs certifies anew beside it.
         certify_dir = out / f"certify_epoch_{int(history[-1]['epoch']):03d}"
-    certify = config.certify
-    summary = certify_models(
-        sources, config.sigma, certify_dir, n=certify.n, n0=certify.n0, alpha=certify.alpha,
-        skip=certify.skip, max_images=certify.max_images, batch_size=certify.batch_size,
-        checkpoint=None if checkpoint is None else str(checkpoint), seed=config.seed,
-        device=config.device, sequential=certify.sequential, precision=certify.precision,
-        compile=certify.compile, progress=not args.quiet)
+    summary = certify_trained(config, certify_dir,
+                              None if checkpoint is None else str(checkpoint),
+                              progress=not args.quiet)
     radii = [float(r) for r in summary["certified_accuracy"]]
     records = read_records(certify_dir / RECORDS_FILENAME)
     print(format_table({config.method: records}, radii).rstrip("\n"))
@@ -220,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--compile", action="store_true",
                          help="torch.compile the models (pays on long runs; checked first)")
     certify.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    certify.add_argument("--draws-dir",
+                         help="denoise these images' draws once into a store in this folder "
+                              "(or find it there): each later classifier certified on them "
+                              "runs alone, on the same draws")
     certify.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     certify.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     certify.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -327,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "out", None):  # an --out that cannot be made fails before any work
-            check_creatable_folder(args.out, "--out")
+        # An --out (or --draws-dir) that cannot be made fails before any work.
+        for flag in ("out", "draws_dir"):
+            if getattr(args, flag, None):
+                check_creatable_folder(getattr(args, flag), f"--{flag.replace('_', '-')}")
         args.handler(args)
     except CadisError as error:
         print(f"cadis: error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ Torch-free, so that commands that only read MLflow (``cadis compare``) can write
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -63,6 +64,22 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (made if missing) for the block: a
+    second process (or thread) asking for it waits until the first lets go. Local and most
+    shared file systems honour it; one that does not only loses the wait, never a result
+    (what the lock guards is written whole by :func:`atomic_directory`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_creatable_folder(path: str | os.PathLike, key: str) -> None:

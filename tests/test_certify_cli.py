@@ -134,6 +134,34 @@ def test_sequential_certify_without_radii_decides_the_grid_radii_n_can_reach(
     assert summary["radii"] == reachable
 
 
+def _answers(out):
+    """What a records folder says of each image, without the seconds it took."""
+    return [(r.idx, r.label, r.predict, r.radius, r.draws) for r in read_records(out / "records.tsv")]
+
+
+@pytest.mark.parametrize("mode", [[], ["--sequential", "--radii", "0,0.25", "--n", "200"]],
+                         ids=["fixed-n", "sequential"])
+def test_certify_from_stored_draws_makes_the_live_records_and_denoises_once(
+        tiny_models_dir, tmp_path, capsys, mode):
+    draws = tmp_path / "draws"
+    assert _certify(tiny_models_dir, tmp_path / "live", "--max-images", "4", *mode) == 0
+    capsys.readouterr()
+    for out in ("stored", "again"):
+        assert main(["certify", "--models", str(tiny_models_dir), "--sigma", "0.5", "--n", "40",
+                     "--n0", "10", "--skip", "3", "--max-images", "4", *mode,
+                     "--draws-dir", str(draws), "--out", str(tmp_path / out)]) == 0
+        printed = capsys.readouterr()
+        # The first certification denoises the draws into the store, the second only reads.
+        assert ("denoising 4 images" in printed.out) == (out == "stored")
+        assert _answers(tmp_path / out) == _answers(tmp_path / "live")
+    (store,) = [folder for folder in draws.iterdir() if not folder.name.startswith(".")]
+    settings = json.loads((tmp_path / "again" / "settings.json").read_text())
+    assert settings["stored_draws"] == str(store) and store.name.startswith("test-")
+    # A store's records pair with the live ones on the same draws.
+    assert main(["analyze", str(tmp_path / "live"), str(tmp_path / "again")]) == 0
+    assert "the same for each image" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,message", [
     (["--sequential", "--radii", "0.5,0.25"], "radii must be strictly increasing"),
     (["--sequential", "--radii", "0,1.0", "--n", "100"],

@@ -16,6 +16,7 @@ from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
 from cadis.smoothing.draws import STORE_META, DrawStore, build_store, store_folder, store_key
 from cadis.smoothing.smooth import Smooth, image_generators
 from tests.conftest import make_scheduler, make_tiny_unet
+from tests.test_attack import CountingModel
 
 SIGMA = 0.5
 CLASSES = 3
@@ -147,3 +148,26 @@ def test_sequential_from_a_store_with_one_look_agrees_with_certify_from_it(tmp_p
     with pytest.raises(CadisError, match="may spend 400 draws but the store"):
         store.certify_sequential(classifier, indices, SequentialPlan(grid, SIGMA, 0.2, 400),
                                  torch.device("cpu"))
+
+
+def test_builders_of_one_store_at_once_take_turns_and_denoise_once(tmp_path):
+    import threading
+
+    denoiser, classifier, images = parts()
+    counting = CountingModel(denoiser)
+    stores = []
+
+    def build() -> None:
+        stores.append(build_store(tmp_path / "store", key(), counting, images, [0, 1, 2, 0, 1],
+                                  CLASSES, 36, progress=False))
+
+    builders = [threading.Thread(target=build) for _ in range(3)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join()
+    # One build's forwards (5 images x 36 draws in batches of 36), not three.
+    assert counting.calls == 5 and len(stores) == 3
+    answers = [store.certify(classifier, [3, 9, 4, 1, 7], 0.01, torch.device("cpu"))
+               for store in stores]
+    assert answers[0] == answers[1] == answers[2]

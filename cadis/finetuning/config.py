@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from cadis.errors import CadisError
+from cadis.files import check_creatable_folder
 from cadis.finetuning.hallucination import validate_confidence_threshold
 from cadis.finetuning.lora import FINETUNE_MODES, FinetuneConfig
 from cadis.finetuning.losses import (
@@ -71,6 +72,9 @@ class CertifyConfig:
     # Stop each image once the grid radii n draws can reach are decided (the sequential test,
     # sound at alpha over its looks; n is then the most draws an image may spend).
     sequential: bool = False
+    # A folder of stores of test-set draws (cadis certify --draws-dir): the draws are denoised
+    # once there and every later classifier certified on these images runs alone.
+    draws_dir: str | None = None
 
     def parameters(self, default_batch_size: int) -> CertificationParameters:
         """The certification's parameters (``batch_size`` None: ``default_batch_size``);
@@ -282,6 +286,14 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise CadisError(f"certify.precision: {error}") from None
     if config.certify.max_images is not None:
         positive_int(config.certify.max_images, "certify.max_images")
+    if config.certify.draws_dir is not None:
+        if not isinstance(config.certify.draws_dir, str) or not config.certify.draws_dir:
+            raise CadisError(f"certify.draws_dir must be a folder path or null, got "
+                             f"{config.certify.draws_dir!r}")
+        if config.certify.compile:
+            raise CadisError("certify.draws_dir: from stored draws only the classifier runs, "
+                             "so compile must be false")
+        check_creatable_folder(config.certify.draws_dir, "certify.draws_dir")
     if not (config.models or (config.classifier and config.denoiser and config.dataset)):
         raise CadisError("models is empty: name a `cadis pretrain` folder, or classifier, "
                          "denoiser and dataset")
@@ -377,4 +389,6 @@ def portable_config(config: TrainConfig) -> TrainConfig:
         value = getattr(portable, key)
         if value and Path(value).expanduser().exists():
             setattr(portable, key, str(Path(value).expanduser().resolve()))
+    if portable.certify.draws_dir:  # a local folder, perhaps not made yet
+        portable.certify.draws_dir = str(Path(portable.certify.draws_dir).expanduser().absolute())
     return portable

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from cadis.errors import CadisError
-from cadis.files import atomic_directory, atomic_write_text
+from cadis.files import atomic_directory, atomic_write_text, exclusive_lock
 from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import FP32, PRECISIONS, Precision
@@ -255,13 +255,27 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
     takes). ``classifier``, when given, is timed on one forward of stored draws, so that the
     store says what it saves. Raises :class:`CadisError` before any work when the store would
     not fit on the disk (with the size it needs), or when ``folder`` holds another store.
+    Builders of one folder at once (a sweep's finalists, shards) take turns: one denoises,
+    the others wait for it and open its store.
     """
     folder = Path(folder)
     if folder.exists():
         return DrawStore.open(folder, key)
+    check_free_space(folder, store_bytes(len(images), key["n0"], key["n"], images.shape[1:]))
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
+        if folder.exists():  # built while this one waited
+            return DrawStore.open(folder, key)
+        return _build(folder, key, denoiser, images, labels, num_classes, batch_size,
+                      classifier, progress)
+
+
+def _build(folder: Path, key: Mapping[str, Any], denoiser: nn.Module, images: Tensor,
+           labels: Sequence[int], num_classes: int, batch_size: int,
+           classifier: nn.Module | None, progress: bool) -> DrawStore:
+    """:func:`build_store`'s denoising, under its lock, into a staging folder that becomes
+    ``folder`` whole."""
     parameters = CertificationParameters(key["n0"], key["n"], 0.5, batch_size)
     size = store_bytes(len(images), parameters.n0, parameters.n, images.shape[1:])
-    check_free_space(folder, size)
     device = images.device
     generators = image_generators(int(key["seed"]), key["indices"], device)
     precision = PRECISIONS[key["precision"]]

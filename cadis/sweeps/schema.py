@@ -910,7 +910,9 @@ def describe(sweep: SweepConfig) -> str:
     lines.append(f"final stage: the top {sweep.top_k} by rank on the test set, n={certify.n} "
                  f"n0={certify.n0} alpha={certify.alpha:g} skip={certify.skip} "
                  f"max_images={certify.max_images}"
-                 + (" (sequential: n at most)" if certify.sequential else ""))
+                 + (" (sequential: n at most)" if certify.sequential else "")
+                 + (f"; its draws denoised once, for every finalist, in {certify.draws_dir}"
+                    if certify.draws_dir else ""))
     lines.append(f"proxy per epoch: {sweep.base.proxy_images} validation images, "
                  f"n={sweep.base.proxy_n} n0={sweep.base.proxy_n0}")
     if sweep.shares_draws:

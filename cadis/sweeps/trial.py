@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cadis.certify_models import build_denoised_classifier, certify_models, shard_of
+from cadis.certify_models import build_denoised_classifier, certify_trained, shard_of
 from cadis.data import load_dataset, stratified_holdout
 from cadis.errors import CadisError, RepeatedFailure, first_line
 from cadis.files import atomic_write_text
@@ -168,15 +168,9 @@ def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str,
     """Certify a finalist's checkpoint on the test set (its ``shard`` of the images) with the
     sweep's final settings into ``out`` (resumed if a previous attempt stopped midway);
     returns the summary."""
-    config = from_mapping(config_dict)
-    certify = config.certify
     discard_other_certification(Path(out), checkpoint)
-    return certify_models(
-        config.model_sources(), config.sigma, Path(out), n=certify.n, n0=certify.n0,
-        alpha=certify.alpha, skip=certify.skip, max_images=certify.max_images,
-        batch_size=certify.batch_size, checkpoint=checkpoint, seed=config.seed,
-        device=config.device, sequential=certify.sequential, precision=certify.precision,
-        compile=certify.compile, shard=shard, progress=False)
+    return certify_trained(from_mapping(config_dict), Path(out), checkpoint, shard,
+                           progress=False)
 
 
 def figures_of(summary: dict[str, Any]) -> dict[str, float]:
