@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cadis.errors import CadisError, first_line
 from cadis.files import atomic_write_text, check_creatable_folder
-from cadis.finetuning.config import portable_config
+from cadis.finetuning.config import TrainConfig, portable_config
 from cadis.sweeps.layout import (
     STATE_FILE,
     SWEEP_FILE_COPY,
@@ -38,6 +38,8 @@ from cadis.sweeps.preflight import check_searched_sigma
 from cadis.sweeps.schema import (
     TRIAL_DRIVER_CPUS,
     VARIANT_KEY,
+    RankSettings,
+    ResourceSettings,
     SweepConfig,
     describe,
     load_sweep,
@@ -351,12 +353,44 @@ def _check_results_dir(results: Path, fingerprint: dict[str, Any], resume: bool
     if not state_path.exists():
         raise CadisError(f"nothing to resume: {state_path} does not exist")
     state = json.loads(state_path.read_text())
-    if state["sweep"] != fingerprint:
-        changed = sorted(key for key in fingerprint
-                         if fingerprint[key] != state["sweep"].get(key))
+    changed = resume_differences(state["sweep"], fingerprint, _setting_defaults())
+    if changed:
         raise CadisError(f"the sweep differs from the one in {results} (in {', '.join(changed)}): "
                          f"resume it with the same file and --set values")
+    state["sweep"] = fingerprint  # what a setting added since reads as, from now on
     return state
+
+
+def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any],
+                       defaults: Mapping[str, Any]) -> list[str]:
+    """The settings (dotted paths to the leaves) in which the sweep ``now`` differs from the
+    ``saved`` one it would resume. A setting ``saved`` lacks was added to cadis after the sweep
+    began; it ran as that setting's default, so it differs only if ``now`` holds another value
+    (``defaults``: the same nesting, where a default is known)."""
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        default = defaults.get(key, {}) if isinstance(defaults, Mapping) else {}
+        if key not in saved:
+            if not (isinstance(defaults, Mapping) and key in defaults
+                    and defaults[key] == now[key]):
+                changed.append(key)
+        elif key not in now:
+            changed.append(key)
+        elif isinstance(saved[key], Mapping) and isinstance(now[key], Mapping):
+            changed += [f"{key}.{leaf}" for leaf in
+                        resume_differences(saved[key], now[key], default)]
+        elif saved[key] != now[key]:
+            changed.append(key)
+    return changed
+
+
+def _setting_defaults() -> dict[str, Any]:
+    """The defaults of the settings with one of their own, nested as a fingerprint is."""
+    base = TrainConfig().to_dict()
+    return json.loads(json.dumps({"base": base, "certify": base["certify"],
+                                  "rank": dataclasses.asdict(RankSettings()),
+                                  "resources": dataclasses.asdict(ResourceSettings())},
+                                 default=str))
 
 
 def _preflight_trials(sweep: SweepConfig) -> None:
