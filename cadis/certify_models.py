@@ -146,8 +146,8 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                 "precision": chosen_precision.name, "compiled": compile}
     if draws_dir is not None:
         return _certify_from_store(base, sources, test_set, indices, shard, sigma, seed,
-                                   chosen_precision, parameters, plan, grid, Path(draws_dir),
-                                   out_dir, settings, notes, progress)
+                                   chosen_precision, chosen_device, parameters, plan, grid,
+                                   Path(draws_dir), out_dir, settings, notes, progress)
     return certify_dataset(smooth, test_set, shard_of(indices, shard), parameters,
                            out_dir=out_dir, settings=settings,
                            radii=grid, progress=progress, plan=plan, seed=seed, notes=notes)
@@ -155,7 +155,8 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
 
 def _certify_from_store(base: DenoisedClassifier, sources: ModelSources, test_set: Any,
                         indices: list[int], shard: tuple[int, int] | None, sigma: float,
-                        seed: int, precision: Precision, parameters: CertificationParameters,
+                        seed: int, precision: Precision, device: torch.device,
+                        parameters: CertificationParameters,
                         plan: SequentialPlan | None, grid: Sequence[float], draws_dir: Path,
                         out_dir: Path, settings: dict[str, Any], notes: dict[str, Any],
                         progress: bool) -> dict[str, Any]:
@@ -166,7 +167,6 @@ def _certify_from_store(base: DenoisedClassifier, sources: ModelSources, test_se
                     denoiser=sources.denoiser, sigma=sigma, n0=parameters.n0, n=parameters.n,
                     seed=seed, precision=precision.name)
     folder = store_folder(draws_dir.absolute(), TEST_STORE_ROLE, key)
-    device = next(base.parameters()).device
     if folder.exists():
         store = DrawStore.open(folder, key)
     else:
