@@ -10,8 +10,14 @@
 #
 # Every arm certifies every 10th test image (1,000), sequentially at n at most 1,000, n0 = 100,
 # alpha = 0.001, seed 0. The sweeps' objective is certified accuracy at r = SIGMA on
-# validation. One torch thread per process, so two sigmas run side by side on 2 cores; each
-# step resumes (a finished one is skipped) when the script is run again.
+# validation. One torch thread per process; the off-the-shelf pair (no Ray) is certified
+# beside the sweeps. Each step resumes (a finished one is skipped) when the script is run
+# again.
+#
+# Two sweeps at once need one Ray: two local Rays on one machine break Ray Train's
+# placement-group cleanup ("Found multiple active Ray instances"). With RAY_ADDRESS set (a
+# `ray start --head`; its RAY_AUTH_MODE too), denoised fine-tuning starts once the FT-CADIS
+# sweep's stores exist and the two run side by side; without it, one after the other.
 set -euo pipefail
 sigma=${1:?usage: benchmarks/science.sh SIGMA [OUT]}
 out=${2:-runs/science/sigma$sigma}
@@ -21,17 +27,35 @@ mkdir -p "$out"
 store="sqlite:///$(cd "$out" && pwd)/mlflow.db"
 radius=$(python3 -c "print(float('$sigma'))")
 
-for arm in ft_cadis denoised_ce; do
-    resume=$(test -f "$out/$arm/sweep.json" && echo --resume || true)
-    "$cadis" sweep "sweeps/science_$arm.yaml" $resume --set "sigma=$sigma" \
+sweep() {  # ARM
+    local resume
+    resume=$(test -f "$out/$1/sweep.json" && echo --resume || true)
+    "$cadis" sweep "sweeps/science_$1.yaml" $resume --set "sigma=$sigma" \
         --set "objective.metric=certified_accuracy_r$radius" \
-        --set "results_dir=$out/$arm" --set "draws_dir=$out/draws" \
+        --set "results_dir=$out/$1" --set "draws_dir=$out/draws" \
         --set "mlflow.tracking_uri=$store" \
-        --set "mlflow.experiment=science-$arm-sigma$sigma"
-done
+        --set "mlflow.experiment=science-$1-sigma$sigma"
+}
+stores_built() {  # the FT-CADIS sweep's state records its stores once they are built
+    python3 -c "import json, sys; sys.exit(not json.load(open('$out/ft_cadis/sweep.json'))['stores'])" \
+        2>/dev/null
+}
 "$cadis" certify --models models/fashion-mnist --sigma "$sigma" --n 1000 --n0 100 \
     --alpha 0.001 --skip 10 --max-images 1000 --sequential --seed 0 --quiet \
-    --out "$out/off_the_shelf"
+    --out "$out/off_the_shelf" &
+pair=$!
+failed=0
+if [ -n "${RAY_ADDRESS:-}" ]; then
+    sweep ft_cadis & ft=$!
+    until stores_built; do kill -0 $ft 2>/dev/null || break; sleep 30; done
+    sweep denoised_ce & ce=$!
+    wait $ft || failed=1
+    wait $ce || failed=1
+else
+    sweep ft_cadis && sweep denoised_ce || failed=1
+fi
+wait $pair || failed=1
+[ $failed = 0 ] || { echo "science: a step failed; run the script again to resume" >&2; exit 1; }
 
 chosen() {  # the test folder of the one trial the sweep certified (top_k: 1)
     local found=("$out/$1"/trials/*/certify)
