@@ -123,7 +123,7 @@ def test_shipped_sweep_files_dry_run(name, capsys):
 def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
         tiny_models_dir, tmp_path, capsys):
     sweep = tiny_sweep(tiny_models_dir, tmp_path)
-    sweep["certify"]["final"]["top_k"] = 1
+    sweep["certify"]["final"].update(top_k=1, draws_dir=str(tmp_path / "test-draws"))
     path = write(tmp_path, sweep)
     assert main(["sweep", str(path)]) == 0
     assert "| trial" in capsys.readouterr().out
@@ -164,6 +164,8 @@ def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
     test_summary = json.loads(Path(client.download_artifacts(
         winner.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert test_summary["num_images"] == 3 and test_summary["n"] == 20
+    # The finalist was certified from the test draws denoised into certify.final.draws_dir.
+    assert Path(test_summary["stored_draws"]).parent == tmp_path / "test-draws"
     assert parent.data.tags["cadis.best_trial_id"] == winner.data.tags["cadis.trial_id"]
     assert parent.data.metrics["best.acr"] == winner.data.metrics["acr"]
     assert parent.data.metrics["best.val_acr"] == winner.data.metrics["val_acr"]
