@@ -34,6 +34,7 @@ from cadis.smoothing.records import (
     RecordWriter,
     plot_certified_accuracy,
     read_records,
+    read_settings,
     write_records,
     write_summary,
 )
@@ -253,7 +254,7 @@ def merge_records(out_dir: str | os.PathLike, parts: Sequence[str | os.PathLike]
     settings = None
     recorded: dict[int, Record] = {}
     for part in map(Path, parts):
-        part_settings = json.loads((part / SETTINGS_FILENAME).read_text(encoding="utf-8"))
+        part_settings = read_settings(part / RECORDS_FILENAME)
         if settings is not None and part_settings != settings:
             raise CadisError(f"{part} was certified with other settings than {parts[0]}; "
                              "shards of one certification share their settings")
