@@ -204,3 +204,15 @@ def test_the_known_defaults_are_those_of_the_settings_classes():
     defaults = _setting_defaults()
     assert defaults["base"]["lr"] == TrainConfig().lr
     assert defaults["certify"]["draws_dir"] is None and defaults["rank"]["sequential"] is False
+
+
+@pytest.mark.parametrize("largest,free,expected", [
+    (2.0, 2.0, 2.0),      # an idle node: all of it
+    (16.0, 16.0, 8.0),    # at most STORE_BUILD_MAX_CPUS
+    (2.0, 1.5, 1.0),      # another sweep holds half a CPU: what is free, whole
+    (2.0, 0.0, 0.5),      # nothing free: one worker's share, to wait for
+])
+def test_the_store_build_asks_for_no_more_cpus_than_are_free(largest, free, expected):
+    from cadis.sweeps.driver import store_build_cpus
+
+    assert store_build_cpus(largest, free, 0.5) == expected

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
     from cadis.sweeps.warm_start import WarmStart
 
-# The CPUs the task building the stored draws may take (it runs alone, before the trials).
+# The most CPUs the task building the stored draws takes (before this sweep's trials).
 STORE_BUILD_MAX_CPUS = 8.0
 # Tune retries a failed trial this often; its Train run resumes from the last checkpoint.
 TRIAL_MAX_FAILURES = 1
@@ -277,11 +277,10 @@ def _build_stores(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
     from cadis.sweeps.stores import build_sweep_stores
 
     resources = sweep.resources
-    # Nothing else runs while the stores are built: the task takes the CPUs of the largest
-    # node (at most STORE_BUILD_MAX_CPUS), and torch as many threads, with one worker's GPU.
     largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]),
                   default=1.0)
-    cpus = max(resources.cpus_per_worker, min(largest, STORE_BUILD_MAX_CPUS))
+    cpus = store_build_cpus(largest, ray.available_resources().get("CPU", 0.0),
+                            resources.cpus_per_worker)
     task = ray.remote(build_sweep_stores).options(num_cpus=cpus,
                                                   num_gpus=resources.gpus_per_worker)
     stores = ray.get(task.remote(sweep.base.to_dict(), sweep.rank, sweep.draws_dir,
@@ -294,6 +293,15 @@ def _build_stores(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
               + (f", the classifier {classifier:.2f} ms" if classifier is not None else ""),
               flush=True)
     return stores
+
+
+def store_build_cpus(largest_node: float, free: float, per_worker: float) -> float:
+    """The CPUs the store-building task asks for (torch runs as many threads): this sweep's
+    trials wait for the stores, so it takes what the largest node has, at most
+    STORE_BUILD_MAX_CPUS, but never more than is free now, lest it wait for another sweep on
+    the cluster to finish (seen: one sharing its stores asked for the whole node while the
+    first's final stage held part of it); at least one worker's share."""
+    return max(per_worker, min(largest_node, STORE_BUILD_MAX_CPUS, math.floor(free)))
 
 
 def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> str | None:
