@@ -461,7 +461,9 @@ def _search(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent
         {"CPU": TRIAL_DRIVER_CPUS})
     callback = MlflowTrialCallback(tracker.uri, tracker.experiment_id, tracker.parent_run_id,
                                    sweep, str(results))
-    if resume:
+    # A sweep stopped before its search began (while building its stores) has nothing for
+    # Tune to restore: its resume starts the search.
+    if resume and tune.Tuner.can_restore(str(results / TUNE_NAME)):
         tuner = tune.Tuner.restore(str(results / TUNE_NAME), trainable=trainable,
                                    resume_unfinished=True, resume_errored=True)
     else:
