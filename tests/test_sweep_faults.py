@@ -1,6 +1,6 @@
 """Faults inside a sweep: a trial that fails is named with its reason, in MLflow and in the
-driver's last lines, while the other trials go on; a driver killed in the rank or the final
-stage resumes without certifying an image twice (end to end: a real local Ray, Tune + Train,
+driver's last lines, while the other trials go on; a driver killed while building its stores
+resumes, and one killed in the rank or the final stage resumes without certifying an image twice (end to end: a real local Ray, Tune + Train,
 and an MLflow store); how the reason is read from Tune's error text."""
 
 from __future__ import annotations
@@ -137,17 +137,22 @@ def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others
 
 
 @pytest.mark.slow
-def test_a_driver_killed_in_the_final_stage_resumes_without_redoing_certified_images(
+def test_a_driver_killed_building_its_stores_or_in_the_final_stage_resumes_without_redoing(
         tiny_models_dir, tmp_path):
-    # The rank stage first (in this process), then the final stage in a driver of its own,
+    # The rank stage (in this process), then the final stage in a driver of its own,
     # SIGKILLed (with the Ray it started) once a finalist has certified test images. A final
     # certification long enough to be caught midway (about 12 s here): 40 images at n = 2,000.
     sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None)
     sweep["certify"]["final"].update(n=2000, n0=20, max_images=40)
     path = write(tmp_path, sweep)
-    assert main(["sweep", str(path), "--stop-after", "rank"]) == 0
     results = tmp_path / "results"
-    kill_driver_when([sys.executable, "-m", "cadis", "sweep", str(path), "--resume"], tmp_path,
+    # First a driver killed as it begins to build its stores (sweep.json is written just
+    # before): there is no Tune experiment yet, and --resume starts the search.
+    command = [sys.executable, "-m", "cadis", "sweep", str(path)]
+    kill_driver_when(command, tmp_path, lambda: (results / "sweep.json").exists(), poll_s=0.05)
+    assert not (results / TUNE_NAME).exists()
+    assert main(["sweep", str(path), "--resume", "--stop-after", "rank"]) == 0
+    kill_driver_when([*command, "--resume"], tmp_path,
                      lambda: any(len(_lines(records)) >= 3 for records in
                                  results.glob(f"trials/*/certify/{RECORDS_FILENAME}")),
                      poll_s=0.2)
