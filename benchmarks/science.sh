@@ -63,8 +63,10 @@ chosen() {  # the test folder of the one trial the sweep certified (top_k: 1)
         || { echo "science: $out/$1 has ${#found[@]} certified trials, not 1" >&2; exit 1; }
     echo "${found[0]}"
 }
+# The radii the sequential test decided (n = 1,000 reaches 2.46 sigma): beyond them all are 0.
+radii=$(python3 -c "import json; print(','.join(str(r) for r in json.load(open('$out/off_the_shelf/summary.json'))['radii']))")
 "$cadis" analyze "$out/off_the_shelf" "$(chosen denoised_ce)" "$(chosen ft_cadis)" \
-    --labels off-the-shelf denoised_ce ft_cadis --baseline off-the-shelf \
+    --labels off-the-shelf denoised_ce ft_cadis --baseline off-the-shelf --radii "$radii" \
     --plot "$out/sigma$sigma.png" | tee "$out/analyze.md"
 "$cadis" analyze "$(chosen denoised_ce)" "$(chosen ft_cadis)" --labels denoised_ce ft_cadis \
-    | tee "$out/analyze-vs-denoised_ce.md"
+    --radii "$radii" | tee "$out/analyze-vs-denoised_ce.md"
