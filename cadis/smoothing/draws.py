@@ -261,21 +261,21 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
     folder = Path(folder)
     if folder.exists():
         return DrawStore.open(folder, key)
-    check_free_space(folder, store_bytes(len(images), key["n0"], key["n"], images.shape[1:]))
+    size = store_bytes(len(images), key["n0"], key["n"], images.shape[1:])
+    check_free_space(folder, size)
     with exclusive_lock(folder.parent / f".{folder.name}.lock"):
         if folder.exists():  # built while this one waited
             return DrawStore.open(folder, key)
-        return _build(folder, key, denoiser, images, labels, num_classes, batch_size,
+        return _build(folder, key, size, denoiser, images, labels, num_classes, batch_size,
                       classifier, progress)
 
 
-def _build(folder: Path, key: Mapping[str, Any], denoiser: nn.Module, images: Tensor,
-           labels: Sequence[int], num_classes: int, batch_size: int,
+def _build(folder: Path, key: Mapping[str, Any], size: int, denoiser: nn.Module,
+           images: Tensor, labels: Sequence[int], num_classes: int, batch_size: int,
            classifier: nn.Module | None, progress: bool) -> DrawStore:
-    """:func:`build_store`'s denoising, under its lock, into a staging folder that becomes
-    ``folder`` whole."""
+    """:func:`build_store`'s denoising (``size`` bytes), under its lock, into a staging folder
+    that becomes ``folder`` whole."""
     parameters = CertificationParameters(key["n0"], key["n"], 0.5, batch_size)
-    size = store_bytes(len(images), parameters.n0, parameters.n, images.shape[1:])
     device = images.device
     generators = image_generators(int(key["seed"]), key["indices"], device)
     precision = PRECISIONS[key["precision"]]

@@ -375,18 +375,17 @@ def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any],
     ``saved`` one it would resume. A setting ``saved`` lacks was added to cadis after the sweep
     began; it ran as that setting's default, so it differs only if ``now`` holds another value
     (``defaults``: the same nesting, where a default is known)."""
+    known = defaults if isinstance(defaults, Mapping) else {}
     changed = []
     for key in sorted(set(saved) | set(now)):
-        default = defaults.get(key, {}) if isinstance(defaults, Mapping) else {}
         if key not in saved:
-            if not (isinstance(defaults, Mapping) and key in defaults
-                    and defaults[key] == now[key]):
+            if key not in known or known[key] != now[key]:
                 changed.append(key)
         elif key not in now:
             changed.append(key)
         elif isinstance(saved[key], Mapping) and isinstance(now[key], Mapping):
             changed += [f"{key}.{leaf}" for leaf in
-                        resume_differences(saved[key], now[key], default)]
+                        resume_differences(saved[key], now[key], known.get(key, {}))]
         elif saved[key] != now[key]:
             changed.append(key)
     return changed
