@@ -142,12 +142,15 @@ def _answers(out):
 @pytest.mark.parametrize("mode", [[], ["--sequential", "--radii", "0,0.25", "--n", "200"]],
                          ids=["fixed-n", "sequential"])
 def test_certify_from_stored_draws_makes_the_live_records_and_denoises_once(
-        tiny_models_dir, tmp_path, capsys, mode):
+        tiny_models_dir, tmp_path, capsys, monkeypatch, mode):
     draws = tmp_path / "draws"
     assert _certify(tiny_models_dir, tmp_path / "live", "--max-images", "4", *mode) == 0
     capsys.readouterr()
-    for out in ("stored", "again"):
-        assert main(["certify", "--models", str(tiny_models_dir), "--sigma", "0.5", "--n", "40",
+    for out, models in (("stored", str(tiny_models_dir)), ("again", tiny_models_dir.name)):
+        # The second names the models folder relative to another working directory: the same
+        # denoiser, so the same store.
+        monkeypatch.chdir(tiny_models_dir.parent if out == "again" else tmp_path)
+        assert main(["certify", "--models", models, "--sigma", "0.5", "--n", "40",
                      "--n0", "10", "--skip", "3", "--max-images", "4", *mode,
                      "--draws-dir", str(draws), "--out", str(tmp_path / out)]) == 0
         printed = capsys.readouterr()
