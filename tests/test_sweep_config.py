@@ -4,6 +4,7 @@ key, and the search space becomes the Tune domains it says. No Ray cluster is st
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -362,7 +363,7 @@ def test_every_sweep_file_loads_and_describes_its_search(path):
 
 
 def test_ablation_files_run_each_grid_point_once_on_two_cores():
-    for name, size in (("ablation_threshold", 5), ("ablation_lora_rank", 4)):
+    for name, size in (("ablations", 14), ("reference_recipe", 6)):
         sweep = load_sweep(REPO / "sweeps" / f"{name}.yaml")
         assert sweep.searcher == SEARCHER_BASIC and sweep.total_trials == size
         assert sweep.scheduler is None
@@ -426,13 +427,20 @@ def test_grid_mixed_with_random_repeats_the_grid(tmp_path):
 def test_variant_grid_applies_its_keys_together():
     from cadis.sweeps.searcher import tune_search_space  # imports Ray
 
-    sweep = load_sweep(REPO / "sweeps" / "ablation_lora_rank.yaml")
+    sweep = load_sweep(REPO / "sweeps" / "ablations.yaml")
     grid = tune_search_space(sweep)["variant"]["grid_search"]
-    configs = [trial_config(sweep, {"variant": variant}) for variant in grid]
-    assert [(c.finetune, c.lora_rank, c.lora_alpha) for c in configs[:2]] == [
-        ("lora", 1, 2.0), ("lora", 4, 8.0)]
-    assert configs[-1].finetune == "full"
-    assert all(c.epochs == sweep.base.epochs for c in configs)
+    configs = {json.dumps(variant, sort_keys=True): trial_config(sweep, {"variant": variant})
+               for variant in grid}
+    frozen = configs['{"confidence_model": "frozen", "confidence_threshold": 0.7}']
+    assert (frozen.confidence_model, frozen.confidence_threshold) == ("frozen", 0.7)
+    rank = configs['{"lora_alpha": 2.0, "lora_rank": 1}']
+    assert (rank.finetune, rank.lora_rank, rank.lora_alpha) == ("lora", 1, 2.0)
+    equal_time = configs['{"lora_rank": 2, "max_steps_per_epoch": 97, "method": "denoised_ce"}']
+    assert (equal_time.method, equal_time.lora_rank, equal_time.max_steps_per_epoch) == (
+        "denoised_ce", 2, 97)
+    # What a variant does not name is the recipe's, in every arm.
+    assert all(c.epochs == sweep.base.epochs and c.epsilon == sweep.base.epsilon
+               for c in configs.values())
 
 
 def test_trial_config_refuses_a_bad_combination(tmp_path):
