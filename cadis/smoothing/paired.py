@@ -65,6 +65,8 @@ CONFIDENCE: Final = 0.95
 RESAMPLE_BLOCK_CELLS: Final = 2 ** 22
 #: How far left of radius 0 the differences' panel starts, as a share of its width.
 PLOT_LEFT_MARGIN: Final = 0.03
+#: The paired plot's legend, below the differences: at most this many entries a row.
+LEGEND_COLUMNS: Final = 3
 #: Below this a p-value is written in scientific notation, not rounded to 0.
 SMALL_P: Final = 0.001
 #: `cadis certify` certifies the test split and writes no ``split``; the sweeps' rank stage
@@ -435,7 +437,8 @@ def plot_comparison(reference: Certification, others: Sequence[Certification],
     alpha and sigma. Written atomically (:func:`~cadis.smoothing.records.save_png`)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.0, 7.0))
+    rows = -(-len(others) // LEGEND_COLUMNS)
+    figure = Figure(figsize=(7.0, 7.4 + 0.2 * rows))
     curves, differences = figure.subplots(2, 1, height_ratios=(3, 2))
     draw_certified_accuracy(curves, {c.label: c.records for c in (reference, *others)})
     # The images on one line, the settings on the next: one line is wider than the figure.
@@ -457,5 +460,8 @@ def plot_comparison(reference: Certification, others: Sequence[Certification],
     differences.set_xlabel("radius (l2)")
     differences.set_ylabel("difference in certified accuracy")
     differences.grid(alpha=0.3)
-    differences.legend(title=f"{CONFIDENCE:.0%} paired bootstrap interval", fontsize="small")
+    # Below the axes, not over the bars: with several arms an inside legend hides some.
+    differences.legend(title=f"{CONFIDENCE:.0%} paired bootstrap interval", fontsize="small",
+                       loc="upper center", bbox_to_anchor=(0.5, -0.25),
+                       ncols=min(len(others), LEGEND_COLUMNS), frameon=False)
     return save_png(figure, path)
