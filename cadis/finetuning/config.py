@@ -30,7 +30,7 @@ from cadis.finetuning.losses import (
     validate_num_noises,
 )
 from cadis.models.devices import DEVICES
-from cadis.models.sources import ModelSources
+from cadis.models.sources import ModelSources, local_absolute
 from cadis.overrides import coerce_like, parse_overrides
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import PRECISION_CHOICES, Precision, resolve_precision
@@ -386,9 +386,7 @@ def portable_config(config: TrainConfig) -> TrainConfig:
     directories (perhaps on other machines, where the paths must be shared storage)."""
     portable = copy.deepcopy(config)
     for key in ("models", "classifier", "denoiser", "data_root", "proxy_store", "train_store"):
-        value = getattr(portable, key)
-        if value and Path(value).expanduser().exists():
-            setattr(portable, key, str(Path(value).expanduser().resolve()))
+        setattr(portable, key, local_absolute(getattr(portable, key)))
     if portable.certify.draws_dir:  # a local folder, perhaps not made yet
         portable.certify.draws_dir = str(Path(portable.certify.draws_dir).expanduser().absolute())
     return portable

@@ -48,8 +48,8 @@ class ModelSources:
                         "denoiser": str(folder / DENOISER_DIR),
                         "dataset": manifest.get("dataset")}
             data = manifest.get("config", {})
-        chosen = {"classifier": _local_absolute(classifier or defaults.get("classifier")),
-                  "denoiser": _local_absolute(denoiser or defaults.get("denoiser")),
+        chosen = {"classifier": local_absolute(classifier or defaults.get("classifier")),
+                  "denoiser": local_absolute(denoiser or defaults.get("denoiser")),
                   "dataset": dataset or defaults.get("dataset")}
         missing = [key for key, value in chosen.items() if not value]
         if missing:
@@ -61,10 +61,11 @@ class ModelSources:
                    image_size=image_size or data.get("image_size"))
 
 
-def _local_absolute(name: str | None) -> str | None:
-    """A model name that is a local folder as its absolute path, anything else (a timm name, a
-    hub id) as given: the same folder reached from another working directory is the same
-    model, so the stores of denoised draws keyed by it are found again."""
-    if name is None or not Path(name).expanduser().exists():
+def local_absolute(name: str | None) -> str | None:
+    """A name that is a local path as its absolute path, anything else (a timm name, a hub id,
+    nothing) as given: the same folder reached from another working directory is the same
+    model, so the stores of denoised draws keyed by it are found again, and a Ray worker
+    elsewhere finds it too."""
+    if not name or not Path(name).expanduser().exists():
         return name
     return str(Path(name).expanduser().resolve())
