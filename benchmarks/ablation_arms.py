@@ -1,8 +1,10 @@
-"""The arms of benchmarks/ablations.sh: for each trial of the given sweep results folders, the
-name of what it changes from the recipe, its trial id, its test folder and the seconds its
-epochs took (Tune's results: training and the per-epoch proxy), tab-separated.
+"""The arms of benchmarks/ablations.sh: for each trial of the given sweep results folders, and
+for each given `cadis train` output folder, the name of what it changes from the recipe, its
+trial id (``-`` for a `cadis train` run), its test folder and the seconds its epochs' training
+took, tab-separated.
 
-    python benchmarks/ablation_arms.py runs/ablations/ablations runs/ablations/reference_recipe
+    python benchmarks/ablation_arms.py runs/ablations/ablations runs/ablations/reference_recipe \
+        runs/ablations/denoised_ce_equal_time
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 RECIPE_RANK = 4
 RECIPE_ALPHA = 8.0
 RECIPE_STEPS = 60
+# Denoised CE's steps an epoch at the recipe's wall time (benchmarks/ablations.sh says why).
+EQUAL_TIME_STEPS = 218
 # The reference recipe's settings (sweeps/reference_recipe.yaml): key, its value when off, name.
 REFERENCE_SETTINGS = (("layer_decay", 1.0, "layer_decay"), ("grad_clip", None, "grad_clip"),
                       ("weight_decay_end", None, "wd_schedule"), ("drop_path", 0.0, "drop_path"))
@@ -24,8 +28,12 @@ REFERENCE_SETTINGS = (("layer_decay", 1.0, "layer_decay"), ("grad_clip", None, "
 def arm(config: dict[str, Any]) -> str:
     """The arm's name: what its config changes from the recipe (sweeps/ablations.yaml)."""
     if config["method"] == "denoised_ce":
-        steps = config["max_steps_per_epoch"] / RECIPE_STEPS
-        return "denoised_ce" if steps == 1 else f"denoised_ce_{steps:.1f}x_steps"
+        steps = config["max_steps_per_epoch"]
+        if steps == RECIPE_STEPS:
+            return "denoised_ce"
+        if steps == EQUAL_TIME_STEPS:
+            return "denoised_ce_equal_time"
+        return f"denoised_ce_{steps / RECIPE_STEPS:.1f}x_steps"
     if config["finetune"] == "full":
         return "full"
     if config["lora_rank"] != RECIPE_RANK:
@@ -50,15 +58,28 @@ def epoch_seconds(results: Path, trial_id: str) -> float:
     return sum({report["epoch"]: report["epoch_seconds"] for report in reports}.values())
 
 
-def main(results_dirs: list[str]) -> None:
-    for results in map(Path, results_dirs):
-        for trained in sorted(results.glob("trials/*/trained.json")):
-            folder = trained.parent / "certify"
+def sweep_arms(results: Path) -> list[tuple[str, str, Path, float]]:
+    """A sweep's trials: (arm, trial id, test folder, training seconds)."""
+    return [(arm(json.loads(trained.read_text())["config"]), trained.parent.name,
+             trained.parent / "certify", epoch_seconds(results, trained.parent.name))
+            for trained in sorted(results.glob("trials/*/trained.json"))]
+
+
+def train_arm(out: Path) -> tuple[str, str, Path, float]:
+    """A `cadis train` run: its config, its last epoch's certification and its history."""
+    history = json.loads((out / "history.json").read_text())
+    folder = out / f"certify_epoch_{int(history[-1]['epoch']):03d}"
+    return (arm(json.loads((out / "config.json").read_text())), "-", folder,
+            sum(epoch["epoch_seconds"] for epoch in history))
+
+
+def main(folders: list[str]) -> None:
+    for given in map(Path, folders):
+        for name, trial_id, folder, seconds in (
+                sweep_arms(given) if (given / "trials").is_dir() else [train_arm(given)]):
             if not (folder / "summary.json").is_file():
                 sys.exit(f"ablation_arms: {folder} has no test certification")
-            name = arm(json.loads(trained.read_text())["config"])
-            trial_id = trained.parent.name
-            print(name, trial_id, folder, f"{epoch_seconds(results, trial_id):.1f}", sep="\t")
+            print(name, trial_id, folder, f"{seconds:.1f}", sep="\t")
 
 
 if __name__ == "__main__":

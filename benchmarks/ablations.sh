@@ -49,12 +49,10 @@ if [ ! -f "$out/denoised_ce_equal_time/certify_epoch_003/summary.json" ]; then
         --set "certify.draws_dir=$out/test-draws" --out "$out/denoised_ce_equal_time"
 fi
 
-# Each arm's test folder, by the name of what it changes (arms.tsv: name, trial, folder).
+# Each arm's test folder, by the name of what it changes (arms.tsv: name, trial, folder,
+# training seconds).
 .venv/bin/python benchmarks/ablation_arms.py "$out/ablations" "$out/reference_recipe" \
-    > "$out/arms.tsv"
-printf 'denoised_ce_equal_time\t-\t%s\t%s\n' "$out/denoised_ce_equal_time/certify_epoch_003" \
-    "$(.venv/bin/python -c "import json; print(round(sum(e['epoch_seconds'] for e in json.load(open('$out/denoised_ce_equal_time/history.json'))), 1))")" \
-    >> "$out/arms.tsv"
+    "$out/denoised_ce_equal_time" > "$out/arms.tsv"
 folder() { awk -F'\t' -v name="$1" '$1 == name {print $3}' "$out/arms.tsv"; }
 radii=$(.venv/bin/python -c "import json; print(','.join(str(r) for r in json.load(open('$out/off_the_shelf/summary.json'))['radii']))")
 

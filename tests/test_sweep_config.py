@@ -435,8 +435,8 @@ def test_variant_grid_applies_its_keys_together():
     assert (frozen.confidence_model, frozen.confidence_threshold) == ("frozen", 0.7)
     rank = configs['{"lora_alpha": 2.0, "lora_rank": 1}']
     assert (rank.finetune, rank.lora_rank, rank.lora_alpha) == ("lora", 1, 2.0)
-    equal_time = configs['{"lora_rank": 2, "max_steps_per_epoch": 97, "method": "denoised_ce"}']
-    assert (equal_time.method, equal_time.lora_rank, equal_time.max_steps_per_epoch) == (
+    more_steps = configs['{"lora_rank": 2, "max_steps_per_epoch": 97, "method": "denoised_ce"}']
+    assert (more_steps.method, more_steps.lora_rank, more_steps.max_steps_per_epoch) == (
         "denoised_ce", 2, 97)
     # What a variant does not name is the recipe's, in every arm.
     assert all(c.epochs == sweep.base.epochs and c.epsilon == sweep.base.epsilon
