@@ -40,7 +40,7 @@ ORCHESTRATION = {
 NOT_LOADED = {
     "torch": ("cadis.smoothing.bounds", "cadis.smoothing.records", "cadis.smoothing.paired",
               "cadis.tracking.contract", "cadis.tracking.compare", "cadis.files",
-              "cadis.validation", "cadis.progress"),
+              "cadis.validation", "cadis.progress", "cadis.sweeps.objective"),
     # What `cadis sweep --dry-run` loads before it stops.
     "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.schema"),
 }

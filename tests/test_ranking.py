@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cadis.sweeps.ranking import rank_trials
-from cadis.sweeps.schema import Objective
+from cadis.sweeps.objective import Objective
 
 MAX = Objective("certified_accuracy_r0.5", "max")
 

@@ -13,12 +13,12 @@ import pytest
 import yaml
 
 from cadis.errors import CadisError
+from cadis.sweeps.objective import Objective
 from cadis.sweeps.schema import (
     SEARCHER_BASIC,
     SEARCHER_OPTUNA,
     AshaSettings,
     Distribution,
-    Objective,
     describe,
     load_sweep,
     sweep_from_mapping,

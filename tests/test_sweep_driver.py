@@ -129,7 +129,7 @@ def test_which_metric_optuna_is_told_per_epoch(changes, expected):
 
 
 def test_the_searcher_optimises_the_validation_figures():
-    from cadis.sweeps.schema import Objective
+    from cadis.sweeps.objective import Objective
 
     assert Objective("certified_accuracy_r0.5", "max").searched == \
         "val_certified_accuracy_r0.5"

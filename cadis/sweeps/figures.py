@@ -39,7 +39,7 @@ from cadis.files import atomic_write_bytes
 from cadis.smoothing.bounds import certified_radius, lower_confidence_bound
 from cadis.smoothing.sequential import draws_to_reach
 from cadis.sweeps.ranking import rank_trials
-from cadis.sweeps.schema import Objective
+from cadis.sweeps.objective import Objective
 from cadis.tracking import contract as tracking
 from cadis.tracking.compare import TrialRow, load_trials, resolve_tracking_uri, within_reach
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from cadis.sweeps.schema import Objective
+from cadis.sweeps.objective import Objective
 
 Item = TypeVar("Item")
 

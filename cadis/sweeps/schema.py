@@ -54,15 +54,14 @@ from cadis.smoothing.bounds import CertificationParameters, draws_needed, max_ce
 from cadis.smoothing.records import radius_key
 from cadis.smoothing.sequential import check_budget, draws_to_reach
 from cadis.sweeps.layout import DRAWS_DIR
+from cadis.sweeps.objective import Objective
 from cadis.tracking.contract import (
     ACR,
     CERTIFIED_ACCURACY_PREFIX,
     PROXY_ACR,
     PROXY_PREFIX,
     default_tracking_uri,
-    is_final_metric,
     radius_of_metric,
-    validation_metric,
 )
 from cadis.validation import is_real, positive_int
 
@@ -162,21 +161,6 @@ class Distribution:
             included = " (both included)" if self.kind == "int" else ""
             return f"{self.kind} [{low}, {high}]{included}"
         return f"{self.kind} [{', '.join(_format_value(value) for value in self.values)}]"
-
-
-@dataclass(frozen=True)
-class Objective:
-    """A final (or per-epoch) metric the searcher optimises, by its canonical name. A final
-    metric is optimised as the rank stage measures it, on validation (:attr:`searched`)."""
-
-    metric: str
-    mode: Literal["max", "min"]
-
-    @property
-    def searched(self) -> str:
-        """The name of the figure the searcher is told: ``val_certified_accuracy_r0.5`` for
-        ``certified_accuracy_r0.5``; a per-epoch metric as it is."""
-        return validation_metric(self.metric) if is_final_metric(self.metric) else self.metric
 
 
 @dataclass(frozen=True)
