@@ -41,10 +41,11 @@ from cadis.validation import check_sigma, is_real, non_negative_float, positive_
 METHODS = ("ft_cadis", "denoised_ce", "none")
 CONFIDENCE_MODELS = ("live", "frozen")
 # How grad_clip bounds the gradient: each parameter tensor's norm (the reference code's rule,
-# from DINO) or the norm of all of them together (torch.nn.utils.clip_grad_norm_).
+# from DINO; docs/design.md, "The reference code") or the norm of all of them together
+# (torch.nn.utils.clip_grad_norm_).
 GRAD_CLIP_SCOPES = ("parameter", "total")
 # lora_alpha's one word: alpha = lora_rank, so the update's scale alpha / rank is 1 at every
-# rank (the reference's scale).
+# rank (the reference code's scale).
 LORA_ALPHA_RANK = "rank"
 # Keys that take more than one type (a number or a rule's name; "auto" or a list of names).
 UNION_KEYS = ("confidence_threshold", "lora_target_modules")
@@ -99,7 +100,7 @@ class TrainConfig:
     adv_weight: float = 2.0
     epsilon: float = 0.25
     attack_steps: int = 1
-    # The reference's re-standardisation of each attacked residual (cadis.finetuning.attack);
+    # The reference code's re-standardisation of each attacked residual (cadis.finetuning.attack);
     # needs the clean images, so fresh draws (train_draws: 0).
     attack_restandardize: bool = False
     confidence_threshold: float | str = "argmax"
@@ -110,7 +111,7 @@ class TrainConfig:
     # How the classifier is fine-tuned.
     finetune: str = "lora"
     lora_rank: int = 4
-    lora_alpha: float | str = 8.0  # or "rank": alpha = lora_rank, scale 1 (the reference's)
+    lora_alpha: float | str = 8.0  # or "rank": alpha = lora_rank, scale 1 (the reference code's)
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "auto"
     # Optimisation: batch_size images per micro-batch (each with num_noises draws),
@@ -122,7 +123,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_steps: int = 20
-    # The reference recipe's optimisation (README, "The reference recipe"); every default is
+    # The reference recipe's optimisation (docs/fine-tuning.md); every default is
     # off, what cadis did before these settings. layer_decay: each layer's lr is lr times
     # layer_decay ** (layers above it) (cadis.finetuning.optimizer; 1 = off). grad_clip: the
     # gradient norm bound before each optimizer step (None = off), per parameter tensor or in

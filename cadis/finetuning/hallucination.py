@@ -21,7 +21,8 @@ from cadis.validation import is_real
 #: ``(score_logits [B, M, C], labels [B]) -> credible [B, M]`` (bool).
 MaskRule = Callable[[Tensor, Tensor], Tensor]
 
-#: The reference hallucination rule: a draw is credible when its argmax is the label.
+#: The reference code's hallucination rule (docs/design.md): a draw is credible when its argmax
+#: is the label.
 ARGMAX_RULE: Final = "argmax"
 #: Every draw credible: plain denoised fine-tuning, the same as τ = 0.
 NO_SELECTION: Final = "none"

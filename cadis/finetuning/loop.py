@@ -77,7 +77,7 @@ LOSS_TERMS = {"sce": "selective cross-entropy (SCE)", "madv": "adversarial (MAdv
 
 class NonFiniteLoss(CadisError):
     """Training stopped: a loss went NaN or infinite. Stepping on it would write non-finite
-    weights into every later checkpoint (the reference code stops too)."""
+    weights into every later checkpoint (the reference code, docs/design.md, stops too)."""
 
 
 def check_finite_loss(logged: dict[str, float], epoch: int, step: int) -> None:
@@ -260,7 +260,7 @@ def shares_batch_statistics(model: torch.nn.Module) -> bool:
     """Whether a forward of ``model`` mixes its samples: a batch norm that normalises by the
     batch's own statistics (in train mode, or in eval mode without running statistics).
     Then the clean and the attacked draws must not share a forward: each would be
-    normalised (and the running statistics updated) by the other's, which the reference's
+    normalised (and the running statistics updated) by the other's, which the reference code's
     two forwards never do."""
     return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
                and (module.training or module.running_mean is None)
@@ -278,7 +278,7 @@ def _micro_step(denoised: torch.Tensor, labels: torch.Tensor, model: torch.nn.Mo
     ``i * M + j``), which is the ``[B, M, C]`` layout the losses read; the loss is divided by
     the accumulation steps, so the accumulated gradient is that of the mean over the
     effective batch. A model that mixes its samples (:func:`shares_batch_statistics`) gets
-    the reference's two forwards, clean then attacked (the attack's target from the clean
+    the reference code's two forwards, clean then attacked (the attack's target from the clean
     one); any other one forward of both, after a gradient-free forward for the target.
     ``clean_images`` (one per draw, [-1, 1]) are what ``attack_restandardize`` needs.
     """

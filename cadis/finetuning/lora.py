@@ -83,9 +83,10 @@ def apply_finetuning(classifier: Classifier, config: FinetuneConfig) -> Classifi
     Targets (``lora_target_modules``): a list of names matches each module whose full name
     is the name or ends with ``"." + name`` (peft's convention). ``"auto"`` means ``["qkv"]``
     for models that have such modules (timm ViTs), adapting the whole fused q/k/v projection,
-    whereas the reference FT-CADIS code adapts only its q and v thirds; for other models
-    (CNNs) it means every ``nn.Conv2d`` and ``nn.Linear`` outside the head, except grouped
-    (depthwise) convolutions, which peft cannot adapt unless the rank divides the groups.
+    whereas the reference code (docs/design.md, "The reference code") adapts only its q and
+    v thirds; for other models (CNNs) it means every ``nn.Conv2d`` and ``nn.Linear`` outside
+    the head, except grouped (depthwise) convolutions, which peft cannot adapt unless the
+    rank divides the groups.
 
     Returns the same ``classifier``. Raises :class:`CadisError` for an invalid config, targets
     that match no module or that peft cannot adapt, a model whose head cannot be found, and a

@@ -5,10 +5,10 @@ draws are ``[B, M, C]``, labels ``[B]``, masks ``[B, M]`` booleans. Per-image lo
 returned as ``[B]`` tensors so that the caller decides how to reduce them (the training
 step takes the mean over images, gradient accumulation scales it).
 
-The three deliberate choices of the reference code are settings whose default is the
-reference value: the warm start of the selective cross-entropy (on), the soft target of
-the adversarial term not detached, and the adversarial term needing all ``M`` draws of an
-image selected.
+The three deliberate choices of the reference code (docs/design.md, "The reference code")
+are settings whose default is its value: the warm start of the selective cross-entropy
+(on), the soft target of the adversarial term not detached, and the adversarial term
+needing all ``M`` draws of an image selected.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def masked_adversarial_kl(
     """Confidence-aware masked adversarial loss ``λ · a_i · max_j KL(p̄_i ‖ softmax(z^adv_ij))``.
 
     ``p̄_i = mean_j softmax(clean_logits_ij)``; with ``detach_target`` it carries no
-    gradient back into ``clean_logits`` (the reference does not detach). ``mask`` is the
+    gradient back into ``clean_logits`` (the reference code does not detach). ``mask`` is the
     non-hallucinated mask as scored, before any warm start. With ``require_all_selected``
     (reference) ``a_i = 1`` only when all ``M`` draws of image ``i`` are selected and the
     max runs over all draws; otherwise ``a_i = 1`` when at least one is selected and the max
@@ -212,7 +212,7 @@ def masked_adversarial_kl(
 
 @dataclass(frozen=True)
 class FTCadisLossConfig:
-    """Settings of the FT-CADIS loss; defaults are the reference (CIFAR-10) values.
+    """Settings of the FT-CADIS loss; defaults are the reference code's (CIFAR-10) values.
 
     Construction validates and normalises every field (raising :class:`CadisError` naming
     the user-facing key), so a config that exists is a valid one. ``confidence_threshold=0``
@@ -261,7 +261,7 @@ def ft_cadis_loss(
     ``adv_logits`` its logits of the perturbed draws (``None`` allowed, and ignored,
     when ``config.adv_weight == 0``, so that the attack can be skipped); ``score_logits``
     the logits the confidence is scored with (``None``: ``logits`` themselves, the
-    reference behaviour).
+    reference code's behaviour).
 
     The returned dict holds detached scalar tensors: ``sce`` and ``madv`` (the batch means
     of the two per-image terms), ``hallucination_rate`` (``1 − mean(m)`` of the mask as

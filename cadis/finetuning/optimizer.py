@@ -6,7 +6,8 @@ gradient clipping before the step.
 Every setting has an off value that gives what cadis did before it (one AdamW group, the
 same lr and weight decay for every trained parameter, no clipping): ``layer_decay`` 1,
 ``weight_decay_skip_1d`` false, ``grad_clip`` None. The reference recipe's values are in the
-CIFAR-10 and ImageNet sweep files and in the README ("The reference recipe").
+CIFAR-10 and ImageNet sweep files and in docs/fine-tuning.md ("The reference recipe"); the
+reference code is defined in docs/design.md, "The reference code".
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cadis.errors import CadisError
 # (layer decay) and on the scheduled weight decay (0 for the no-decay group).
 LR_SCALE: Final = "lr_scale"
 WEIGHT_DECAY_SCALE: Final = "weight_decay_scale"
-# The parameters of a ViT below its first block: layer 0 (the reference's rule, from BEiT and
+# The parameters of a ViT below its first block: layer 0 (the reference code's rule, from BEiT and
 # MAE). Everything after the blocks (final norm, head) is the top layer.
 VIT_STEM: Final = ("cls_token", "pos_embed", "patch_embed")
 LAYER_DECAY_OFF: Final = 1.0
@@ -39,7 +40,7 @@ def is_vit_like(model: nn.Module) -> bool:
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     """Each parameter name's layer id, 0 at the input, and the top id (the head's).
 
-    ViT-like models (:func:`is_vit_like`), the reference's rule: ``cls_token``,
+    ViT-like models (:func:`is_vit_like`), the reference code's rule: ``cls_token``,
     ``pos_embed`` and ``patch_embed.*`` are layer 0, ``blocks.i.*`` layer ``i + 1``, the rest
     (final norm, head) layer ``len(blocks) + 1``, the top. Other timm models that declare
     their layers (``group_matcher``): timm's own grouping (``timm.models.group_parameters``,

@@ -1,6 +1,6 @@
 """The schedules of every training loop here, one function each, stepped by optimizer step:
 the learning rate (linear warm-up, then cosine to 0) and the weight decay (cosine from its
-start to its end value, the reference recipe's)."""
+start to its end value, the reference recipe's: docs/fine-tuning.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 def cosine_between(step: int, total: int, start: float, end: float | None) -> float:
     """The value at 0-based ``step`` of ``total`` of a cosine from ``start`` (step 0) to
-    ``end`` (step ``total`` and after), without warm-up: the reference's weight-decay
+    ``end`` (step ``total`` and after), without warm-up: the reference code's weight-decay
     schedule. ``end`` None: ``start`` at every step (a constant)."""
     if end is None:
         return start

@@ -195,7 +195,7 @@ def paired_bootstrap(values_a: np.ndarray, values_b: np.ndarray,
 
 @dataclass(frozen=True)
 class Comparison:
-    """A against the reference B over the same images: per radius McNemar's test (``tests``;
+    """A against the baseline B over the same images: per radius McNemar's test (``tests``;
     the difference is ``accuracy_a - accuracy_b``) and the bootstrap interval of that
     difference (``intervals``); each side's ACR and the interval of ``acr_a - acr_b``; the
     bootstrap's ``resamples`` and ``seed``."""
@@ -351,7 +351,7 @@ def format_comparison(reference: Certification, others: Sequence[Certification],
     """The comparisons of :func:`compare_certifications` as text.
 
     Markdown: certified accuracy side by side (:func:`~cadis.smoothing.records.format_table`),
-    then per other record set a table of its difference from the reference per radius and in
+    then per other record set a table of its difference from the baseline per radius and in
     ACR, with the interval, the discordant counts and McNemar's p; each table is preceded by a
     line naming the images, n, n0, alpha and sigma (and the noise draws). CSV: one tidy table,
     a row per record set and radius (and ACR), each row naming the same.
@@ -432,7 +432,7 @@ def _interval(bounds: tuple[float, float]) -> str:
 def plot_comparison(reference: Certification, others: Sequence[Certification],
                     comparisons: Sequence[Comparison], path: str | os.PathLike) -> Path:
     """Save the paired comparison as a PNG: the certified-accuracy curves above, and below,
-    per other record set, its difference from the reference at each radius of the
+    per other record set, its difference from the baseline at each radius of the
     comparisons with the bootstrap interval as an error bar; titled with the images, n, n0,
     alpha and sigma. Written atomically (:func:`~cadis.smoothing.records.save_png`)."""
     from matplotlib.figure import Figure

@@ -33,7 +33,7 @@ from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.validation import check_probability, check_sigma, positive_int
 
 # Noise draws per forward when none is given. On a 2-core CPU smaller batches stay in cache:
-# 706 draws/s at 100 against 422 at 1000 with the default models (benchmarks/, README).
+# 706 draws/s at 100 against 422 at 1000 with the default models (benchmarks/, docs/).
 CPU_BATCH_SIZE: Final = 100
 CUDA_BATCH_SIZE: Final = 1000
 # Seeds are 63-bit: what every torch generator takes.
