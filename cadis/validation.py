@@ -1,13 +1,20 @@
-"""Validators of single values, shared by every layer: each names the key it checks.
+"""Validators of single values, shared by every layer: one function per kind of value.
 
-One rule per kind of value (sigma, alpha, a count, a non-negative number), so that the config,
-the denoiser and ``Smooth`` refuse exactly the same inputs with the same words.
+Each takes the value and the key it is read from, returns the value in its canonical type and
+raises :class:`CadisError` with one line naming the key and what is allowed, so that the
+config, the sweep file, the denoiser and ``Smooth`` refuse exactly the same inputs with the
+same words. Values are checked here once, where they enter (a config, a sweep file, a command
+line); the code below trusts them.
+
+YAML 1.1, which PyYAML reads, takes ``1e-3`` (no dot) for a string: :func:`read_number` is the
+one place that reads such text as the number it spells.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 from cadis.errors import CadisError
 
@@ -17,11 +24,50 @@ def is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def positive_int(value: object, key: str) -> int:
-    """``value`` as an int >= 1, or :class:`CadisError` naming ``key``."""
+def read_number(value: object) -> float | None:
+    """``value`` as a float if it is a real number or text that spells one (YAML reads
+    ``1e-3`` as text), else None. Non-finite numbers are returned: the caller's rule decides."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return float(value) if is_real(value) else None
+
+
+def number(value: object, key: str) -> float:
+    """``value`` as a finite float (numbers written as text too, see :func:`read_number`)."""
+    read = read_number(value)
+    if read is not None and math.isfinite(read):
+        return read
+    raise CadisError(f"{key} must be a number, got {value!r}")
+
+
+def flag(value: object, key: str) -> bool:
+    """``value`` as a bool: ``true`` or ``false``, nothing else (not 0 or 1, not "yes")."""
+    if isinstance(value, bool):
+        return value
+    raise CadisError(f"{key} must be true or false, got {value!r}")
+
+
+def integer(value: object, key: str) -> int:
+    """``value`` as an int (not a bool, not a float that happens to be whole)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise CadisError(f"{key} must be an integer, got {value!r}")
+
+
+def positive_int(value: object, key: str, meaning: str | None = None) -> int:
+    """``value`` as an int >= 1. ``meaning`` (what the count counts) makes the key required
+    and is said in the message: ``num_trials is required: an integer >= 1 (trials to run)``."""
+    what = f" ({meaning})" if meaning else ""
+    if value is None and meaning:
+        raise CadisError(f"{key} is required: an integer >= 1{what}")
+    if meaning:
+        integer(value, key)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
         return int(value)
-    raise CadisError(f"{key} must be an integer >= 1, got {value!r}")
+    raise CadisError(f"{key} must be an integer >= 1{what}, got {value!r}")
 
 
 def non_negative_float(value: object, key: str) -> float:
@@ -44,3 +90,25 @@ def check_probability(value: object, key: str) -> float:
     if is_real(value) and 0.0 < float(value) < 1.0:
         return float(value)
     raise CadisError(f"{key} must be a number strictly between 0 and 1, got {value!r}")
+
+
+def choice(value: object, key: str, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed`` (a setting's fixed set of words)."""
+    if value in allowed:
+        return value  # type: ignore[return-value]
+    raise CadisError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def known_name(value: object, kind: str, allowed: Sequence[str]) -> str:
+    """``value`` if it names one of ``allowed`` (an entry of a registry: a dataset, a
+    precision), else ``unknown KIND 'value'; allowed: ...``."""
+    if value in allowed:
+        return value  # type: ignore[return-value]
+    raise CadisError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def direction(value: object, key: str) -> str:
+    """``value`` if it is ``max`` or ``min``: which way a metric is better."""
+    if value in ("max", "min"):
+        return value  # type: ignore[return-value]
+    raise CadisError(f"{key} must be max or min, got {value!r}")

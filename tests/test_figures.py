@@ -16,7 +16,7 @@ from cadis.sweeps.figures import (
     trial_label,
     write_sweep_figures,
 )
-from cadis.sweeps.schema import sweep_from_mapping
+from cadis.sweeps.parse import sweep_from_mapping
 from cadis.tracking import contract as tracking
 
 SIGMA = 0.5

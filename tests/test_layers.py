@@ -42,7 +42,7 @@ NOT_LOADED = {
               "cadis.tracking.contract", "cadis.tracking.compare", "cadis.files",
               "cadis.validation", "cadis.progress", "cadis.sweeps.objective"),
     # What `cadis sweep --dry-run` loads before it stops.
-    "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.schema"),
+    "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.parse", "cadis.sweeps.describe"),
 }
 
 

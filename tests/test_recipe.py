@@ -78,7 +78,7 @@ def test_set_reads_the_settings_as_numbers_and_rank_as_the_lora_scale_one():
 
 
 def test_the_sweep_schema_accepts_and_searches_the_new_keys():
-    from cadis.sweeps.schema import sweep_from_mapping
+    from cadis.sweeps.parse import sweep_from_mapping
     from tests.test_sweep_config import search, with_changes
 
     sweep = sweep_from_mapping(with_changes(
@@ -239,7 +239,7 @@ def test_drop_path_on_a_model_that_drops_nothing_is_an_error():
 def test_the_sweep_files_carry_the_reference_recipe(name, expected):
     from pathlib import Path
 
-    from cadis.sweeps.schema import load_sweep
+    from cadis.sweeps.parse import load_sweep
 
     base = load_sweep(Path(__file__).parent.parent / "sweeps" / f"{name}.yaml").base
     assert (base.layer_decay, base.weight_decay, base.weight_decay_end,

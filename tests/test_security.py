@@ -159,7 +159,7 @@ def test_the_payload_is_a_pickle_that_runs_when_unpickled(tmp_path):
     ({"mlflow": {"experiment": ".hidden"}}, "mlflow.experiment"),
 ])
 def test_a_sweep_or_experiment_name_that_is_a_path_is_refused(changes, key):
-    from cadis.sweeps.schema import sweep_from_mapping
+    from cadis.sweeps.parse import sweep_from_mapping
     from tests.test_sweep_config import with_changes
 
     with pytest.raises(CadisError, match=f"^{key} must be letters"):

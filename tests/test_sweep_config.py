@@ -14,16 +14,15 @@ import yaml
 
 from cadis.errors import CadisError
 from cadis.sweeps.objective import Objective
-from cadis.sweeps.schema import (
+from cadis.sweeps.describe import describe
+from cadis.sweeps.parse import load_sweep, sweep_from_mapping
+from cadis.sweeps.search_space import trial_config
+from cadis.sweeps.spec import (
     SEARCHER_BASIC,
     SEARCHER_OPTUNA,
     AshaSettings,
     Distribution,
-    describe,
-    load_sweep,
-    sweep_from_mapping,
     required_per_trial,
-    trial_config,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -453,7 +452,7 @@ def test_trial_config_refuses_a_bad_combination(tmp_path):
 
 
 def test_loading_a_sweep_does_not_import_ray():
-    code = ("import sys, cadis.sweeps.schema as s; s.load_sweep('sweeps/cifar10.yaml'); "
+    code = ("import sys, cadis.sweeps.parse as s; s.load_sweep('sweeps/cifar10.yaml'); "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 

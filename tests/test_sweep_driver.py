@@ -9,7 +9,7 @@ import pytest
 
 from cadis.errors import CadisError
 from cadis.sweeps.driver import _concurrent_trials
-from cadis.sweeps.schema import sweep_from_mapping
+from cadis.sweeps.parse import sweep_from_mapping
 
 # One worker of 0.5 CPU per trial, plus the trial function's 0.25: 0.75 CPU a trial.
 SWEEP = {"name": "t", "search": {"lambda": {"uniform": [0.5, 8]}}, "num_trials": 8,

@@ -22,7 +22,7 @@ from cadis.finetuning.train_draws import (
 from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.smoothing.draws import STORE_META
 from cadis.smoothing.precision import FP32
-from cadis.sweeps.schema import sweep_from_mapping
+from cadis.sweeps.parse import sweep_from_mapping
 from tests.conftest import make_scheduler, make_tiny_unet, set_flags
 from tests.test_train import TINY
 
@@ -153,7 +153,7 @@ def test_a_sweep_refuses_training_draws_it_cannot_share(changes, message):
 
 
 def test_a_sweep_that_shares_its_draws_says_so():
-    from cadis.sweeps.schema import describe
+    from cadis.sweeps.describe import describe
 
     assert "and the training draws (3 per image) denoised once" in describe(sweep())
 

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from cadis.errors import CadisError
-from cadis.sweeps.schema import Distribution, sweep_from_mapping
+from cadis.sweeps.parse import sweep_from_mapping
+from cadis.sweeps.spec import Distribution
 from cadis.sweeps.warm_start import load_warm_start, typed_value
 from tests.test_figures import TRIALS, make_store, sweep_mapping
 

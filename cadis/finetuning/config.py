@@ -39,6 +39,21 @@ from cadis.smoothing.smooth import CPU_BATCH_SIZE
 from cadis.validation import check_sigma, is_real, non_negative_float, positive_int
 
 METHODS = ("ft_cadis", "denoised_ce", "none")
+# Keys a method ignores, and why: the one table of it. The loss gives an ignored lambda and
+# confidence_threshold their off value (OFF_VALUES: no adversarial loss, tau = 0, every draw
+# trained on) and a sweep refuses to search a key every trial's method ignores (its trials
+# would differ in a name only).
+IGNORED_BY_METHOD = {
+    "denoised_ce": {
+        "confidence_threshold": "it trains on every draw (tau = 0)",
+        "lambda": "it has no adversarial loss",
+        "epsilon": "it runs no attack",
+        "attack_steps": "it runs no attack",
+        "attack_restandardize": "it runs no attack",
+    },
+}
+# The value a loss setting takes where its method ignores it.
+OFF_VALUES = {"lambda": 0.0, "confidence_threshold": 0.0}
 CONFIDENCE_MODELS = ("live", "frozen")
 # How grad_clip bounds the gradient: each parameter tensor's norm (the reference code's rule,
 # from DINO; docs/design.md, "The reference code") or the norm of all of them together
@@ -165,10 +180,14 @@ class TrainConfig:
     certify: CertifyConfig = field(default_factory=CertifyConfig)
 
     def loss_config(self) -> FTCadisLossConfig:
-        denoised_ce = self.method == "denoised_ce"
+        """The loss's settings, a key the method ignores (:data:`IGNORED_BY_METHOD`) at its
+        :data:`OFF_VALUES`."""
+        ignored = IGNORED_BY_METHOD.get(self.method, {})
         return FTCadisLossConfig(
-            adv_weight=0.0 if denoised_ce else self.adv_weight,
-            confidence_threshold=0.0 if denoised_ce else self.confidence_threshold,
+            adv_weight=OFF_VALUES["lambda"] if "lambda" in ignored else self.adv_weight,
+            confidence_threshold=(OFF_VALUES["confidence_threshold"]
+                                  if "confidence_threshold" in ignored
+                                  else self.confidence_threshold),
             warm_start=self.warm_start, detach_target=self.detach_target,
             require_all_selected=self.require_all_selected)
 

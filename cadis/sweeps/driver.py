@@ -35,16 +35,16 @@ from cadis.sweeps.layout import (
     trial_certify_dir,
 )
 from cadis.sweeps.preflight import check_searched_sigma
-from cadis.sweeps.schema import (
+from cadis.sweeps.describe import describe
+from cadis.sweeps.parse import load_sweep
+from cadis.sweeps.search_space import trial_config
+from cadis.sweeps.spec import (
     TRIAL_DRIVER_CPUS,
     VARIANT_KEY,
     RankSettings,
     ResourceSettings,
     SweepConfig,
-    describe,
-    load_sweep,
     required_per_trial,
-    trial_config,
 )
 from cadis.tracking.contract import (
     ERROR_ARTIFACT,

@@ -188,7 +188,7 @@ RANGE_PATTERN = re.compile(r"(uniform|loguniform|int) \[([^,\]]+), ([^\]]+)\]")
 
 
 def _ranges(described: str) -> Ranges:
-    """A search param as :meth:`cadis.sweeps.schema.Distribution.describe` wrote it."""
+    """A search param as :meth:`cadis.sweeps.spec.Distribution.describe` wrote it."""
     match = RANGE_PATTERN.match(described)
     if match is None:
         return Ranges(described.split(" ", 1)[0] or "choice")

@@ -23,7 +23,9 @@ from cadis.errors import CadisError, RepeatedFailure, first_line
 from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.layout import EPOCH, trained_file, trial_certify_dir, trial_rank_dir
 from cadis.sweeps.ranking import rank_trials
-from cadis.sweeps.schema import SweepConfig, describe, trial_config
+from cadis.sweeps.describe import describe
+from cadis.sweeps.search_space import trial_config
+from cadis.sweeps.spec import SweepConfig
 from cadis.tracking.compare import trial_row
 from cadis.tracking.contract import (
     ACR,

@@ -1,12 +1,13 @@
 """Checks of a sweep that load what its trials will load, run before any trial (and by a dry
-run): what :func:`cadis.sweeps.schema.load_sweep` cannot know from the file alone."""
+run): what :func:`cadis.sweeps.parse.load_sweep` cannot know from the file alone."""
 
 from __future__ import annotations
 
 from cadis.errors import CadisError
 from cadis.models.denoiser import load_denoiser
 from cadis.smoothing.denoise import max_sigma
-from cadis.sweeps.schema import VARIANT_KEY, SweepConfig, largest_value, trial_config
+from cadis.sweeps.search_space import largest_value, trial_config
+from cadis.sweeps.spec import VARIANT_KEY, SweepConfig
 
 SIGMA_KEY = "sigma"
 

@@ -13,7 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cadis.sweeps.layout import EPOCH, OPTUNA_DB
-from cadis.sweeps.schema import SEARCHER_OPTUNA, Distribution, SweepConfig
+from cadis.sweeps.spec import SEARCHER_OPTUNA, Distribution, SweepConfig
 from cadis.tracking.contract import PROXY_ACR
 
 
@@ -21,7 +21,7 @@ def tune_search_space(sweep: SweepConfig) -> dict[str, Any]:
     """The Tune ``param_space``: ``uniform``, ``loguniform``, ``randint(low, high + 1)`` (Tune's
     upper bound is exclusive; the sweep file's ``int`` includes ``high``), ``choice`` and
     ``grid_search`` (``variant``: a grid of mappings; apply a trial's with
-    :func:`cadis.sweeps.schema.trial_config`)."""
+    :func:`cadis.sweeps.search_space.trial_config`)."""
     def domain(distribution: Distribution) -> Any:
         values = distribution.values
         if distribution.kind == "uniform":

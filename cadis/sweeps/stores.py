@@ -24,7 +24,7 @@ from cadis.models.devices import pick_device
 from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.smoothing.draws import build_store, store_bytes, store_folder
 from cadis.smoothing.smooth import default_batch_size
-from cadis.sweeps.schema import RankSettings
+from cadis.sweeps.spec import RankSettings
 from cadis.sweeps.trial import rank_store_key, validation_indices
 
 ROLES = ("rank", "proxy")

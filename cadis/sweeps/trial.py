@@ -35,7 +35,8 @@ from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_r
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii
 from cadis.smoothing.smooth import Smooth, default_batch_size
 from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_failure_file, trial_rank_dir
-from cadis.sweeps.schema import RankSettings, SweepConfig, trial_config
+from cadis.sweeps.search_space import trial_config
+from cadis.sweeps.spec import RankSettings, SweepConfig
 from cadis.sweeps.shards import certify_in_shards
 from cadis.tracking.contract import (
     ACR,

@@ -24,7 +24,7 @@ from typing import Any
 
 from cadis.errors import CadisError, first_line
 from cadis.sweeps.layout import STATE_FILE
-from cadis.sweeps.schema import SEARCHER_OPTUNA, Distribution, SweepConfig
+from cadis.sweeps.spec import SEARCHER_OPTUNA, Distribution, SweepConfig
 from cadis.tracking.contract import ROLE_SWEEP, ROLE_TAG, SEARCHED_TAG, trial_runs
 
 

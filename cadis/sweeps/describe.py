@@ -1,0 +1,62 @@
+"""A resolved sweep in a few lines, for people (``cadis sweep --dry-run``, the sweep's log
+and its MLflow parent run)."""
+
+from __future__ import annotations
+
+from cadis.sweeps.spec import SEARCHER_BASIC, TRIAL_DRIVER_CPUS, SweepConfig, required_per_trial
+
+
+def describe(sweep: SweepConfig) -> str:
+    """The resolved sweep in a few lines: trials and searcher, search space, objective,
+    scheduler, resources, certification and where it is tracked."""
+    if sweep.searcher == SEARCHER_BASIC:
+        trials = (f"{sweep.total_trials} trials ({sweep.grid_size} grid points x num_trials "
+                  f"{sweep.num_trials}); Tune's grid and random search (Optuna cannot take a grid)")
+    else:
+        front = " (a Pareto front)" if len(sweep.objective) == 2 else ""
+        trials = f"{sweep.num_trials} trials; Optuna TPE{front}"
+    resources = sweep.resources
+    need = required_per_trial(sweep)
+    certify = sweep.certify
+    lines = [f"sweep {sweep.name}: {trials}; at most {sweep.max_concurrent_trials} at a time",
+             "search:"]
+    lines += [f"  {key}: {distribution.describe()}" for key, distribution in sweep.search.items()]
+    lines.append("objective: " + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objective))
+    if sweep.scheduler is None:
+        lines.append("scheduler: none, every trial runs all its epochs")
+    else:
+        asha = sweep.scheduler
+        lines.append(f"scheduler: ASHA on {asha.metric} ({asha.mode}) per epoch, grace_period "
+                     f"{asha.grace_period}, reduction_factor {asha.reduction_factor:g}, "
+                     f"max_t {asha.max_t}")
+    lines.append(f"resources per trial: {resources.workers_per_trial} worker(s) x "
+                 f"({resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker:g} GPU) + "
+                 f"{TRIAL_DRIVER_CPUS:g} CPU for the trial's driver = {need['CPU']:g} CPU, "
+                 f"{need['GPU']:g} GPU")
+    rank = sweep.rank
+    lines.append(f"rank stage (the objective): the first {rank.images} of "
+                 f"{sweep.base.val_images} validation images (seed {sweep.base.val_seed}), "
+                 f"n={rank.n} n0={rank.n0} alpha={rank.alpha:g}"
+                 + (" (sequential: n at most)" if rank.sequential else "")
+                 + ", every trial that trains to the end")
+    lines.append(f"final stage: the top {sweep.top_k} by rank on the test set, n={certify.n} "
+                 f"n0={certify.n0} alpha={certify.alpha:g} skip={certify.skip} "
+                 f"max_images={certify.max_images}"
+                 + (" (sequential: n at most)" if certify.sequential else "")
+                 + (f"; its draws denoised once, for every finalist, in {certify.draws_dir}"
+                    if certify.draws_dir else ""))
+    lines.append(f"proxy per epoch: {sweep.base.proxy_images} validation images, "
+                 f"n={sweep.base.proxy_n} n0={sweep.base.proxy_n0}")
+    if sweep.shares_draws:
+        roles = ("the rank stage's, the proxy's and the training draws "
+                 f"({sweep.base.train_draws} per image)" if sweep.base.train_draws
+                 else "the rank stage's and the proxy's")
+        lines.append(f"draws: {roles} denoised once for every trial "
+                     f"(in {sweep.draws_dir})")
+    else:
+        why = ("store_draws is false" if not sweep.store_draws else
+               f"they depend on the searched {', '.join(sweep.draws_vary_with)}")
+        lines.append(f"draws: every trial denoises its own ({why})")
+    lines.append(f"mlflow: {sweep.tracking_uri()} (experiment {sweep.mlflow.experiment})")
+    lines.append(f"results: {sweep.results_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""What a sweep is, once validated: the dataclasses :func:`cadis.sweeps.parse.load_sweep` returns.
+
+A sweep names a training configuration (``base:``, see :mod:`cadis.finetuning.config`), the
+base keys to search and how (:class:`Distribution`), the objective, the ASHA scheduler, the
+trial budget, what one trial needs of a cluster, the two certification stages and where
+MLflow tracks it. Reading and checking a sweep file is :mod:`cadis.sweeps.parse`'s job; the
+search space's :mod:`cadis.sweeps.search_space`'s; saying it in a few lines
+:mod:`cadis.sweeps.describe`'s.
+
+Grids and trial counts: Optuna cannot take Tune's ``grid_search`` (Ray refuses to convert
+it), so a sweep with any ``grid`` runs on Tune's BasicVariantGenerator instead: every grid
+point (the product over grid keys) is run ``num_trials`` times, the other distributions drawn
+at random for each. ``num_trials`` then counts repeats of the grid, not trials;
+:attr:`SweepConfig.total_trials` is what runs. Without a grid, Optuna's TPE proposes
+``num_trials`` trials (two objectives: a Pareto front).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cadis.finetuning.config import CertifyConfig, TrainConfig
+from cadis.sweeps.distribution_text import describe_distribution
+from cadis.sweeps.objective import Objective
+from cadis.tracking.server import default_tracking_uri
+
+DistributionKind = Literal["uniform", "loguniform", "int", "choice", "grid"]
+DISTRIBUTIONS: tuple[DistributionKind, ...] = ("uniform", "loguniform", "int", "choice", "grid")
+# The reserved searched key whose grid values are mappings of base keys applied together.
+VARIANT_KEY = "variant"
+
+# A trial's Tune function only starts its Train run and waits (certification runs in a task
+# with one worker's resources): a quarter CPU, not Tune's default of one, lets two trials of
+# 0.5-CPU workers share two 1-CPU nodes (docs/design.md).
+TRIAL_DRIVER_CPUS = 0.25
+
+SEARCHER_OPTUNA = "optuna"
+SEARCHER_BASIC = "basic-variant"
+
+# Base keys the stored draws depend on.
+DRAW_KEYS = ("models", "classifier", "denoiser", "dataset", "data_root", "image_size", "sigma",
+             "seed", "val_images", "val_seed", "proxy_images", "proxy_n", "proxy_n0",
+             "max_train_images")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """How one searched key is drawn. Guaranteed after loading: every value it can produce
+    passed the base's validation (integer ranges wider than
+    :data:`cadis.sweeps.search_space.MAX_ENUMERATED_INTS` values and continuous ranges by
+    their bounds).
+
+    ``values`` is ``(low, high)`` for the ranges (floats; ints for ``int``, both included),
+    the options for ``choice`` and ``grid`` (mappings of base keys for ``variant``).
+    """
+
+    kind: DistributionKind
+    values: tuple[Any, ...]
+
+    def describe(self) -> str:
+        """As the sweep's parent run logs it (:mod:`cadis.sweeps.distribution_text`)."""
+        return describe_distribution(self.kind, self.values)
+
+
+@dataclass(frozen=True)
+class AshaSettings:
+    """Early stopping on a per-epoch metric; one time unit is one epoch (one report).
+
+    A file without ``scheduler:`` gets ASHA with the defaults: ``metric`` the first
+    objective's per-epoch proxy (``proxy_acr`` for certified accuracy or ACR), ``mode`` the
+    metric's better direction, ``grace_period`` 1, ``reduction_factor`` 2, ``max_t`` the most
+    epochs any trial runs. ``scheduler: null`` turns it off.
+    """
+
+    metric: str
+    mode: Literal["max", "min"]
+    grace_period: int
+    reduction_factor: float
+    max_t: int
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    """What each trial's Ray Train workers take; the trial's Tune function adds
+    :data:`TRIAL_DRIVER_CPUS`."""
+
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass(frozen=True)
+class RankSettings:
+    """The rank stage: every trial that trains to the end is certified on the first
+    ``images`` of the validation hold-out (n, n0, alpha); its figures are the objective.
+    ``sequential``: each image stops once the grid radii it can reach and the objective's
+    radii (``radii``, filled in from the objective) are decided, n being the most it spends
+    (:mod:`cadis.smoothing.sequential`)."""
+
+    n: int = 500
+    n0: int = 100
+    alpha: float = 0.001
+    images: int = 100
+    batch_size: int | None = None  # noise draws per forward; None: what is fast on the device
+    sequential: bool = False
+    radii: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """``tracking_uri`` None means ``$MLFLOW_TRACKING_URI``, else the local SQLite store."""
+
+    tracking_uri: str | None
+    experiment: str
+
+
+@dataclass
+class SweepConfig:
+    """A validated sweep. Guaranteed: ``base`` passed :func:`cadis.finetuning.config.validate`,
+    with ``base.certify is certify``, ``base.workers == resources.workers_per_trial`` and
+    ``base.cpus_per_worker == resources.cpus_per_worker``; ``search`` is not empty and every
+    value it can produce is valid on ``base``; one or two objectives; ``scheduler`` (None:
+    every trial runs all its epochs) stops on a per-epoch metric with ``max_t`` at least the
+    most epochs any trial runs."""
+
+    name: str
+    base: TrainConfig
+    search: dict[str, Distribution]
+    objective: list[Objective]
+    scheduler: AshaSettings | None
+    num_trials: int
+    max_concurrent_trials: int
+    resources: ResourceSettings
+    certify: CertifyConfig
+    rank: RankSettings
+    top_k: int
+    store_draws: bool
+    mlflow: MlflowSettings
+    results_dir: str
+    # Where the shared stores live (default results_dir/draws). Each store is keyed by what its
+    # draws depend on, not by method, so sweeps of other methods at the same sigma may share it.
+    draws_dir: str
+
+    @property
+    def grid_size(self) -> int:
+        """Grid points: the product of the grid lengths (1 without a grid)."""
+        return math.prod(len(d.values) for d in self.search.values() if d.kind == "grid")
+
+    @property
+    def searcher(self) -> str:
+        """:data:`SEARCHER_OPTUNA`, or :data:`SEARCHER_BASIC` when a grid is searched."""
+        has_grid = any(d.kind == "grid" for d in self.search.values())
+        return SEARCHER_BASIC if has_grid else SEARCHER_OPTUNA
+
+    @property
+    def draws_vary_with(self) -> list[str]:
+        """The searched keys that the stored draws depend on (σ, the seed, the hold-out, the
+        proxy, the models): with any, every trial denoises its own draws."""
+        searched = set(self.search)
+        variants = self.search.get(VARIANT_KEY)
+        if variants is not None:
+            searched |= {key for variant in variants.values for key in variant}
+        return sorted(searched & set(DRAW_KEYS))
+
+    @property
+    def shares_draws(self) -> bool:
+        """Whether the rank stage's and the proxy's draws are denoised once for all trials."""
+        return self.store_draws and not self.draws_vary_with
+
+    @property
+    def total_trials(self) -> int:
+        """Trials that run: ``num_trials`` repeats of the grid (``num_trials`` without one)."""
+        return self.num_trials * self.grid_size
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI: the file's (or ``--set``'s), else
+        ``$MLFLOW_TRACKING_URI``, else the local SQLite store ``runs/sweeps/mlflow.db`` made
+        absolute on the machine that calls this (the sweep's driver)."""
+        return self.mlflow.tracking_uri or default_tracking_uri()
+
+
+def required_per_trial(sweep: SweepConfig) -> dict[str, float]:
+    """``{"CPU": ..., "GPU": ...}`` one running trial holds: its workers plus
+    :data:`TRIAL_DRIVER_CPUS` for the trial's Tune function. ``max_concurrent_trials`` times this must fit the cluster."""
+    resources = sweep.resources
+    return {"CPU": TRIAL_DRIVER_CPUS + resources.workers_per_trial * resources.cpus_per_worker,
+            "GPU": resources.workers_per_trial * resources.gpus_per_worker}
