@@ -1,5 +1,7 @@
-"""The sweep driver's arithmetic and its Optuna adapter, without a cluster: how many trials
-run at once on given resources, and what Optuna is told of per-epoch and pruned trials."""
+"""The sweep driver's Optuna adapter and stored draws, without a cluster: what Optuna is told
+of per-epoch and pruned trials, and what two sweeps sharing a draws_dir build. (How many
+trials run at once is tests/test_sweep_resources.py's; resuming, tests/test_sweep_resume.py's;
+the stage machine, tests/test_sweep_stages.py's.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from cadis.errors import CadisError
-from cadis.sweeps.driver import _concurrent_trials
 from cadis.sweeps.parse import sweep_from_mapping
 
 # One worker of 0.5 CPU per trial, plus the trial function's 0.25: 0.75 CPU a trial.
@@ -19,36 +20,6 @@ SWEEP = {"name": "t", "search": {"lambda": {"uniform": [0.5, 8]}}, "num_trials":
 
 def sweep(**resources):
     return sweep_from_mapping({**SWEEP, "resources": {**SWEEP["resources"], **resources}})
-
-
-@pytest.mark.parametrize("cluster,nodes,expected", [
-    ({"CPU": 4.0}, [{"CPU": 4.0}], 4),                       # room for more: the file's 4
-    ({"CPU": 2.0}, [{"CPU": 1.0}, {"CPU": 1.0}], 2),          # 2 / 0.75 = 2.67: two at once
-    ({"CPU": 0.75}, [{"CPU": 0.75}], 1),                      # exactly one
-    ({"CPU": 16.0, "GPU": 1.0}, [{"CPU": 16.0, "GPU": 1.0}], 4),
-])
-def test_concurrent_trials_are_what_the_cluster_holds(cluster, nodes, expected, capsys):
-    assert _concurrent_trials(sweep(), cluster, nodes) == expected
-    lowered = "lowered to" in capsys.readouterr().err
-    assert lowered == (expected < SWEEP["max_concurrent_trials"])
-
-
-def test_gpus_bound_the_concurrent_trials():
-    gpu_sweep = sweep_from_mapping({**SWEEP, "resources": {"workers_per_trial": 2,
-                                                           "cpus_per_worker": 1,
-                                                           "gpus_per_worker": 1}})
-    nodes = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]
-    assert _concurrent_trials(gpu_sweep, {"CPU": 64.0, "GPU": 8.0}, nodes) == 4
-    assert _concurrent_trials(gpu_sweep, {"CPU": 64.0, "GPU": 3.0}, nodes) == 1
-
-
-@pytest.mark.parametrize("cluster,nodes,message", [
-    ({"CPU": 0.5}, [{"CPU": 0.5}], "one trial needs 0.75 CPU (the cluster has 0.5)"),
-    ({"CPU": 2.0}, [{"CPU": 0.4}] * 5, "one worker needs 0.5 CPU and 0 GPU on one node"),
-])
-def test_a_trial_the_cluster_cannot_hold_is_an_error(cluster, nodes, message):
-    with pytest.raises(CadisError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        _concurrent_trials(sweep(), cluster, nodes)
 
 
 def test_optuna_is_told_only_final_metrics_and_stopped_trials_as_pruned():
@@ -173,46 +144,3 @@ def test_draws_dir_must_be_a_folder_path(draws_dir):
     with pytest.raises(CadisError, match="draws_dir must be a folder path, or null for "
                                          "results_dir/draws; got"):
         sweep_from_mapping({**SWEEP, "draws_dir": draws_dir})
-
-
-DEFAULTS = {"base": {"lr": 1e-3, "certify": {"draws_dir": None}}, "certify": {"draws_dir": None}}
-SAVED = {"name": "s", "base": {"lr": 1e-3, "certify": {"n": 100}}, "certify": {"n": 100}}
-
-
-@pytest.mark.parametrize("now,changed", [
-    (SAVED, []),
-    # A setting added to cadis since the sweep began, at its default: the sweep ran as that.
-    ({**SAVED, "base": {**SAVED["base"], "certify": {"n": 100, "draws_dir": None}},
-      "certify": {"n": 100, "draws_dir": None}}, []),
-    # ... at another value, or one whose default is unknown: another sweep.
-    ({**SAVED, "certify": {"n": 100, "draws_dir": "/d"}}, ["certify.draws_dir"]),
-    ({**SAVED, "draws_dir": "/d"}, ["draws_dir"]),
-    ({**SAVED, "base": {"lr": 2e-3, "certify": {"n": 100}}}, ["base.lr"]),
-    ({"name": "s", "base": SAVED["base"]}, ["certify"]),
-], ids=["same", "new-key-at-default", "new-key-set", "new-key-no-default", "changed-leaf",
-        "removed-key"])
-def test_a_resumed_sweep_differs_only_in_what_it_would_run_differently(now, changed):
-    from cadis.sweeps.driver import resume_differences
-
-    assert resume_differences(SAVED, now, DEFAULTS) == changed
-
-
-def test_the_known_defaults_are_those_of_the_settings_classes():
-    from cadis.finetuning.config import TrainConfig
-    from cadis.sweeps.driver import _setting_defaults
-
-    defaults = _setting_defaults()
-    assert defaults["base"]["lr"] == TrainConfig().lr
-    assert defaults["certify"]["draws_dir"] is None and defaults["rank"]["sequential"] is False
-
-
-@pytest.mark.parametrize("largest,free,expected", [
-    (2.0, 2.0, 2.0),      # an idle node: all of it
-    (16.0, 16.0, 8.0),    # at most STORE_BUILD_MAX_CPUS
-    (2.0, 1.5, 1.0),      # another sweep holds half a CPU: what is free, whole
-    (2.0, 0.0, 0.5),      # nothing free: one worker's share, to wait for
-])
-def test_the_store_build_asks_for_no_more_cpus_than_are_free(largest, free, expected):
-    from cadis.sweeps.driver import store_build_cpus
-
-    assert store_build_cpus(largest, free, 0.5) == expected

@@ -1,7 +1,12 @@
-"""A sweep gives back what it takes: ASHA stopping ten and more trials mid-run leaves no
-placement group reserved and no CPU held, and the driver's memory does not grow with the
-trial count (Ray's users met both: a TorchTrainer not freeing its resources under ASHA, a
-driver growing with every trial). A real local Ray, Tune + Train, and an MLflow store."""
+"""What a sweep takes of its cluster, and that it gives it back.
+
+Without a cluster: how many trials run at once on given resources, and how many CPUs the
+store build asks for (:mod:`cadis.sweeps.resources`).
+
+A soak test: ASHA stopping ten and more trials mid-run leaves no placement group reserved
+and no CPU held, and the driver's memory does not grow with the trial count (Ray's users met
+both: a TorchTrainer not freeing its resources under ASHA, a driver growing with every
+trial). A real local Ray, Tune + Train, and an MLflow store."""
 
 from __future__ import annotations
 
@@ -12,8 +17,12 @@ from pathlib import Path
 import pytest
 
 from cadis.cli import main
+from cadis.errors import CadisError
 from cadis.sweeps.layout import TRAIN_DIR
+from cadis.sweeps.resources import concurrent_trials, store_build_cpus
+from cadis.sweeps.parse import sweep_from_mapping
 from tests.test_sweep import by_role, mlflow_runs, tiny_sweep, write
+from tests.test_sweep_driver import SWEEP, sweep
 
 TRIALS = 12
 # The driver may grow while the search runs (Tune's records of each trial, MLflow's runs),
@@ -116,3 +125,46 @@ def test_asha_stopping_ten_trials_leaks_no_resources_and_the_driver_stays_flat(
     print(f"driver resident memory: {memory.most[5]:.0f} MB at the 5th trial's start, "
           f"{memory.most[TRIALS]:.0f} MB at the {TRIALS}th's (+{growth:.0f} MB)")
     assert growth < DRIVER_GROWTH_BOUND_MB, memory.most
+
+
+# ------------------------------------------------------------------ the arithmetic
+
+
+@pytest.mark.parametrize("cluster,nodes,expected", [
+    ({"CPU": 4.0}, [{"CPU": 4.0}], 4),                       # room for more: the file's 4
+    ({"CPU": 2.0}, [{"CPU": 1.0}, {"CPU": 1.0}], 2),          # 2 / 0.75 = 2.67: two at once
+    ({"CPU": 0.75}, [{"CPU": 0.75}], 1),                      # exactly one
+    ({"CPU": 16.0, "GPU": 1.0}, [{"CPU": 16.0, "GPU": 1.0}], 4),
+])
+def test_concurrent_trials_are_what_the_cluster_holds(cluster, nodes, expected, capsys):
+    assert concurrent_trials(sweep(), cluster, nodes) == expected
+    lowered = "lowered to" in capsys.readouterr().err
+    assert lowered == (expected < SWEEP["max_concurrent_trials"])
+
+
+def test_gpus_bound_the_concurrent_trials():
+    gpu_sweep = sweep_from_mapping({**SWEEP, "resources": {"workers_per_trial": 2,
+                                                           "cpus_per_worker": 1,
+                                                           "gpus_per_worker": 1}})
+    nodes = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]
+    assert concurrent_trials(gpu_sweep, {"CPU": 64.0, "GPU": 8.0}, nodes) == 4
+    assert concurrent_trials(gpu_sweep, {"CPU": 64.0, "GPU": 3.0}, nodes) == 1
+
+
+@pytest.mark.parametrize("cluster,nodes,message", [
+    ({"CPU": 0.5}, [{"CPU": 0.5}], "one trial needs 0.75 CPU (the cluster has 0.5)"),
+    ({"CPU": 2.0}, [{"CPU": 0.4}] * 5, "one worker needs 0.5 CPU and 0 GPU on one node"),
+])
+def test_a_trial_the_cluster_cannot_hold_is_an_error(cluster, nodes, message):
+    with pytest.raises(CadisError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        concurrent_trials(sweep(), cluster, nodes)
+
+
+@pytest.mark.parametrize("largest,free,expected", [
+    (2.0, 2.0, 2.0),      # an idle node: all of it
+    (16.0, 16.0, 8.0),    # at most STORE_BUILD_MAX_CPUS
+    (2.0, 1.5, 1.0),      # another sweep holds half a CPU: what is free, whole
+    (2.0, 0.0, 0.5),      # nothing free: one worker's share, to wait for
+])
+def test_the_store_build_asks_for_no_more_cpus_than_are_free(largest, free, expected):
+    assert store_build_cpus(largest, free, 0.5) == expected

@@ -86,10 +86,7 @@ def _claim(out_dir: Path, settings: dict[str, Any]) -> None:
         if not settings_path.is_file():
             raise CadisError(f"{out_dir / RECORDS_FILENAME} exists without {SETTINGS_FILENAME}, "
                              "so how it was made is unknown; use another out_dir")
-        try:
-            previous = json.loads(settings_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise CadisError(f"{settings_path} is not valid JSON ({error})") from None
+        previous = read_settings(out_dir / RECORDS_FILENAME)
         absent = object()
         differing = sorted(key for key in previous.keys() | settings.keys()
                            if previous.get(key, absent) != settings.get(key, absent))

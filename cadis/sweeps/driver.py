@@ -7,58 +7,52 @@ Tune's grid and random search for grids; ASHA on the per-epoch proxy) and writte
 :mod:`cadis.sweeps.mlflow_writer`, from this process only. Its folder is
 :mod:`cadis.sweeps.layout`'s. Ray is imported only once a sweep runs: ``--dry-run`` does not
 pay for it.
+
+The stages run in order, each recorded in ``sweep.json`` before its work (:func:`_run_stages`,
+the stage machine; :class:`StageWork`, their work on Ray). Whether a results folder may hold
+this sweep is :mod:`cadis.sweeps.resume`'s; what the cluster holds at once,
+:mod:`cadis.sweeps.resources`'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
+import functools
 import os
 import shlex
 import shutil
 import signal
 import sys
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cadis.errors import CadisError, first_line
-from cadis.files import atomic_write_text, check_creatable_folder
-from cadis.finetuning.config import TrainConfig, portable_config
+from cadis.files import check_creatable_folder
+from cadis.finetuning.config import portable_config
 from cadis.sweeps.layout import (
-    STATE_FILE,
     SWEEP_FILE_COPY,
     TUNE_NAME,
+    SweepState,
+    TrainedTrial,
     trained_file,
     trial_certify_dir,
 )
 from cadis.sweeps.preflight import check_searched_sigma
+from cadis.sweeps.resources import concurrent_trials, store_build_cpus
+from cadis.sweeps.resume import check_results_dir, sweep_fingerprint
 from cadis.sweeps.describe import describe
 from cadis.sweeps.parse import load_sweep
 from cadis.sweeps.search_space import trial_config
-from cadis.sweeps.spec import (
-    TRIAL_DRIVER_CPUS,
-    VARIANT_KEY,
-    RankSettings,
-    ResourceSettings,
-    SweepConfig,
-    required_per_trial,
-)
-from cadis.tracking.contract import (
-    ERROR_ARTIFACT,
-    TRIAL_ID_TAG,
-    check_tracking_uri,
-    tracking_retry_s,
-)
+from cadis.sweeps.spec import TRIAL_DRIVER_CPUS, VARIANT_KEY, SweepConfig
+from cadis.tracking.contract import ERROR_ARTIFACT, TRIAL_ID_TAG
+from cadis.tracking.server import check_tracking_uri, tracking_retry_s
 
 if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
     from cadis.sweeps.warm_start import WarmStart
 
-# The most CPUs the task building the stored draws takes (before this sweep's trials).
-STORE_BUILD_MAX_CPUS = 8.0
 # Tune retries a failed trial this often; its Train run resumes from the last checkpoint.
 TRIAL_MAX_FAILURES = 1
 
@@ -97,11 +91,11 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     check_creatable_folder(results, "results_dir")
     draws = Path(sweep.draws_dir).absolute()
     check_creatable_folder(draws, "draws_dir")
-    fingerprint = _fingerprint(sweep)
+    fingerprint = sweep_fingerprint(sweep)
     # After the fingerprint (a resumed sweep names its draws_dir as it was given): the stores
     # are built after this process has moved into the results folder.
     sweep.draws_dir = str(draws)
-    state = _check_results_dir(results, fingerprint, resume)
+    state = check_results_dir(results, fingerprint, resume)
     # A dry run refuses what the real run would refuse before its first trial (it creates
     # nothing: neither the results folder nor the tracking store's).
     _preflight_trials(sweep)
@@ -122,14 +116,18 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
                  log_to_driver=True)
     try:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        concurrent = _concurrent_trials(sweep, ray.cluster_resources(), nodes)
+        work = StageWork(
+            build_stores=functools.partial(_build_stores, sweep),
+            search=functools.partial(_search, sweep, results,
+                                     concurrent_trials(sweep, ray.cluster_resources(), nodes),
+                                     warm),
+            final=functools.partial(_final_stage, sweep, results))
         results.mkdir(parents=True, exist_ok=True)
         # Inside a Ray job, Ray may replace the job's working directory (its unpacked copy)
         # once the driver connects; every path is absolute by now, and this one stays.
         os.chdir(results)
         with _mlflow_errors(uri, results, _resume_command(path, overrides)):
-            _run_stages(sweep, path, results, uri, fingerprint, state, concurrent, stop_after,
-                        warm)
+            _run_stages(sweep, path, results, uri, fingerprint, state, stop_after, warm, work)
     finally:
         if started_ray:
             ray.shutdown()
@@ -144,12 +142,12 @@ def _mlflow_errors(uri: str, results: Path, resume_command: str) -> Iterator[Non
     continue once it is back."""
     from mlflow.exceptions import MlflowException
 
-    from cadis.sweeps.mlflow_writer import store_given_up
+    from cadis.tracking.client import tracking_given_up
 
     try:
         yield
     except Exception as error:
-        unreachable = store_given_up(error)
+        unreachable = tracking_given_up(error)
         if unreachable is not None:
             raise CadisError(f"{unreachable}; the sweep stopped: once the store is back, "
                              f"{resume_command} continues it (results in {results})") from None
@@ -180,25 +178,43 @@ def _load_warm_start(source: str | None, sweep: SweepConfig, resume: bool
     return warm
 
 
+@dataclasses.dataclass(frozen=True)
+class StageWork:
+    """The work of each stage, apart from the order :func:`_run_stages` runs them in: on Ray
+    in a sweep (:func:`_build_stores`, :func:`_search`, :func:`_final_stage`)."""
+
+    # The stored draws by role, each with its "folder" (made once, before the first trial).
+    build_stores: Callable[[], dict[str, dict[str, Any]]]
+    # The trials, each certified on validation: (tracker, store folders by role, resumed).
+    search: Callable[[SweepTracker, Mapping[str, str], bool], None]
+    # The top_k on the test set: the rank winner's trial id (None: no trial ranked).
+    final: Callable[[SweepTracker], str | None]
+
+
 def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
-                fingerprint: dict[str, Any], state: dict[str, Any] | None, concurrent: int,
-                stop_after: str | None, warm: WarmStart | None) -> None:
-    """search (the trials, each certified on validation), then final (the top_k on test);
-    the sweep's figures and summary once either ends."""
-    from cadis.sweeps.mlflow_writer import SweepTracker, store_given_up
+                fingerprint: dict[str, Any], state: SweepState | None, stop_after: str | None,
+                warm: WarmStart | None, work: StageWork) -> None:
+    """The stage machine: search (the trials, each certified on validation), then final (the
+    top_k on test); the sweep's figures and summary once either ends. Each stage is saved in
+    ``sweep.json`` before its work begins, so that a resumed sweep (``state``) skips the
+    stages it finished."""
+    from cadis.sweeps.mlflow_writer import SweepTracker
+    from cadis.sweeps.summary import sweep_summary
+    from cadis.tracking.client import tracking_given_up
 
     tracker = SweepTracker(uri, sweep, results, state)
     if state is None:
         shutil.copyfile(path, results / SWEEP_FILE_COPY)
         tracker.open_sweep(results / SWEEP_FILE_COPY, warm)
-        state = {"parent_run_id": tracker.parent_run_id, "experiment_id": tracker.experiment_id,
-                 "tracking_uri": uri, "sweep": fingerprint, "stage": STAGE_SEARCH,
-                 "stores": {}, "warm_start": None if warm is None else warm.record()}
-        _save_state(results, state)
+        state = SweepState(parent_run_id=tracker.parent_run_id,
+                           experiment_id=tracker.experiment_id, tracking_uri=uri,
+                           sweep=fingerprint, stage=STAGE_SEARCH, draw_stores={},
+                           warm_start=None if warm is None else warm.record())
+        state.write(results)
         resumed = False
     else:
         resumed = True
-        if state["stage"] == STAGE_DONE:
+        if state.stage == STAGE_DONE:
             print(tracker.comparison(), flush=True)
             return
         tracker.reopen_sweep()
@@ -206,16 +222,15 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
           f"{tracker.parent_run_id}", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if state["stage"] == STAGE_SEARCH:
+        if state.stage == STAGE_SEARCH:
             tracker.set_stage(STAGE_SEARCH)
-            if sweep.shares_draws and not state["stores"]:
-                state["stores"] = _build_stores(sweep)
-                _save_state(results, state)
-                tracker.log_stores(state["stores"])
-            _search(sweep, results, tracker, concurrent, resumed,
-                    {role: info["folder"] for role, info in state["stores"].items()}, warm)
-            state["stage"] = STAGE_RANKED
-            _save_state(results, state)
+            if sweep.shares_draws and not state.draw_stores:
+                state = dataclasses.replace(state, draw_stores=work.build_stores())
+                state.write(results)
+                tracker.log_stores(state.draw_stores)
+            work.search(tracker, state.store_folders(), resumed)
+            state = dataclasses.replace(state, stage=STAGE_RANKED)
+            state.write(results)
         if stop_after == "rank":
             tracker.set_stage(STAGE_RANKED)
             _figures(tracker)
@@ -224,10 +239,10 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
             print(f"rank stage done: certify the top {sweep.top_k} on the test set with "
                   f"cadis sweep ... --resume (results in {results})", flush=True)
             return
-        state["stage"] = STAGE_FINAL
-        _save_state(results, state)
+        state = dataclasses.replace(state, stage=STAGE_FINAL)
+        state.write(results)
         tracker.set_stage(STAGE_FINAL)
-        best = _final_stage(sweep, results, tracker)
+        best = work.final(tracker)
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             tracker.close_sweep(finished=False)
@@ -236,19 +251,19 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
     except BaseException as error:
         # A store given up on would be waited for again, to no end: its runs stay RUNNING
         # until --resume reopens them.
-        if store_given_up(error) is None:
+        if tracking_given_up(error) is None:
             with contextlib.suppress(Exception):
                 tracker.close_sweep(finished=False, failed=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    state["stage"] = STAGE_DONE
-    _save_state(results, state)
+    state = dataclasses.replace(state, stage=STAGE_DONE)
+    state.write(results)
     tracker.set_stage(STAGE_DONE)
     figures = _figures(tracker)
     tracker.close_sweep(finished=True, best_trial=best)
     print(tracker.comparison(), flush=True)
-    print(tracker.summary(best, figures), flush=True)
+    print(sweep_summary(tracker, best, figures), flush=True)
 
 
 def _figures(tracker: SweepTracker) -> Path | None:
@@ -262,10 +277,6 @@ def _figures(tracker: SweepTracker) -> Path | None:
               f"cadis compare --sweep {tracker.parent_run_id} --figures DIR", file=sys.stderr,
               flush=True)
         return None
-
-
-def _save_state(results: Path, state: Mapping[str, Any]) -> None:
-    atomic_write_text(results / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
 def _build_stores(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
@@ -295,15 +306,6 @@ def _build_stores(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
     return stores
 
 
-def store_build_cpus(largest_node: float, free: float, per_worker: float) -> float:
-    """The CPUs the store-building task asks for (torch runs as many threads): this sweep's
-    trials wait for the stores, so it takes what the largest node has, at most
-    STORE_BUILD_MAX_CPUS, but never more than is free now, lest it wait for another sweep on
-    the cluster to finish (seen: one sharing its stores asked for the whole node while the
-    first's final stage held part of it); at least one worker's share."""
-    return max(per_worker, min(largest_node, STORE_BUILD_MAX_CPUS, math.floor(free)))
-
-
 def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> str | None:
     """Certify the top_k trials by the rank stage on the test set (only those without test
     figures yet: a resumed final stage certifies only what is missing, and each
@@ -324,10 +326,10 @@ def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> st
     # Each finalist in as many shards as a trial has workers; all finalists at once.
     shards = {}
     for trial_id in pending:
-        trained = json.loads(trained_file(results, trial_id).read_text())
+        trained = TrainedTrial.read(trained_file(results, trial_id))
         out = trial_certify_dir(results, trial_id)
-        discard_other_certification(out, trained["checkpoint"])
-        shards[trial_id] = submit_shards(task, (trained["config"], trained["checkpoint"]), out,
+        discard_other_certification(out, trained.checkpoint)
+        shards[trial_id] = submit_shards(task, (trained.config, trained.checkpoint), out,
                                          resources.workers_per_trial)
     while shards:
         ready, _ = ray.wait([future for futures in shards.values() for future in futures],
@@ -339,65 +341,6 @@ def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> st
         tracker.log_final(trial_id, figures_of(summary), out)
         print(f"final stage: {trial_id} certified on the test set", flush=True)
     return finalists[0] if finalists else None
-
-
-def _fingerprint(sweep: SweepConfig) -> dict[str, Any]:
-    """The resolved sweep as plain data: a resumed sweep must be the same sweep."""
-    data = dataclasses.asdict(sweep)
-    data["base"] = sweep.base.to_dict()
-    return json.loads(json.dumps(data, default=str))
-
-
-def _check_results_dir(results: Path, fingerprint: dict[str, Any], resume: bool
-                       ) -> dict[str, Any] | None:
-    """The saved state of the sweep being resumed (None for a new sweep), after checking that
-    ``results`` holds no other sweep (a new one) or this very sweep (a resumed one)."""
-    state_path = results / STATE_FILE
-    if not resume:
-        if state_path.exists() or (results / TUNE_NAME).exists():
-            raise CadisError(f"{results} already holds a sweep: pass --resume to continue it, "
-                             f"or set results_dir (or remove the folder) to start anew")
-        return None
-    if not state_path.exists():
-        raise CadisError(f"nothing to resume: {state_path} does not exist")
-    state = json.loads(state_path.read_text())
-    changed = resume_differences(state["sweep"], fingerprint, _setting_defaults())
-    if changed:
-        raise CadisError(f"the sweep differs from the one in {results} (in {', '.join(changed)}): "
-                         f"resume it with the same file and --set values")
-    state["sweep"] = fingerprint  # what a setting added since reads as, from now on
-    return state
-
-
-def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any],
-                       defaults: Mapping[str, Any]) -> list[str]:
-    """The settings (dotted paths to the leaves) in which the sweep ``now`` differs from the
-    ``saved`` one it would resume. A setting ``saved`` lacks was added to cadis after the sweep
-    began; it ran as that setting's default, so it differs only if ``now`` holds another value
-    (``defaults``: the same nesting, where a default is known)."""
-    known = defaults if isinstance(defaults, Mapping) else {}
-    changed = []
-    for key in sorted(set(saved) | set(now)):
-        if key not in saved:
-            if key not in known or known[key] != now[key]:
-                changed.append(key)
-        elif key not in now:
-            changed.append(key)
-        elif isinstance(saved[key], Mapping) and isinstance(now[key], Mapping):
-            changed += [f"{key}.{leaf}" for leaf in
-                        resume_differences(saved[key], now[key], known.get(key, {}))]
-        elif saved[key] != now[key]:
-            changed.append(key)
-    return changed
-
-
-def _setting_defaults() -> dict[str, Any]:
-    """The defaults of the settings with one of their own, nested as a fingerprint is."""
-    base = TrainConfig().to_dict()
-    return json.loads(json.dumps({"base": base, "certify": base["certify"],
-                                  "rank": dataclasses.asdict(RankSettings()),
-                                  "resources": dataclasses.asdict(ResourceSettings())},
-                                 default=str))
 
 
 def _preflight_trials(sweep: SweepConfig) -> None:
@@ -413,41 +356,13 @@ def _preflight_trials(sweep: SweepConfig) -> None:
             preflight(config)
 
 
-def _concurrent_trials(sweep: SweepConfig, cluster: Mapping[str, float],
-                       nodes: Sequence[Mapping[str, float]]) -> int:
-    """``max_concurrent_trials``, lowered to what the cluster holds at once (trials that wait
-    for each other's Train workers starve); an error when not even one trial fits, or when
-    no single node holds one worker (its resources cannot be split over nodes)."""
-    resources = sweep.resources
-    if not any(node.get("CPU", 0.0) >= resources.cpus_per_worker - 1e-9
-               and node.get("GPU", 0.0) >= resources.gpus_per_worker - 1e-9 for node in nodes):
-        largest = max(nodes, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)),
-                      default={})
-        raise CadisError(f"one worker needs {resources.cpus_per_worker:g} CPU and "
-                         f"{resources.gpus_per_worker:g} GPU on one node; the largest node has "
-                         f"{largest.get('CPU', 0.0):g} CPU and {largest.get('GPU', 0.0):g} GPU")
-    need = required_per_trial(sweep)
-    have = {key: float(cluster.get(key, 0.0)) for key in need}
-    short = [f"{need[key]:g} {key} (the cluster has {have[key]:g})"
-             for key in need if need[key] > have[key] + 1e-9]
-    if short:
-        raise CadisError(f"one trial needs {' and '.join(short)}: lower resources.* or add "
-                         f"nodes")
-    fits = min(math.floor(have[key] / need[key] + 1e-9) for key in need if need[key] > 0)
-    if fits < sweep.max_concurrent_trials:
-        print(f"max_concurrent_trials {sweep.max_concurrent_trials} lowered to {fits}: the "
-              f"cluster holds {fits} trial(s) of {need['CPU']:g} CPU, {need['GPU']:g} GPU",
-              file=sys.stderr, flush=True)
-    return min(fits, sweep.max_concurrent_trials)
-
-
-def _search(sweep: SweepConfig, results: Path, tracker: SweepTracker, concurrent: int,
-            resume: bool, stores: Mapping[str, str], warm: WarmStart | None) -> None:
+def _search(sweep: SweepConfig, results: Path, concurrent: int, warm: WarmStart | None,
+            tracker: SweepTracker, stores: Mapping[str, str], resume: bool) -> None:
     """Ray Tune over the trials: each trains and is certified on validation; raises
     :class:`CadisError` (resumable) if the search did not run every trial to its end."""
     from ray import tune
 
-    from cadis.sweeps.mlflow_writer import MlflowTrialCallback
+    from cadis.sweeps.trial_callback import MlflowTrialCallback
     from cadis.sweeps.searcher import build_scheduler, build_searcher, tune_search_space
     from cadis.sweeps.trial import run_trial
 

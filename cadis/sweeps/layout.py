@@ -1,7 +1,9 @@
 """The layout of a sweep's ``results_dir``, shared by the driver, the trials and the MLflow
-writer::
+writer, and typed readers of the two records the sweep keeps there (:class:`SweepState`,
+:class:`TrainedTrial`)::
 
-    sweep.json        the parent run, the store and the resolved sweep (what --resume checks)
+    sweep.json        the parent run, the tracking URI, the stage, the stored draws and the
+                      resolved sweep (what --resume checks)
     sweep.yaml        the sweep file as given
     optuna.db         Optuna's study (optuna-dashboard sqlite:///.../optuna.db)
     tune/             Tune's experiment (Tuner.restore reads it)
@@ -17,11 +19,14 @@ writer::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Mapping
 
 from cadis.errors import CadisError
+from cadis.files import atomic_write_text
 
 STATE_FILE: Final = "sweep.json"
 SWEEP_FILE_COPY: Final = "sweep.yaml"
@@ -70,3 +75,100 @@ def trained_file(results: str | Path, trial_id: str) -> Path:
 def trial_failure_file(results: str | Path, trial_id: str) -> Path:
     """Where a trial that failed deterministically keeps its reason, for its retries."""
     return trial_folder(results, trial_id) / FAILURE_FILE
+
+
+def _read_json_object(path: Path, keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` holding ``keys``; a one-line :class:`CadisError` when the
+    file is missing, not JSON, or not such an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CadisError(f"{path} does not exist: no {what} there") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CadisError(f"{path} is not a readable {what} ({type(error).__name__}: "
+                         f"{error})") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise CadisError(f"{path} is not a {what} (it lacks {', '.join(missing)})")
+    return data
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# What sweep.json names each field of SweepState, in the order it is written: the names of
+# sweeps already on disk, which --resume reads.
+STATE_KEYS: Final = {"parent_run_id": "parent_run_id", "experiment_id": "experiment_id",
+                     "tracking_uri": "tracking_uri", "sweep": "sweep", "stage": "stage",
+                     "draw_stores": "stores", "warm_start": "warm_start"}
+# The keys every sweep.json has had since the draws were stored (warm_start came later).
+STATE_REQUIRED_KEYS: Final = ("parent_run_id", "experiment_id", "tracking_uri", "sweep",
+                              "stage", "stores")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepState:
+    """``sweep.json``: where a sweep stands, written at each stage so that ``--resume``
+    continues from it. The stage machine replaces it (:func:`dataclasses.replace`) and writes
+    it again; the file's keys are those of sweeps already on disk."""
+
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    # The resolved sweep as plain data (:func:`cadis.sweeps.resume.sweep_fingerprint`).
+    sweep: dict[str, Any]
+    stage: str
+    # The sweep's stored draws by role (their folder and what building them cost); on disk
+    # under "stores".
+    draw_stores: dict[str, dict[str, Any]]
+    # Where a warm-started search began (``WarmStart.record``); None for a cold start.
+    warm_start: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, results: str | Path) -> SweepState:
+        """The state in ``results/sweep.json``; :class:`CadisError` when it is missing or
+        broken."""
+        data = _read_json_object(Path(results) / STATE_FILE, STATE_REQUIRED_KEYS,
+                                 "sweep's state")
+        return cls(**{field: data[key] for field, key in STATE_KEYS.items() if key in data})
+
+    def write(self, results: str | Path) -> None:
+        """Write ``results/sweep.json`` whole (a reader never sees half of it)."""
+        _write_json(Path(results) / STATE_FILE,
+                    {key: getattr(self, field) for field, key in STATE_KEYS.items()})
+
+    def store_folders(self) -> dict[str, str]:
+        """The folder of each stored draws' role (what a trial is given)."""
+        return {role: info["folder"] for role, info in self.draw_stores.items()}
+
+
+def sweep_origin(results: str | Path) -> tuple[str, str]:
+    """The parent run id and tracking URI that ``results/sweep.json`` names: all that a warm
+    start needs of an earlier sweep (:class:`CadisError` when the file lacks them)."""
+    data = _read_json_object(Path(results) / STATE_FILE, ("parent_run_id", "tracking_uri"),
+                             "sweep's state")
+    return data["parent_run_id"], data["tracking_uri"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedTrial:
+    """``trials/<trial>/trained.json``: a trained trial's last checkpoint and the config it
+    was trained with (:meth:`cadis.finetuning.config.TrainConfig.to_dict`): what the final
+    stage certifies."""
+
+    checkpoint: str
+    config: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainedTrial:
+        """The trained trial in ``path`` (:func:`trained_file`); :class:`CadisError` when it
+        is missing or broken."""
+        data = _read_json_object(Path(path), ("checkpoint", "config"), "trained trial")
+        return cls(data["checkpoint"], data["config"])
+
+    def write(self, path: str | Path) -> None:
+        """Write ``path`` whole, making its trial's folder."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"checkpoint": self.checkpoint, "config": self.config})

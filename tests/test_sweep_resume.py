@@ -1,0 +1,35 @@
+"""Whether a results folder may hold a sweep, without a cluster: a resumed sweep differs
+from the saved one only in what it would run differently (:mod:`cadis.sweeps.resume`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cadis.sweeps.resume import resume_differences, setting_defaults
+
+DEFAULTS = {"base": {"lr": 1e-3, "certify": {"draws_dir": None}}, "certify": {"draws_dir": None}}
+SAVED = {"name": "s", "base": {"lr": 1e-3, "certify": {"n": 100}}, "certify": {"n": 100}}
+
+
+@pytest.mark.parametrize("now,changed", [
+    (SAVED, []),
+    # A setting added to cadis since the sweep began, at its default: the sweep ran as that.
+    ({**SAVED, "base": {**SAVED["base"], "certify": {"n": 100, "draws_dir": None}},
+      "certify": {"n": 100, "draws_dir": None}}, []),
+    # ... at another value, or one whose default is unknown: another sweep.
+    ({**SAVED, "certify": {"n": 100, "draws_dir": "/d"}}, ["certify.draws_dir"]),
+    ({**SAVED, "draws_dir": "/d"}, ["draws_dir"]),
+    ({**SAVED, "base": {"lr": 2e-3, "certify": {"n": 100}}}, ["base.lr"]),
+    ({"name": "s", "base": SAVED["base"]}, ["certify"]),
+], ids=["same", "new-key-at-default", "new-key-set", "new-key-no-default", "changed-leaf",
+        "removed-key"])
+def test_a_resumed_sweep_differs_only_in_what_it_would_run_differently(now, changed):
+    assert resume_differences(SAVED, now, DEFAULTS) == changed
+
+
+def test_the_known_defaults_are_those_of_the_settings_classes():
+    from cadis.finetuning.config import TrainConfig
+
+    defaults = setting_defaults()
+    assert defaults["base"]["lr"] == TrainConfig().lr
+    assert defaults["certify"]["draws_dir"] is None and defaults["rank"]["sequential"] is False
