@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from cadis.errors import CadisError
-from cadis.finetuning.hallucination import ARGMAX_RULE, validate_confidence_threshold
+from cadis.finetuning.hallucination import (
+    ARGMAX_RULE,
+    NAMED_RULES,
+    NO_SELECTION,
+    validate_confidence_threshold,
+)
 from cadis.finetuning.losses import (
     FTCadisLossConfig,
     ft_cadis_loss,
@@ -48,6 +53,15 @@ def mask_example() -> tuple[torch.Tensor, torch.Tensor]:
     return logits, torch.tensor([0, 2])
 
 
+# Each named rule's mask on mask_example(). A rule added to NAMED_RULES is run by every test
+# parametrised over the table and fails test_every_named_rule_has_its_expected_mask until its
+# mask is written here.
+NAMED_RULE_MASKS = {
+    ARGMAX_RULE: [[Y, N, Y], [Y, N, Y]],
+    NO_SELECTION: [[Y, Y, Y], [Y, Y, Y]],
+}
+
+
 @pytest.mark.parametrize(
     ("threshold", "expected"),
     [
@@ -55,7 +69,7 @@ def mask_example() -> tuple[torch.Tensor, torch.Tensor]:
         (0.3, [[Y, N, Y], [Y, Y, Y]]),
         (0.9, [[N, N, Y], [N, N, Y]]),
         (1.0, [[N, N, N], [N, N, Y]]),
-        (ARGMAX_RULE, [[Y, N, Y], [Y, N, Y]]),
+        *((name, NAMED_RULE_MASKS.get(name)) for name in NAMED_RULES),
     ],
 )
 def test_mask_at_thresholds(threshold, expected) -> None:
@@ -65,10 +79,30 @@ def test_mask_at_thresholds(threshold, expected) -> None:
     assert mask.tolist() == expected
 
 
-def test_mask_carries_no_gradient() -> None:
+@pytest.mark.parametrize("name", list(NAMED_RULES))
+def test_every_named_rule_has_its_expected_mask(name: str) -> None:
+    assert name in NAMED_RULE_MASKS, f"write rule {name!r}'s mask on mask_example()"
+
+
+@pytest.mark.parametrize("name", list(NAMED_RULES))
+def test_a_named_rule_is_its_table_entry_applied(name: str) -> None:
+    logits, labels = mask_example()
+    mask = non_hallucinated_mask(logits, labels, name)
+    assert mask.shape == logits.shape[:2] and mask.dtype == torch.bool
+    assert torch.equal(mask, NAMED_RULES[name](logits, labels))
+
+
+def test_no_selection_trusts_every_draw_as_tau_zero_does() -> None:
+    logits, labels = mask_example()
+    assert torch.equal(non_hallucinated_mask(logits, labels, NO_SELECTION),
+                       non_hallucinated_mask(logits, labels, 0.0))
+
+
+@pytest.mark.parametrize("threshold", [0.3, *NAMED_RULES])
+def test_mask_carries_no_gradient(threshold) -> None:
     logits, labels = mask_example()
     logits.requires_grad_(True)
-    assert not non_hallucinated_mask(logits, labels, 0.3).requires_grad
+    assert not non_hallucinated_mask(logits, labels, threshold).requires_grad
 
 
 def per_draw_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -209,7 +243,7 @@ def test_kl_term_stays_finite_when_the_soft_target_underflows() -> None:
     assert torch.isfinite(clean.grad).all() and torch.isfinite(adversarial.grad).all()
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.3, ARGMAX_RULE])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, *NAMED_RULES])
 def test_zero_lambda_reduces_to_selective_ce_without_adv_logits(threshold) -> None:
     logits, labels = mask_example()
     config = FTCadisLossConfig(adv_weight=0.0, confidence_threshold=threshold)
@@ -268,7 +302,8 @@ def test_nonzero_lambda_requires_adv_logits() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [(0, 0.0), (1, 1.0), (0.25, 0.25), (ARGMAX_RULE, ARGMAX_RULE)]
+    ("value", "expected"),
+    [(0, 0.0), (1, 1.0), (0.25, 0.25), *((name, name) for name in NAMED_RULES)],
 )
 def test_valid_confidence_thresholds_are_normalised(value, expected) -> None:
     normalised = validate_confidence_threshold(value)
