@@ -12,17 +12,17 @@ import pytest
 
 from cadis.cli import main
 from cadis.tracking import contract as tracking
+from cadis.tracking.server import TRACKING_URI_ENV
 from cadis.tracking.compare import (
-    TrialRow,
     ablation_series,
-    format_comparison,
-    load_trials,
+    format_trial_table,
     plot_ablation,
     plot_curves,
     reachable_points,
     run_compare,
     value_key,
 )
+from cadis.tracking.sweep_reader import TrialRow, load_trials
 from cadis.errors import CadisError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -135,7 +135,7 @@ def test_markdown_table_by_param_has_known_values_in_order(store, capsys):
 
 def test_table_without_by_keeps_the_order_trials_started(client, store):
     rows = load_trials(client, sweep_run_id=store[1]["a"])
-    _header, *table = markdown_rows(format_comparison(rows))
+    _header, *table = markdown_rows(format_trial_table(rows))
     assert [row[0] for row in table] == ORDER_STARTED
 
 
@@ -180,7 +180,7 @@ def test_experiment_has_the_trials_of_every_sweep(client):
 
 def test_by_may_name_a_param_that_was_not_searched(client, store):
     rows = load_trials(client, sweep_run_id=store[1]["a"])
-    header, *table = markdown_rows(format_comparison(rows, by="lr"))
+    header, *table = markdown_rows(format_trial_table(rows, by="lr"))
     assert header[:4] == ["trial", "outcome", "lr", BY]
     assert [row[0] for row in table] == ORDER_STARTED
 
@@ -207,7 +207,7 @@ def test_variant_values_are_categories_and_repeats_are_averaged():
             _row("lora4_b", 4, (0.8, 0.6, 0.2), variant="finetune=lora,lora_rank=4"),
             _row("pending", 5, None, variant="finetune=full")]
     # Text values come in the order the sweep first ran them (a grid's order), not by name.
-    _header, *table = markdown_rows(format_comparison(rows, by="variant"))
+    _header, *table = markdown_rows(format_trial_table(rows, by="variant"))
     assert [row[0] for row in table] == ["lora8", "full", "pending", "lora4_a", "lora4_b"]
     values, series = ablation_series(rows, "variant")
     assert values == ["finetune=lora,lora_rank=8", "finetune=full",
@@ -220,7 +220,7 @@ def test_variant_values_are_categories_and_repeats_are_averaged():
 def test_a_radius_only_some_trials_have_is_missing_elsewhere():
     rows = [_row("a", 1, (0.5, 0.4, 0.3), x="1"),
             TrialRow("b", "completed", {"x": "2"}, {"certified_accuracy_r1.0": 0.2}, ("x",))]
-    header, *table = markdown_rows(format_comparison(rows, by="x"))
+    header, *table = markdown_rows(format_trial_table(rows, by="x"))
     assert header[3:] == ["r=0.0", "r=0.25", "r=0.5", "r=1.0"]
     assert table[0][3:] == ["0.500", "0.400", "0.300", "-"]
     assert table[1][3:] == ["-", "-", "-", "0.200"]
@@ -293,7 +293,7 @@ def test_missing_store_is_an_error_and_is_not_created(tmp_path):
 
 
 def test_default_store_comes_from_the_environment(store, monkeypatch, capsys):
-    monkeypatch.setenv(tracking.TRACKING_URI_ENV, store[0])
+    monkeypatch.setenv(TRACKING_URI_ENV, store[0])
     run_compare(compare_args(None, experiment=EXPERIMENT))
     assert "trial_9" in capsys.readouterr().out
 
@@ -327,6 +327,6 @@ def test_cli_missing_store_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("fmt,shown", [("markdown", "0.3242"), ("csv", "0.3242492436303472")])
 def test_sampled_floats_read_short_in_markdown_only(fmt, shown):
     rows = [_row("a", 1, (0.5, 0.4, 0.3), epsilon="0.3242492436303472", tau="0.5")]
-    text = format_comparison(rows, fmt=fmt)
+    text = format_trial_table(rows, fmt=fmt)
     assert shown in text and ("0.3242492436303472" in text) == (fmt == "csv")
     assert "0.5" in text

@@ -8,14 +8,8 @@ import pytest
 
 from cadis.cli import main
 from cadis.smoothing.bounds import max_certifiable_radius
-from cadis.sweeps.figures import (
-    curve_points,
-    load_sweep_view,
-    rebuild_study,
-    sweep_figures,
-    trial_label,
-    write_sweep_figures,
-)
+from cadis.sweeps.figure_data import curve_points, load_sweep_view, rebuild_study, trial_label
+from cadis.sweeps.figures import sweep_figures, write_sweep_figures
 from cadis.sweeps.parse import sweep_from_mapping
 from cadis.tracking import contract as tracking
 

@@ -22,6 +22,7 @@ LAYERS = (
     ("tracking contract", ("cadis.tracking.contract",)),
     ("data and models", ("cadis.data", "cadis.models")),
     ("smoothing", ("cadis.smoothing",)),
+    ("stored draws", ("cadis.draws",)),
     ("fine-tuning", ("cadis.finetuning",)),
     ("named models and pretraining", ("cadis.certify_models", "cadis.pretrain")),
     ("tracking", ("cadis.tracking",)),
@@ -32,7 +33,7 @@ LAYERS = (
 #: Orchestration libraries and the only modules that may import them (anywhere in the file).
 ORCHESTRATION = {
     "ray": ("cadis.finetuning.ray_train", "cadis.sweeps"),
-    "mlflow": ("cadis.tracking.compare", "cadis.sweeps"),
+    "mlflow": ("cadis.tracking.client", "cadis.tracking.sweep_reader", "cadis.sweeps"),
     "optuna": ("cadis.sweeps",),
 }
 
@@ -40,7 +41,11 @@ ORCHESTRATION = {
 NOT_LOADED = {
     "torch": ("cadis.smoothing.bounds", "cadis.smoothing.records", "cadis.smoothing.paired",
               "cadis.tracking.contract", "cadis.tracking.compare", "cadis.files",
-              "cadis.validation", "cadis.progress", "cadis.sweeps.objective"),
+              "cadis.validation", "cadis.progress", "cadis.sweeps.objective",
+              # `cadis compare` and its figures: the reader, the ranking, what to draw.
+              "cadis.tracking.server", "cadis.tracking.client", "cadis.tracking.sweep_reader",
+              "cadis.sweeps.ranking", "cadis.sweeps.distribution_text",
+              "cadis.sweeps.figure_data", "cadis.sweeps.figures"),
     # What `cadis sweep --dry-run` loads before it stops.
     "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.parse", "cadis.sweeps.describe"),
 }
@@ -233,6 +238,18 @@ BROKEN = {
          "tracking/compare.py": "from cadis.smoothing.smooth import Smooth\n",
          "smoothing/__init__.py": "", "smoothing/smooth.py": "import torch\n"},
         lambda package: ["torch"] if loads(package, "cadis.tracking.compare", "torch") else []),
+    # How compare's figures once loaded torch: the ranking's objective sat beside the
+    # fine-tuning configuration.
+    "torch through the ranking": (
+        {"__init__.py": "", "sweeps/__init__.py": "", "finetuning/__init__.py": "",
+         "sweeps/figure_data.py": "from cadis.sweeps.ranking import rank_trials\n",
+         "sweeps/ranking.py": "from cadis.sweeps.spec import Objective\n",
+         "sweeps/spec.py": "from cadis.finetuning.config import TrainConfig\n",
+         "finetuning/config.py": "import torch\n"},
+        lambda package: ["torch"] if loads(package, "cadis.sweeps.figure_data", "torch") else []),
+    "mlflow in the names": ({"__init__.py": "", "tracking/__init__.py": "",
+                             "tracking/contract.py": "def f():\n    import mlflow\n"},
+                            lambda package: misplaced_orchestration(package)),
     "cycle": ({"__init__.py": "", "finetuning/__init__.py": "",
                "finetuning/loop.py": "from cadis.finetuning import fit\n",
                "finetuning/fit.py": "def f():\n    from cadis.finetuning import loop\n"},

@@ -13,7 +13,7 @@ import pytest
 from cadis.cli import main
 from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.layout import TUNE_NAME, trial_failure_file
-from cadis.sweeps.mlflow_writer import MAX_REASON_CHARS, NO_ERROR_TEXT, failure_reason
+from cadis.sweeps.trial_callback import MAX_REASON_CHARS, NO_ERROR_TEXT, failure_reason
 from tests.test_sweep import by_role, kill_driver_when, mlflow_runs, tiny_sweep, write
 
 # Tune's error text of a trial whose Train worker raised, as Ray 2.60 writes it (two attempts,

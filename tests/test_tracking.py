@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cadis.errors import CadisError
-from cadis.tracking.contract import (
-    artifact_location,
-    certified_accuracy_metric,
-    check_tracking_uri,
-    default_tracking_uri,
-    flatten_params,
-    radius_of_metric,
-)
+from cadis.tracking.contract import certified_accuracy_metric, flatten_params, radius_of_metric
+from cadis.tracking.server import artifact_location, check_tracking_uri, default_tracking_uri
 
 
 @pytest.mark.parametrize("radius,name", [(0, "certified_accuracy_r0.0"),

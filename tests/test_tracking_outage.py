@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from cadis.cli import main
-from cadis.sweeps.mlflow_writer import (
+from cadis.tracking.client import (
     MLFLOW_RETRIES_ENV,
     PatientClient,
-    TrackingStoreUnreachable,
+    TrackingServerUnreachable,
 )
 from tests.conftest import own_group
 from tests.test_cluster import _free_ports
@@ -112,13 +112,13 @@ def test_a_store_that_stays_down_past_the_bound_raises_and_a_write_waits_out_a_r
     # Down past the bound: the call raises, and every later call of that client at once.
     short = PatientClient(server.uri, retry_s=3)
     started = time.monotonic()
-    with pytest.raises(TrackingStoreUnreachable,
+    with pytest.raises(TrackingServerUnreachable,
                        match=f"the MLflow tracking store {server.uri} is unreachable "
                              r"\(Connection (refused|reset by peer); retried for [3-9] s"):
         short.get_run(run_id)
     assert 3 <= time.monotonic() - started < 10
     started = time.monotonic()
-    with pytest.raises(TrackingStoreUnreachable):
+    with pytest.raises(TrackingServerUnreachable):
         short.log_metric(run_id, "m", 3.0, step=3)
     assert time.monotonic() - started < 0.5
     capsys.readouterr()

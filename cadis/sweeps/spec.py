@@ -24,7 +24,7 @@ from typing import Any, Literal
 from cadis.finetuning.config import CertifyConfig, TrainConfig
 from cadis.sweeps.distribution_text import describe_distribution
 from cadis.sweeps.objective import Objective
-from cadis.tracking.contract import default_tracking_uri
+from cadis.tracking.server import default_tracking_uri
 
 DistributionKind = Literal["uniform", "loguniform", "int", "choice", "grid"]
 DISTRIBUTIONS: tuple[DistributionKind, ...] = ("uniform", "loguniform", "int", "choice", "grid")

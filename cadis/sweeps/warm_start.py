@@ -7,7 +7,7 @@ distribution of that key (a range's bounds, a choice's options); it must have me
 sweep's objectives on validation. Its ranked trials then enter Optuna's study as finished
 trials before the first new one is proposed: TPE models them as if this sweep had run them,
 and they are not run again. Anything else is refused before any work, naming the keys or
-values that differ.
+values that differ. The earlier sweep is read by :mod:`cadis.tracking.sweep_reader`.
 
 What is reused is a *search* prior, never a result: the new sweep's trials are ranked on its
 own validation figures and only its own finalists are certified on test. MLflow is imported
@@ -16,16 +16,15 @@ when a warm start is loaded; Ray never (a dry run checks a warm start too).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cadis.errors import CadisError, first_line
-from cadis.sweeps.layout import STATE_FILE
+from cadis.errors import CadisError
+from cadis.sweeps.layout import STATE_FILE, sweep_origin
 from cadis.sweeps.spec import SEARCHER_OPTUNA, Distribution, SweepConfig
-from cadis.tracking.contract import ROLE_SWEEP, ROLE_TAG, SEARCHED_TAG, trial_runs
+from cadis.tracking.sweep_reader import RunNotFound, read_sweep
 
 
 @dataclass(frozen=True)
@@ -53,39 +52,36 @@ class WarmStart:
 def load_warm_start(source: str, sweep: SweepConfig) -> WarmStart:
     """The warm start ``source`` names, checked against ``sweep``; :class:`CadisError` (one
     line) when it cannot be found or is not compatible."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if sweep.searcher != SEARCHER_OPTUNA:
         raise CadisError("--warm-start feeds Optuna's study, but this sweep has a grid (Tune's "
                          "grid search runs it)")
     parent_run_id, uri = _locate(source, sweep.tracking_uri())
-    client = MlflowClient(uri)
     try:
-        parent = client.get_run(parent_run_id)
-    except MlflowException as error:
+        earlier = read_sweep(MlflowClient(uri), parent_run_id)
+    except RunNotFound as error:
         raise CadisError(f"--warm-start {source}: no run {parent_run_id} in {uri} "
-                         f"({first_line(error)}); name a sweep's results folder or its parent "
+                         f"({error.reason}); name a sweep's results folder or its parent "
                          f"run id") from None
-    if parent.data.tags.get(ROLE_TAG) != ROLE_SWEEP:
-        raise CadisError(f"--warm-start {source}: run {parent_run_id} is not a sweep's run")
-    earlier = {key for key in parent.data.tags.get(SEARCHED_TAG, "").split(",") if key}
-    if earlier != set(sweep.search):
+    except CadisError as error:
+        raise CadisError(f"--warm-start {source}: {error}") from None
+    searched = set(earlier.searched)
+    if searched != set(sweep.search):
         raise CadisError(f"--warm-start {source}: the searched keys differ (only in the earlier "
-                         f"sweep: {_names(earlier - set(sweep.search))}; only in this one: "
-                         f"{_names(set(sweep.search) - earlier)}); warm start needs the same keys")
+                         f"sweep: {_names(searched - set(sweep.search))}; only in this one: "
+                         f"{_names(set(sweep.search) - searched)}); warm start needs the same keys")
     metrics = [objective.searched for objective in sweep.objective]
-    ranked = [run for run in trial_runs(client, parent.info.experiment_id, parent_run_id)
-              if all(metric in run.data.metrics for metric in metrics)]
+    ranked = [row for row in earlier.trials if all(metric in row.metrics for metric in metrics)]
     if not ranked:
         raise CadisError(f"--warm-start {source}: no trial of the earlier sweep has "
                          f"{' and '.join(metrics)} (its objective may differ from this one's)")
     outside: dict[str, list[str]] = {}
     points = []
-    for run in ranked:
+    for row in ranked:
         point = {}
         for key, distribution in sweep.search.items():
-            text = run.data.params.get(key)
+            text = row.params.get(key)
             value = None if text is None else typed_value(distribution, text)
             if value is None:
                 outside.setdefault(key, []).append(str(text))
@@ -96,8 +92,7 @@ def load_warm_start(source: str, sweep: SweepConfig) -> WarmStart:
                            f"{sweep.search[key].describe()}" for key, texts in outside.items())
         raise CadisError(f"--warm-start {source}: values outside this sweep's search space "
                          f"({detail}); widen the bounds or warm-start from a compatible sweep")
-    values = tuple(tuple(float(run.data.metrics[metric]) for metric in metrics)
-                   for run in ranked)
+    values = tuple(tuple(float(row.metrics[metric]) for metric in metrics) for row in ranked)
     return WarmStart(source, parent_run_id, uri, tuple(points), values)
 
 
@@ -110,8 +105,7 @@ def _locate(source: str, uri: str) -> tuple[str, str]:
         if not state_file.is_file():
             raise CadisError(f"--warm-start {source}: the folder holds no {STATE_FILE}; name a "
                              f"sweep's results folder or its parent run id")
-        state = json.loads(state_file.read_text())
-        return state["parent_run_id"], state["tracking_uri"]
+        return sweep_origin(folder)
     return source, uri
 
 

@@ -4,8 +4,8 @@ A table with one row per trial run (its outcome, searched params, certified accu
 radius, ACR, clean accuracy, ...) and, on request, a plot: with ``--by PARAM`` an ablation
 (certified accuracy over the param's values, one line per radius, repeats averaged), else
 certified accuracy over radius, one curve per trial. What a trial run holds is defined in
-:mod:`cadis.tracking.contract`; MLflow is imported only when a store is read (it takes
-seconds), and torch never.
+:mod:`cadis.tracking.contract`, and the runs are read by :mod:`cadis.tracking.sweep_reader`;
+MLflow is imported only when a tracking URI is read (it takes seconds), and torch never.
 """
 
 from __future__ import annotations
@@ -15,19 +15,22 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from cadis.errors import CadisError
 from cadis.files import atomic_write_bytes
-from cadis.smoothing.bounds import max_certifiable_radius
 from cadis.smoothing.records import CSV_DIGITS, MARKDOWN_DIGITS, TableFormat, render_table
 from cadis.tracking import contract as tracking
+from cadis.tracking.sweep_reader import (
+    RunNotFound,
+    TrialRow,
+    load_trials,
+    reading_client,
+    short_param,
+)
 
 MARKDOWN_MISSING: Final = "-"
-#: Significant digits of a long sampled float param in markdown (as logged in CSV).
-MAX_PARAM_DIGITS: Final = 4
 
 #: The rank stage's (validation) figures shown before the test set's, when any trial has them.
 VALIDATION_EXTRAS: Final = (tracking.validation_metric(tracking.ACR),)
@@ -36,121 +39,6 @@ EXTRA_METRICS: Final = (tracking.ACR, tracking.CLEAN_ACCURACY, tracking.HALLUCIN
                         tracking.TRAINABLE_FRACTION)
 #: Parameter values longer than this turn the plot's x labels sideways.
 LONG_LABEL: Final = 8
-
-
-# --------------------------------------------------------------------------- trials
-
-
-@dataclass(frozen=True)
-class TrialRow:
-    """One trial run as the comparison sees it: its name, how it ended, its params (MLflow
-    strings) and its latest metric values."""
-
-    name: str
-    outcome: str
-    params: Mapping[str, str]
-    metrics: Mapping[str, float]
-    searched: tuple[str, ...] = ()
-    run_id: str = ""
-    start_time: int = 0
-    accuracy: Mapping[float, float] = field(init=False, repr=False, compare=False)
-    """Test certified accuracy by radius (the final stage)."""
-    val_accuracy: Mapping[float, float] = field(init=False, repr=False, compare=False)
-    """Validation certified accuracy by radius (the rank stage)."""
-
-    def __post_init__(self) -> None:
-        by_radius: dict[str, dict[float, float]] = {"": {}, tracking.VALIDATION_PREFIX: {}}
-        for name, value in self.metrics.items():
-            for prefix, accuracy in by_radius.items():
-                radius = tracking.radius_of_metric(name[len(prefix):]) \
-                    if name.startswith(prefix) else None
-                if radius is not None:
-                    accuracy[radius] = float(value)
-        object.__setattr__(self, "accuracy", dict(sorted(by_radius[""].items())))
-        object.__setattr__(self, "val_accuracy", dict(sorted(
-            by_radius[tracking.VALIDATION_PREFIX].items())))
-
-    @property
-    def certified(self) -> bool:
-        """Whether the trial has final certified accuracy (it completed and was certified)."""
-        return bool(self.accuracy)
-
-    @property
-    def label(self) -> str:
-        """The trial's name with its searched values, sampled floats to
-        :data:`MAX_PARAM_DIGITS` digits: ``trial_0 (confidence_threshold=0.5, lambda=1.842)``."""
-        values = ", ".join(f"{key}={_param_cell(self.params[key], '', 'markdown')}"
-                           for key in self.searched if key in self.params)
-        return f"{self.name} ({values})" if values else self.name
-
-    @property
-    def reach(self) -> float:
-        """The largest radius the trial's test certification can certify (its params
-        ``sigma``, ``certify.n``, ``certify.alpha``: σ·Φ⁻¹(α^(1/n))); infinite when it does not
-        say."""
-        try:
-            return max_certifiable_radius(float(self.params["sigma"]),
-                                          int(self.params["certify.n"]),
-                                          float(self.params["certify.alpha"]))
-        except (KeyError, ValueError):
-            return math.inf
-
-
-def trial_row(run: Any) -> TrialRow:
-    """A :class:`TrialRow` of an MLflow run of a trial."""
-    tags = run.data.tags
-    searched = tuple(name.strip() for name in tags.get(tracking.SEARCHED_TAG, "").split(",")
-                     if name.strip())
-    name = run.info.run_name or tags.get(tracking.TRIAL_ID_TAG) or run.info.run_id
-    outcome = tags.get(tracking.OUTCOME_TAG) or str(run.info.status).lower()
-    return TrialRow(name=name, outcome=outcome, params=dict(run.data.params),
-                    metrics=dict(run.data.metrics), searched=searched,
-                    run_id=run.info.run_id, start_time=int(run.info.start_time or 0))
-
-
-def load_trials(client: Any, experiment: str | None = None,
-                sweep_run_id: str | None = None) -> list[TrialRow]:
-    """The trial runs of an experiment (by name) or of one sweep (its parent run's id), in
-    the order they started. Raises :class:`CadisError` for an unknown experiment or run and
-    when there are no trial runs."""
-    if (experiment is None) == (sweep_run_id is None):
-        raise CadisError("name either an experiment or a sweep's run id")
-    if experiment is not None:
-        experiment_id = _experiment_id(client, experiment)
-        runs = tracking.trial_runs(client, experiment_id)
-        where = f"experiment {experiment!r}"
-    else:
-        parent = _sweep_run(client, sweep_run_id)
-        runs = tracking.trial_runs(client, parent.info.experiment_id,
-                                   parent_run_id=sweep_run_id)
-        where = f"sweep run {sweep_run_id}"
-    if not runs:
-        raise CadisError(f"{where} has no trial runs")
-    rows = [trial_row(run) for run in runs]
-    return sorted(rows, key=lambda row: (row.start_time, row.name))
-
-
-def _experiment_id(client: Any, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is None or found.lifecycle_stage != "active":
-        names = sorted(experiment.name for experiment in client.search_experiments())
-        raise CadisError(f"no MLflow experiment named {name!r}; existing: "
-                         f"{', '.join(names) or 'none'}")
-    return found.experiment_id
-
-
-def _sweep_run(client: Any, run_id: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise CadisError(f"no MLflow run with id {run_id!r}; pass a sweep's parent run id "
-                         f"(the MLflow UI shows it) or use --experiment") from None
-    if run.data.tags.get(tracking.ROLE_TAG) == tracking.ROLE_TRIAL:
-        parent = run.data.tags.get(tracking.PARENT_RUN_TAG, "?")
-        raise CadisError(f"run {run_id} is a trial, not a sweep; its sweep's run id is {parent}")
-    return run
 
 
 # --------------------------------------------------------------------------- ordering
@@ -222,7 +110,7 @@ def radius_label(radius: float) -> str:
 # --------------------------------------------------------------------------- table
 
 
-def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
+def format_trial_table(rows: Sequence[TrialRow], by: str | None = None,
                       fmt: TableFormat = "markdown") -> str:
     """The table: one row per trial (ordered as :func:`sort_rows`), columns trial, outcome,
     the searched params (and ``by``), the validation figures (``val r=<radius>`` per radius,
@@ -259,16 +147,11 @@ def format_comparison(rows: Sequence[TrialRow], by: str | None = None,
 
 
 def _param_cell(value: str | None, missing: str, fmt: TableFormat) -> str:
-    """A param as logged, except that a sampled float reads as 4 significant digits in
-    markdown (0.3242 for 0.3242492436303472); a CSV keeps the logged text."""
+    """A param as logged, except that a sampled float reads short in markdown
+    (:func:`~cadis.tracking.sweep_reader.short_param`); a CSV keeps the logged text."""
     if value is None:
         return missing
-    if fmt == "markdown" and "." in value and len(value) > MAX_PARAM_DIGITS + 2:
-        try:
-            return f"{float(value):.{MAX_PARAM_DIGITS}g}"
-        except ValueError:
-            pass
-    return value
+    return short_param(value) if fmt == "markdown" else value
 
 
 # --------------------------------------------------------------------------- plots
@@ -399,31 +282,17 @@ def _save(figure: Any, axes: Any, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- command
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri``, else :func:`cadis.tracking.contract.default_tracking_uri`; raises :class:`CadisError`
-    for a SQLite store that does not exist (reading must not create one) or an unreachable
-    server."""
-    uri = uri or tracking.default_tracking_uri()
-    if uri.startswith(tracking.SQLITE_SCHEME):
-        store = Path(uri[len(tracking.SQLITE_SCHEME):])
-        if not store.is_file():
-            raise CadisError(f"no MLflow store at {store}; run a sweep first or pass "
-                             f"--tracking-uri")
-    else:
-        tracking.check_tracking_uri(uri)
-    return uri
-
-
 def run_compare(args: Any) -> None:
     """The ``compare`` command: print the table to stdout, write the plot if asked."""
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    client = MlflowClient(uri)
-    rows = load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
+    client = reading_client(args.tracking_uri)
+    try:
+        rows = load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
+    except RunNotFound as error:
+        raise CadisError(f"{error}; pass a sweep's parent run id (the MLflow UI shows it) or "
+                         f"use --experiment") from None
     if args.by is not None:
         check_by(rows, args.by)
-    sys.stdout.write(format_comparison(rows, by=args.by, fmt=args.format))
+    sys.stdout.write(format_trial_table(rows, by=args.by, fmt=args.format))
     if args.plot:
         _, left_out = plottable(rows, args.by)
         if left_out:

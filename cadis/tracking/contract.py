@@ -3,8 +3,8 @@
 The names here are the contract between what writes runs (the fine-tuning loop names the
 per-epoch proxy metrics, the sweep's MLflow writer everything else) and ``cadis compare``
 (which reads): tags that say what a run is, the metric names of the per-epoch proxy and of
-the final certification, and the artifacts each trial leaves. It imports neither MLflow nor
-torch at module level, so the lowest layers may use its names.
+the final certification, and the artifacts each trial leaves. It imports nothing of cadis,
+neither MLflow nor torch, so the lowest layers may use its names.
 
 A child run holds: every key of the trial's training configuration as a param (``certify.n``
 and so on flattened with dots; a searched ``variant`` also as one param), the per-epoch
@@ -15,20 +15,16 @@ spent), the last epoch's
 ``hallucination_rate`` and ``trainable_fraction``, and the artifacts ``records.tsv``,
 ``summary.json`` and ``certified_accuracy.png``; a trial that failed, why (the tag
 ``cadis.failure`` and the artifact ``error.txt``).
+
+Only names live here, on the ground floor: where the runs are kept is
+:mod:`cadis.tracking.server`, the client that writes them :mod:`cadis.tracking.client`, and
+reading a sweep back :mod:`cadis.tracking.sweep_reader`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import urllib.error
-import urllib.request
-from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-from cadis.errors import CadisError
-from cadis.files import check_creatable_folder
-from cadis.validation import non_negative_float
+from typing import Any, Mapping
 
 # Tags. ``mlflow.parentRunId`` makes the MLflow UI nest trials under their sweep.
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -49,6 +45,9 @@ OUTCOME_FAILED = "failed"
 # Tune kept (every attempt's traceback) is its artifact ERROR_ARTIFACT.
 FAILURE_TAG = "cadis.failure"
 ERROR_ARTIFACT = "error.txt"
+# What a certified trial's run keeps of its certification folder (the rank stage's under
+# RANK_ARTIFACTS_DIR, the test's at the run's root).
+CERTIFY_ARTIFACTS = ("records.tsv", "summary.json", "certified_accuracy.png")
 BEST_TRIAL_TAG = "cadis.best_trial_id"
 # On a warm-started sweep's run: the parent run id of the sweep its search started from.
 WARM_START_TAG = "cadis.warm_start_from"
@@ -104,16 +103,7 @@ def is_validation_metric(name: str) -> bool:
     """A validation figure of the rank stage."""
     return name.startswith(VALIDATION_PREFIX) and is_final_metric(name[len(VALIDATION_PREFIX):])
 
-SQLITE_SCHEME = "sqlite:///"
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-# One local store for every sweep, so that one `mlflow ui` and `cadis compare` see them all.
-DEFAULT_STORE = Path("runs/sweeps/mlflow.db")
-ARTIFACTS_DIR = "mlartifacts"
-HEALTH_TIMEOUT_SECONDS = 5.0
-# How long a sweep's driver waits for an unreachable tracking store (a server restarted, a
-# network cut) before the sweep ends, resumable; the variable changes it.
-TRACKING_RETRY_S = 300.0
-TRACKING_RETRY_ENV = "CADIS_TRACKING_RETRY_S"
+
 # MLflow caps a param value at 6000 characters; longer values are cut, never refused.
 MAX_PARAM_CHARS = 6000
 
@@ -133,20 +123,6 @@ def radius_of_metric(name: str) -> float | None:
         return None
 
 
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else the local SQLite store :data:`DEFAULT_STORE` (made
-    absolute here: a Ray trial runs in another working directory)."""
-    return os.environ.get(TRACKING_URI_ENV) or f"{SQLITE_SCHEME}{DEFAULT_STORE.resolve()}"
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: beside a SQLite store (MLflow's default is
-    ``./mlruns`` of whatever directory a process runs in); a server's own choice otherwise."""
-    if uri.startswith(SQLITE_SCHEME):
-        return (Path(uri[len(SQLITE_SCHEME):]).parent / ARTIFACTS_DIR).resolve().as_uri()
-    return None
-
-
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested config as MLflow params: ``{"certify": {"n": 1}}`` -> ``{"certify.n": "1"}``."""
     params: dict[str, str] = {}
@@ -158,69 +134,3 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
             text = value if isinstance(value, str) else json.dumps(value)
             params[name] = text[:MAX_PARAM_CHARS]
     return params
-
-
-def check_tracking_uri(uri: str, create: bool = True) -> None:
-    """Raise :class:`CadisError` (one line) unless ``uri`` can take runs: an HTTP server must
-    answer ``/health`` within :data:`HEALTH_TIMEOUT_SECONDS`; a SQLite file's folder must be
-    creatable (and is created, unless ``create`` is false: a dry run leaves no trace).
-    Checked before a sweep starts any trial: MLflow's own client retries an unreachable
-    server for minutes."""
-    if uri.startswith(("http://", "https://")):
-        health = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_SECONDS) as response:
-                if response.status != 200:
-                    raise CadisError(f"MLflow tracking server {uri} answered {response.status} "
-                                     f"on /health")
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise CadisError(f"MLflow tracking server {uri} is unreachable ({reason}); start "
-                             f"it (cluster/cadis-cluster start) or name another store"
-                             ) from None
-    elif uri.startswith(SQLITE_SCHEME):
-        folder = Path(uri[len(SQLITE_SCHEME):]).parent
-        if not create:
-            check_creatable_folder(folder, f"MLflow store {uri}")
-            return
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CadisError(f"MLflow store {uri}: cannot create {folder} ({error.strerror})"
-                             ) from None
-    elif "://" not in uri and not uri.startswith(("databricks", "file:")):
-        raise CadisError(f"mlflow.tracking_uri {uri!r} is not a URI; use http://HOST:PORT or "
-                         f"sqlite:///PATH")
-
-
-def tracking_retry_s() -> float:
-    """Seconds to wait for an unreachable tracking store: ``$CADIS_TRACKING_RETRY_S`` when
-    set (a number >= 0), else :data:`TRACKING_RETRY_S`."""
-    text = os.environ.get(TRACKING_RETRY_ENV, "").strip()
-    if not text:
-        return TRACKING_RETRY_S
-    try:
-        value: object = float(text)
-    except ValueError:
-        value = text
-    return non_negative_float(value, TRACKING_RETRY_ENV)
-
-
-def trial_runs(client: Any, experiment_id: str, parent_run_id: str | None = None,
-               ) -> list[Any]:
-    """Every trial run of an experiment (of one sweep when ``parent_run_id`` is given)."""
-    query = f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
-    if parent_run_id:
-        query += f" and tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"
-    return list(_all_runs(client, [experiment_id], query))
-
-
-def _all_runs(client: Any, experiment_ids: list[str], query: str) -> Iterable[Any]:
-    token = None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=query, max_results=1000,
-                                  page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
