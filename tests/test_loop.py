@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cadis.finetuning.config import from_mapping
+from cadis.finetuning.config import METHODS, from_mapping
 from cadis.finetuning.loop import DiffusionSpaceClassifier, _micro_step, denoise_draws
 from cadis.finetuning.lora import apply_finetuning
 from cadis.models.classifier import load_classifier
@@ -17,6 +17,9 @@ from tests.conftest import TINY_VIT_ARGS, make_scheduler, make_tiny_unet
 IMAGES = 4
 DRAWS = 3
 SIGMA = 0.25
+# The methods that train: every entry of the methods table but "none", which certifies the
+# classifier as it is and never takes a step.
+TRAINING_METHODS = tuple(method for method in METHODS if method != "none")
 
 
 def parts(method: str = "ft_cadis", **changes):
@@ -58,7 +61,7 @@ def test_the_draws_of_an_image_are_adjacent_rows():
     assert not torch.equal(x_t[0], x_t[1])
 
 
-@pytest.mark.parametrize("method", ["ft_cadis", "denoised_ce"])
+@pytest.mark.parametrize("method", TRAINING_METHODS)
 def test_no_gradient_reaches_the_denoiser_and_the_trained_weights_get_one(method):
     classifier, denoiser, config, images, labels = parts(method)
     logged = step(classifier, denoiser, config, images, labels)
@@ -71,11 +74,13 @@ def test_no_gradient_reaches_the_denoiser_and_the_trained_weights_get_one(method
     assert {"loss", "sce", "madv", "hallucination_rate", "train_denoised_accuracy"} <= set(logged)
 
 
-def test_the_loss_is_divided_by_the_accumulation_steps():
+@pytest.mark.parametrize("method", TRAINING_METHODS)
+def test_the_loss_is_divided_by_the_accumulation_steps(method):
     # The same micro-batch and noise: with 2 micro-batches per step each contributes half.
     grads = {}
     for effective in (IMAGES, 2 * IMAGES):
-        classifier, denoiser, config, images, labels = parts(effective_batch_size=effective)
+        classifier, denoiser, config, images, labels = parts(method,
+                                                             effective_batch_size=effective)
         logged = step(classifier, denoiser, config, images, labels)
         grads[effective] = [p.grad.clone() for p in classifier.parameters() if p.requires_grad]
         loss = logged["loss"]
