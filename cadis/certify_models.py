@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any, Final, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from cadis.data import load_dataset, stack_images, subset_indices
+from cadis.draws.certification_store import DrawStore, build_store
+from cadis.draws.keys import TEST_ROLE, certification_key, store_folder
 from cadis.errors import CadisError
 from cadis.finetuning.checkpoint import load_trained
 from cadis.finetuning.config import TrainConfig
@@ -35,7 +37,6 @@ from cadis.smoothing.precision import (
     compile_base,
     resolve_precision,
 )
-from cadis.smoothing.draws import DrawStore, build_store, store_folder, store_key
 from cadis.smoothing.records import NOISE_PER_IMAGE, radius_grid
 from cadis.smoothing.runner import certify_dataset, certify_records
 from cadis.smoothing.sequential import (
@@ -50,10 +51,6 @@ from cadis.smoothing.smooth import (
     default_batch_size,
     image_generators,
 )
-
-
-#: The role naming a store of test-set draws in its folder (``DRAWS_DIR/test-DIGEST``).
-TEST_STORE_ROLE: Final = "test"
 
 
 def build_denoised_classifier(sources: ModelSources, sigma: float,
@@ -105,8 +102,8 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     record. The settings say which precision made the records; the summary holds the share.
 
     With ``draws_dir``, every draw of these images (``n0 + n`` each) is denoised once into a
-    store under it (:mod:`cadis.smoothing.draws`), or found there, and only the classifier
-    runs: the records are exactly those of certifying live with the same seed (for CERTIFY;
+    store under it (:mod:`cadis.draws.certification_store`), or found there, and only the
+    classifier runs: the records are exactly those of certifying live with the same seed (for CERTIFY;
     the sequential test reads the same draws in the same order), so every classifier
     certified from one store is paired with the others on the same draws, for the cost of its
     classifier. Building costs every draw even where a sequential test would stop early;
@@ -163,10 +160,10 @@ def _certify_from_store(base: DenoisedClassifier, sources: ModelSources, test_se
     """:func:`certify_models` from the store of all ``indices``' draws under ``draws_dir``
     (built first when missing: the whole subset, whichever shard asks), ``base``'s classifier
     alone running."""
-    key = store_key(dataset=sources.dataset, split="test", indices=indices,
-                    denoiser=sources.denoiser, sigma=sigma, n0=parameters.n0, n=parameters.n,
-                    seed=seed, precision=precision.name)
-    folder = store_folder(draws_dir.absolute(), TEST_STORE_ROLE, key)
+    key = certification_key(dataset=sources.dataset, split="test", indices=indices,
+                            denoiser=sources.denoiser, sigma=sigma, n0=parameters.n0,
+                            n=parameters.n, seed=seed, precision=precision.name)
+    folder = store_folder(draws_dir.absolute(), TEST_ROLE, key)
     if folder.exists():
         store = DrawStore.open(folder, key)
     else:

@@ -13,7 +13,9 @@ from torch import nn
 from cadis.errors import CadisError
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
-from cadis.smoothing.draws import STORE_META, DrawStore, build_store, store_folder, store_key
+from cadis.draws.certification_store import DrawStore, build_store
+from cadis.draws.folder import STORE_META
+from cadis.draws.keys import certification_key, store_folder
 from cadis.smoothing.smooth import Smooth, image_generators
 from tests.conftest import make_scheduler, make_tiny_unet
 from tests.test_attack import CountingModel
@@ -37,7 +39,7 @@ class Linear(nn.Module):
 def key(**changes):
     fields = {"dataset": "digits", "split": "train", "indices": [3, 9, 4, 1, 7], "denoiser": "d",
               "sigma": SIGMA, "n0": 6, "n": 30, "seed": 5, **changes}
-    return store_key(**fields)
+    return certification_key(**fields)
 
 
 def parts():

@@ -92,10 +92,11 @@ def test_the_loss_is_divided_by_the_accumulation_steps(method):
 
 def test_the_proxy_from_stored_draws_equals_the_proxy_denoised_live(tiny_models_dir, tmp_path):
     from cadis.data import load_dataset, stack_images, stratified_holdout
-    from cadis.finetuning.loop import _evaluate, proxy_store_key
+    from cadis.finetuning.loop import _evaluate
+    from cadis.finetuning.store_keys import proxy_store_key
     from cadis.models.denoiser import load_denoiser
     from cadis.models.sources import ModelSources
-    from cadis.smoothing.draws import build_store
+    from cadis.draws.certification_store import build_store
 
     config = from_mapping({"models": str(tiny_models_dir), "val_images": 20, "proxy_images": 6,
                            "proxy_n": 30, "proxy_n0": 5})

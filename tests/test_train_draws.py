@@ -13,14 +13,10 @@ from cadis.cli import main
 from cadis.errors import CadisError
 from cadis.finetuning.config import from_mapping
 from cadis.finetuning.loop import denoise_draws
-from cadis.finetuning.train_draws import (
-    TrainDrawStore,
-    build_train_store,
-    sample_draws,
-    train_store_key,
-)
+from cadis.draws.folder import STORE_META
+from cadis.draws.keys import training_key
+from cadis.draws.training_store import TrainDrawStore, build_train_store, sample_draws
 from cadis.smoothing.denoise import OneShotDenoiser
-from cadis.smoothing.draws import STORE_META
 from cadis.smoothing.precision import FP32
 from cadis.sweeps.parse import sweep_from_mapping
 from tests.conftest import make_scheduler, make_tiny_unet, set_flags
@@ -44,7 +40,7 @@ class Levels(torch.utils.data.Dataset):
 def key(**changes):
     fields = {"dataset": "levels", "indices": INDICES, "denoiser": "d", "sigma": SIGMA,
               "draws": DRAWS, "seed": 3, "precision": "fp32", **changes}
-    return train_store_key(**fields)
+    return training_key(**fields)
 
 
 def denoiser() -> OneShotDenoiser:
@@ -111,6 +107,38 @@ def test_a_store_of_other_settings_is_refused_untouched(tmp_path):
     assert (folder / STORE_META).read_text() == before
     meta = json.loads(before)
     assert meta["bytes"] == len(INDICES) * DRAWS * 64 * 4 and meta["denoiser_ms_per_draw"] > 0
+
+
+def test_builders_of_one_training_store_at_once_take_turns_and_denoise_once(tmp_path):
+    # Two sweeps sharing a draws_dir start together: one denoises, the other waits for its
+    # store. Each forward is slowed, so that without the lock both would be denoising.
+    import threading
+    import time
+
+    model = denoiser()
+    original = model.denoise
+    forwards = []
+
+    def slow_denoise(noisy):
+        forwards.append(len(noisy))
+        time.sleep(0.2)
+        return original(noisy)
+
+    model.denoise = slow_denoise
+    stores = []
+
+    def build() -> None:
+        stores.append(build_train_store(tmp_path / "train", key(), model, Levels(),
+                                        progress=False))
+
+    builders = [threading.Thread(target=build) for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join()
+    # One build's forwards (5 images x 4 draws in one forward), not two.
+    assert forwards == [len(INDICES) * DRAWS] and len(stores) == 2
+    assert all(torch.equal(stores[0][p][0], stores[1][p][0]) for p in range(len(INDICES)))
 
 
 def test_a_store_that_does_not_fit_is_refused_before_any_work(tmp_path):

@@ -28,7 +28,7 @@ from cadis.tracking.contract import PROXY_ACR
 
 CHECKPOINTS_DIR = "checkpoints"
 # Where `cadis train` keeps its training draws (train_draws > 0), inside its output folder.
-DRAWS_DIR = "draws"
+TRAIN_DRAWS_DIR = "draws"
 CHECKPOINT_PATTERN = "epoch_[0-9][0-9][0-9]"
 # The metrics a local run prints after each epoch.
 SHOWN_METRICS = ("epoch", "loss", "hallucination_rate", "val_denoised_accuracy", PROXY_ACR)
@@ -96,7 +96,7 @@ def fit(config: TrainConfig, out_dir: Path, resume: bool = False,
     ``train_draws`` and no ``train_store``, the training draws are denoised first, into
     ``out_dir/draws`` (found there again by a resumed run)."""
     if config.train_draws and not config.train_store:
-        store = build_training_draws(config, out_dir / DRAWS_DIR, pick_device(config.device),
+        store = build_training_draws(config, out_dir / TRAIN_DRAWS_DIR, pick_device(config.device),
                                      progress)
         config = dataclasses.replace(config, train_store=str(store.folder.resolve()))
     if uses_ray(config):

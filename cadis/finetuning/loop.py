@@ -15,7 +15,7 @@ of rank 0 measures denoised accuracy and a cheap certified-accuracy proxy on ima
 the training split, and reports a checkpoint (:mod:`cadis.finetuning.checkpoint`) holding the
 trained weights, the optimizer state, the config and every epoch's metrics so far.
 With ``train_draws`` set, the draws come from a store denoised once
-(:mod:`cadis.finetuning.train_draws`) and the denoiser does not run in the step.
+(:mod:`cadis.draws.training_store`) and the denoiser does not run in the step.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from cadis.data import load_dataset, stack_images, stratified_holdout
+from cadis.draws.certification_store import DrawStore
+from cadis.draws.keys import TRAIN_ROLE, store_folder
+from cadis.draws.training_store import TrainDrawStore, build_train_store, sample_draws
 from cadis.errors import CadisError
 from cadis.finetuning.attack import pgd_l2_denoised
 from cadis.finetuning.checkpoint import restore_training_state, save_trained
@@ -41,12 +44,7 @@ from cadis.finetuning.lora import apply_finetuning, trainable_fraction
 from cadis.finetuning.losses import FTCadisLossConfig, ft_cadis_loss, soft_target
 from cadis.finetuning.optimizer import clip_gradients, make_optimizer, set_hyperparameters
 from cadis.finetuning.schedule import cosine_between, warmup_cosine
-from cadis.finetuning.train_draws import (
-    TrainDrawStore,
-    build_train_store,
-    sample_draws,
-    train_store_key,
-)
+from cadis.finetuning.store_keys import proxy_store_key, training_store_key
 from cadis.models.classifier import Classifier, load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.sources import ModelSources
@@ -57,8 +55,7 @@ from cadis.smoothing.denoise import (
     to_diffusion_space,
     to_image_space,
 )
-from cadis.smoothing.draws import DrawStore, store_folder, store_key
-from cadis.smoothing.precision import Precision, resolve_precision
+from cadis.smoothing.precision import Precision
 from cadis.smoothing.precision import autocast as precision_autocast
 from cadis.smoothing.records import (
     Record,
@@ -333,16 +330,6 @@ def split_training(config: TrainConfig, train_set: Any) -> tuple[list[int], list
     return train_indices[:config.max_train_images], val_indices
 
 
-def training_store_key(config: TrainConfig, sources: ModelSources, train_indices: list[int],
-                       device: torch.device) -> dict[str, Any]:
-    """What the training draws depend on: a store of them (``train_store``) must match it.
-    They are denoised in the precision training on ``device`` denoises in."""
-    return train_store_key(dataset=sources.dataset, indices=train_indices,
-                           denoiser=sources.denoiser, sigma=config.sigma,
-                           draws=config.train_draws, seed=config.seed,
-                           precision=config.denoiser_precision(device).name)
-
-
 def build_training_draws(config: TrainConfig, root: str | Path, device: torch.device,
                          progress: bool = True) -> TrainDrawStore:
     """Build (or find) the store of ``config.train_draws`` denoised draws per training image
@@ -354,18 +341,8 @@ def build_training_draws(config: TrainConfig, root: str | Path, device: torch.de
     unet, scheduler = load_denoiser(sources.denoiser)
     denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
     key = training_store_key(config, sources, train_indices, device)
-    return build_train_store(store_folder(root, "train", key), key, denoiser, train_set,
+    return build_train_store(store_folder(root, TRAIN_ROLE, key), key, denoiser, train_set,
                              progress=progress)
-
-
-def proxy_store_key(config: TrainConfig, sources: ModelSources, proxy_indices: list[int],
-                    device: torch.device) -> dict[str, Any]:
-    """What the proxy's draws depend on: a store of them (``proxy_store``) must match it. The
-    proxy runs in the ``auto`` precision of ``device``."""
-    return store_key(dataset=sources.dataset, split="train", indices=proxy_indices,
-                     denoiser=sources.denoiser, sigma=config.sigma, n0=config.proxy_n0,
-                     n=config.proxy_n, seed=config.seed,
-                     precision=resolve_precision("auto", device).name)
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 validation image of the rank stage), the proxy's (proxy_n0 + proxy_n per proxy image) and,
 with ``train_draws`` set, the training draws (``train_draws`` per training image).
 
-Each is a :class:`cadis.smoothing.draws.DrawStore` under the sweep's ``draws_dir`` (default
+Each is a store (:mod:`cadis.draws`) under the sweep's ``draws_dir`` (default
 ``results_dir/draws``), keyed by what its draws depend on; a rerun, a resumed sweep or another
 sweep with that ``draws_dir`` finds it there. :func:`build_sweep_stores`
 runs in a Ray task with one worker's resources (its GPU where workers have one).
@@ -16,19 +16,18 @@ from typing import Any
 import torch
 
 from cadis.data import load_dataset, stack_images
+from cadis.draws.certification_store import build_store, store_bytes
+from cadis.draws.keys import PROXY_ROLE, RANK_ROLE, TRAIN_ROLE, store_folder
 from cadis.finetuning.config import from_mapping
-from cadis.finetuning.loop import build_training_draws, proxy_store_key
+from cadis.finetuning.loop import build_training_draws
+from cadis.finetuning.store_keys import held_out_store_key, proxy_store_key
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.devices import pick_device
 from cadis.smoothing.denoise import OneShotDenoiser
-from cadis.smoothing.draws import build_store, store_bytes, store_folder
 from cadis.smoothing.smooth import default_batch_size
 from cadis.sweeps.spec import RankSettings
-from cadis.sweeps.trial import rank_store_key, validation_indices
-
-ROLES = ("rank", "proxy")
-TRAIN_ROLE = "train"
+from cadis.sweeps.trial import validation_indices
 
 
 def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, draws_dir: str,
@@ -51,14 +50,13 @@ def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, draws_di
     denoiser = OneShotDenoiser(unet, scheduler, config.sigma).to(device)
     classifier = load_classifier(sources.classifier).to(device)
     plans = {
-        "rank": (rank_store_key(config, sources, rank, indices[:rank.images], device),
-                 indices[:rank.images], rank.batch_size),
-        "proxy": (proxy_store_key(config, sources, indices[:config.proxy_images], device),
-                  indices[:config.proxy_images], config.certify.batch_size),
+        RANK_ROLE: (held_out_store_key(config, sources, indices[:rank.images], rank.n0, rank.n,
+                                       device), indices[:rank.images], rank.batch_size),
+        PROXY_ROLE: (proxy_store_key(config, sources, indices[:config.proxy_images], device),
+                     indices[:config.proxy_images], config.certify.batch_size),
     }
     built = {}
-    for role in ROLES:
-        key, role_indices, batch_size = plans[role]
+    for role, (key, role_indices, batch_size) in plans.items():
         images, labels = stack_images(train_set, role_indices)
         folder = store_folder(Path(draws_dir), role, key)
         if progress:

@@ -15,21 +15,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cadis.certify_models import build_denoised_classifier, certify_trained, shard_of
 from cadis.data import load_dataset, stratified_holdout
+from cadis.draws.certification_store import DrawStore
 from cadis.errors import CadisError, RepeatedFailure, first_line
 from cadis.files import atomic_write_text
 from cadis.finetuning.checkpoint import load_trained, read_metadata
 from cadis.finetuning.config import TrainConfig, from_mapping
 from cadis.finetuning.ray_train import build_trainer, fit_trainer
+from cadis.finetuning.store_keys import held_out_store_key
 from cadis.models.classifier import load_classifier
 from cadis.models.devices import pick_device
-from cadis.models.sources import ModelSources
 from cadis.smoothing.bounds import CertificationParameters
-from cadis.smoothing.draws import DrawStore, store_key
-from cadis.smoothing.precision import resolve_precision
 from cadis.smoothing.records import radius_grid
 from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_records
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii
@@ -107,15 +104,6 @@ def validation_indices(config: TrainConfig, train_set: Any, count: int) -> list[
     return stratified_holdout(train_set.labels, config.val_images, config.val_seed)[1][:count]
 
 
-def rank_store_key(config: TrainConfig, sources: ModelSources, rank: RankSettings,
-                   indices: list[int], device: torch.device) -> dict[str, Any]:
-    """What the rank stage's draws depend on (it runs in the ``auto`` precision of
-    ``device``)."""
-    return store_key(dataset=sources.dataset, split="train", indices=indices,
-                     denoiser=sources.denoiser, sigma=config.sigma, n0=rank.n0, n=rank.n,
-                     seed=config.seed, precision=resolve_precision("auto", device).name)
-
-
 def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: str,
                  store: str | None, out: str,
                  shard: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -146,7 +134,8 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
         plan = SequentialPlan(sorted(set(decided) | set(rank.radii)), config.sigma, rank.alpha,
                               rank.n)
     if store is not None:
-        draws = DrawStore.open(store, rank_store_key(config, sources, rank, validation, device))
+        draws = DrawStore.open(store, held_out_store_key(config, sources, validation, rank.n0,
+                                                         rank.n, device))
         classifier, _ = load_trained(load_classifier(sources.classifier), Path(checkpoint))
         classifier.eval().to(device)
 

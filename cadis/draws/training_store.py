@@ -1,5 +1,5 @@
-"""Denoised training draws computed once: ``train_draws`` (K) draws ``D(x + delta)`` per
-training image, shared by every trial and worker that trains on the same images.
+"""The training store: ``train_draws`` (K) denoised draws ``D(x + delta)`` per training image,
+computed once and shared by every trial and worker that trains on the same images.
 
 Without a store, every micro-step draws ``num_noises`` (M) fresh noises per image and pays the
 frozen denoiser for them. With one, the denoiser has run once per (data set, images,
@@ -11,49 +11,30 @@ approximation of the live recipe whose cost is measured, not assumed (docs/perfo
 The draws are the denoiser's [-1, 1] output stored in float32, computed as the loop computes
 them (:meth:`~cadis.smoothing.denoise.OneShotDenoiser.denoise` in the key's precision, the one
 training and certification run the denoiser in), so a stored draw is a draw the live loop
-could have made. The store is a folder like the certification stores
-(:mod:`cadis.smoothing.draws`): ``store.json`` with its key, ``denoised.npy`` of N x K x C x H
-x W, memory-mapped, written whole or not at all; a folder of other settings is refused.
+could have made. The folder is laid out as every store's (:mod:`cadis.draws.folder`), with
+``denoised.npy`` of N x K x C x H x W; a folder of other settings is refused.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cadis.draws.folder import STORE_ARRAY, STORE_DTYPE, build_once, read_store_meta
 from cadis.errors import CadisError
-from cadis.files import atomic_directory, atomic_write_text
 from cadis.progress import progress_bar
 from cadis.smoothing.denoise import OneShotDenoiser
 from cadis.smoothing.precision import PRECISIONS, autocast
-from cadis.smoothing.draws import (
-    STORE_ARRAY,
-    STORE_DTYPE,
-    STORE_META,
-    check_free_space,
-    read_store_meta,
-)
 
 # Images denoised per forward while building (times K draws each).
-BUILD_IMAGES_PER_FORWARD = 32
-
-
-def train_store_key(*, dataset: str, indices: Sequence[int], denoiser: str, sigma: float,
-                    draws: int, seed: int, precision: str) -> dict[str, Any]:
-    """Everything the training draws depend on: data set, which training images (in order),
-    denoiser, sigma, draws per image, seed and the precision the denoiser ran in (a name of
-    :data:`~cadis.smoothing.precision.PRECISIONS`)."""
-    return {"dataset": dataset, "split": "train", "indices": [int(i) for i in indices],
-            "denoiser": str(denoiser), "sigma": float(sigma), "draws": int(draws),
-            "seed": int(seed), "precision": precision, "dtype": np.dtype(STORE_DTYPE).name}
+BUILD_IMAGES_PER_FORWARD: Final = 32
 
 
 def train_store_bytes(num_images: int, draws: int, image_shape: Sequence[int]) -> int:
@@ -102,18 +83,23 @@ def sample_draws(stored: Tensor, num_noises: int) -> Tensor:
 def build_train_store(folder: str | Path, key: Mapping[str, Any], denoiser: OneShotDenoiser,
                       dataset: Dataset, progress: bool = True) -> TrainDrawStore:
     """Denoise ``key["draws"]`` seeded draws of each of the key's training images (items of
-    ``dataset``, un-augmented) into ``folder`` on the denoiser's device in the key's
-    precision, or open the store
-    already there. Raises :class:`CadisError` before any work when it would not fit on the
-    disk (with the size it needs), or when ``folder`` holds a store of other settings."""
+    ``dataset``, un-augmented) into ``folder`` (:func:`~cadis.draws.folder.build_once`:
+    locked, whole or not at all) on the denoiser's device in the key's precision, or open the
+    store already there. Raises :class:`CadisError` before any work when it would not fit on
+    the disk (with the size it needs), or when ``folder`` holds a store of other settings."""
     folder = Path(folder)
-    if folder.exists():
-        return TrainDrawStore(folder, key)
+    first, _ = dataset[key["indices"][0]]
+    size = train_store_bytes(len(key["indices"]), int(key["draws"]), first.shape)
+    build_once(folder, key, size, lambda staging: _denoise(
+        staging, key, size, tuple(first.shape), denoiser, dataset, progress))
+    return TrainDrawStore(folder, key)
+
+
+def _denoise(staging: Path, key: Mapping[str, Any], size: int, shape: tuple[int, ...],
+             denoiser: OneShotDenoiser, dataset: Dataset, progress: bool) -> dict[str, Any]:
+    """:func:`build_train_store`'s denoising (``size`` bytes) into ``staging``; what the
+    store records of itself."""
     indices, draws = key["indices"], int(key["draws"])
-    first, _ = dataset[indices[0]]
-    shape = tuple(first.shape)
-    size = train_store_bytes(len(indices), draws, shape)
-    check_free_space(folder, size)
     device = next(denoiser.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(key["seed"]))
     sigma = float(key["sigma"])
@@ -121,29 +107,26 @@ def build_train_store(folder: str | Path, key: Mapping[str, Any], denoiser: OneS
     labels: list[int] = []
     started = time.perf_counter()
     denoiser_seconds = 0.0
-    with atomic_directory(folder) as staging:
-        array = np.lib.format.open_memmap(staging / STORE_ARRAY, mode="w+", dtype=STORE_DTYPE,
-                                          shape=(len(indices), draws, *shape))
-        with progress_bar(len(indices), "denoise training draws", "img",
-                          enabled=progress) as bar:
-            for start in range(0, len(indices), BUILD_IMAGES_PER_FORWARD):
-                items = [dataset[i] for i in indices[start:start + BUILD_IMAGES_PER_FORWARD]]
-                labels += [int(label) for _, label in items]
-                images = torch.stack([image for image, _ in items]).to(device)
-                noisy = images.repeat_interleave(draws, 0)
-                noisy = noisy + sigma * torch.randn(noisy.shape, generator=generator,
-                                                    device=device)
-                tick = time.perf_counter()
-                with autocast(precision, device):
-                    denoised = denoiser.denoise(noisy).float()
-                denoiser_seconds += time.perf_counter() - tick
-                array[start:start + len(items)] = denoised.view(
-                    len(items), draws, *shape).cpu().numpy()
-                bar.update(len(items))
-        array.flush()
-        del array
-        meta = {"key": dict(key), "labels": labels,
-                "build_seconds": round(time.perf_counter() - started, 3), "bytes": size,
-                "denoiser_ms_per_draw": 1000 * denoiser_seconds / (len(indices) * draws)}
-        atomic_write_text(staging / STORE_META, json.dumps(meta) + "\n")
-    return TrainDrawStore(folder, key)
+    array = np.lib.format.open_memmap(staging / STORE_ARRAY, mode="w+", dtype=STORE_DTYPE,
+                                      shape=(len(indices), draws, *shape))
+    with progress_bar(len(indices), "denoise training draws", "img",
+                      enabled=progress) as bar:
+        for start in range(0, len(indices), BUILD_IMAGES_PER_FORWARD):
+            items = [dataset[i] for i in indices[start:start + BUILD_IMAGES_PER_FORWARD]]
+            labels += [int(label) for _, label in items]
+            images = torch.stack([image for image, _ in items]).to(device)
+            noisy = images.repeat_interleave(draws, 0)
+            noisy = noisy + sigma * torch.randn(noisy.shape, generator=generator,
+                                                device=device)
+            tick = time.perf_counter()
+            with autocast(precision, device):
+                denoised = denoiser.denoise(noisy).float()
+            denoiser_seconds += time.perf_counter() - tick
+            array[start:start + len(items)] = denoised.view(
+                len(items), draws, *shape).cpu().numpy()
+            bar.update(len(items))
+    array.flush()
+    del array
+    return {"labels": labels, "build_seconds": round(time.perf_counter() - started, 3),
+            "bytes": size,
+            "denoiser_ms_per_draw": 1000 * denoiser_seconds / (len(indices) * draws)}

@@ -1,46 +1,38 @@
-"""Denoised draws computed once and reused: a store of ``D(x + delta)`` for certification.
+"""The certification store: every draw of a seeded CERTIFY run over a fixed list of images,
+after the denoiser, so that certifying a classifier runs the classifier alone.
 
 The denoiser is frozen, so a denoised draw depends only on the image, the noise and sigma,
-never on the classifier behind it. A store holds, for a fixed list of images, every draw of
-a seeded CERTIFY run (``n0`` selection and ``n`` estimation draws per image, drawn exactly as
-:class:`~cadis.smoothing.smooth.Smooth` draws them, in the same forwards) after the
-denoiser, in float32. Certifying a classifier from the store runs the classifier alone, on the
-same batches, so its counts equal those of ``Smooth(classifier ∘ denoiser)`` with the same
-seed exactly.
+never on the classifier behind it. A store holds, for a fixed list of images, the ``n0``
+selection and ``n`` estimation draws of each image, drawn exactly as
+:class:`~cadis.smoothing.smooth.Smooth` draws them, in the same forwards, in float32
+(``denoised.npy``: K x (n0 + n) x C x H x W, :mod:`cadis.draws.folder`). Certifying a
+classifier from the store runs it on the same batches, so its counts equal those of
+``Smooth(classifier ∘ denoiser)`` with the same seed exactly.
 
 Why sharing draws across the trials of a sweep is sound: each trial's certificate is a
 statement about its own smoothed classifier that holds with probability >= 1 - alpha over
 the draws; reusing the same draws for another classifier does not change that probability
 for either. It correlates the trials' errors (common random numbers), which makes the
 comparison between trials less noisy, not invalid.
-
-A store is a folder (``store.json``: what the draws depend on, the image indices and labels,
-build time, size and per-draw costs; ``denoised.npy``: K x (n0 + n) x C x H x W, memory-mapped,
-read without unpickling), written whole or not at all, named by a digest of its key so that
-other settings build beside it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cadis.draws.folder import STORE_ARRAY, STORE_DTYPE, build_once, read_store_meta
 from cadis.errors import CadisError
-from cadis.files import atomic_directory, atomic_write_text, exclusive_lock
 from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
-from cadis.smoothing.precision import FP32, PRECISIONS, Precision
-from cadis.smoothing.records import NOISE_PER_IMAGE
+from cadis.smoothing.precision import PRECISIONS, Precision
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.smoothing.smooth import (
     certify_segments,
@@ -52,63 +44,11 @@ from cadis.smoothing.smooth import (
     noisy_batches,
 )
 
-STORE_ARRAY: Final = "denoised.npy"
-STORE_META: Final = "store.json"
-STORE_DTYPE: Final = np.float32
-# Disk left free beyond the store itself, for everything else the sweep writes.
-DISK_MARGIN_BYTES: Final = 256 * 2 ** 20
-# Digits of the key's digest in a store's folder name.
-DIGEST_CHARS: Final = 12
-
-
-def store_key(*, dataset: str, split: str, indices: Sequence[int], denoiser: str, sigma: float,
-              n0: int, n: int, seed: int, precision: str = FP32.name) -> dict[str, Any]:
-    """Everything a store's draws depend on (the batch size only orders the forwards, and
-    is recorded with the store): data set, split, which images, denoiser, sigma, draws, seed
-    (each image's own generator, :func:`~cadis.smoothing.smooth.image_generators`), and the
-    precision the denoiser ran in."""
-    return {"dataset": dataset, "split": split, "indices": [int(i) for i in indices],
-            "denoiser": str(denoiser), "sigma": float(sigma), "n0": int(n0), "n": int(n),
-            "seed": int(seed), "noise": NOISE_PER_IMAGE, "precision": precision,
-            "dtype": np.dtype(STORE_DTYPE).name}
-
-
-def store_folder(root: str | Path, role: str, key: Mapping[str, Any]) -> Path:
-    """``root/ROLE-DIGEST``: the folder a store of ``key`` lives in."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return Path(root) / f"{role}-{digest[:DIGEST_CHARS]}"
-
 
 def store_bytes(num_images: int, n0: int, n: int, image_shape: Sequence[int]) -> int:
     """The size of a store's array."""
     return (num_images * (n0 + n) * int(np.prod(image_shape))
             * np.dtype(STORE_DTYPE).itemsize)
-
-
-def read_store_meta(folder: Path, key: Mapping[str, Any]) -> dict[str, Any]:
-    """``store.json`` of the store in ``folder``, which must have been made with ``key``;
-    otherwise :class:`CadisError` naming what differs (the folder is left untouched)."""
-    meta_path = folder / STORE_META
-    if not meta_path.is_file() or not (folder / STORE_ARRAY).is_file():
-        raise CadisError(f"{folder} is not a store of denoised draws (no {STORE_META})")
-    meta = json.loads(meta_path.read_text())
-    differing = sorted(name for name in set(key) | set(meta["key"])
-                       if key.get(name) != meta["key"].get(name))
-    if differing:
-        raise CadisError(f"the denoised draws in {folder} were made with other settings "
-                         f"({', '.join(differing)} differ); use another folder")
-    return meta
-
-
-def check_free_space(folder: Path, size: int) -> None:
-    """:class:`CadisError` with the size needed when a store of ``size`` bytes (plus a margin
-    for everything else) would not fit beside ``folder``; creates its parent."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
-    if size + DISK_MARGIN_BYTES > free:
-        raise CadisError(f"the denoised draws need {size / 2 ** 30:.2f} GiB in "
-                         f"{folder.parent} but {free / 2 ** 30:.2f} GiB are free: fewer images "
-                         "or draws, or another folder (results_dir, draws_dir)")
 
 
 @dataclass(frozen=True)
@@ -195,8 +135,8 @@ class DrawStore:
         """``[(label, prediction, radius, draws)]`` of the sequential test of ``plan`` for the
         store's images ``indices``, in that order: at most the image's ``n0`` stored selection
         draws choose the candidate, its stored estimation draws are read in the plan's looks
-        (at most the store's ``n``, which ``plan.n_max`` may not exceed). The stored draws are iid and
-        independent of the classifier, so :class:`SequentialPlan`'s guarantee holds."""
+        (at most the store's ``n``, which ``plan.n_max`` may not exceed). The stored draws are
+        iid and independent of the classifier, so :class:`SequentialPlan`'s guarantee holds."""
         n0, n = self.key["n0"], self.key["n"]
         if plan.n_max > n:
             raise CadisError(f"the sequential plan may spend {plan.n_max} draws but the store "
@@ -249,32 +189,27 @@ def build_store(folder: str | Path, key: Mapping[str, Any], denoiser: nn.Module,
                 images: Tensor, labels: Sequence[int], num_classes: int, batch_size: int,
                 classifier: nn.Module | None = None, progress: bool = True) -> DrawStore:
     """Denoise every draw of a seeded CERTIFY run over ``images`` (K x C x H x W, on the
-    device to run on) into ``folder``, or open it if it already holds this key's store.
+    device to run on) into ``folder`` (:func:`~cadis.draws.folder.build_once`: locked, whole
+    or not at all), or open it if it already holds this key's store.
 
     ``denoiser`` maps noisy [0, 1] images to denoised [0, 1] images (what the classifier
     takes). ``classifier``, when given, is timed on one forward of stored draws, so that the
     store says what it saves. Raises :class:`CadisError` before any work when the store would
     not fit on the disk (with the size it needs), or when ``folder`` holds another store.
-    Builders of one folder at once (a sweep's finalists, shards) take turns: one denoises,
-    the others wait for it and open its store.
     """
     folder = Path(folder)
-    if folder.exists():
-        return DrawStore.open(folder, key)
     size = store_bytes(len(images), key["n0"], key["n"], images.shape[1:])
-    check_free_space(folder, size)
-    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
-        if folder.exists():  # built while this one waited
-            return DrawStore.open(folder, key)
-        return _build(folder, key, size, denoiser, images, labels, num_classes, batch_size,
-                      classifier, progress)
+    build_once(folder, key, size, lambda staging: _denoise(
+        staging, key, size, denoiser, images, labels, num_classes, batch_size, classifier,
+        progress))
+    return DrawStore.open(folder, key)
 
 
-def _build(folder: Path, key: Mapping[str, Any], size: int, denoiser: nn.Module,
-           images: Tensor, labels: Sequence[int], num_classes: int, batch_size: int,
-           classifier: nn.Module | None, progress: bool) -> DrawStore:
-    """:func:`build_store`'s denoising (``size`` bytes), under its lock, into a staging folder
-    that becomes ``folder`` whole."""
+def _denoise(staging: Path, key: Mapping[str, Any], size: int, denoiser: nn.Module,
+             images: Tensor, labels: Sequence[int], num_classes: int, batch_size: int,
+             classifier: nn.Module | None, progress: bool) -> dict[str, Any]:
+    """:func:`build_store`'s denoising (``size`` bytes) into ``staging``; what the store
+    records of itself."""
     parameters = CertificationParameters(key["n0"], key["n"], 0.5, batch_size)
     device = images.device
     generators = image_generators(int(key["seed"]), key["indices"], device)
@@ -283,42 +218,37 @@ def _build(folder: Path, key: Mapping[str, Any], size: int, denoiser: nn.Module,
     group_size = images_per_forward(parameters.n0, parameters.n, batch_size)
     started = time.perf_counter()
     denoiser_seconds = 0.0
-    with atomic_directory(folder) as staging:
-        array = np.lib.format.open_memmap(staging / STORE_ARRAY, mode="w+", dtype=STORE_DTYPE,
-                                          shape=(len(images), per_image, *images.shape[1:]))
-        flat = array.reshape(len(images) * per_image, *images.shape[1:])
-        row = 0
-        with progress_bar(len(images), "denoise draws", "img", enabled=progress) as bar, \
-                evaluating(denoiser, device, precision):
-            for start in range(0, len(images), group_size):
-                group = images[start:start + group_size]
-                segments = certify_segments(len(group), parameters)
-                for noisy, _ in noisy_batches(group, segments, float(key["sigma"]),
-                                              generators[start:start + group_size],
-                                              batch_size):
-                    tick = time.perf_counter()
-                    denoised = denoiser(noisy).float()
-                    denoiser_seconds += time.perf_counter() - tick
-                    flat[row:row + len(denoised)] = denoised.cpu().numpy()
-                    row += len(denoised)
-                bar.update(len(group))
-        array.flush()
-        del flat, array
-        classifier_ms = None
-        if classifier is not None:
-            stored = np.load(staging / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
-            sample = torch.from_numpy(np.array(stored.reshape(-1, *images.shape[1:])[:batch_size])
-                                      ).to(device)
-            with evaluating(classifier, device, precision):
+    array = np.lib.format.open_memmap(staging / STORE_ARRAY, mode="w+", dtype=STORE_DTYPE,
+                                      shape=(len(images), per_image, *images.shape[1:]))
+    flat = array.reshape(len(images) * per_image, *images.shape[1:])
+    row = 0
+    with progress_bar(len(images), "denoise draws", "img", enabled=progress) as bar, \
+            evaluating(denoiser, device, precision):
+        for start in range(0, len(images), group_size):
+            group = images[start:start + group_size]
+            segments = certify_segments(len(group), parameters)
+            for noisy, _ in noisy_batches(group, segments, float(key["sigma"]),
+                                          generators[start:start + group_size], batch_size):
                 tick = time.perf_counter()
-                classifier(sample)
-                classifier_ms = 1000 * (time.perf_counter() - tick) / len(sample)
-        draws = len(images) * per_image
-        meta = {"key": dict(key), "labels": [int(label) for label in labels],
-                "batch_size": int(batch_size), "num_classes": int(num_classes),
-                "image_shape": list(images.shape[1:]),
-                "build_seconds": round(time.perf_counter() - started, 3), "bytes": size,
-                "denoiser_ms_per_draw": 1000 * denoiser_seconds / draws,
-                "classifier_ms_per_draw": classifier_ms}
-        atomic_write_text(staging / STORE_META, json.dumps(meta, indent=2) + "\n")
-    return DrawStore.open(folder, key)
+                denoised = denoiser(noisy).float()
+                denoiser_seconds += time.perf_counter() - tick
+                flat[row:row + len(denoised)] = denoised.cpu().numpy()
+                row += len(denoised)
+            bar.update(len(group))
+    array.flush()
+    del flat, array
+    classifier_ms = None
+    if classifier is not None:
+        stored = np.load(staging / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
+        sample = torch.from_numpy(np.array(stored.reshape(-1, *images.shape[1:])[:batch_size])
+                                  ).to(device)
+        with evaluating(classifier, device, precision):
+            tick = time.perf_counter()
+            classifier(sample)
+            classifier_ms = 1000 * (time.perf_counter() - tick) / len(sample)
+    draws = len(images) * per_image
+    return {"labels": [int(label) for label in labels], "batch_size": int(batch_size),
+            "num_classes": int(num_classes), "image_shape": list(images.shape[1:]),
+            "build_seconds": round(time.perf_counter() - started, 3), "bytes": size,
+            "denoiser_ms_per_draw": 1000 * denoiser_seconds / draws,
+            "classifier_ms_per_draw": classifier_ms}
