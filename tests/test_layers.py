@@ -23,7 +23,6 @@ LAYERS = (
     ("data and models", ("cadis.data", "cadis.models")),
     ("smoothing", ("cadis.smoothing",)),
     ("stored draws", ("cadis.draws",)),
-    ("stored draws", ("cadis.draws",)),
     ("fine-tuning", ("cadis.finetuning",)),
     ("named models and pretraining", ("cadis.certify_models", "cadis.pretrain")),
     ("tracking", ("cadis.tracking",)),
