@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from cadis.errors import CadisError
+from cadis.validation import flag, read_number
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -39,20 +40,17 @@ def parse_overrides(items: Sequence[str],
 def coerce_like(key: str, value: Any, current: Any) -> Any:
     """Convert ``value`` to the type of the setting's current value, or raise naming the key.
 
-    YAML reads ``3e-3`` as a string and ``1`` as an int where a float is meant; numbers given as
-    strings are converted here so that one place decides what a setting's type is.
+    YAML reads ``1`` as an int where a float is meant, and ``3e-3`` as text
+    (:func:`cadis.validation.read_number` reads it): one place decides what a setting's type is.
     """
     if current is None or value is None:
         return value
     if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        raise CadisError(f"{key} must be true or false, got {value!r}")
+        return flag(value, key)
     if isinstance(current, (int, float)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise CadisError(f"{key} must be a number, got {value!r}") from None
+        number = read_number(value)
+        if number is None:
+            raise CadisError(f"{key} must be a number, got {value!r}")
         if isinstance(current, int):
             if not number.is_integer():
                 raise CadisError(f"{key} must be an integer, got {value!r}")

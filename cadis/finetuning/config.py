@@ -36,7 +36,7 @@ from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import PRECISION_CHOICES, Precision, resolve_precision
 from cadis.smoothing.sequential import SequentialPlan, check_budget
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
-from cadis.validation import check_sigma, is_real, non_negative_float, positive_int
+from cadis.validation import check_sigma, choice, is_real, non_negative_float, positive_int
 
 METHODS = ("ft_cadis", "denoised_ce", "none")
 # Keys a method ignores, and why: the one table of it. The loss gives an ignored lambda and
@@ -64,8 +64,7 @@ GRAD_CLIP_SCOPES = ("parameter", "total")
 LORA_ALPHA_RANK = "rank"
 # Keys that take more than one type (a number or a rule's name; "auto" or a list of names).
 UNION_KEYS = ("confidence_threshold", "lora_target_modules")
-# Numbers whose default is None (off): given, they are read as floats (YAML reads 1e-3 as a
-# string).
+# Numbers whose default is None (off): given, they are read as floats (coerce_like).
 OPTIONAL_FLOATS = ("grad_clip", "weight_decay_end")
 # Keys whose Python attribute differs from what users write (``lambda`` is a keyword).
 RENAMED = {"lambda": "adv_weight"}
@@ -241,17 +240,12 @@ def _parameters(prefix: str, n0: Any, n: Any, alpha: Any,
         raise CadisError(f"{prefix}{error}") from None
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise CadisError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-
 def validate(config: TrainConfig) -> TrainConfig:
     """Check every value (raising :class:`CadisError` naming the key); returns ``config``."""
-    _choice("method", config.method, METHODS)
-    _choice("confidence_model", config.confidence_model, CONFIDENCE_MODELS)
-    _choice("finetune", config.finetune, FINETUNE_MODES)
-    _choice("device", config.device, DEVICES)
+    choice(config.method, "method", METHODS)
+    choice(config.confidence_model, "confidence_model", CONFIDENCE_MODELS)
+    choice(config.finetune, "finetune", FINETUNE_MODES)
+    choice(config.device, "device", DEVICES)
     check_sigma(config.sigma)
     validate_num_noises(config.num_noises)
     validate_adv_weight(config.adv_weight)
@@ -295,9 +289,7 @@ def validate(config: TrainConfig) -> TrainConfig:
             SequentialPlan([0.0], config.sigma, config.certify.alpha, config.certify.n)
         except CadisError as error:
             raise CadisError(f"certify.{error}") from None
-    if config.certify.precision not in PRECISION_CHOICES:
-        raise CadisError(f"certify.precision must be one of {', '.join(PRECISION_CHOICES)}, "
-                         f"got {config.certify.precision!r}")
+    choice(config.certify.precision, "certify.precision", PRECISION_CHOICES)
     if config.device == "cpu":
         # Known now only for an explicit CPU: with auto, the workers' devices decide.
         try:
@@ -343,7 +335,7 @@ def _validate_recipe(config: TrainConfig) -> None:
             and config.grad_clip > 0):
         raise CadisError(f"grad_clip must be a finite number > 0, or null (off); got "
                          f"{config.grad_clip!r}")
-    _choice("grad_clip_scope", config.grad_clip_scope, GRAD_CLIP_SCOPES)
+    choice(config.grad_clip_scope, "grad_clip_scope", GRAD_CLIP_SCOPES)
     if config.weight_decay_end is not None:
         non_negative_float(config.weight_decay_end, "weight_decay_end")
     if not (is_real(config.drop_path) and 0.0 <= config.drop_path < 1.0):

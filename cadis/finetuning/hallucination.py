@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cadis.errors import CadisError
-from cadis.validation import is_real
+from cadis.validation import read_number
 
 #: ``(score_logits [B, M, C], labels [B]) -> credible [B, M]`` (bool).
 MaskRule = Callable[[Tensor, Tensor], Tensor]
@@ -60,27 +60,22 @@ def validate_confidence_threshold(value: object,
                                   key: str = "confidence_threshold") -> ConfidenceThreshold:
     """Return ``value`` as a float τ in [0, 1] or the name of one of :data:`NAMED_RULES`.
 
-    A number written as text (YAML reads ``1e-3`` as a string) counts as the number. Raises
-    :class:`CadisError` naming ``key`` for anything else (other strings, booleans, NaN,
-    numbers outside [0, 1]).
+    A number written as text counts as the number (:func:`cadis.validation.read_number`).
+    Raises :class:`CadisError` naming ``key`` for anything else (other strings, booleans,
+    NaN, numbers outside [0, 1]).
     """
     if isinstance(value, str) and value in NAMED_RULES:
         return value
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    if is_real(number) and 0.0 <= float(number) <= 1.0:
-        return float(number)
+    number = read_number(value)
+    if number is not None and 0.0 <= number <= 1.0:
+        return number
     rules = " or ".join(repr(name) for name in NAMED_RULES)
     raise CadisError(f"{key} must be a number in [0, 1] or {rules}, got {value!r}")
 
 
-def mask_rule(confidence_threshold: ConfidenceThreshold) -> MaskRule:
-    """The rule a (validated or not) ``confidence_threshold`` names."""
-    threshold = validate_confidence_threshold(confidence_threshold)
+def rule_of(threshold: ConfidenceThreshold) -> MaskRule:
+    """The rule a threshold that passed :func:`validate_confidence_threshold` names; not
+    checked again (the loss resolves it once, not at every step)."""
     if isinstance(threshold, str):
         return NAMED_RULES[threshold]
     return _confidence_at_least(threshold)

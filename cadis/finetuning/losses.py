@@ -14,21 +14,21 @@ needing all ``M`` draws of an image selected.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cadis.errors import CadisError
 from cadis.finetuning.hallucination import (
     ARGMAX_RULE,
     ConfidenceThreshold,
-    mask_rule,
+    MaskRule,
+    rule_of,
     validate_confidence_threshold,
 )
-from cadis.validation import non_negative_float, positive_int
+from cadis.validation import flag, non_negative_float, positive_int
 
 
 # --------------------------------------------------------------------------- validation
@@ -89,8 +89,13 @@ def non_hallucinated_mask(
     Whichever model produced ``score_logits`` (the one being fine-tuned or the frozen
     original), the mask carries no gradient.
     """
+    return _credible(score_logits, labels,
+                     rule_of(validate_confidence_threshold(confidence_threshold)))
+
+
+def _credible(score_logits: Tensor, labels: Tensor, rule: MaskRule) -> Tensor:
+    """The mask ``rule`` gives, without gradient (:func:`non_hallucinated_mask`)."""
     _check_draw_shapes(score_logits, labels, "score_logits")
-    rule = mask_rule(confidence_threshold)
     with torch.no_grad():
         return rule(score_logits.detach(), labels)
 
@@ -229,6 +234,8 @@ class FTCadisLossConfig:
     """Stop the gradient through the soft target ``p̄`` of the adversarial term."""
     require_all_selected: bool = True
     """Apply the adversarial term only to images with all M draws selected."""
+    mask_rule: MaskRule = field(init=False, repr=False, compare=False)
+    """The hallucination rule ``confidence_threshold`` names (set on construction)."""
 
     def __post_init__(self) -> None:
         # frozen: normalised values (e.g. int 0 -> 0.0) are written past the freeze once.
@@ -239,8 +246,9 @@ class FTCadisLossConfig:
             validate_confidence_threshold(self.confidence_threshold),
         )
         for key in ("warm_start", "detach_target", "require_all_selected"):
-            if not isinstance(getattr(self, key), bool):
-                raise CadisError(f"{key} must be true or false, got {getattr(self, key)!r}")
+            flag(getattr(self, key), key)
+        # The rule, resolved once here: the loss applies it at every micro-step unchecked.
+        object.__setattr__(self, "mask_rule", rule_of(self.confidence_threshold))
 
     @property
     def uses_adversarial_term(self) -> bool:
@@ -269,9 +277,7 @@ def ft_cadis_loss(
     the adversarial rule selects, reported even when λ = 0).
     """
     _check_draw_shapes(logits, labels)
-    mask = non_hallucinated_mask(
-        logits if score_logits is None else score_logits, labels, config.confidence_threshold
-    )
+    mask = _credible(logits if score_logits is None else score_logits, labels, config.mask_rule)
     selective = selective_cross_entropy(logits, labels, mask, config.warm_start)
     if config.uses_adversarial_term:
         if adv_logits is None:
