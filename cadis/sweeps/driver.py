@@ -39,11 +39,11 @@ from cadis.sweeps.layout import (
     trained_file,
     trial_certify_dir,
 )
+from cadis.sweeps.describe import describe
+from cadis.sweeps.parse import load_sweep
 from cadis.sweeps.preflight import check_searched_sigma
 from cadis.sweeps.resources import concurrent_trials, store_build_cpus
 from cadis.sweeps.resume import check_results_dir, sweep_fingerprint
-from cadis.sweeps.describe import describe
-from cadis.sweeps.parse import load_sweep
 from cadis.sweeps.search_space import trial_config
 from cadis.sweeps.spec import TRIAL_DRIVER_CPUS, VARIANT_KEY, SweepConfig
 from cadis.tracking.contract import ERROR_ARTIFACT, TRIAL_ID_TAG
@@ -74,7 +74,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     trials the searcher starts from (:mod:`cadis.sweeps.warm_start`).
 
     Every check that can fail on input runs before a trial starts or an MLflow run opens:
-    the file, the models and data of the base, the tracking store and the cluster's resources.
+    the file, the models and data of the base, the tracking server and the cluster's resources.
     A dry run runs them all but the cluster's, creating nothing.
     """
     if stop_after is not None and stop_after not in STOP_AFTER:
@@ -97,7 +97,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     sweep.draws_dir = str(draws)
     state = check_results_dir(results, fingerprint, resume)
     # A dry run refuses what the real run would refuse before its first trial (it creates
-    # nothing: neither the results folder nor the tracking store's).
+    # nothing: neither the results folder nor a SQLite tracking URI's folder).
     _preflight_trials(sweep)
     check_searched_sigma(sweep)
     uri = sweep.tracking_uri()
@@ -137,8 +137,8 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
 
 @contextlib.contextmanager
 def _mlflow_errors(uri: str, results: Path, resume_command: str) -> Iterator[None]:
-    """An MLflow failure anywhere in the sweep ends it in one line, resumable: a store that
-    stayed unreachable past the writer's retry bound (its ``PatientClient``) says how to
+    """An MLflow failure anywhere in the sweep ends it in one line, resumable: a tracking server
+    that stayed unreachable past the writer's retry bound (its ``PatientClient``) says how to
     continue once it is back."""
     from mlflow.exceptions import MlflowException
 
@@ -249,7 +249,7 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
         raise CadisError(f"sweep interrupted; continue it with: cadis sweep ... --resume "
                          f"(results in {results})") from None
     except BaseException as error:
-        # A store given up on would be waited for again, to no end: its runs stay RUNNING
+        # A tracking server given up on would be waited for again, to no end: its runs stay RUNNING
         # until --resume reopens them.
         if tracking_given_up(error) is None:
             with contextlib.suppress(Exception):
