@@ -16,16 +16,18 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from cadis.errors import CadisError, first_line
+from cadis.validation import known_name, positive_int
 
-DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "digits")
-IN_MEMORY_DATASETS = ("fashion-mnist", "cifar10", "digits")
+# The dataset of the user's own folder-per-class tree; the others are named datasets held in
+# memory (LOADERS, at the end of the module, is the table of all of them).
+FOLDER_DATASET = "imagefolder"
 SPLITS = ("train", "test")
 AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
 
@@ -87,7 +89,7 @@ class ImageTensorDataset(Dataset):
                  augment: str = "none") -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 tensor of shape N x C x H x W")
-        _check_choice("augment", augment, AUGMENTATIONS)
+        known_name(augment, "augment", AUGMENTATIONS)
         self.images = images
         self.labels = labels.long()
         self.info = info
@@ -117,13 +119,13 @@ class FolderDataset(Dataset):
                  augment: str = "none") -> None:
         from torchvision.transforms import v2
 
-        _check_choice("augment", augment, AUGMENTATIONS)
+        known_name(augment, "augment", AUGMENTATIONS)
         self.files = list(files)
         self.labels = torch.tensor(list(labels), dtype=torch.long)
         self.mode = mode
         self.resize = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True),
                                   v2.CenterCrop(image_size)])
-        self.info = DatasetInfo("imagefolder", 1 if mode == GRAYSCALE else 3, image_size,
+        self.info = DatasetInfo(FOLDER_DATASET, 1 if mode == GRAYSCALE else 3, image_size,
                                 tuple(class_names))
         self.augment = augment
 
@@ -139,6 +141,11 @@ class FolderDataset(Dataset):
         if self.augment != "none":
             image = augment_image(image, self.augment)
         return image, int(self.labels[index])
+
+
+#: ``(split, root, augment, image_size, download) -> dataset``: one entry of :data:`LOADERS`.
+DatasetLoader = Callable[[str, Any, str, Union[int, None], bool],
+                         Union[ImageTensorDataset, FolderDataset]]
 
 
 def augment_image(image: torch.Tensor, augment: str) -> torch.Tensor:
@@ -164,20 +171,8 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None,
     other datasets have a size of their own, and another one given is an error.
     Raises :class:`CadisError` with a one-line hint when the data is missing.
     """
-    _check_choice("dataset", name, DATASETS)
-    _check_choice("split", split, SPLITS)
-    if name == "imagefolder":
-        return _image_folder(split, root, augment, image_size)
-    if name == "fashion-mnist":
-        dataset = _fashion_mnist(split, root, augment, download)
-    elif name == "cifar10":
-        dataset = _cifar10(split, root, augment, download)
-    else:
-        dataset = _digits(split, augment)
-    if image_size is not None and image_size != dataset.info.image_size:
-        raise CadisError(f"image_size {image_size} given, but {name} images are "
-                         f"{dataset.info.image_size} px (image_size is for imagefolder data)")
-    return dataset
+    load = LOADERS[known_name(name, "dataset", DATASETS)]
+    return load(known_name(split, "split", SPLITS), root, augment, image_size, download)
 
 
 def in_memory(dataset: ImageTensorDataset | FolderDataset,
@@ -192,10 +187,9 @@ def in_memory(dataset: ImageTensorDataset | FolderDataset,
 
 def subset_indices(length: int, skip: int = 1, max_images: int | None = None) -> list[int]:
     """Deterministic test subset: every ``skip``-th index from 0, at most ``max_images``."""
-    if skip < 1:
-        raise CadisError(f"skip must be an integer >= 1, got {skip}")
-    if max_images is not None and max_images < 1:
-        raise CadisError(f"max_images must be an integer >= 1, got {max_images}")
+    positive_int(skip, "skip")
+    if max_images is not None:
+        positive_int(max_images, "max_images")
     indices = list(range(0, length, skip))
     return indices if max_images is None else indices[:max_images]
 
@@ -242,11 +236,6 @@ def stack_images(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor
     """The images and labels at ``indices`` as one batch (for evaluation on a fixed subset)."""
     items = [dataset[i] for i in indices]
     return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
-
-
-def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise CadisError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -328,7 +317,8 @@ def _cifar10(split: str, root, augment: str, download: bool) -> ImageTensorDatas
                               augment)
 
 
-def _digits(split: str, augment: str) -> ImageTensorDataset:
+def _digits(split: str, root, augment: str, download: bool) -> ImageTensorDataset:
+    # Shipped with scikit-learn: nothing to find under root or download.
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -481,7 +471,9 @@ def _read_image(path: Path, mode: str) -> Any:
         return image.convert(mode)
 
 
-def _image_folder(split: str, root, augment: str, image_size: int | None) -> FolderDataset:
+def _image_folder(split: str, root, augment: str, image_size: int | None,
+                  download: bool) -> FolderDataset:
+    # The user's own tree: nothing to download.
     if root is None:
         raise CadisError("dataset imagefolder needs a root: the folder-per-class tree "
                          "(set data.root in the config or --data-root)")
@@ -493,3 +485,31 @@ def _image_folder(split: str, root, augment: str, image_size: int | None) -> Fol
                          f"{image_size}")
     files, labels, classes = folder_split(base, split)
     return FolderDataset(files, labels, classes, folder_mode(base), image_size, augment)
+
+
+def _own_size(load: Callable[[str, Any, str, bool], ImageTensorDataset]) -> DatasetLoader:
+    """A loader of a dataset whose images have a size of their own: another ``image_size``
+    given is an error."""
+    def loader(split: str, root: Any, augment: str, image_size: int | None,
+               download: bool) -> ImageTensorDataset:
+        dataset = load(split, root, augment, download)
+        if image_size is not None and image_size != dataset.info.image_size:
+            raise CadisError(f"image_size {image_size} given, but {dataset.info.name} images "
+                             f"are {dataset.info.image_size} px (image_size is for "
+                             "imagefolder data)")
+        return dataset
+
+    return loader
+
+
+#: Each named dataset's loader: ``(split, root, augment, image_size, download)``.
+LOADERS: dict[str, DatasetLoader] = {
+    "fashion-mnist": _own_size(_fashion_mnist),
+    "cifar10": _own_size(_cifar10),
+    FOLDER_DATASET: _image_folder,
+    "digits": _own_size(_digits),
+}
+#: The dataset names, in the order errors list them.
+DATASETS = tuple(LOADERS)
+#: The datasets held in memory whole, with an image size of their own.
+IN_MEMORY_DATASETS = tuple(name for name in DATASETS if name != FOLDER_DATASET)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cadis.data import (AUGMENTATIONS, DEBIAN_FASHION_MNIST, augment_image, load_dataset,
-                        stack_images, subset_indices)
+from cadis.data import (AUGMENTATIONS, DATASETS, DEBIAN_FASHION_MNIST, LOADERS, augment_image,
+                        load_dataset, stack_images, subset_indices)
 from cadis.errors import CadisError
 
 has_fashion_mnist = (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file()
@@ -98,6 +98,19 @@ def test_bad_dataset_requests_raise_one_line(name, kwargs, match, tmp_path, monk
 def test_unknown_split():
     with pytest.raises(CadisError, match="unknown split 'val'"):
         load_dataset("digits", "val")
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_dataset_of_the_table_refuses_an_unknown_split(name):
+    # Checked before the loader runs: no data needed.
+    with pytest.raises(CadisError, match="unknown split 'val'; allowed: train, test"):
+        load_dataset(name, "val")
+
+
+def test_the_dataset_names_are_the_loaders_table():
+    assert DATASETS == tuple(LOADERS)
+    with pytest.raises(CadisError, match=f"allowed: {', '.join(LOADERS)}$"):
+        load_dataset("mnist", "test")
 
 
 @pytest.mark.parametrize("length,skip,max_images,expected", [
