@@ -2,8 +2,9 @@
 
 The one place that turns "these models (and perhaps a fine-tuned checkpoint), this sigma,
 this data" into a ``Smooth`` over ``classifier(denoiser(x + delta))`` and an output folder of
-records: `cadis certify` calls it, and so do `cadis train` and every sweep trial when they
-certify what they made. (The per-epoch proxy of training certifies its own model in memory.)
+records: `cadis certify` calls it, and so do `cadis train` and a sweep's final stage when
+they certify what they made. It certifies through :mod:`cadis.certifier`, as the rank stage
+and the per-epoch proxy do.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from cadis.certifier import CertificationSettings, LiveDraws, StoredDraws, certify_into
 from cadis.data import load_dataset, stack_images, subset_indices
 from cadis.draws.certification_store import DrawStore, build_store
 from cadis.draws.keys import TEST_ROLE, certification_key, store_folder
@@ -38,7 +40,6 @@ from cadis.smoothing.precision import (
     resolve_precision,
 )
 from cadis.smoothing.records import NOISE_PER_IMAGE, radius_grid
-from cadis.smoothing.runner import certify_dataset, certify_records
 from cadis.smoothing.sequential import (
     SequentialPlan,
     check_budget,
@@ -141,49 +142,37 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                 "checkpoint": checkpoint, "dataset": sources.dataset, "seed": seed,
                 "denoiser_timestep": base.denoiser.timestep,
                 "precision": chosen_precision.name, "compiled": compile}
+    draws: LiveDraws | StoredDraws = LiveDraws(smooth, test_set, seed)
     if draws_dir is not None:
-        return _certify_from_store(base, sources, test_set, indices, shard, sigma, seed,
-                                   chosen_precision, chosen_device, parameters, plan, grid,
-                                   Path(draws_dir), out_dir, settings, notes, progress)
-    return certify_dataset(smooth, test_set, shard_of(indices, shard), parameters,
-                           out_dir=out_dir, settings=settings,
-                           radii=grid, progress=progress, plan=plan, seed=seed, notes=notes)
+        store = _test_store(base, sources, test_set, indices, sigma, seed, chosen_precision,
+                            chosen_device, parameters, Path(draws_dir), progress)
+        draws = StoredDraws(store, base.classifier, chosen_device)
+        settings.update(noise=NOISE_PER_IMAGE, stored_draws=str(store.folder))
+    return certify_into(draws, shard_of(indices, shard),
+                        CertificationSettings(sigma, parameters, tuple(grid), plan), out_dir,
+                        settings, progress, notes)
 
 
-def _certify_from_store(base: DenoisedClassifier, sources: ModelSources, test_set: Any,
-                        indices: list[int], shard: tuple[int, int] | None, sigma: float,
-                        seed: int, precision: Precision, device: torch.device,
-                        parameters: CertificationParameters,
-                        plan: SequentialPlan | None, grid: Sequence[float], draws_dir: Path,
-                        out_dir: Path, settings: dict[str, Any], notes: dict[str, Any],
-                        progress: bool) -> dict[str, Any]:
-    """:func:`certify_models` from the store of all ``indices``' draws under ``draws_dir``
-    (built first when missing: the whole subset, whichever shard asks), ``base``'s classifier
-    alone running."""
+def _test_store(base: DenoisedClassifier, sources: ModelSources, test_set: Any,
+                indices: list[int], sigma: float, seed: int, precision: Precision,
+                device: torch.device,
+                parameters: CertificationParameters, draws_dir: Path,
+                progress: bool) -> DrawStore:
+    """The store of all ``indices``' draws under ``draws_dir``, built first (by ``base``'s
+    denoiser) when missing: the whole subset, whichever shard asks."""
     key = certification_key(dataset=sources.dataset, split="test", indices=indices,
                             denoiser=sources.denoiser, sigma=sigma, n0=parameters.n0,
                             n=parameters.n, seed=seed, precision=precision.name)
     folder = store_folder(draws_dir.absolute(), TEST_ROLE, key)
     if folder.exists():
-        store = DrawStore.open(folder, key)
-    else:
-        images, labels = stack_images(test_set, indices)
-        if progress:
-            print(f"certify: denoising {len(indices)} images x {parameters.n0 + parameters.n} "
-                  f"draws once into {folder}", flush=True)
-        store = build_store(folder, key, base.denoiser, images.to(device), labels.tolist(),
-                            test_set.info.num_classes, parameters.batch_size,
-                            classifier=base.classifier, progress=progress)
-    classifier = base.classifier
-
-    def certify(group: list[int]) -> list[tuple]:
-        if plan is not None:
-            return store.certify_sequential(classifier, group, plan, device)
-        return store.certify(classifier, group, parameters.alpha, device)
-
-    return certify_records(certify, shard_of(indices, shard), parameters, sigma, out_dir,
-                           {**settings, "noise": NOISE_PER_IMAGE, "stored_draws": str(folder)},
-                           grid, progress, plan, notes)
+        return DrawStore.open(folder, key)
+    images, labels = stack_images(test_set, indices)
+    if progress:
+        print(f"certify: denoising {len(indices)} images x {parameters.n0 + parameters.n} "
+              f"draws once into {folder}", flush=True)
+    return build_store(folder, key, base.denoiser, images.to(device), labels.tolist(),
+                       test_set.info.num_classes, parameters.batch_size,
+                       classifier=base.classifier, progress=progress)
 
 
 def certify_trained(config: TrainConfig, out_dir: Path, checkpoint: str | None = None,

@@ -23,6 +23,7 @@ LAYERS = (
     ("data and models", ("cadis.data", "cadis.models")),
     ("smoothing", ("cadis.smoothing",)),
     ("stored draws", ("cadis.draws",)),
+    ("certifier", ("cadis.certifier",)),
     ("fine-tuning", ("cadis.finetuning",)),
     ("named models and pretraining", ("cadis.certify_models", "cadis.pretrain")),
     ("tracking", ("cadis.tracking",)),

@@ -90,33 +90,6 @@ def test_the_loss_is_divided_by_the_accumulation_steps(method):
     assert loss > 0  # the logged loss is the micro-batch's own, unscaled
 
 
-def test_the_proxy_from_stored_draws_equals_the_proxy_denoised_live(tiny_models_dir, tmp_path):
-    from cadis.data import load_dataset, stack_images, stratified_holdout
-    from cadis.finetuning.loop import _evaluate
-    from cadis.finetuning.store_keys import proxy_store_key
-    from cadis.models.denoiser import load_denoiser
-    from cadis.models.sources import ModelSources
-    from cadis.draws.certification_store import build_store
-
-    config = from_mapping({"models": str(tiny_models_dir), "val_images": 20, "proxy_images": 6,
-                           "proxy_n": 30, "proxy_n0": 5})
-    sources = ModelSources.resolve(str(tiny_models_dir))
-    dataset = load_dataset("digits", "train")
-    _, validation = stratified_holdout(dataset.labels, config.val_images, config.val_seed)
-    classifier = load_classifier(sources.classifier)
-    unet, scheduler = load_denoiser(sources.denoiser)
-    denoiser = OneShotDenoiser(unet, scheduler, config.sigma)
-    live = _evaluate(classifier, denoiser, dataset, validation, config, sources, 10, 8)
-    proxy = validation[:config.proxy_images]
-    images, labels = stack_images(dataset, proxy)
-    key = proxy_store_key(config, sources, proxy, torch.device("cpu"))
-    store = build_store(tmp_path / "proxy", key, denoiser, images, labels.tolist(), 10, 100,
-                        progress=False)
-    config.proxy_store = str(store.folder)
-    stored = _evaluate(classifier, denoiser, dataset, validation, config, sources, 10, 8)
-    assert stored == live and "proxy_acr" in stored
-
-
 def test_a_non_finite_loss_stops_training_before_the_optimizer_steps(tiny_models_dir, tmp_path):
     from cadis.errors import CadisError
     from cadis.finetuning.fit import LocalSession

@@ -1,4 +1,4 @@
-"""Certification records, the figures derived from them, and the resumable runner."""
+"""Certification records and the figures derived from them (writing them: test_certifier.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ import io
 import json
 
 import pytest
-import torch
-from torch import nn
 
 from cadis.errors import CadisError
-from cadis.smoothing.bounds import ABSTAIN, CertificationParameters
-from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset
-from cadis.smoothing.smooth import images_per_forward
-from cadis.smoothing.smooth import Smooth
+from cadis.smoothing.bounds import ABSTAIN
 from cadis.smoothing.records import (PLOT_FILENAME, RECORDS_FILENAME, RECORDS_HEADER, SUMMARY_FILENAME,
                            Record, RecordWriter, average_certified_radius, certified_accuracy,
                            default_radii, format_table, plot_certified_accuracy, read_records,
@@ -189,89 +184,3 @@ def test_plot_is_a_png(tmp_path):
     path = plot_certified_accuracy(two_record_sets(), tmp_path / PLOT_FILENAME, title="test")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     assert [entry.name for entry in tmp_path.iterdir()] == [PLOT_FILENAME]
-
-
-# --------------------------------------------------------------------------- certify_dataset
-
-
-class CountingLinear(nn.Module):
-    """A cheap analytic base, ``class = [x.w > 0]``, that counts the draws it classifies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.tensor([[[1.0, -1.0], [1.0, -1.0]]])
-        self.draws = 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.draws += len(images)
-        score = (images * self.weight).flatten(1).sum(dim=1)
-        return torch.stack([-score, score], dim=1)
-
-
-def tiny_dataset(size: int = 6) -> list[tuple[torch.Tensor, int]]:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand((size, 1, 2, 2), generator=generator)
-    # Labels alternate, so some predictions are right and some wrong.
-    return [(image, index % 2) for index, image in enumerate(images)]
-
-
-N0, N, ALPHA = 10, 20, 0.01
-SETTINGS = {"classifier": "linear", "denoiser": "none"}
-
-
-def run(base, out_dir, indices, batch_size=1000, settings=SETTINGS, n=N, progress=False):
-    smooth = Smooth(base, 2, 0.5, generator=torch.Generator().manual_seed(0))
-    return certify_dataset(smooth, tiny_dataset(), indices,
-                           CertificationParameters(N0, n, ALPHA, batch_size), out_dir,
-                           settings, RADII, progress=progress)
-
-
-@pytest.mark.parametrize("batch_size", [16, 1000])  # image by image, and packed
-def test_resume_certifies_only_the_missing_images(tmp_path, batch_size):
-    base = CountingLinear()
-    first = run(base, tmp_path, range(3), batch_size)
-    assert base.draws == 3 * (N0 + N)
-    assert first["num_images"] == 3
-
-    summary = run(base, tmp_path, range(5), batch_size, progress=True)
-    assert base.draws == 5 * (N0 + N)
-    records = read_records(tmp_path / RECORDS_FILENAME)
-    assert [record.idx for record in records] == [0, 1, 2, 3, 4]
-    assert [record.label for record in records] == [0, 1, 0, 1, 0]
-    assert summary == json.loads((tmp_path / SUMMARY_FILENAME).read_text())
-    assert summary["num_images"] == 5
-    assert summary["certified_accuracy"]["0.0"] == pytest.approx(
-        certified_accuracy(records, [0.0])[0.0])
-    assert (summary["n"], summary["n0"], summary["classifier"]) == (N, N0, "linear")
-    assert json.loads((tmp_path / SETTINGS_FILENAME).read_text()) == {
-        **SETTINGS, "sigma": 0.5, "n": N, "n0": N0, "alpha": ALPHA}
-    assert (tmp_path / PLOT_FILENAME).read_bytes().startswith(PNG_SIGNATURE)
-
-
-def test_images_per_forward():
-    assert images_per_forward(10, 20, 16) == 1
-    assert images_per_forward(10, 20, 1000) == 33
-    assert images_per_forward(100, 100_000, 1000) == 1
-
-
-@pytest.mark.parametrize("change, named", [({"settings": {**SETTINGS, "classifier": "other"}},
-                                             "classifier"),
-                                            ({"n": 40}, "n:"),
-                                            ({"settings": {"classifier": "linear"}}, "denoiser")])
-def test_other_settings_are_refused_and_nothing_is_touched(tmp_path, change, named):
-    base = CountingLinear()
-    run(base, tmp_path, range(2))
-    before = {entry.name: entry.read_bytes() for entry in tmp_path.iterdir()}
-    draws = base.draws
-    with pytest.raises(CadisError, match=named):
-        run(base, tmp_path, range(4), **change)
-    assert {entry.name: entry.read_bytes() for entry in tmp_path.iterdir()} == before
-    assert base.draws == draws
-
-
-def test_settings_that_contradict_the_certification_are_refused(tmp_path):
-    with pytest.raises(CadisError, match="n=5"):
-        run(CountingLinear(), tmp_path, range(2), settings={**SETTINGS, "n": 5})
-    with pytest.raises(CadisError, match="acr"):
-        run(CountingLinear(), tmp_path, range(2), settings={**SETTINGS, "acr": 1})
-    assert not (tmp_path / RECORDS_FILENAME).exists()

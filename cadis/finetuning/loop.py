@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from cadis.certifier import CertificationSettings, LiveDraws, StoredDraws, certified_records
 from cadis.data import load_dataset, stack_images, stratified_holdout
 from cadis.draws.certification_store import DrawStore
 from cadis.draws.keys import TRAIN_ROLE, store_folder
@@ -58,13 +59,12 @@ from cadis.smoothing.denoise import (
 from cadis.smoothing.precision import Precision
 from cadis.smoothing.precision import autocast as precision_autocast
 from cadis.smoothing.records import (
-    Record,
     average_certified_radius,
     certified_accuracy,
     radius_grid,
     radius_key,
 )
-from cadis.smoothing.smooth import Smooth, default_batch_size, image_generators
+from cadis.smoothing.smooth import Smooth, default_batch_size
 from cadis.tracking.contract import PROXY_ACR, PROXY_PREFIX
 
 
@@ -228,7 +228,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
                        trainable_fraction=trainable_fraction(classifier))
         state.epoch = epoch + 1
         if session.rank == 0:
-            metrics.update(_evaluate(classifier, denoiser, plain_set, val_indices, config,
+            metrics.update(proxy_metrics(classifier, denoiser, plain_set, val_indices, config,
                                      sources, info.num_classes, info.image_size))
             state.history.append(metrics)
             with tempfile.TemporaryDirectory() as directory:
@@ -346,12 +346,13 @@ def build_training_draws(config: TrainConfig, root: str | Path, device: torch.de
 
 
 @torch.inference_mode()
-def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indices: list[int],
-              config: TrainConfig, sources: ModelSources, num_classes: int,
-              image_size: int) -> dict[str, float]:
+def proxy_metrics(classifier: Classifier, denoiser: OneShotDenoiser, dataset,
+                  indices: list[int], config: TrainConfig, sources: ModelSources,
+                  num_classes: int, image_size: int) -> dict[str, float]:
     """Denoised accuracy (one draw per held-out image) and the certified-accuracy proxy on
-    the first ``proxy_images`` of them: from the stored draws of ``config.proxy_store`` when
-    given (the classifier alone runs), else drawn and denoised here; the same counts."""
+    the first ``proxy_images`` of them (:mod:`cadis.certifier`): from the stored draws of
+    ``config.proxy_store`` when given (the classifier alone runs), else drawn and denoised
+    here; the same counts."""
     was_training = classifier.training
     classifier.eval()
     device = next(denoiser.parameters()).device
@@ -368,17 +369,16 @@ def _evaluate(classifier: Classifier, denoiser: OneShotDenoiser, dataset, indice
         correct += int((predictions == labels[start:start + len(batch)]).sum())
     proxy_indices = indices[:config.proxy_images]
     if config.proxy_store:
-        store = DrawStore.open(config.proxy_store,
-                               proxy_store_key(config, sources, proxy_indices, device))
-        answers = store.certify(classifier, proxy_indices, config.proxy_alpha, device)
+        draws: LiveDraws | StoredDraws = StoredDraws(
+            DrawStore.open(config.proxy_store,
+                           proxy_store_key(config, sources, proxy_indices, device)),
+            classifier, device)
     else:
-        smooth = Smooth(DenoisedClassifier(denoiser, classifier), num_classes, config.sigma)
-        results = smooth.certify_many(images[:len(proxy_indices)], parameters,
-                                      image_generators(config.seed, proxy_indices, device))
-        answers = [(int(label), *result) for label, result in zip(labels, results)]
-    records = [Record.from_prediction(index, label, prediction, radius, 0.0)
-               for index, (label, prediction, radius) in zip(proxy_indices, answers)]
+        draws = LiveDraws(Smooth(DenoisedClassifier(denoiser, classifier), num_classes,
+                                 config.sigma), dataset, config.seed)
     radii = radius_grid(config.sigma, config.proxy_n, config.proxy_alpha, image_size)
+    records = list(certified_records(draws, proxy_indices, CertificationSettings(
+        config.sigma, parameters, tuple(radii))))
     classifier.train(was_training)
     metrics = {"val_denoised_accuracy": correct / len(images), PROXY_ACR:
                average_certified_radius(records)}

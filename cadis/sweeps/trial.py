@@ -10,11 +10,11 @@ The rank stage reads stored draws when the sweep made them (:mod:`cadis.sweeps.s
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from cadis.certifier import CertificationSettings, LiveDraws, StoredDraws, certify_into
 from cadis.certify_models import build_denoised_classifier, certify_trained, shard_of
 from cadis.data import load_dataset, stratified_holdout
 from cadis.draws.certification_store import DrawStore
@@ -27,11 +27,17 @@ from cadis.finetuning.store_keys import held_out_store_key
 from cadis.models.classifier import load_classifier
 from cadis.models.devices import pick_device
 from cadis.smoothing.bounds import CertificationParameters
-from cadis.smoothing.records import radius_grid
-from cadis.smoothing.runner import SETTINGS_FILENAME, certify_dataset, certify_records
+from cadis.smoothing.records import RECORDS_FILENAME, radius_grid, read_settings
+from cadis.smoothing.runner import SETTINGS_FILENAME
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii
 from cadis.smoothing.smooth import Smooth, default_batch_size
-from cadis.sweeps.layout import TRAIN_DIR, trained_file, trial_failure_file, trial_rank_dir
+from cadis.sweeps.layout import (
+    TRAIN_DIR,
+    TrainedTrial,
+    trained_file,
+    trial_failure_file,
+    trial_rank_dir,
+)
 from cadis.sweeps.search_space import trial_config
 from cadis.sweeps.spec import RankSettings, SweepConfig
 from cadis.sweeps.shards import certify_in_shards
@@ -80,10 +86,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, results: str,
         raise RuntimeError(f"trial {trial_id}: training left no checkpoint")
     checkpoint = str(result.checkpoint.path)
     # What the final stage needs of this trial, should it be a finalist.
-    trained = trained_file(results, trial_id)
-    trained.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(trained, json.dumps({"checkpoint": checkpoint,
-                                           "config": config.to_dict()}, indent=2) + "\n")
+    TrainedTrial(checkpoint, config.to_dict()).write(trained_file(results, trial_id))
     # Outside the trial's placement group (which holds only this function's share): the
     # Train workers have given their resources back by now, as the Train run does its own,
     # and each certifies a shard of the images in their place.
@@ -134,23 +137,18 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
         plan = SequentialPlan(sorted(set(decided) | set(rank.radii)), config.sigma, rank.alpha,
                               rank.n)
     if store is not None:
-        draws = DrawStore.open(store, held_out_store_key(config, sources, validation, rank.n0,
-                                                         rank.n, device))
         classifier, _ = load_trained(load_classifier(sources.classifier), Path(checkpoint))
-        classifier.eval().to(device)
-
-        def certify(group: list[int]) -> list[tuple]:
-            if plan is not None:
-                return draws.certify_sequential(classifier, group, plan, device)
-            return draws.certify(classifier, group, rank.alpha, device)
-
-        return certify_records(certify, indices, parameters, config.sigma, out, settings,
-                               radii, progress=False, plan=plan)
-    base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
-                                     channels=info.channels, image_size=info.image_size)
-    smooth = Smooth(base, info.num_classes, config.sigma)
-    return certify_dataset(smooth, train_set, indices, parameters, out, settings, radii,
-                           progress=False, plan=plan, seed=config.seed)
+        draws: LiveDraws | StoredDraws = StoredDraws(
+            DrawStore.open(store, held_out_store_key(config, sources, validation, rank.n0,
+                                                     rank.n, device)),
+            classifier.eval().to(device), device)
+    else:
+        base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
+                                         channels=info.channels, image_size=info.image_size)
+        draws = LiveDraws(Smooth(base, info.num_classes, config.sigma), train_set, config.seed)
+    return certify_into(draws, indices, CertificationSettings(config.sigma, parameters,
+                                                              tuple(radii), plan),
+                        out, settings, progress=False)
 
 
 def certify_final(config_dict: dict[str, Any], checkpoint: str, out: str,
@@ -176,6 +174,6 @@ def figures_of(summary: dict[str, Any]) -> dict[str, float]:
 def discard_other_certification(out: Path, checkpoint: str) -> None:
     """A trial retrained after an interruption has a new checkpoint: records certified from
     the old one are not this model's, and the runner would (rightly) refuse the folder."""
-    settings = out / SETTINGS_FILENAME
-    if settings.is_file() and json.loads(settings.read_text()).get("checkpoint") != checkpoint:
+    if (out / SETTINGS_FILENAME).is_file() and \
+            read_settings(out / RECORDS_FILENAME).get("checkpoint") != checkpoint:
         shutil.rmtree(out)
