@@ -1,7 +1,7 @@
 """``cadis sweep FILE --warm-start FROM``: start the searcher from what an earlier sweep found.
 
 FROM is an earlier sweep's results folder (its ``sweep.json`` names its parent run and
-store) or its parent run's id in this sweep's store. The earlier sweep is compatible when it
+tracking URI) or its parent run's id in this sweep's tracking URI. The earlier sweep is compatible when it
 searched the same keys and every value its ranked trials ran lies inside this sweep's
 distribution of that key (a range's bounds, a choice's options); it must have measured this
 sweep's objectives on validation. Its ranked trials then enter Optuna's study as finished
@@ -97,7 +97,7 @@ def load_warm_start(source: str, sweep: SweepConfig) -> WarmStart:
 
 
 def _locate(source: str, uri: str) -> tuple[str, str]:
-    """The parent run id and store of ``source``: a results folder's ``sweep.json``, else a
+    """The parent run id and tracking URI of ``source``: a results folder's ``sweep.json``, else a
     run id in ``uri``."""
     folder = Path(source)
     if folder.is_dir():
