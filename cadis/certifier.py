@@ -28,6 +28,7 @@ from cadis.draws.certification_store import DrawStore
 from cadis.errors import CadisError
 from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.record_folder import claim_record_folder, complete_settings, summarise_records
 from cadis.smoothing.records import (
     NOISE_PER_IMAGE,
     RECORDS_FILENAME,
@@ -35,7 +36,6 @@ from cadis.smoothing.records import (
     RecordWriter,
     read_records,
 )
-from cadis.smoothing.runner import claim_record_folder, complete_settings, summarise_records
 from cadis.smoothing.sequential import SequentialPlan
 from cadis.smoothing.smooth import Smooth, image_generators, images_per_forward
 

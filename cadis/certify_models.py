@@ -93,8 +93,8 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     being the most estimation draws an image may spend.
     Each image's noise has its own generator (seeded by ``seed`` and its index), so
     ``shard=(k, K)``, which certifies the k-th of K contiguous parts of the images, makes the
-    records a whole run makes of them (:func:`~cadis.smoothing.runner.merge_records` joins
-    the parts).
+    records a whole run makes of them
+    (:func:`~cadis.smoothing.record_folder.merge_records` joins the parts).
 
     ``precision`` (:data:`~cadis.smoothing.precision.PRECISION_CHOICES`) and ``compile``
     (``torch.compile``) choose how the base's forwards run; unless that is fp32 eager, the fast

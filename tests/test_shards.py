@@ -10,8 +10,8 @@ import pytest
 
 from cadis.certify_models import certify_models, shard_of
 from cadis.errors import CadisError
-from cadis.smoothing.records import RECORDS_FILENAME, read_records
-from cadis.smoothing.runner import SETTINGS_FILENAME, merge_records
+from cadis.smoothing.record_folder import merge_records
+from cadis.smoothing.records import RECORDS_FILENAME, SETTINGS_FILENAME, read_records
 from cadis.sweeps.shards import join_shards, shard_dirs
 
 CERTIFY = {"sigma": 0.25, "n": 60, "n0": 10, "alpha": 0.01, "skip": 7, "max_images": 9,

@@ -31,7 +31,7 @@ from cadis.smoothing.bounds import ABSTAIN, max_certifiable_radius
 RECORDS_FILENAME: Final = "records.tsv"
 SUMMARY_FILENAME: Final = "summary.json"
 PLOT_FILENAME: Final = "certified_accuracy.png"
-#: What made the records beside it (written by cadis.smoothing.runner before any record).
+#: What made the records beside it (written by cadis.smoothing.record_folder before any record).
 SETTINGS_FILENAME: Final = "settings.json"
 #: ``settings["noise"]`` (and a store key's) when each image has its own seeded generator
 #: (cadis.smoothing.smooth.image_generators). Here, torch-free, so that a reader of records can
@@ -52,8 +52,8 @@ DEFAULT_MAX_RADII: Final = {"cifar": 1.0, "imagenet": 2.0}
 #: Images larger than this are certified on the ImageNet-scale radius grid (0, 0.5, 1, ...).
 CIFAR_SCALE_MAX_SIZE: Final = 64
 
-#: The settings that the certification itself fixes (the runner's caller must agree with
-#: them); records made with other values of these are other experiments.
+#: The settings that the certification itself fixes (the record folder's caller must agree
+#: with them); records made with other values of these are other experiments.
 CERTIFICATION_SETTINGS: Final = ("sigma", "n", "n0", "alpha")
 #: The summary's own fields; extra fields may not reuse these names.
 SUMMARY_FIELDS: Final = (*CERTIFICATION_SETTINGS, "num_images", "certified_accuracy", "acr")

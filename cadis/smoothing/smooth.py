@@ -290,7 +290,7 @@ class Smooth:
                      generators: Sequence[torch.Generator] | None = None
                      ) -> list[tuple[int, float]]:
         """CERTIFY K images in groups of :func:`images_per_forward` (each group one
-        :meth:`certify_images`), as the certification runner does: the same draws, for the
+        :meth:`certify_images`), as :mod:`cadis.certifier` does: the same draws, for the
         same generators, as a run over those images or a store built from them."""
         size = images_per_forward(parameters.n0, parameters.n, parameters.batch_size)
         return [result for start in range(0, len(xs), size)

@@ -2,7 +2,7 @@
 
 A certification of K shards runs K tasks, the k-th certifying the k-th contiguous part of the
 images into its own folder (``OUT/shards/k-of-K``); the parts then join into ``OUT``
-(:func:`~cadis.smoothing.runner.merge_records`). Each image's noise has its own generator
+(:func:`~cadis.smoothing.record_folder.merge_records`). Each image's noise has its own generator
 and stored draws are fixed per image, so the joined records equal one task's but for the
 ``seconds`` column. Each part resumes on its own; a join that was cut short is redone.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from cadis.smoothing.runner import merge_records
+from cadis.smoothing.record_folder import merge_records
 
 SHARDS_DIR: Final = "shards"
 #: Measured of a run, not settings: the joined summary keeps each one's worst part (every

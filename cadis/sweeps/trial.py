@@ -27,8 +27,7 @@ from cadis.finetuning.store_keys import held_out_store_key
 from cadis.models.classifier import load_classifier
 from cadis.models.devices import pick_device
 from cadis.smoothing.bounds import CertificationParameters
-from cadis.smoothing.records import RECORDS_FILENAME, radius_grid, read_settings
-from cadis.smoothing.runner import SETTINGS_FILENAME
+from cadis.smoothing.records import RECORDS_FILENAME, SETTINGS_FILENAME, radius_grid, read_settings
 from cadis.smoothing.sequential import SequentialPlan, reachable_radii
 from cadis.smoothing.smooth import Smooth, default_batch_size
 from cadis.sweeps.layout import (
@@ -173,7 +172,7 @@ def figures_of(summary: dict[str, Any]) -> dict[str, float]:
 
 def discard_other_certification(out: Path, checkpoint: str) -> None:
     """A trial retrained after an interruption has a new checkpoint: records certified from
-    the old one are not this model's, and the runner would (rightly) refuse the folder."""
+    the old one are not this model's, and the record folder would (rightly) refuse it."""
     if (out / SETTINGS_FILENAME).is_file() and \
             read_settings(out / RECORDS_FILENAME).get("checkpoint") != checkpoint:
         shutil.rmtree(out)
