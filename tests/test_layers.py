@@ -41,6 +41,7 @@ ORCHESTRATION = {
 #: Modules whose import (module-level imports, followed through cadis) must not load a package.
 NOT_LOADED = {
     "torch": ("cadis.smoothing.bounds", "cadis.smoothing.records", "cadis.smoothing.paired",
+              "cadis.smoothing.multiplicity", "cadis.smoothing.verdicts",
               "cadis.tracking.contract", "cadis.tracking.compare", "cadis.files",
               "cadis.validation", "cadis.progress", "cadis.sweeps.objective",
               # `cadis compare` and its figures: the reader, the ranking, what to draw.

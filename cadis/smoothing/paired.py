@@ -63,6 +63,8 @@ CONFIDENCE: Final = 0.95
 #: Resamples x images drawn at a time: bounds the bootstrap's memory (32 MiB of indices)
 #: whatever the number of images.
 RESAMPLE_BLOCK_CELLS: Final = 2 ** 22
+#: Relative rounding allowed when a permuted sum is compared with the observed one.
+SUM_TOLERANCE: Final = 1e-9
 #: How far left of radius 0 the differences' panel starts, as a share of its width.
 PLOT_LEFT_MARGIN: Final = 0.03
 #: The paired plot's legend, below the differences: at most this many entries a row.
@@ -191,6 +193,37 @@ def paired_bootstrap(values_a: np.ndarray, values_b: np.ndarray,
         means[start:start + size] = counts @ differences / images
     tail = (1.0 - confidence) / 2
     return np.quantile(means, [tail, 1.0 - tail], axis=0)
+
+
+def sign_flip_p(differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """The paired sign-flip permutation test's two-sided p-value of "the mean difference is 0"
+    for each column of ``differences`` (rows are images, each row one image's difference).
+
+    Under the null hypothesis each image's difference is as likely to have the other sign
+    (which side is which is exchangeable), so the observed mean is compared with the means of
+    ``resamples`` random sign flips of the images, the same flips for every column. The
+    p-value counts the observed arrangement among them, ``(1 + as extreme) / (1 + resamples)``,
+    so it is valid at any number of resamples and never 0; all-zero differences give 1.
+    Reproducible: the same array, ``resamples`` and ``seed`` give the same p-values.
+    """
+    differences = np.asarray(differences, dtype=float)
+    if differences.ndim != 2 or not len(differences):
+        raise CadisError("the sign-flip test needs an images x statistics array of one image "
+                         "or more")
+    images = len(differences)
+    observed = np.abs(differences.sum(axis=0))
+    # Sums of the same magnitudes in another order differ in the last bits: a flip that
+    # reaches the observed sum up to rounding counts as reaching it.
+    tolerance = SUM_TOLERANCE * np.maximum(1.0, np.abs(differences).sum(axis=0))
+    as_extreme = np.zeros(differences.shape[1], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    block = max(1, RESAMPLE_BLOCK_CELLS // images)
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        signs = rng.integers(0, 2, size=(size, images)) * 2.0 - 1.0
+        as_extreme += (np.abs(signs @ differences) >= observed - tolerance).sum(axis=0)
+    return (1.0 + as_extreme) / (1.0 + resamples)
 
 
 @dataclass(frozen=True)
@@ -363,13 +396,13 @@ def format_comparison(reference: Certification, others: Sequence[Certification],
              + format_table({c.label: c.records for c in (reference, *others)}, radii)]
     for other, comparison in zip(others, comparisons):
         _, noise = shared_noise(reference, other)
-        rows = [[radius_key(test.radius), _signed(test.accuracy_a - test.accuracy_b),
-                 _interval(interval), str(test.only_a), str(test.only_b),
-                 _p_value(test.p_value)]
+        rows = [[radius_key(test.radius), format_signed(test.accuracy_a - test.accuracy_b),
+                 format_interval(interval), str(test.only_a), str(test.only_b),
+                 format_p(test.p_value)]
                 for test, interval in zip(comparison.tests, comparison.intervals)]
         if _acr_comparable(reference, other):
-            rows.append(["ACR", _signed(comparison.acr_a - comparison.acr_b),
-                         _interval(comparison.acr_interval), "", "", ""])
+            rows.append(["ACR", format_signed(comparison.acr_a - comparison.acr_b),
+                         format_interval(comparison.acr_interval), "", "", ""])
         else:
             rows.append(["ACR", "n/a: one is sequential (its ACR is over the grid)", "", "",
                          "", ""])
@@ -417,16 +450,19 @@ def _comparison_csv(reference: Certification, others: Sequence[Certification],
     return render_table(COMPARISON_COLUMNS, rows, "csv")
 
 
-def _signed(value: float) -> str:
+def format_signed(value: float) -> str:
+    """A difference with its sign: ``+0.040``."""
     return f"{value:+.{MARKDOWN_DIGITS}f}"
 
 
-def _p_value(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value in a table: three decimals, scientific notation below :data:`SMALL_P`."""
     return f"{p:.1e}" if p < SMALL_P else f"{p:.{MARKDOWN_DIGITS}f}"
 
 
-def _interval(bounds: tuple[float, float]) -> str:
-    return f"[{_signed(bounds[0])}, {_signed(bounds[1])}]"
+def format_interval(bounds: tuple[float, float]) -> str:
+    """An interval of differences: ``[-0.010, +0.030]``."""
+    return f"[{format_signed(bounds[0])}, {format_signed(bounds[1])}]"
 
 
 def plot_comparison(reference: Certification, others: Sequence[Certification],
