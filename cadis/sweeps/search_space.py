@@ -43,6 +43,16 @@ NOT_SEARCHABLE = {
     "train_draws": "the training draws are denoised once for every trial; set it in base",
     "train_store": "the sweep makes its training draws; set train_draws in base",
     "proxy_store": "the sweep makes the proxy's draws",
+    # Trials are compared image by image: each must train on, and be cut and ranked on, the
+    # same images as every other.
+    "val_images": "every trial ranks on the same validation hold-out; set it in base",
+    "val_seed": "every trial ranks on the same validation hold-out; set it in base",
+    "max_train_images": "every trial trains on the same images; set it in base",
+    "proxy_images": "ASHA cuts trials on the proxy: it certifies the same images in each; "
+                    "set it in base",
+    "dataset": "every trial trains and ranks on the same images; set it in base",
+    "data_root": "every trial trains and ranks on the same images; set it in base",
+    "image_size": "every trial trains and ranks on the same images; set it in base",
 }
 # Integer ranges up to this many values are validated value by value (base checks such as
 # effective_batch_size % batch_size are not intervals); wider ones by their bounds.
