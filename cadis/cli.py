@@ -53,6 +53,7 @@ def _certify(args: argparse.Namespace) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
+    from cadis.smoothing.multiplicity import CORRECTIONS
     from cadis.smoothing.paired import (
         Certification,
         compare_certifications,
@@ -66,7 +67,10 @@ def _analyze(args: argparse.Namespace) -> None:
         plot_certified_accuracy,
         read_records,
     )
+    from cadis.validation import choice
 
+    if args.correct is not None:
+        choice(args.correct, "--correct", tuple(CORRECTIONS))
     paths = [Path(p) / RECORDS_FILENAME if Path(p).is_dir() else Path(p) for p in args.records]
     if args.labels and len(args.labels) != len(paths):
         raise CadisError(f"--labels needs one label per records file: {len(paths)} files, "
@@ -80,6 +84,9 @@ def _analyze(args: argparse.Namespace) -> None:
     paired = len(paths) > 1 and not args.unpaired
     if args.baseline is not None and not paired:
         raise CadisError("--baseline names the reference of a paired comparison: give two or "
+                         "more records files, without --unpaired")
+    if args.correct is not None and not paired:
+        raise CadisError("--correct adjusts the p-values of a paired comparison: give two or "
                          "more records files, without --unpaired")
     radii = sorted(set(args.radii)) if args.radii else default_radii(args.scale)
     if not paired:
@@ -96,7 +103,8 @@ def _analyze(args: argparse.Namespace) -> None:
     reference = certifications[labels.index(baseline)]
     others = [c for c in certifications if c is not reference]
     comparisons = compare_certifications(reference, others, radii)
-    print(format_comparison(reference, others, comparisons, radii, args.format).rstrip("\n"))
+    print(format_comparison(reference, others, comparisons, radii, args.format,
+                            args.correct).rstrip("\n"))
     if args.plot:
         plot_comparison(reference, others, comparisons, Path(args.plot))
         print(f"plot: {args.plot}", file=sys.stderr)
@@ -306,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="default radius grid: 0.25 steps (cifar) or 0.5 (imagenet)")
     analyze.add_argument("--plot", help="write the curves (paired: and the differences with "
                                         "their intervals) to this PNG")
+    analyze.add_argument("--correct", metavar="holm|bh",
+                         help="adjust every p-value of the run (all radii x all compared sets: "
+                              "one family) by Holm's step-down (family-wise error) or "
+                              "Benjamini-Hochberg (false discovery rate), shown beside the raw "
+                              "p (default: none)")
     analyze.set_defaults(handler=_analyze)
     return parser
 

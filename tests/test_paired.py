@@ -14,9 +14,11 @@ from scipy.stats import binomtest
 
 from cadis.cli import main
 from cadis.errors import CadisError
+from cadis.smoothing.multiplicity import benjamini_hochberg, holm
 from cadis.smoothing.paired import (
     BOOTSTRAP_RESAMPLES,
     COMPARISON_COLUMNS,
+    CORRECTION_COLUMNS,
     aligned,
     compare,
     mcnemar_p,
@@ -238,3 +240,46 @@ def test_a_sequential_record_set_is_paired_but_its_acr_is_not_compared(tmp_path,
     assert "| 0.5 | +0.000 | [+0.000, +0.000] | 0 | 0 | 1.000 |" in out
     code, out, _ = _analyze(capsys, a, b, "--radii", "0,0.5", "--format", "csv")
     assert [row["radius"] for row in csv.DictReader(io.StringIO(out))] == ["0.0", "0.5"]
+
+
+def test_analyze_corrects_every_p_value_of_the_run_as_one_family(tmp_path, capsys):
+    a = folder(tmp_path, "a", records_of(HAND_A))
+    b = folder(tmp_path, "b", records_of(HAND_B))
+    c = folder(tmp_path, "c", records_of(HAND_A[:-1] + [0.3]))
+    args = (a, b, c, "--labels", "A", "B", "C", "--radii", "0,0.5")
+    _, plain, _ = _analyze(capsys, *args)
+    _, plain_csv, _ = _analyze(capsys, *args, "--format", "csv")
+    raw = [float(row["p_value"]) for row in csv.DictReader(io.StringIO(plain_csv))
+           if row["radius"] != "ACR"]
+    for correction, adjust_family in (("holm", holm), ("bh", benjamini_hochberg)):
+        code, out, _ = _analyze(capsys, *args, "--correct", correction, "--format", "csv")
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert code == 0 and list(rows[0]) == [*COMPARISON_COLUMNS, *CORRECTION_COLUMNS]
+        tested = [row for row in rows if row["radius"] != "ACR"]
+        # The raw p-values stay; the adjusted ones are the family's: 2 radii x 2 sets.
+        assert [float(row["p_value"]) for row in tested] == raw
+        assert [float(row["p_adjusted"]) for row in tested] == pytest.approx(
+            list(adjust_family(raw)), rel=1e-5)
+        assert {(row["correction"], row["family_size"]) for row in tested} == {
+            (correction, "4")}
+        assert all(row["p_adjusted"] == "" for row in rows if row["radius"] == "ACR")
+    code, out, _ = _analyze(capsys, *args, "--correct", "holm")
+    assert code == 0 and out.splitlines()[0] == (
+        "p-values adjusted by Holm (family-wise error rate) over one family of 4 tests: all 2 "
+        "radii x 2 compared sets of this run.")
+    assert "| radius | B − A | 95% interval | only B | only A | p | Holm p |" in out
+    assert f"| 8 | {2 * 56 / 1024:.3f} | {min(1.0, 4 * 2 * 56 / 1024):.3f} |" in out
+    # The side-by-side table is what the uncorrected run printed.
+    assert plain[:plain.index("B against A")] in out
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--correct", "bonferroni"], "--correct must be one of holm, bh, got 'bonferroni'"),
+    (["--correct", "holm", "--unpaired"], "--correct adjusts the p-values of a paired "
+                                          "comparison"),
+])
+def test_analyze_refuses_another_correction_in_one_line(tmp_path, capsys, args, fragment):
+    a = folder(tmp_path, "a", records_of(HAND_A))
+    b = folder(tmp_path, "b", records_of(HAND_B))
+    code, out, err = _analyze(capsys, a, b, *args)
+    assert code == 2 and out == "" and fragment in err and err.count("\n") == 1

@@ -80,7 +80,7 @@ def test_adjusted_p_values_match_statsmodels(monkeypatch):
     ([0.1, float("nan")], "holm", "lie in [0, 1]"),
     ([1.5], "bh", "lie in [0, 1]"),
     ([-0.1], "holm", "lie in [0, 1]"),
-    ([0.1], "bonferroni", "one of holm, bh; got 'bonferroni'"),
+    ([0.1], "bonferroni", "correction must be one of holm, bh, got 'bonferroni'"),
 ])
 def test_bad_p_values_or_corrections_are_refused_in_one_line(raw, correction, fragment):
     with pytest.raises(CadisError) as error:

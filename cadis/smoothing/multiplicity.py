@@ -21,6 +21,7 @@ from typing import Final
 import numpy as np
 
 from cadis.errors import CadisError
+from cadis.validation import choice
 
 
 def _checked(p_values: Sequence[float]) -> np.ndarray:
@@ -68,7 +69,4 @@ CORRECTION_CONTROLS: Final = {"holm": "family-wise error rate",
 def adjust(p_values: Sequence[float], correction: str) -> np.ndarray:
     """``p_values`` adjusted by the correction named ``correction`` (a key of
     :data:`CORRECTIONS`), or :class:`CadisError` naming the allowed ones."""
-    if correction not in CORRECTIONS:
-        raise CadisError(f"correction must be one of {', '.join(CORRECTIONS)}; "
-                         f"got {correction!r}")
-    return CORRECTIONS[correction](p_values)
+    return CORRECTIONS[choice(correction, "correction", tuple(CORRECTIONS))](p_values)

@@ -36,6 +36,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from cadis.errors import CadisError
+from cadis.smoothing.multiplicity import CORRECTION_CONTROLS, CORRECTION_NAMES, adjust
 from cadis.smoothing.records import (
     CERTIFICATION_SETTINGS,
     CSV_DIGITS,
@@ -372,6 +373,28 @@ def compare_certifications(reference: Certification, others: Sequence[Certificat
             for other in others]
 
 
+def family_adjusted(comparisons: Sequence[Comparison], correction: str | None
+                    ) -> list[list[float]] | None:
+    """The p-values of every test of ``comparisons`` (every radius of every compared set: one
+    family) adjusted together by ``correction`` (a key of
+    :data:`~cadis.smoothing.multiplicity.CORRECTIONS`), shaped as the comparisons' tests;
+    None when ``correction`` is None."""
+    if correction is None:
+        return None
+    raw = [test.p_value for comparison in comparisons for test in comparison.tests]
+    flat = iter(adjust(raw, correction).tolist())
+    return [[next(flat) for _ in comparison.tests] for comparison in comparisons]
+
+
+def describe_family(comparisons: Sequence[Comparison], correction: str) -> str:
+    """What a corrected table's header says: which correction, what it controls, over which
+    family."""
+    radii, sets = len(comparisons[0].tests), len(comparisons)
+    return (f"p-values adjusted by {CORRECTION_NAMES[correction]} "
+            f"({CORRECTION_CONTROLS[correction]}) over one family of {radii * sets} tests: "
+            f"all {radii} radii x {sets} compared sets of this run")
+
+
 def _acr_comparable(reference: Certification, other: Certification) -> bool:
     # Sequential records hold grid radii: their ACR is an average over the grid, not
     # comparable with a fixed-n ACR.
@@ -380,7 +403,7 @@ def _acr_comparable(reference: Certification, other: Certification) -> bool:
 
 def format_comparison(reference: Certification, others: Sequence[Certification],
                       comparisons: Sequence[Comparison], radii: Sequence[float],
-                      fmt: TableFormat = "markdown") -> str:
+                      fmt: TableFormat = "markdown", correction: str | None = None) -> str:
     """The comparisons of :func:`compare_certifications` as text.
 
     Markdown: certified accuracy side by side (:func:`~cadis.smoothing.records.format_table`),
@@ -388,27 +411,41 @@ def format_comparison(reference: Certification, others: Sequence[Certification],
     ACR, with the interval, the discordant counts and McNemar's p; each table is preceded by a
     line naming the images, n, n0, alpha and sigma (and the noise draws). CSV: one tidy table,
     a row per record set and radius (and ACR), each row naming the same.
+
+    With a ``correction`` (``holm`` or ``bh``) every p-value of the run is adjusted as one
+    family (:func:`family_adjusted`): markdown gives the adjusted p beside the raw one under a
+    header naming the correction and the family, CSV adds ``p_adjusted``, ``correction`` and
+    ``family_size`` columns. Without one the output is as it always was.
     """
+    adjusted = family_adjusted(comparisons, correction)
     if fmt == "csv":
-        return _comparison_csv(reference, others, comparisons)
+        return _comparison_csv(reference, others, comparisons, correction, adjusted)
     caption = describe_settings(reference)
     parts = [f"Certified accuracy: {caption}\n\n"
              + format_table({c.label: c.records for c in (reference, *others)}, radii)]
-    for other, comparison in zip(others, comparisons):
+    if correction is not None:
+        parts.insert(0, f"{describe_family(comparisons, correction)}.\n")
+    for position, (other, comparison) in enumerate(zip(others, comparisons)):
         _, noise = shared_noise(reference, other)
         rows = [[radius_key(test.radius), format_signed(test.accuracy_a - test.accuracy_b),
                  format_interval(interval), str(test.only_a), str(test.only_b),
                  format_p(test.p_value)]
                 for test, interval in zip(comparison.tests, comparison.intervals)]
+        blank = [""] * (len(rows[0]) - 3)
         if _acr_comparable(reference, other):
             rows.append(["ACR", format_signed(comparison.acr_a - comparison.acr_b),
-                         format_interval(comparison.acr_interval), "", "", ""])
+                         format_interval(comparison.acr_interval), *blank])
         else:
-            rows.append(["ACR", "n/a: one is sequential (its ACR is over the grid)", "", "",
-                         "", ""])
+            rows.append(["ACR", "n/a: one is sequential (its ACR is over the grid)", "",
+                         *blank])
         header = ["radius", f"{other.label} − {reference.label}",
                   f"{CONFIDENCE:.0%} interval", f"only {other.label}",
                   f"only {reference.label}", "p"]
+        if adjusted is not None:
+            header.append(f"{CORRECTION_NAMES[correction]} p")
+            for row, p in zip(rows, adjusted[position]):
+                row.append(format_p(p))
+            rows[-1].append("")
         method = (f"McNemar's exact two-sided p; paired bootstrap {CONFIDENCE:.0%} interval "
                   f"({comparison.resamples:,} resamples of the images, seed {comparison.seed})")
         parts.append(f"{other.label} against {reference.label}: {caption}; noise draws "
@@ -423,8 +460,13 @@ COMPARISON_COLUMNS: Final = (
     "alpha", "sigma", "same_noise")
 
 
+#: The columns a corrected CSV adds: the adjusted p, the correction and the family's size.
+CORRECTION_COLUMNS: Final = ("p_adjusted", "correction", "family_size")
+
+
 def _comparison_csv(reference: Certification, others: Sequence[Certification],
-                    comparisons: Sequence[Comparison]) -> str:
+                    comparisons: Sequence[Comparison], correction: str | None = None,
+                    adjusted: Sequence[Sequence[float]] | None = None) -> str:
     settings = reference.settings
     made = [str(len(reference.records)),
             describe_indices([record.idx for record in reference.records]),
@@ -433,21 +475,30 @@ def _comparison_csv(reference: Certification, others: Sequence[Certification],
     def number(value: float) -> str:
         return f"{value:.{CSV_DIGITS}f}"
 
+    def corrected(p: float | None) -> list[str]:
+        if adjusted is None:
+            return []
+        family = sum(len(comparison.tests) for comparison in comparisons)
+        return ["" if p is None else f"{p:.{CSV_DIGITS}g}", str(correction), str(family)]
+
     rows = []
-    for other, comparison in zip(others, comparisons):
+    for position, (other, comparison) in enumerate(zip(others, comparisons)):
         same = str(shared_noise(reference, other)[0]).lower()
-        for test, (low, high) in zip(comparison.tests, comparison.intervals):
+        for column, (test, (low, high)) in enumerate(zip(comparison.tests,
+                                                         comparison.intervals)):
             rows.append([other.label, reference.label, radius_key(test.radius),
                          number(test.accuracy_a), number(test.accuracy_b),
                          number(test.accuracy_a - test.accuracy_b), number(low), number(high),
                          str(test.only_a), str(test.only_b), f"{test.p_value:.{CSV_DIGITS}g}",
-                         *made, same])
+                         *made, same,
+                         *corrected(None if adjusted is None else adjusted[position][column])])
         if _acr_comparable(reference, other):
             low, high = comparison.acr_interval
             rows.append([other.label, reference.label, "ACR", number(comparison.acr_a),
                          number(comparison.acr_b), number(comparison.acr_a - comparison.acr_b),
-                         number(low), number(high), "", "", "", *made, same])
-    return render_table(COMPARISON_COLUMNS, rows, "csv")
+                         number(low), number(high), "", "", "", *made, same, *corrected(None)])
+    columns = COMPARISON_COLUMNS + (CORRECTION_COLUMNS if adjusted is not None else ())
+    return render_table(columns, rows, "csv")
 
 
 def format_signed(value: float) -> str:
