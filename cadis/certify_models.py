@@ -52,6 +52,7 @@ from cadis.smoothing.smooth import (
     default_batch_size,
     image_generators,
 )
+from cadis.validation import check_sigma
 
 
 def build_denoised_classifier(sources: ModelSources, sigma: float,
@@ -112,7 +113,9 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
 
     Returns the summary (also in ``out_dir/summary.json``). Resumes an interrupted run with
     the same settings; refuses, untouched, an ``out_dir`` made with other settings.
+    ``sigma`` and the draw counts are checked here, where they enter, before any work.
     """
+    sigma = check_sigma(sigma)
     if draws_dir is not None and compile:
         raise CadisError("draws_dir: from stored draws only the classifier runs, so compile "
                          "must be false")

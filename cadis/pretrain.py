@@ -33,6 +33,7 @@ from cadis.models.sources import CLASSIFIER_DIR, DENOISER_DIR, MANIFEST
 from cadis.overrides import coerce_like, parse_overrides
 from cadis.progress import progress_bar
 from cadis.smoothing.denoise import OneShotDenoiser, timestep_for_sigma, to_diffusion_space
+from cadis.validation import check_sigmas
 
 SETTINGS_FILE = "cadis_pretrain.json"
 # Our own classifiers see [0, 1] images normalised to [-1, 1], like the diffusion model.
@@ -146,7 +147,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
                                         image_size=config.image_size)
                            for split in ("train", "test"))
     info = train_set.info
-    _check_eval_sigmas(config)
+    check_sigmas(config.eval_sigmas, "eval_sigmas")
     data = _data_settings(config)
     classifier_settings = {**data, **dataclasses.asdict(config.classifier)}
     denoiser_settings = {**data, **dataclasses.asdict(config.denoiser)}
@@ -208,11 +209,6 @@ def _data_settings(config: PretrainConfig) -> dict[str, Any]:
     if config.dataset not in IN_MEMORY_DATASETS:
         settings.update(data_root=config.data_root, image_size=config.image_size)
     return settings
-
-
-def _check_eval_sigmas(config: PretrainConfig) -> None:
-    if not config.eval_sigmas or any(s <= 0 for s in config.eval_sigmas):
-        raise CadisError(f"eval_sigmas must be positive numbers, got {config.eval_sigmas}")
 
 
 def _model_args(recipe: ClassifierRecipe, info: DatasetInfo) -> dict[str, Any]:

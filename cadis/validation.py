@@ -57,32 +57,75 @@ def integer(value: object, key: str) -> int:
     raise CadisError(f"{key} must be an integer, got {value!r}")
 
 
+def integer_at_least(value: object, key: str, least: int, meaning: str | None = None) -> int:
+    """``value`` as an int >= ``least`` (not a bool); ``meaning``, what the count counts, is
+    said in the message: ``num_classes must be an integer >= 2, got 1``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least:
+        return int(value)
+    what = f" ({meaning})" if meaning else ""
+    raise CadisError(f"{key} must be an integer >= {least}{what}, got {value!r}")
+
+
 def positive_int(value: object, key: str, meaning: str | None = None) -> int:
     """``value`` as an int >= 1. ``meaning`` (what the count counts) makes the key required
     and is said in the message: ``num_trials is required: an integer >= 1 (trials to run)``."""
-    what = f" ({meaning})" if meaning else ""
     if value is None and meaning:
-        raise CadisError(f"{key} is required: an integer >= 1{what}")
+        raise CadisError(f"{key} is required: an integer >= 1 ({meaning})")
     if meaning:
         integer(value, key)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise CadisError(f"{key} must be an integer >= 1{what}, got {value!r}")
+    return integer_at_least(value, key, 1, meaning)
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a finite real number (not a bool), else None."""
+    return float(value) if is_real(value) and math.isfinite(float(value)) else None
 
 
 def non_negative_float(value: object, key: str) -> float:
     """``value`` as a finite float >= 0, or :class:`CadisError` naming ``key``."""
-    if is_real(value) and math.isfinite(float(value)) and float(value) >= 0.0:
-        return float(value)
+    read = _finite(value)
+    if read is not None and read >= 0.0:
+        return read
     raise CadisError(f"{key} must be a finite number >= 0, got {value!r}")
+
+
+def positive_float_or_none(value: object, key: str) -> float | None:
+    """``value`` as a finite float > 0, or None where the setting is off (null)."""
+    read = _finite(value)
+    if value is None or (read is not None and read > 0.0):
+        return read
+    raise CadisError(f"{key} must be a finite number > 0, or null (off), got {value!r}")
+
+
+def number_in(value: object, key: str, low: float, high: float, ends: str = "[]",
+              meaning: str | None = None) -> float:
+    """``value`` as a finite float between ``low`` and ``high``, each end included where
+    ``ends`` has a bracket there and excluded where a parenthesis (``"(]"``: low < value <=
+    high); ``meaning`` is said in the message: ``drop_path must be a number in [0, 1)
+    (0 = off), got 1.0``."""
+    read = _finite(value)
+    above = read is not None and (read >= low if ends[0] == "[" else read > low)
+    if above and (read <= high if ends[1] == "]" else read < high):
+        return read
+    what = f" ({meaning})" if meaning else ""
+    raise CadisError(f"{key} must be a number in {ends[0]}{low:g}, {high:g}{ends[1]}{what}, "
+                     f"got {value!r}")
 
 
 def check_sigma(value: object, key: str = "sigma") -> float:
     """``value`` as a finite float > 0 (the noise level, in [0, 1] image units), or
     :class:`CadisError` naming ``key``: NaN, inf, 0 and booleans are refused."""
-    if is_real(value) and math.isfinite(float(value)) and float(value) > 0.0:
-        return float(value)
+    read = _finite(value)
+    if read is not None and read > 0.0:
+        return read
     raise CadisError(f"{key} must be > 0 and finite, got {value!r}")
+
+
+def check_sigmas(values: object, key: str) -> tuple[float, ...]:
+    """``values`` as a non-empty tuple of noise levels, each as :func:`check_sigma` takes it."""
+    if not isinstance(values, (list, tuple)) or not values:
+        raise CadisError(f"{key} must be a non-empty list of noise levels, got {values!r}")
+    return tuple(check_sigma(value, key) for value in values)
 
 
 def check_probability(value: object, key: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,14 @@ from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.precision import PRECISION_CHOICES, Precision, resolve_precision
 from cadis.smoothing.sequential import SequentialPlan, check_budget
 from cadis.smoothing.smooth import CPU_BATCH_SIZE
-from cadis.validation import check_sigma, choice, is_real, non_negative_float, positive_int
+from cadis.validation import (
+    check_sigma,
+    choice,
+    non_negative_float,
+    number_in,
+    positive_float_or_none,
+    positive_int,
+)
 
 METHODS = ("ft_cadis", "denoised_ce", "none")
 # Keys a method ignores, and why: the one table of it. The loss gives an ignored lambda and
@@ -327,20 +333,12 @@ def _lora_alpha(value: Any) -> float | str:
 def _validate_recipe(config: TrainConfig) -> None:
     """The reference recipe's settings (layer_decay, grad_clip, the weight-decay schedule,
     drop_path), each refused with its key and allowed range."""
-    if not (is_real(config.layer_decay) and 0.0 < config.layer_decay <= 1.0):
-        raise CadisError(f"layer_decay must be a number in (0, 1] (1 = off); got "
-                         f"{config.layer_decay!r}")
-    if config.grad_clip is not None and not (
-            is_real(config.grad_clip) and math.isfinite(config.grad_clip)
-            and config.grad_clip > 0):
-        raise CadisError(f"grad_clip must be a finite number > 0, or null (off); got "
-                         f"{config.grad_clip!r}")
+    number_in(config.layer_decay, "layer_decay", 0.0, 1.0, "(]", "1 = off")
+    positive_float_or_none(config.grad_clip, "grad_clip")
     choice(config.grad_clip_scope, "grad_clip_scope", GRAD_CLIP_SCOPES)
     if config.weight_decay_end is not None:
         non_negative_float(config.weight_decay_end, "weight_decay_end")
-    if not (is_real(config.drop_path) and 0.0 <= config.drop_path < 1.0):
-        raise CadisError(f"drop_path must be a number in [0, 1) (0 = off); got "
-                         f"{config.drop_path!r}")
+    number_in(config.drop_path, "drop_path", 0.0, 1.0, "[)", "0 = off")
 
 
 def from_mapping(base: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:

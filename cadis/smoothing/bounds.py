@@ -3,6 +3,10 @@
 Torch-free (numpy and scipy only), so that records, their tables and ``cadis compare`` can use
 them without importing torch. :class:`cadis.smoothing.smooth.Smooth` draws the noise and
 counts; everything it decides is decided here, and pinned here without a model.
+
+A ``sigma`` given to these functions is trusted to be finite and > 0: it was checked where it
+entered (a command line, a config, a :class:`~cadis.smoothing.smooth.Smooth` or
+:class:`~cadis.smoothing.sequential.SequentialPlan`) by :func:`cadis.validation.check_sigma`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 from scipy.stats import beta, binomtest, norm
 
 from cadis.errors import CadisError
-from cadis.validation import check_probability, check_sigma, positive_int
+from cadis.validation import check_probability, positive_int
 
 #: The class returned when the smoothed classifier declines to answer.
 ABSTAIN: Final = -1
@@ -85,7 +89,6 @@ def certified_radius(p_lower: float, sigma: float) -> float:
     Raises :class:`CadisError` for ``p_lower`` outside [1/2, 1), where there is no finite
     certificate.
     """
-    sigma = check_sigma(sigma)
     if not MAJORITY <= p_lower < 1.0:
         raise CadisError(f"p_lower must be in [0.5, 1) to certify a radius, got {p_lower!r}")
     return sigma * float(norm.ppf(p_lower))
@@ -134,7 +137,6 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
 def draws_needed(radius: float, sigma: float, alpha: float) -> int:
     """The fewest estimation draws with which CERTIFY can reach ``radius`` at ``sigma``: the
     smallest n with ``max_certifiable_radius(sigma, n, alpha) >= radius``."""
-    sigma = check_sigma(sigma)
     alpha = check_probability(alpha, "alpha")
     if radius <= 0:
         return 1

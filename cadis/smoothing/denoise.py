@@ -67,14 +67,14 @@ class OneShotDenoiser(nn.Module):
     def __init__(self, unet: nn.Module, scheduler, sigma: float) -> None:
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
-        self.sigma = check_sigma(sigma)
+        # timestep_for_sigma checks sigma (the one check of it here).
+        self.timestep = timestep_for_sigma(scheduler.alphas_cumprod, sigma)
+        self.sigma = float(sigma)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise CadisError(f"unsupported denoiser prediction_type {self.prediction_type!r}; "
                              "allowed: epsilon, sample, v_prediction")
-        alphas_cumprod = scheduler.alphas_cumprod
-        self.timestep = timestep_for_sigma(alphas_cumprod, self.sigma)
-        self.alpha_bar = float(alphas_cumprod[self.timestep])
+        self.alpha_bar = float(scheduler.alphas_cumprod[self.timestep])
         self.image_channels = int(unet.config.in_channels)
         size = unet.config.sample_size
         self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)

@@ -143,8 +143,9 @@ def unanimous_draws(p: float, alpha: float) -> int:
 def draws_to_reach(radius: float, sigma: float, alpha: float) -> int:
     """The smallest ``n_max`` whose sequential plan can certify ``radius``: some look of its
     schedule (:func:`look_schedule`) certifies it when every draw is the candidate. Never
-    fewer than fixed-n CERTIFY needs; as many when the plan is a single look."""
-    top = threshold(radius, check_sigma(sigma))
+    fewer than fixed-n CERTIFY needs; as many when the plan is a single look. ``sigma`` is
+    trusted, as in :mod:`cadis.smoothing.bounds`."""
+    top = threshold(radius, sigma)
     alpha = check_probability(alpha, "alpha")
     n = unanimous_draws(top, alpha)
     while not _certifies(*look_schedule(n, alpha, top), top):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
@@ -30,7 +29,7 @@ from cadis.smoothing.bounds import (
 )
 from cadis.smoothing.precision import Precision, autocast, resolve_precision
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
-from cadis.validation import check_probability, check_sigma, positive_int
+from cadis.validation import check_probability, check_sigma, integer_at_least, positive_int
 
 # Noise draws per forward when none is given. On a 2-core CPU smaller batches stay in cache:
 # 706 draws/s at 100 against 422 at 1000 with the default models (benchmarks/, docs/).
@@ -38,6 +37,8 @@ CPU_BATCH_SIZE: Final = 100
 CUDA_BATCH_SIZE: Final = 1000
 # Seeds are 63-bit: what every torch generator takes.
 IMAGE_SEED_MASK: Final = 2 ** 63 - 1
+# A classifier tells at least two classes apart (a smoothed vote of one class means nothing).
+MIN_CLASSES: Final = 2
 
 # A (image index, number of draws) pair: one block of draws counted separately.
 Segment = tuple[int, int]
@@ -223,11 +224,10 @@ class Smooth:
     def __init__(self, base: nn.Module, num_classes: int, sigma: float,
                  generator: torch.Generator | None = None,
                  precision: Precision | None = None) -> None:
-        if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
-                and num_classes >= 2):
-            raise CadisError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.base = base
-        self.num_classes = int(num_classes)
+        # A public entry point, so it checks what it is given, as cadis.validation's rules:
+        # the same words as where cadis's own callers took these values in.
+        self.num_classes = integer_at_least(num_classes, "num_classes", MIN_CLASSES)
         self.sigma = check_sigma(sigma)
         self.generator = generator
         self.precision = precision
