@@ -167,10 +167,10 @@ class TrainConfig:
     proxy_n: int = 100
     proxy_n0: int = 10
     proxy_alpha: float = 0.001
-    # A store of the proxy's denoised draws (cadis.smoothing.draws), made once for a sweep's
-    # trials; None: every evaluation draws and denoises its own (the same counts).
+    # A store of the proxy's denoised draws (cadis.draws.certification_store), made once for a
+    # sweep's trials; None: every evaluation draws and denoises its own (the same counts).
     proxy_store: str | None = None
-    # Training draws denoised once (cadis.finetuning.train_draws): train_draws (K) per image of
+    # Training draws denoised once (cadis.draws.training_store): train_draws (K) per image of
     # the training images, each micro-step sampling num_noises of them; 0: fresh draws at
     # every step, denoised there. train_store: where they are (a sweep and `cadis train` set
     # it when train_draws > 0).
