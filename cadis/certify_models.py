@@ -125,8 +125,7 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                                          batch_size or default_batch_size(chosen_device))
     if sequential:
         check_budget(n0, n)
-    test_set = load_dataset(sources.dataset, "test", sources.data_root,
-                            image_size=sources.image_size)
+    test_set, indices = _test_subset(sources, skip, max_images)
     info = test_set.info
     grid = radius_grid(sigma, n, alpha, info.image_size, radii)
     plan = None
@@ -134,7 +133,6 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
         # With no radius reachable, the plan of the grid's first refuses, naming the n it needs.
         plan = SequentialPlan(radii or reachable_radii(grid, sigma, alpha, n) or grid[:1],
                               sigma, alpha, n)
-    indices = subset_indices(len(test_set), skip, max_images)
     base = build_denoised_classifier(sources, sigma, checkpoint, chosen_device,
                                      channels=info.channels, image_size=info.image_size)
     fast, notes = _fast_base(base, test_set, indices, sigma, seed, chosen_precision, compile,
@@ -154,6 +152,35 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     return certify_into(draws, shard_of(indices, shard),
                         CertificationSettings(sigma, parameters, tuple(grid), plan), out_dir,
                         settings, progress, notes)
+
+
+def _test_subset(sources: ModelSources, skip: int, max_images: int | None
+                 ) -> tuple[Any, list[int]]:
+    """The test split and the images of it certified: every ``skip``-th, at most
+    ``max_images``."""
+    test_set = load_dataset(sources.dataset, "test", sources.data_root,
+                            image_size=sources.image_size)
+    return test_set, subset_indices(len(test_set), skip, max_images)
+
+
+def build_test_store(config: TrainConfig, draws_dir: str | Path,
+                     progress: bool = True) -> DrawStore:
+    """Build (or find) under ``draws_dir`` the store of test draws that :func:`certify_trained`
+    of ``config`` with ``certify.draws_dir = draws_dir`` reads, on ``config.device``: made
+    once, before the classifiers certified from it (a sweep's finalists) start, whichever
+    checkpoint each carries (the key names none)."""
+    certify = config.certify
+    sources = config.model_sources()
+    device = pick_device(config.device)
+    test_set, indices = _test_subset(sources, certify.skip, certify.max_images)
+    info = test_set.info
+    base = build_denoised_classifier(sources, config.sigma, None, device,
+                                     channels=info.channels, image_size=info.image_size)
+    parameters = CertificationParameters(certify.n0, certify.n, certify.alpha,
+                                         certify.batch_size or default_batch_size(device))
+    return _test_store(base, sources, test_set, indices, config.sigma, config.seed,
+                       resolve_precision(certify.precision, device), device, parameters,
+                       Path(draws_dir), progress)
 
 
 def _test_store(base: DenoisedClassifier, sources: ModelSources, test_set: Any,

@@ -38,6 +38,7 @@ from cadis.smoothing.smooth import CPU_BATCH_SIZE
 from cadis.validation import (
     check_sigma,
     choice,
+    integer,
     non_negative_float,
     number_in,
     positive_float_or_none,
@@ -176,7 +177,12 @@ class TrainConfig:
     # it when train_draws > 0).
     train_draws: int = 0
     train_store: str | None = None
+    # seed: the noise of every certification (the proxy's, the rank stage's, the test's) and
+    # the keys of the stored draws. train_seed: training's own randomness alone (the LoRA and
+    # head initialisation, the data order, the training noise or which stored training draws
+    # a step samples); None: seed. Two train seeds of one config certify on the same draws.
     seed: int = 0
+    train_seed: int | None = None
     # Where it runs: Ray Train workers (1 = in this process unless a Ray address is set).
     workers: int = 1
     cpus_per_worker: float = 1.0
@@ -225,6 +231,11 @@ class TrainConfig:
                                     self.data_root, self.image_size)
 
     @property
+    def training_seed(self) -> int:
+        """The seed of training's randomness: ``train_seed``, or ``seed`` when it is None."""
+        return self.seed if self.train_seed is None else self.train_seed
+
+    @property
     def accumulation_steps(self) -> int:
         return self.effective_batch_size // self.batch_size
 
@@ -264,6 +275,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     for key in ("epochs", "batch_size", "effective_batch_size", "val_images", "proxy_images",
                 "workers"):
         positive_int(getattr(config, key), key)
+    if config.train_seed is not None:
+        integer(config.train_seed, "train_seed")
     for key in ("max_steps_per_epoch", "max_train_images", "image_size"):
         if getattr(config, key) is not None:
             positive_int(getattr(config, key), key)

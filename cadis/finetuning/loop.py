@@ -127,7 +127,7 @@ class TrainState:
 
 def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> None:
     """Fine-tune per ``config``; reports metrics and a checkpoint after every epoch."""
-    torch.manual_seed(config.seed + session.rank)
+    torch.manual_seed(config.training_seed + session.rank)
     sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root, augment=config.augment,
                              image_size=sources.image_size)
@@ -178,7 +178,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
     for epoch in range(state.epoch, config.epochs):
         # The order of an epoch depends on the epoch alone, so a resumed run sees the data
         # an uninterrupted one would (Ray's distributed sampler does the same by set_epoch).
-        shuffle.manual_seed(config.seed + epoch)
+        shuffle.manual_seed(config.training_seed + epoch)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}

@@ -35,18 +35,16 @@ from cadis.sweeps.layout import (
     SWEEP_FILE_COPY,
     TUNE_NAME,
     SweepState,
-    TrainedTrial,
-    trained_file,
-    trial_certify_dir,
 )
 from cadis.sweeps.describe import describe
+from cadis.sweeps.final_stage import run_final_stage
 from cadis.sweeps.parse import load_sweep
 from cadis.sweeps.preflight import check_searched_sigma
 from cadis.sweeps.resources import concurrent_trials, store_build_cpus
 from cadis.sweeps.resume import check_results_dir, sweep_fingerprint
 from cadis.sweeps.search_space import trial_config
 from cadis.sweeps.spec import TRIAL_DRIVER_CPUS, VARIANT_KEY, SweepConfig
-from cadis.tracking.contract import ERROR_ARTIFACT, TRIAL_ID_TAG
+from cadis.tracking.contract import ERROR_ARTIFACT
 from cadis.tracking.server import check_tracking_uri, tracking_retry_s
 
 if TYPE_CHECKING:
@@ -121,7 +119,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
             search=functools.partial(_search, sweep, results,
                                      concurrent_trials(sweep, ray.cluster_resources(), nodes),
                                      warm),
-            final=functools.partial(_final_stage, sweep, results))
+            final=functools.partial(run_final_stage, sweep, results))
         results.mkdir(parents=True, exist_ok=True)
         # Inside a Ray job, Ray may replace the job's working directory (its unpacked copy)
         # once the driver connects; every path is absolute by now, and this one stays.
@@ -181,7 +179,8 @@ def _load_warm_start(source: str | None, sweep: SweepConfig, resume: bool
 @dataclasses.dataclass(frozen=True)
 class StageWork:
     """The work of each stage, apart from the order :func:`_run_stages` runs them in: on Ray
-    in a sweep (:func:`_build_stores`, :func:`_search`, :func:`_final_stage`)."""
+    in a sweep (:func:`_build_stores`, :func:`_search`,
+    :func:`~cadis.sweeps.final_stage.run_final_stage`)."""
 
     # The stored draws by role, each with its "folder" (made once, before the first trial).
     build_stores: Callable[[], dict[str, dict[str, Any]]]
@@ -304,43 +303,6 @@ def _build_stores(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
               + (f", the classifier {classifier:.2f} ms" if classifier is not None else ""),
               flush=True)
     return stores
-
-
-def _final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> str | None:
-    """Certify the top_k trials by the rank stage on the test set (only those without test
-    figures yet: a resumed final stage certifies only what is missing, and each
-    certification resumes from its records); returns the rank winner's trial id."""
-    import ray
-
-    from cadis.sweeps.shards import join_shards, submit_shards
-    from cadis.sweeps.trial import certify_final, discard_other_certification, figures_of
-
-    finalists = [run.data.tags[TRIAL_ID_TAG] for run in tracker.ranked()[:sweep.top_k]]
-    pending = [trial_id for trial_id in finalists if not tracker.has_final(trial_id)]
-    print(f"final stage: the top {len(finalists)} by validation "
-          f"{sweep.objective[0].metric}: {', '.join(finalists) or 'none'}; "
-          f"certifying {len(pending)} on the test set", flush=True)
-    resources = sweep.resources
-    task = ray.remote(certify_final).options(num_cpus=resources.cpus_per_worker,
-                                             num_gpus=resources.gpus_per_worker)
-    # Each finalist in as many shards as a trial has workers; all finalists at once.
-    shards = {}
-    for trial_id in pending:
-        trained = TrainedTrial.read(trained_file(results, trial_id))
-        out = trial_certify_dir(results, trial_id)
-        discard_other_certification(out, trained.checkpoint)
-        shards[trial_id] = submit_shards(task, (trained.config, trained.checkpoint), out,
-                                         resources.workers_per_trial)
-    while shards:
-        ready, _ = ray.wait([future for futures in shards.values() for future in futures],
-                            num_returns=1)
-        trial_id = next(trial for trial, futures in shards.items() if ready[0] in futures)
-        ray.wait(shards[trial_id], num_returns=len(shards[trial_id]))
-        out = trial_certify_dir(results, trial_id)
-        summary = join_shards(out, ray.get(shards.pop(trial_id)))
-        tracker.log_final(trial_id, figures_of(summary), out)
-        print(f"final stage: {trial_id} certified on the test set", flush=True)
-    return finalists[0] if finalists else None
 
 
 def _preflight_trials(sweep: SweepConfig) -> None:

@@ -15,6 +15,9 @@ writer, and typed readers of the two records the sweep keeps there (:class:`Swee
     trials/<trial>/failure.txt    why the trial failed, when a retry cannot change it
     trials/<trial>/rank/     the rank stage (validation): records.tsv, summary.json, plot
     trials/<trial>/certify/  the final stage (test), for finalists: the same files
+    trials/<trial>/seeds/<s>/  a finalist retrained with training seed s (certify.final.seeds):
+                      its trained.json and certify/ (test, on the same draws)
+    train/<trial>-seed<s>/     that retraining's Ray Train run and checkpoints
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ TRIALS_DIR: Final = "trials"
 CERTIFY_DIR: Final = "certify"
 RANK_DIR: Final = "rank"
 TRAINED_FILE: Final = "trained.json"
+SEEDS_DIR: Final = "seeds"
 FAILURE_FILE: Final = "failure.txt"
 DRAWS_DIR: Final = "draws"
 # The per-epoch time axis of ASHA and MLflow's step: an epoch survives resume, Tune's
@@ -65,6 +69,18 @@ def trial_certify_dir(results: str | Path, trial_id: str) -> Path:
 def trial_rank_dir(results: str | Path, trial_id: str) -> Path:
     """Where a trial's rank stage (validation) writes its records, summary and plot."""
     return trial_folder(results, trial_id) / RANK_DIR
+
+
+def trial_seed_folder(results: str | Path, trial_id: str, train_seed: int) -> Path:
+    """Where the final stage keeps a finalist retrained with ``train_seed``: its
+    :data:`TRAINED_FILE` and its test records in :data:`CERTIFY_DIR`."""
+    return trial_folder(results, trial_id) / SEEDS_DIR / str(int(train_seed))
+
+
+def seed_run_name(trial_id: str, train_seed: int) -> str:
+    """The Ray Train run (under ``results/train``) of a finalist retrained with
+    ``train_seed``: named so that a resumed final stage resumes it."""
+    return f"{trial_id}-seed{int(train_seed)}"
 
 
 def trained_file(results: str | Path, trial_id: str) -> Path:

@@ -67,7 +67,9 @@ OBJECTIVE_KEYS = ("metric", "mode")
 # end; the searcher's objective) and final (the test set, the top_k trials by rank).
 STAGES = ("rank", "final")
 RANK_KEYS = ("n", "n0", "alpha", "images", "batch_size", "sequential")
-FINAL_KEYS = (*(field.name for field in fields(CertifyConfig)), "top_k")
+# The final stage's own keys; the others are the base's certify settings.
+FINAL_STAGE_KEYS = ("top_k", "seeds")
+FINAL_KEYS = (*(field.name for field in fields(CertifyConfig)), *FINAL_STAGE_KEYS)
 STAGE_KEYS = {"rank": RANK_KEYS, "final": FINAL_KEYS}
 STAGE_SETS = {"rank": "the validation hold-out", "final": "the test set"}
 # Top-level sections that are mappings, with their keys (search's are base keys, checked by
@@ -149,7 +151,8 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
         raise CadisError(f"base: {error}") from None
     resources = _parse_resources(_section(data, "resources"), raw_base, base)
     stages = _stages(data.get("certify"))
-    final = {key: value for key, value in stages["final"].items() if key != "top_k"}
+    final = {key: value for key, value in stages["final"].items()
+             if key not in FINAL_STAGE_KEYS}
     # The base and resources passed above: all this can still refuse is a certify value.
     try:
         base = from_mapping({**base.to_dict(), "workers": resources.workers_per_trial,
@@ -206,6 +209,8 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     if sweep.top_k > sweep.total_trials:
         raise CadisError(f"certify.final.top_k ({sweep.top_k}) is above the {sweep.total_trials} "
                          "trials of the sweep")
+    sweep.final_seeds = positive_int(stages["final"].get("seeds", 1), "certify.final.seeds",
+                                     "training seeds of each finalist and the incumbent")
     return sweep
 
 

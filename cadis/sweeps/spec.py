@@ -142,6 +142,9 @@ class SweepConfig:
     # Where the shared stores live (default results_dir/draws). Each store is keyed by what its
     # draws depend on, not by method, so sweeps of other methods at the same sigma may share it.
     draws_dir: str
+    # certify.final.seeds: the training seeds of each finalist and of the incumbent in the final
+    # stage, the search's own and final_seeds - 1 more (cadis.sweeps.final_stage).
+    final_seeds: int = 1
 
     @property
     def grid_size(self) -> int:
