@@ -16,8 +16,9 @@
 #
 # Two sweeps at once need one Ray: two local Rays on one machine break Ray Train's
 # placement-group cleanup ("Found multiple active Ray instances"). With RAY_ADDRESS set (a
-# `ray start --head`; its RAY_AUTH_MODE too), denoised fine-tuning starts once the FT-CADIS
-# sweep's stores exist and the two run side by side; without it, one after the other.
+# `ray start --head`; its RAY_AUTH_MODE too), the two run side by side (builders of one store
+# take turns: whichever comes second opens what the first built); without it, one after the
+# other.
 set -euo pipefail
 sigma=${1:?usage: benchmarks/science.sh SIGMA [OUT]}
 out=${2:-runs/science/sigma$sigma}
@@ -36,10 +37,6 @@ sweep() {  # ARM
         --set "mlflow.tracking_uri=$store" \
         --set "mlflow.experiment=science-$1-sigma$sigma"
 }
-stores_built() {  # the FT-CADIS sweep's state records its stores once they are built
-    python3 -c "import json, sys; sys.exit(not json.load(open('$out/ft_cadis/sweep.json'))['stores'])" \
-        2>/dev/null
-}
 "$cadis" certify --models models/fashion-mnist --sigma "$sigma" --n 1000 --n0 100 \
     --alpha 0.001 --skip 10 --max-images 1000 --sequential --seed 0 --quiet \
     --out "$out/off_the_shelf" &
@@ -47,7 +44,6 @@ pair=$!
 failed=0
 if [ -n "${RAY_ADDRESS:-}" ]; then
     sweep ft_cadis & ft=$!
-    until stores_built; do kill -0 $ft 2>/dev/null || break; sleep 30; done
     sweep denoised_ce & ce=$!
     wait $ft || failed=1
     wait $ce || failed=1
