@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cadis.sweeps.layout import CERTIFY_DIR, TRAINED_FILE, TRIALS_DIR, TrainedTrial
+
 # The recipe's LoRA: rank 4, alpha 8 (scale 2).
 RECIPE_RANK = 4
 RECIPE_ALPHA = 8.0
@@ -60,9 +62,9 @@ def epoch_seconds(results: Path, trial_id: str) -> float:
 
 def sweep_arms(results: Path) -> list[tuple[str, str, Path, float]]:
     """A sweep's trials: (arm, trial id, test folder, training seconds)."""
-    return [(arm(json.loads(trained.read_text())["config"]), trained.parent.name,
-             trained.parent / "certify", epoch_seconds(results, trained.parent.name))
-            for trained in sorted(results.glob("trials/*/trained.json"))]
+    return [(arm(TrainedTrial.read(trained).config), trained.parent.name,
+             trained.parent / CERTIFY_DIR, epoch_seconds(results, trained.parent.name))
+            for trained in sorted(results.glob(f"{TRIALS_DIR}/*/{TRAINED_FILE}"))]
 
 
 def train_arm(out: Path) -> tuple[str, str, Path, float]:
@@ -76,7 +78,7 @@ def train_arm(out: Path) -> tuple[str, str, Path, float]:
 def main(folders: list[str]) -> None:
     for given in map(Path, folders):
         for name, trial_id, folder, seconds in (
-                sweep_arms(given) if (given / "trials").is_dir() else [train_arm(given)]):
+                sweep_arms(given) if (given / TRIALS_DIR).is_dir() else [train_arm(given)]):
             if not (folder / "summary.json").is_file():
                 sys.exit(f"ablation_arms: {folder} has no test certification")
             print(name, trial_id, folder, f"{seconds:.1f}", sep="\t")

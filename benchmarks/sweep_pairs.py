@@ -15,7 +15,6 @@ they describe the search, not a held-out claim.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from cadis.smoothing.paired import certified_at, paired_test  # noqa: E402
 from cadis.smoothing.records import RECORDS_FILENAME, read_records  # noqa: E402
-from cadis.sweeps.layout import trained_file  # noqa: E402
+from cadis.sweeps.layout import TrainedTrial, trained_file  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
                   f"only {b} {result.only_b}, McNemar p = {result.p_value:.3g}")
     if args.split:
         key, value = args.split.split("=")
-        setting = {trial: json.loads(trained_file(args.results, trial).read_text())["config"][key]
+        setting = {trial: TrainedTrial.read(trained_file(args.results, trial)).config[key]
                    for trial in records}
         low = [trial for trial in records if setting[trial] < float(value)]
         high = [trial for trial in records if setting[trial] >= float(value)]
