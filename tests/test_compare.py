@@ -228,6 +228,43 @@ def test_a_radius_only_some_trials_have_is_missing_elsewhere():
     assert values == ["1", "2"] and math.isnan(series[1.0][0])
 
 
+def verdict_metrics(objective: str, difference: float, low: float, high: float,
+                    p_holm: float) -> dict[str, float]:
+    """A trial's validation verdict against the chosen trial, as the sweep logs it."""
+    values = {"difference": difference, "low": low, "high": high, "p": p_holm / 2,
+              "p_holm": p_holm, "separated": 0.0, "images": 100.0}
+    return {tracking.verdict_metric(tracking.VS_LEADER, objective, field, validation=True): value
+            for field, value in values.items()}
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "csv"])
+def test_each_trials_verdict_against_the_chosen_one_is_shown(fmt):
+    objective = tracking.certified_accuracy_metric(0.5)
+    rows = [TrialRow("chosen", "completed", {}, {tracking.validation_metric(objective): 0.77}),
+            TrialRow("close", "completed", {}, {tracking.validation_metric(objective): 0.76,
+                                                **verdict_metrics(objective, -0.01, -0.03,
+                                                                  0.01, 0.62)}, start_time=1),
+            TrialRow("stopped", "stopped_early", {}, {}, start_time=2)]
+    table = format_trial_table(rows, fmt=fmt)
+    if fmt == "markdown":
+        header, *cells = markdown_rows(table)
+        assert header == ["trial", "outcome", "val r=0.5", "val r=0.5 − chosen",
+                          "val r=0.5 Holm p"]
+        assert [row[3:] for row in cells] == [["-", "-"], ["-0.010 [-0.030, +0.010]", "0.620"],
+                                              ["-", "-"]]
+        return
+    parsed = list(csv.DictReader(io.StringIO(table)))
+    name = f"val_vs_leader.{objective}."
+    assert [float(parsed[1][name + field]) for field in ("difference", "low", "high",
+                                                         "p_holm")] == [-0.01, -0.03, 0.01, 0.62]
+    assert parsed[0][name + "difference"] == ""
+
+
+def test_no_verdict_columns_without_verdicts():
+    rows = [_row("a", 1, (0.5, 0.4, 0.3), x="1")]
+    assert "chosen" not in format_trial_table(rows, by="x")
+
+
 # --------------------------------------------------------------------------- plots
 
 

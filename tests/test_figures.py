@@ -129,6 +129,59 @@ def test_curves_are_the_runs_values_up_to_the_reach_of_n(one_objective):
     assert "20 images" in validation.get_title() and "30 images" in test.get_title()
 
 
+def log_verdicts(client, parent, verdicts, validation):
+    """Verdicts against the chosen trial at r = 0.5, as the sweep's choice logs them: by run
+    name, (difference, low, high, separated)."""
+    from cadis.tracking.sweep_reader import load_trials
+
+    runs = {row.name: row.run_id for row in load_trials(client, sweep_run_id=parent)}
+    for name, values in verdicts.items():
+        for field, value in zip(("difference", "low", "high", "separated"), values):
+            client.log_metric(runs[name], tracking.verdict_metric(
+                tracking.VS_LEADER, "certified_accuracy_r0.5", field, validation), value)
+
+
+def test_contenders_intervals_against_the_chosen_trial_are_drawn(one_objective):
+    from cadis.sweeps.figure_data import interval_bars
+
+    client, parent = one_objective
+    log_verdicts(client, parent, {"run_trial_00001": (-0.1, -0.2, 0.0, 0.0),
+                                  "run_trial_00002": (-0.2, -0.3, -0.1, 1.0)}, validation=True)
+    log_verdicts(client, parent, {"run_trial_00002": (-0.13, -0.25, -0.01, 1.0)},
+                 validation=False)
+    view = load_sweep_view(client, parent)
+    level, bars = interval_bars(view, view.rank, view.ranked())
+    assert level == pytest.approx(0.6)
+    assert [(bar.value, bar.low, bar.high, bar.separated) for bar in bars] == [
+        (0.5, pytest.approx(0.4), pytest.approx(0.6), False),
+        (0.4, pytest.approx(0.3), pytest.approx(0.5), True)]
+    # Side by side about the objective's radius.
+    assert bars[0].x < 0.5 < bars[1].x and bars[0].x + bars[1].x == pytest.approx(1.0)
+    level, (bar,) = interval_bars(view, view.final, view.finalists())
+    assert level == pytest.approx(0.55) and (bar.low, bar.high) == (pytest.approx(0.3),
+                                                                   pytest.approx(0.54))
+    figures, _ = sweep_figures(view)
+    validation, test = figures["certified_accuracy.png"].axes
+    for axes, chosen, count in ((validation, 0.6, 2), (test, 0.55, 1)):
+        dashed = [line for line in axes.get_lines()
+                  if line.get_label() == "chosen trial, paired 95% intervals vs it"]
+        assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(chosen)
+        segments = [segment for collection in axes.collections
+                    for segment in collection.get_segments()]
+        assert len(segments) == count
+    assert sorted(segment[:, 1].tolist() for collection in validation.collections
+                  for segment in collection.get_segments()) == [
+        pytest.approx([0.3, 0.5]), pytest.approx([0.4, 0.6])]
+
+
+def test_no_intervals_where_the_sweep_logged_no_verdicts(one_objective):
+    from cadis.sweeps.figure_data import interval_bars
+
+    client, parent = one_objective
+    view = load_sweep_view(client, parent)
+    assert interval_bars(view, view.rank, view.ranked()) == (None, [])
+
+
 def test_rungs_draw_every_trials_proxy_and_mark_the_stopped(one_objective):
     client, parent = one_objective
     view = load_sweep_view(client, parent)

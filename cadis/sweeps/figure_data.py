@@ -6,7 +6,8 @@ no matplotlib and no torch here (the drawing is :mod:`cadis.sweeps.figures`'s, a
 (:mod:`cadis.tracking.sweep_reader`) into a :class:`SweepView`: its objectives, searched
 ranges, ASHA settings, the two certification stages and the trials ranked as the sweep ranked
 them. From the view alone: each trial's curve points up to the radius its stage's n can
-certify, its legend label, ASHA's rungs, whether the sweep supports a figure (else why not),
+certify, each contender's paired interval against the chosen trial (the verdicts the sweep
+logged, :mod:`cadis.sweeps.choice`), its legend label, ASHA's rungs, whether the sweep supports a figure (else why not),
 and the Optuna study behind Optuna's plots, rebuilt in memory (every ranked trial COMPLETE
 with its validation objective, the others PRUNED with their per-epoch values), so the
 pictures work for any sweep in the tracking server, on any machine.
@@ -40,6 +41,9 @@ LEGEND_DIGITS: Final = 3
 #: How finely a sequential stage's reach is found below fixed n's (its plan may need a few
 #: more draws for the same radius).
 SEQUENTIAL_REACH_STEP: Final = 0.01
+#: How far apart, as a share of the stage's reach, the contenders' interval bars stand at the
+#: objective's radius (side by side, so that they do not hide one another).
+BAR_SPREAD: Final = 0.012
 
 
 # --------------------------------------------------------------------------- the view
@@ -244,6 +248,52 @@ def curve_points(view: SweepView, row: TrialRow, stage: StageCertification
     figures at the radii ``stage``'s n can certify."""
     return within_reach(row.val_accuracy if stage is view.rank else row.accuracy,
                         stage.reach(view.sigma))
+
+
+@dataclass(frozen=True)
+class IntervalBar:
+    """A contender's verdict against the chosen trial, placed on the certified-accuracy axes
+    at the objective's radius (``x``, nudged beside the others): its own figure ``value`` and
+    the chosen trial's figure plus the paired 95% interval of the difference (``low`` to
+    ``high``). A bar that reaches the chosen trial's level is inseparable from it."""
+
+    run_id: str
+    x: float
+    value: float
+    low: float
+    high: float
+    separated: bool
+
+
+def interval_bars(view: SweepView, stage: StageCertification, rows: Sequence[TrialRow]
+                  ) -> tuple[float | None, list[IntervalBar]]:
+    """The chosen trial's figure at the first objective's radius in ``stage`` and the
+    interval bar of each of ``rows`` with a verdict there; (None, []) when the objective is
+    not certified accuracy at a radius (ACR has no point on the curves) or no row has one."""
+    metric = view.objectives[0].metric
+    radius = tracking.radius_of_metric(metric)
+    if radius is None:
+        return None, []
+    validation = stage is view.rank
+    found = []
+    for row in rows:
+        figures = row.val_accuracy if validation else row.accuracy
+        verdict = {field: row.metrics.get(tracking.verdict_metric(
+            tracking.VS_LEADER, metric, field, validation)) for field in
+            ("difference", "low", "high", "separated")}
+        if radius in figures and all(value is not None for value in verdict.values()):
+            found.append((row, figures[radius], verdict))
+    if not found:
+        return None, []
+    step = BAR_SPREAD * stage.reach(view.sigma)
+    # The chosen trial's figure is each contender's own less its difference from it.
+    bars = [IntervalBar(row.run_id, radius + step * (position - (len(found) - 1) / 2), value,
+                        value - verdict["difference"] + verdict["low"],
+                        value - verdict["difference"] + verdict["high"],
+                        verdict["separated"] == 1.0)
+            for position, (row, value, verdict) in enumerate(found)]
+    first_value, first_verdict = found[0][1], found[0][2]
+    return first_value - first_verdict["difference"], bars
 
 
 def asha_rungs(scheduler: Mapping[str, Any] | None) -> list[int]:

@@ -5,7 +5,9 @@ this module draws it (matplotlib, and Optuna's matplotlib plots):
 * ``certified_accuracy.png``: certified accuracy over radius of the top trials on validation
   (the rank stage) beside the finalists on test (the final stage), each panel saying which
   images, n, n0 and alpha made it; radii beyond what its n can certify are not drawn, and
-  the limit is marked (a cliff to 0 there is an artefact of n, not of the model);
+  the limit is marked (a cliff to 0 there is an artefact of n, not of the model); at the
+  objective's radius, the chosen trial's level (dashed) and each contender's paired 95%
+  interval against it (a bar that reaches the dashed line: inseparable from the chosen);
 * ``parallel_coordinates.png``: the searched values of every ranked trial against the
   (first) objective, by Optuna's own plot (one file per objective for a Pareto front);
 * ``importance.png``: parameter importances by Optuna's fANOVA evaluator and plot;
@@ -30,9 +32,11 @@ from cadis.errors import CadisError, first_line
 from cadis.files import atomic_write_bytes
 from cadis.sweeps.figure_data import (
     TOP_CURVES,
+    IntervalBar,
     SweepView,
     asha_rungs,
     curve_points,
+    interval_bars,
     load_sweep_view,
     needs_ranked,
     needs_spread,
@@ -48,11 +52,15 @@ FIGURES_DIR: Final = "figures"
 STOPPED_COLOUR: Final = "0.6"
 TRIAL_COLOURMAP: Final = "viridis"
 DPI: Final = 110
+#: An interval bar's line width: thin where the contender is inseparable from the chosen.
+INTERVAL_WIDTHS: Final = {False: 1.0, True: 2.2}
 
 
 def plot_stage_curves(view: SweepView) -> Any:
     """Validation curves of the top :data:`TOP_CURVES` ranked trials beside the test curves
-    of the finalists; the reach of each stage's n marked."""
+    of the finalists; the reach of each stage's n marked; in each panel, where the sweep
+    logged verdicts, the contenders' paired intervals against the chosen trial
+    (:func:`~cadis.sweeps.figure_data.interval_bars`)."""
     figure, (validation, test) = _figure(ncols=2, width=11.0, height=5.0)
     panels = ((validation, view.rank, view.ranked()[:TOP_CURVES]),
               (test, view.final, view.finalists()))
@@ -62,6 +70,7 @@ def plot_stage_curves(view: SweepView) -> Any:
             points = curve_points(view, row, stage)
             axes.plot([r for r, _ in points], [a for _, a in points], marker="o",
                       color=colours.get(row.run_id), label=trial_label(view, row))
+        _draw_intervals(axes, *interval_bars(view, stage, rows), colours)
         reach = stage.reach(view.sigma)
         axes.axvline(reach, color="0.4", linestyle=":", linewidth=1)
         axes.annotate(f"n={stage.n} reaches r≤{reach:.2f}", (reach, 0.98), rotation=90,
@@ -79,6 +88,21 @@ def plot_stage_curves(view: SweepView) -> Any:
                       transform=axes.transAxes, color="0.4")
     figure.suptitle(f"{view.title}: certified accuracy, top trials (σ={view.sigma:g})")
     return figure
+
+
+def _draw_intervals(axes: Any, level: float | None, bars: Sequence[IntervalBar],
+                    colours: Mapping[str, Any]) -> None:
+    """The chosen trial's level (dashed) and each contender's interval bar, thicker where
+    the verdict separates it from the chosen trial."""
+    if level is None:
+        return
+    axes.axhline(level, color="0.3", linestyle="--", linewidth=0.8,
+                 label="chosen trial, paired 95% intervals vs it")
+    for bar in bars:
+        axes.errorbar([bar.x], [bar.value], yerr=[[max(0.0, bar.value - bar.low)],
+                                                  [max(0.0, bar.high - bar.value)]],
+                      fmt="none", capsize=3, color=colours.get(bar.run_id, "0.3"),
+                      linewidth=INTERVAL_WIDTHS[bar.separated])
 
 
 def plot_rungs(view: SweepView) -> Any:

@@ -1,11 +1,13 @@
 """``cadis compare``: the trials of a sweep side by side, read back from MLflow.
 
 A table with one row per trial run (its outcome, searched params, certified accuracy per
-radius, ACR, clean accuracy, ...) and, on request, a plot: with ``--by PARAM`` an ablation
-(certified accuracy over the param's values, one line per radius, repeats averaged), else
-certified accuracy over radius, one curve per trial. What a trial run holds is defined in
-:mod:`cadis.tracking.contract`, and the runs are read by :mod:`cadis.tracking.sweep_reader`;
-MLflow is imported only when a tracking URI is read (it takes seconds), and torch never.
+radius, ACR, clean accuracy, ..., and where the sweep's choice left them, its validation
+difference from the chosen trial with the interval and Holm's p) and, on request, a plot:
+with ``--by PARAM`` an ablation (certified accuracy over the param's values, one line per
+radius, repeats averaged), else certified accuracy over radius, one curve per trial. What a
+trial run holds is defined in :mod:`cadis.tracking.contract`, and the runs are read by
+:mod:`cadis.tracking.sweep_reader`; MLflow is imported only when a tracking URI is read (it
+takes seconds), and torch never.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import io
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from cadis.errors import CadisError
 from cadis.files import atomic_write_bytes
+from cadis.smoothing.paired import format_interval, format_p, format_signed
 from cadis.smoothing.records import CSV_DIGITS, MARKDOWN_DIGITS, TableFormat, render_table
 from cadis.tracking import contract as tracking
 from cadis.tracking.sweep_reader import (
@@ -31,12 +34,16 @@ from cadis.tracking.sweep_reader import (
 )
 
 MARKDOWN_MISSING: Final = "-"
+#: How a column of validation figures starts: ``val r=0.5``.
+VALIDATION_LABEL: Final = tracking.VALIDATION_PREFIX.rstrip("_")
 
 #: The rank stage's (validation) figures shown before the test set's, when any trial has them.
 VALIDATION_EXTRAS: Final = (tracking.validation_metric(tracking.ACR),)
 #: Final metrics shown after the certified accuracy columns, when any trial has them.
 EXTRA_METRICS: Final = (tracking.ACR, tracking.CLEAN_ACCURACY, tracking.HALLUCINATION_RATE,
                         tracking.TRAINABLE_FRACTION)
+#: The verdict fields a CSV shows per objective (markdown joins them in two cells).
+VERDICT_COLUMNS: Final = ("difference", "low", "high", "p_holm")
 #: Parameter values longer than this turn the plot's x labels sideways.
 LONG_LABEL: Final = 8
 
@@ -107,6 +114,20 @@ def radius_label(radius: float) -> str:
     return f"r={float(radius)}"
 
 
+def leader_objectives(rows: Sequence[TrialRow]) -> list[str]:
+    """The objectives on which some row has a validation verdict against the sweep's chosen
+    trial (``val_vs_leader.<objective>.difference``), in the order first seen."""
+    start = tracking.validation_metric(f"{tracking.VS_LEADER}.")
+    end = ".difference"
+    return list(dict.fromkeys(name[len(start):-len(end)] for row in rows for name in row.metrics
+                              if name.startswith(start) and name.endswith(end)))
+
+
+def _objective_label(objective: str) -> str:
+    radius = tracking.radius_of_metric(objective)
+    return objective if radius is None else radius_label(radius)
+
+
 # --------------------------------------------------------------------------- table
 
 
@@ -114,8 +135,11 @@ def format_trial_table(rows: Sequence[TrialRow], by: str | None = None,
                       fmt: TableFormat = "markdown") -> str:
     """The table: one row per trial (ordered as :func:`sort_rows`), columns trial, outcome,
     the searched params (and ``by``), the validation figures (``val r=<radius>`` per radius,
-    ``val_acr``) where trials have them, the test figures (``r=<radius>`` per radius), then
-    those of :data:`EXTRA_METRICS` that any trial has."""
+    ``val_acr``) where trials have them, per objective the validation verdict against the
+    chosen trial where any trial has one (markdown: ``val r=0.5 − chosen`` as the difference
+    and its interval, then its Holm p; CSV: :data:`VERDICT_COLUMNS` under their MLflow
+    names), the test figures (``r=<radius>`` per radius), then those of
+    :data:`EXTRA_METRICS` that any trial has."""
     if not rows:
         raise CadisError("no trial runs to compare")
     if by is not None:
@@ -127,9 +151,11 @@ def format_trial_table(rows: Sequence[TrialRow], by: str | None = None,
     val_radii = sorted({radius for row in rows for radius in row.val_accuracy})
     val_extras = [name for name in VALIDATION_EXTRAS if any(name in row.metrics for row in rows)]
     extras = [name for name in EXTRA_METRICS if any(name in row.metrics for row in rows)]
+    verdicts = leader_objectives(rows)
     header = ["trial", "outcome", *params,
-              *(f"{tracking.VALIDATION_PREFIX.rstrip('_')} {radius_label(r)}" for r in val_radii),
-              *val_extras, *map(radius_label, radii), *extras]
+              *(f"{VALIDATION_LABEL} {radius_label(r)}" for r in val_radii), *val_extras,
+              *(name for objective in verdicts for name in _verdict_header(objective, fmt)),
+              *map(radius_label, radii), *extras]
     digits = MARKDOWN_DIGITS if fmt == "markdown" else CSV_DIGITS
     missing = MARKDOWN_MISSING if fmt == "markdown" else ""
 
@@ -140,10 +166,37 @@ def format_trial_table(rows: Sequence[TrialRow], by: str | None = None,
               *(_param_cell(row.params.get(name), missing, fmt) for name in params),
               *(number(row.val_accuracy.get(radius)) for radius in val_radii),
               *(number(row.metrics.get(name)) for name in val_extras),
+              *(cell for objective in verdicts
+                for cell in _verdict_cells(row, objective, fmt, number, missing)),
               *(number(row.accuracy.get(radius)) for radius in radii),
               *(number(row.metrics.get(name)) for name in extras)]
              for row in sort_rows(rows, by)]
     return render_table(header, table, fmt, text_columns=2 + len(params))
+
+
+def _verdict_header(objective: str, fmt: TableFormat) -> list[str]:
+    """The columns of a trial's validation verdict against the chosen trial on
+    ``objective``."""
+    if fmt == "csv":
+        return [tracking.verdict_metric(tracking.VS_LEADER, objective, field, validation=True)
+                for field in VERDICT_COLUMNS]
+    label = f"{VALIDATION_LABEL} {_objective_label(objective)}"
+    return [f"{label} − chosen", f"{label} Holm p"]
+
+
+def _verdict_cells(row: TrialRow, objective: str, fmt: TableFormat,
+                   number: Callable[[float | None], str], missing: str) -> list[str]:
+    """A row's cells under :func:`_verdict_header` (missing where it has no verdict: the
+    chosen trial itself, a trial not ranked)."""
+    values = {field: row.metrics.get(tracking.verdict_metric(tracking.VS_LEADER, objective,
+                                                             field, validation=True))
+              for field in VERDICT_COLUMNS}
+    if fmt == "csv":
+        return [number(values[field]) for field in VERDICT_COLUMNS]
+    if any(value is None for value in values.values()):
+        return [missing, missing]
+    return [f"{format_signed(values['difference'])} "
+            f"{format_interval((values['low'], values['high']))}", format_p(values["p_holm"])]
 
 
 def _param_cell(value: str | None, missing: str, fmt: TableFormat) -> str:

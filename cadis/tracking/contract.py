@@ -86,10 +86,32 @@ STAGE_TAG = "cadis.stage"
 # run's root).
 RANK_ARTIFACTS_DIR = "rank"
 
+# Paired verdicts at the choice (cadis.sweeps.choice): the chosen trial (the leader) against
+# every other trial of the decision, per objective, on the same images. On each other trial's
+# run ``vs_leader.<objective>.<field>``: ``difference`` (the trial minus the leader),
+# ``low``/``high`` (its paired bootstrap 95% interval), ``p`` (raw two-sided), ``p_holm``
+# (Holm-adjusted across the decision), ``separated`` (1: p_holm below the family's alpha and
+# the interval excludes 0) and ``images``. On the parent run the chosen trial against the
+# incumbent as ``chosen_vs_incumbent.<objective>.<field>`` (the chosen minus the incumbent,
+# the interval turned round), and the decisions in words in the artifact CHOICE_ARTIFACT.
+# Validation's names carry VALIDATION_PREFIX (val_vs_leader.acr.p_holm), test's none.
+VS_LEADER = "vs_leader"
+CHOSEN_VS_INCUMBENT = "chosen_vs_incumbent"
+VERDICT_FIELDS = ("difference", "low", "high", "p", "p_holm", "separated", "images")
+CHOICE_ARTIFACT = "choice.md"
+
 
 def validation_metric(name: str) -> str:
     """The rank stage's (validation) name of a final metric: ``val_acr``."""
     return f"{VALIDATION_PREFIX}{name}"
+
+
+def verdict_metric(comparison: str, objective: str, field: str, validation: bool) -> str:
+    """``val_vs_leader.acr.p_holm``: where a verdict's ``field`` (:data:`VERDICT_FIELDS`) of
+    ``comparison`` (:data:`VS_LEADER` or :data:`CHOSEN_VS_INCUMBENT`) on ``objective`` is
+    logged, on validation or test."""
+    name = f"{comparison}.{objective}.{field}"
+    return validation_metric(name) if validation else name
 
 
 def is_final_metric(name: str) -> bool:
