@@ -163,3 +163,125 @@ def test_stop_after_rank_leaves_the_final_stage_to_a_resume(sweep, tmp_path, cap
     again = FakeStages(results)
     run(sweep, tmp_path, again, resume=True)
     assert again.calls == [] and TRIAL in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the choice
+
+# Judged trials: how many of the 200 validation and test images each certifies (at radius
+# 0.75, so its ACR is 0.75 x that / 200). The leader and "close" differ on 2 images, the
+# incumbent is 50 behind on validation and level on test.
+JUDGED = {"leader": (150, 150), "close": (148, None), "incumbent": (100, 150)}
+JUDGED_IMAGES = 200
+
+
+def judged_records(certified: int) -> list[Any]:
+    from cadis.smoothing.records import Record
+
+    return [Record.from_prediction(idx, idx % 10, idx % 10 if idx < certified else -1,
+                                   0.75 if idx < certified else 0.0, 0.01)
+            for idx in range(JUDGED_IMAGES)]
+
+
+class JudgedStages(FakeStages):
+    """Three trials ranked on validation from rank records on disk (the incumbent among them,
+    tagged as such); the final stage certifies the leader and the incumbent on test."""
+
+    def search(self, tracker: Any, folders: dict[str, str], resumed: bool) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from cadis.smoothing.records import RECORDS_FILENAME, write_records
+        from cadis.sweeps.layout import trial_rank_dir
+
+        self.searched.append((dict(folders), resumed))
+        self._begin("search")
+        client = MlflowClient(tracker.uri)
+        for trial, (certified, _) in JUDGED.items():
+            tags = {tracking.PARENT_RUN_TAG: tracker.parent_run_id,
+                    tracking.ROLE_TAG: tracking.ROLE_TRIAL, tracking.TRIAL_ID_TAG: trial}
+            if trial == "incumbent":
+                tags[tracking.INCUMBENT_TAG] = "true"
+            run = client.create_run(tracker.experiment_id, run_name=trial, tags=tags)
+            client.log_metric(run.info.run_id, tracking.validation_metric("acr"),
+                              0.75 * certified / JUDGED_IMAGES)
+            client.set_terminated(run.info.run_id, "FINISHED")
+            out = trial_rank_dir(self.results, trial)
+            out.mkdir(parents=True)
+            write_records(out / RECORDS_FILENAME, judged_records(certified))
+
+    def final(self, tracker: Any) -> str | None:
+        from cadis.smoothing.records import RECORDS_FILENAME, write_records
+        from cadis.sweeps.layout import trial_certify_dir
+
+        self._begin("final")
+        for trial, (_, certified) in JUDGED.items():
+            if certified is None:
+                continue
+            out = trial_certify_dir(self.results, trial)
+            out.mkdir(parents=True, exist_ok=True)
+            write_records(out / RECORDS_FILENAME, judged_records(certified))
+            tracker.log_final(trial, {"acr": 0.75 * certified / JUDGED_IMAGES,
+                                      "num_images": float(JUDGED_IMAGES)}, out)
+        return "leader"
+
+
+def trial_metrics(sweep: SweepConfig, trial: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    from cadis.tracking.sweep_reader import find_trial_run
+
+    state = SweepState.read(sweep.results_dir)
+    return find_trial_run(MlflowClient(sweep.tracking_uri()), state.experiment_id,
+                          state.parent_run_id, trial).data.metrics
+
+
+def verdict(metrics: dict[str, float], comparison: str, validation: bool) -> dict[str, float]:
+    return {field: metrics[tracking.verdict_metric(comparison, "acr", field, validation)]
+            for field in tracking.VERDICT_FIELDS}
+
+
+def test_the_choice_is_judged_on_validation_and_test_in_mlflow_and_in_words(sweep, tmp_path,
+                                                                           capsys):
+    from mlflow.tracking import MlflowClient
+
+    run(sweep, tmp_path, JudgedStages(Path(sweep.results_dir)))
+    out = capsys.readouterr().out
+    # The ranking's choice stands; what is said of it is the verdicts'.
+    assert parent_run(sweep).data.tags[tracking.BEST_TRIAL_TAG] == "leader"
+    close = verdict(trial_metrics(sweep, "close"), tracking.VS_LEADER, validation=True)
+    assert close["difference"] == pytest.approx(-0.75 * 2 / JUDGED_IMAGES)
+    assert close["low"] <= 0 <= close["high"] and close["separated"] == 0.0
+    assert close["images"] == JUDGED_IMAGES and close["p"] <= close["p_holm"]
+    incumbent = trial_metrics(sweep, "incumbent")
+    assert verdict(incumbent, tracking.VS_LEADER, validation=True)["separated"] == 1.0
+    on_test = verdict(incumbent, tracking.VS_LEADER, validation=False)
+    assert on_test["difference"] == 0.0 and on_test["separated"] == 0.0
+    # The close trial was not certified on test: it has no test verdict.
+    assert tracking.verdict_metric(tracking.VS_LEADER, "acr", "difference", False) \
+        not in trial_metrics(sweep, "close")
+    parent = parent_run(sweep).data.metrics
+    ahead = verdict(parent, tracking.CHOSEN_VS_INCUMBENT, validation=True)
+    assert ahead["difference"] == pytest.approx(0.75 * 50 / JUDGED_IMAGES)
+    assert 0 < ahead["low"] <= ahead["high"]
+    assert verdict(parent, tracking.CHOSEN_VS_INCUMBENT, validation=False)["difference"] == 0.0
+    state = SweepState.read(sweep.results_dir)
+    text = MlflowClient(sweep.tracking_uri()).download_artifacts(
+        state.parent_run_id, tracking.CHOICE_ARTIFACT, str(tmp_path))
+    choice = Path(text).read_text()
+    assert f"## on validation ({JUDGED_IMAGES} images), acr" in choice
+    assert f"## on test ({JUDGED_IMAGES} images), acr" in choice
+    # The summary: ahead of the incumbent on validation, never "best" where it is not.
+    assert (f"  on validation ({JUDGED_IMAGES} images), acr: chosen leader: ahead of the "
+            f"incumbent by +0.188 [") in out
+    assert "inseparable from close (-0.007 [" in out
+    assert (f"  on test ({JUDGED_IMAGES} images), acr: chosen leader: inseparable from the "
+            f"incumbent (+0.000 [") in out
+    assert "chosen among them by the higher validation figure, then the earlier trial" in out
+
+
+def test_stop_after_rank_says_the_validation_verdicts(sweep, tmp_path, capsys):
+    run(sweep, tmp_path, JudgedStages(Path(sweep.results_dir)), stop_after="rank")
+    out = capsys.readouterr().out
+    assert "on validation (200 images), acr: chosen leader: ahead of the incumbent" in out
+    assert "on test" not in out
+    assert tracking.verdict_metric(tracking.CHOSEN_VS_INCUMBENT, "acr", "difference", True) \
+        in parent_run(sweep).data.metrics

@@ -197,6 +197,7 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
     top_k on test); the sweep's figures and summary once either ends. Each stage is saved in
     ``sweep.json`` before its work begins, so that a resumed sweep (``state``) skips the
     stages it finished."""
+    from cadis.sweeps.choice import record_choice
     from cadis.sweeps.mlflow_writer import SweepTracker
     from cadis.sweeps.summary import sweep_summary
     from cadis.tracking.client import tracking_given_up
@@ -232,9 +233,11 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
             state.write(results)
         if stop_after == "rank":
             tracker.set_stage(STAGE_RANKED)
+            choice = record_choice(tracker, include_test=False)
             _figures(tracker)
             tracker.close_sweep(finished=False)
             print(tracker.comparison(), flush=True)
+            print("\n".join(choice.words()), flush=True)
             print(f"rank stage done: certify the top {sweep.top_k} on the test set with "
                   f"cadis sweep ... --resume (results in {results})", flush=True)
             return
@@ -242,6 +245,8 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
         state.write(results)
         tracker.set_stage(STAGE_FINAL)
         best = work.final(tracker)
+        # Before the sweep is done, so that a failure to log the verdicts resumes here.
+        choice = record_choice(tracker, include_test=True)
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             tracker.close_sweep(finished=False)
@@ -262,7 +267,7 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
     figures = _figures(tracker)
     tracker.close_sweep(finished=True, best_trial=best)
     print(tracker.comparison(), flush=True)
-    print(sweep_summary(tracker, best, figures), flush=True)
+    print(sweep_summary(tracker, best, figures, choice), flush=True)
 
 
 def _figures(tracker: SweepTracker) -> Path | None:

@@ -24,6 +24,8 @@ from cadis.tracking.contract import (
     BEST_PREFIX,
     BEST_TRIAL_TAG,
     CERTIFY_ARTIFACTS,
+    CHOICE_ARTIFACT,
+    CHOSEN_VS_INCUMBENT,
     FAILURE_TAG,
     FINALIST_TAG,
     OUTCOME_FAILED,
@@ -33,15 +35,18 @@ from cadis.tracking.contract import (
     SEARCHED_TAG,
     STAGE_TAG,
     SWEEP_TAG,
+    VS_LEADER,
     WARM_START_TAG,
     flatten_params,
     is_final_metric,
     is_validation_metric,
+    verdict_metric,
 )
 from cadis.tracking.server import artifact_location
 from cadis.tracking.sweep_reader import find_trial_run, load_trials, trial_runs
 
 if TYPE_CHECKING:
+    from cadis.sweeps.choice import Choice
     from cadis.sweeps.warm_start import WarmStart
 
 
@@ -117,6 +122,28 @@ class SweepTracker:
         log_metrics(self.client, run_id, figures, step=0)
         log_files(self.client, run_id, certify_dir, CERTIFY_ARTIFACTS)
         self.client.set_tag(run_id, FINALIST_TAG, "true")
+
+    def log_choice(self, choice: Choice) -> None:
+        """The choice's verdicts: on each compared trial's run its ``vs_leader.*`` (``val_``
+        first on validation), on the parent the chosen trial against the incumbent
+        (``chosen_vs_incumbent.*``) and the decisions in words (``choice.md``)."""
+        from cadis.sweeps.choice import VALIDATION, verdict_fields
+
+        parent: dict[str, float] = {}
+        for decision in choice.decisions:
+            validation = decision.split == VALIDATION
+            for verdict in decision.verdicts:
+                trial = decision.trial_of(verdict.other)
+                log_metrics(self.client, self.run_of(trial),
+                            {verdict_metric(VS_LEADER, decision.objective, field, validation):
+                             value for field, value in verdict_fields(verdict).items()}, step=0)
+                if trial == choice.incumbent:
+                    parent.update({verdict_metric(CHOSEN_VS_INCUMBENT, decision.objective,
+                                                  field, validation): value
+                                   for field, value in verdict_fields(verdict, turned=True
+                                                                      ).items()})
+        log_metrics(self.client, self.parent_run_id, parent, step=0)
+        self.client.log_text(self.parent_run_id, choice.markdown(), CHOICE_ARTIFACT)
 
     def has_final(self, trial_id: str) -> bool:
         return ACR in self.client.get_run(self.run_of(trial_id)).data.metrics

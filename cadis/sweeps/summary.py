@@ -1,6 +1,8 @@
-"""What a person reads when a sweep ends: the trial it chose with its test figures, where its
-checkpoint and records are, the trials that failed and why, the figures, and how to open
-MLflow's UI on the sweep. Read from the sweep's parent run and its results folder.
+"""What a person reads when a sweep ends: the trial it chose with its test figures, how far the
+evidence carries that choice (its paired verdicts against the incumbent and every other
+contender, on validation and on test: :mod:`cadis.sweeps.choice`), where its checkpoint and
+records are, the trials that failed and why, the figures, and how to open MLflow's UI on the
+sweep. Read from the sweep's parent run and its results folder.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.sweeps.layout import TrainedTrial, trained_file, trial_certify_dir
@@ -16,11 +19,15 @@ from cadis.tracking.contract import ACR, ERROR_ARTIFACT, NUM_IMAGES
 from cadis.tracking.server import SQLITE_SCHEME
 from cadis.tracking.sweep_reader import trial_row
 
+if TYPE_CHECKING:
+    from cadis.sweeps.choice import Choice
 
-def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path | None) -> str:
+
+def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path | None,
+                  choice: Choice | None = None) -> str:
     """The lines of the sweep's end: ``best_trial`` (None: nothing was ranked) and its test
-    figures, the failed trials, ``figures`` (where the sweep's figures are, None: none) and
-    the MLflow page."""
+    figures, the ``choice``'s verdicts in words (:meth:`Choice.words`), the failed trials,
+    ``figures`` (where the sweep's figures are, None: none) and the MLflow page."""
     sweep = tracker.sweep
     lines = [f"sweep {sweep.name} done."]
     if best_trial is None:
@@ -37,6 +44,8 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
                   f"  test ({int(metrics.get(NUM_IMAGES, 0))} images, n={certify.n}, "
                   f"n0={certify.n0}, alpha={certify.alpha:g}): {accuracy}; "
                   f"acr {metrics.get(ACR, math.nan):.3f}"]
+        if choice is not None:
+            lines += choice.words()
         trained = trained_file(tracker.results, best_trial)
         if trained.is_file():
             lines.append(f"  checkpoint: {TrainedTrial.read(trained).checkpoint}")

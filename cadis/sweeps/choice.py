@@ -1,0 +1,196 @@
+"""The sweep's choice with its evidence: how far the data carry the trial the ranking chose.
+
+Which trial is chosen stays :mod:`cadis.sweeps.ranking`'s (best by the validation figure, ties
+to the earlier trial). What this module adds is what may be *said* of it (DESIGN.md §6.3):
+every ranked trial was certified on the same validation images from the same stored draws,
+so for each objective the chosen trial (the leader) is compared, paired, with every other
+ranked trial and with the incumbent (the sweep file's own base) by
+:func:`~cadis.smoothing.verdicts.paired_verdicts`: the difference, a paired bootstrap 95%
+interval and McNemar's exact p (a sign-flip test for ACR), Holm-adjusted across that
+decision. After the final stage the same is done on test, over the trials certified there
+(the finalists and the incumbent). A trial is never called best where its interval against
+another includes 0: :func:`~cadis.smoothing.verdicts.describe_verdicts` names those as
+inseparable and states the tie-break that chose among them.
+
+A decision that cannot be made (records missing, images that differ, an objective that no
+record measures) becomes a note, never an error: a finished sweep is not lost to its verdicts.
+The verdicts go to MLflow (:meth:`cadis.sweeps.mlflow_writer.SweepTracker.log_choice`, the
+names :mod:`cadis.tracking.contract`'s) and into the summary (:mod:`cadis.sweeps.summary`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from cadis.errors import CadisError, first_line
+from cadis.smoothing.paired import CONFIDENCE, format_interval, format_p, format_signed
+from cadis.smoothing.records import RECORDS_FILENAME, read_records, render_table
+from cadis.smoothing.verdicts import FAMILY_ALPHA, Verdict, describe_verdicts, paired_verdicts
+from cadis.sweeps.layout import trial_certify_dir, trial_rank_dir
+from cadis.sweeps.objective import Objective
+from cadis.tracking import contract as tracking
+
+if TYPE_CHECKING:
+    from cadis.sweeps.mlflow_writer import SweepTracker
+
+VALIDATION: Final = "validation"
+TEST: Final = "test"
+#: Where each set's records are, per trial.
+RECORDS_DIRS: Final = {VALIDATION: trial_rank_dir, TEST: trial_certify_dir}
+#: The ranking's own rule (cadis.sweeps.ranking), stated where the data did not choose.
+TIE_BREAK: Final = "the higher validation figure, then the earlier trial"
+#: How the verdicts name the incumbent, so that a sentence reads "ahead of the incumbent".
+INCUMBENT_LABEL: Final = "the incumbent"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One objective's verdicts on one set: the leader against every other contender, each
+    named by its label (``labels``: trial id -> label)."""
+
+    split: str
+    objective: str
+    leader: str
+    labels: Mapping[str, str]
+    verdicts: tuple[Verdict, ...]
+
+    def trial_of(self, label: str) -> str:
+        """The trial id a verdict's label names."""
+        return next(trial for trial, named in self.labels.items() if named == label)
+
+    @property
+    def images(self) -> int:
+        return self.verdicts[0].images
+
+    def sentence(self) -> str:
+        """``chosen X: ahead of the incumbent by ...; inseparable from Y (...)...``."""
+        return f"chosen {self.labels[self.leader]}: " \
+               f"{describe_verdicts(self.verdicts, TIE_BREAK)}"
+
+    def heading(self) -> str:
+        return f"on {self.split} ({self.images} images), {self.objective}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen trial (None: nothing ranked), the incumbent's trial (None: none ranked), the
+    decisions made and, for those that could not be, why."""
+
+    chosen: str | None
+    incumbent: str | None
+    decisions: tuple[Decision, ...]
+    notes: tuple[str, ...]
+
+    def words(self) -> list[str]:
+        """The summary's lines: each decision's heading and sentence, then the notes."""
+        return [*(f"  {decision.heading()}: {decision.sentence()}"
+                  for decision in self.decisions),
+                *(f"  verdicts: {note}" for note in self.notes)]
+
+    def markdown(self) -> str:
+        """``choice.md``: how the verdicts were made, each decision's sentence and table."""
+        parts = [f"# The choice\n\nEach verdict is a trial against the chosen one on the same "
+                 f"images: the difference (the trial minus the chosen), a paired bootstrap "
+                 f"{CONFIDENCE:.0%} interval, the raw two-sided p (McNemar's exact test for "
+                 f"certified accuracy, a sign-flip permutation test for ACR) and Holm's "
+                 f"adjusted p across the decision. Separated: Holm p < {FAMILY_ALPHA:g} and "
+                 f"the interval excludes 0; among inseparable trials the choice is by "
+                 f"{TIE_BREAK}, not a finding.\n"]
+        for decision in self.decisions:
+            rows = [[verdict.other, format_signed(verdict.difference),
+                     format_interval((verdict.low, verdict.high)), format_p(verdict.p),
+                     format_p(verdict.p_adjusted), f"{verdict.discordant[0]} / "
+                     f"{verdict.discordant[1]}", "yes" if verdict.separated else "no"]
+                    for verdict in decision.verdicts]
+            header = ["trial", "difference", f"{CONFIDENCE:.0%} interval", "p", "p (Holm)",
+                      "discordant (chosen / trial)", "separated"]
+            parts.append(f"## {decision.heading()}\n\n{decision.sentence()}\n\n"
+                         + render_table(header, rows, "markdown", text_columns=1))
+        if self.notes:
+            parts.append("## Not decided\n\n" + "".join(f"- {note}\n" for note in self.notes))
+        return "\n".join(parts)
+
+
+def verdict_target(objective: Objective) -> float | None:
+    """The radius at which the objective's verdicts compare (None: ACR); :class:`CadisError`
+    for an objective the records cannot pair: a per-epoch metric, or a minimised one (a
+    verdict's words say ahead for more)."""
+    radius = tracking.radius_of_metric(objective.metric)
+    if objective.mode != "max" or (radius is None and objective.metric != tracking.ACR):
+        raise CadisError(f"{objective.metric} ({objective.mode}) is not a certified figure "
+                         f"to maximise: the records give it no verdicts")
+    return radius
+
+
+def verdict_fields(verdict: Verdict, turned: bool = False) -> dict[str, float]:
+    """A verdict as the values of :data:`~cadis.tracking.contract.VERDICT_FIELDS`; ``turned``:
+    the leader minus the other (the interval turned round), as the parent run logs the chosen
+    trial against the incumbent."""
+    sign = -1.0 if turned else 1.0
+    low, high = sorted((sign * verdict.low, sign * verdict.high))
+    values = {"difference": sign * verdict.difference, "low": low, "high": high,
+              "p": verdict.p, "p_holm": verdict.p_adjusted,
+              "separated": float(verdict.separated), "images": float(verdict.images)}
+    return {field: values[field] for field in tracking.VERDICT_FIELDS}
+
+
+def decide(results: Path, split: str, leader: str, labels: Mapping[str, str],
+           objectives: Sequence[Objective]) -> tuple[list[Decision], list[str]]:
+    """The leader's decisions on ``split``, one per objective, against every trial of
+    ``labels`` (trial id -> label, the leader among them) that has records there; with notes
+    for what could not be decided."""
+    records, notes = {}, []
+    for trial, label in labels.items():
+        path = RECORDS_DIRS[split](results, trial) / RECORDS_FILENAME
+        try:
+            records[label] = read_records(path)
+        except CadisError as error:
+            notes.append(f"{label} left out on {split} ({first_line(error)})")
+    if labels[leader] not in records or len(records) < 2:
+        return [], notes
+    decisions = []
+    for objective in objectives:
+        try:
+            verdicts = paired_verdicts(labels[leader], records, objective.metric,
+                                       radius=verdict_target(objective))
+        except CadisError as error:
+            notes.append(f"no {split} verdicts on {objective.metric} ({first_line(error)})")
+            continue
+        decisions.append(Decision(split, objective.metric, leader,
+                                  {trial: label for trial, label in labels.items()
+                                   if label in records}, tuple(verdicts)))
+    return decisions, notes
+
+
+def record_choice(tracker: SweepTracker, include_test: bool) -> Choice:
+    """The sweep's choice as its ranked trials now stand: the validation decisions and, with
+    ``include_test``, the test decisions over the trials certified on test; logged on the
+    trials' runs and the parent (:meth:`SweepTracker.log_choice`) and returned."""
+    ranked = tracker.ranked()
+    if not ranked:
+        return Choice(None, None, (), ())
+    trials = [run.data.tags[tracking.TRIAL_ID_TAG] for run in ranked]
+    incumbent = next((trial for trial, run in zip(trials, ranked)
+                      if run.data.tags.get(tracking.INCUMBENT_TAG) == "true"), None)
+    labels = {trial: INCUMBENT_LABEL if trial == incumbent else (run.info.run_name or trial)
+              for trial, run in zip(trials, ranked)}
+    objectives = tracker.sweep.objective
+    decisions, notes = decide(tracker.results, VALIDATION, trials[0], labels, objectives)
+    if include_test:
+        tested = {trial: labels[trial] for trial, run in zip(trials, ranked)
+                  if tracking.ACR in run.data.metrics}
+        if trials[0] in tested:
+            more, more_notes = decide(tracker.results, TEST, trials[0], tested, objectives)
+            decisions += more
+            notes += more_notes
+        else:
+            notes.append(f"{labels[trials[0]]} has no test figures: no test verdicts")
+    if incumbent is None and tracker.sweep.incumbent:
+        notes.append("the incumbent was not ranked (its trial did not finish): nothing says "
+                     "whether the search beat the sweep file's base")
+    choice = Choice(trials[0], incumbent, tuple(decisions), tuple(notes))
+    tracker.log_choice(choice)
+    return choice
