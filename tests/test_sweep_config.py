@@ -148,7 +148,7 @@ BAD_CASES = [
                  "certify.rank.images (600) is larger than the validation hold-out "
                  "(base.val_images = 500)", id="rank-larger-than-holdout"),
     pytest.param(with_changes(certify={"n": 100}),
-                 "unknown key 'certify.n'; allowed: rank, final; the certification has two "
+                 "unknown key 'certify.n'; allowed: rank, race, final; the certification has "
                  "stages: write certify.rank.n (the validation hold-out) or certify.final.n",
                  id="flat-certify-key"),
     pytest.param(with_changes(certify={"rank": {"skip": 2}}),

@@ -1,7 +1,7 @@
 """The driver's stage machine in seconds: no Ray, a fake work for each stage, the sweep's own
 MLflow writer on a SQLite store. The stages run in order, each saved in sweep.json before its
 work begins; an interrupted sweep is resumable and its resume skips the stages it finished;
-``--stop-after rank`` stops after the search and its resume runs only the final stage."""
+``--stop-after rank`` stops after the search and its resume runs the racing and final stages."""
 
 from __future__ import annotations
 
@@ -63,13 +63,17 @@ class FakeStages:
         client.log_metric(run.info.run_id, tracking.validation_metric("acr"), 0.4)
         client.set_terminated(run.info.run_id, "FINISHED")
 
+    def race(self, tracker: Any) -> None:
+        self._begin("race")
+
     def final(self, tracker: Any) -> str | None:
         self._begin("final")
         tracker.log_final(TRIAL, FINAL, self.results / "no-certify-files")
         return TRIAL
 
     def work(self) -> StageWork:
-        return StageWork(build_stores=self.build_stores, search=self.search, final=self.final)
+        return StageWork(build_stores=self.build_stores, search=self.search, race=self.race,
+                         final=self.final)
 
 
 @pytest.fixture
@@ -107,7 +111,7 @@ def test_the_stages_run_in_order_each_saved_before_its_work(sweep, tmp_path):
     fake = FakeStages(Path(sweep.results_dir))
     run(sweep, tmp_path, fake)
     assert fake.calls == [("build_stores", "search", {}), ("search", "search", STORES),
-                          ("final", "final", STORES)]
+                          ("race", "racing", STORES), ("final", "final", STORES)]
     assert fake.searched == [(FOLDERS, False)]
     state = SweepState.read(sweep.results_dir)
     assert (state.stage, state.draw_stores, state.sweep) == ("done", STORES,
@@ -143,7 +147,7 @@ def test_a_search_interrupted_after_its_stores_resumes_without_building_them(swe
         run(sweep, tmp_path, FakeStages(results, interrupt="search"))
     resumed = FakeStages(results)
     run(sweep, tmp_path, resumed, resume=True)
-    assert [call[0] for call in resumed.calls] == ["search", "final"]
+    assert [call[0] for call in resumed.calls] == ["search", "race", "final"]
     assert resumed.searched == [(FOLDERS, True)]
 
 
@@ -157,12 +161,24 @@ def test_stop_after_rank_leaves_the_final_stage_to_a_resume(sweep, tmp_path, cap
     assert "rank stage done: certify the top" in capsys.readouterr().out
     final = FakeStages(results)
     run(sweep, tmp_path, final, resume=True)
-    assert final.calls == [("final", "final", STORES)]
+    assert final.calls == [("race", "racing", STORES), ("final", "final", STORES)]
     # A finished sweep resumed again runs nothing: it prints its comparison.
     capsys.readouterr()
     again = FakeStages(results)
     run(sweep, tmp_path, again, resume=True)
     assert again.calls == [] and TRIAL in capsys.readouterr().out
+
+
+def test_a_sweep_interrupted_in_its_racing_stage_resumes_there(sweep, tmp_path):
+    results = Path(sweep.results_dir)
+    with pytest.raises(CadisError, match="sweep interrupted"):
+        run(sweep, tmp_path, FakeStages(results, interrupt="race"))
+    assert SweepState.read(results).stage == "racing"
+    assert parent_run(sweep).data.tags[tracking.STAGE_TAG] == "racing"
+    resumed = FakeStages(results)
+    run(sweep, tmp_path, resumed, resume=True)
+    assert resumed.calls == [("race", "racing", STORES), ("final", "final", STORES)]
+    assert SweepState.read(results).stage == "done"
 
 
 # --------------------------------------------------------------------------- the choice

@@ -61,6 +61,8 @@ TRIAL_MAX_FAILURES = 1
 STOP_AFTER = ("rank",)
 # The sweep's stages, as sweep.json records them: a resumed sweep continues from its stage.
 STAGE_SEARCH, STAGE_RANKED, STAGE_FINAL, STAGE_DONE = "search", "ranked", "final", "done"
+# Between ranked and final: the ranked trials raced on further validation blocks.
+STAGE_RACING = "racing"
 
 
 def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = False,
@@ -107,6 +109,8 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
 
     import ray
 
+    from cadis.sweeps.racing import run_race_stage
+
     started_ray = not ray.is_initialized()
     working_dir = os.getcwd()
     if started_ray:
@@ -119,6 +123,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
             search=functools.partial(_search, sweep, results,
                                      concurrent_trials(sweep, ray.cluster_resources(), nodes),
                                      warm),
+            race=functools.partial(run_race_stage, sweep, results),
             final=functools.partial(run_final_stage, sweep, results))
         results.mkdir(parents=True, exist_ok=True)
         # Inside a Ray job, Ray may replace the job's working directory (its unpacked copy)
@@ -188,13 +193,15 @@ class StageWork:
     search: Callable[[SweepTracker, Mapping[str, str], bool], None]
     # The top_k on the test set: the rank winner's trial id (None: no trial ranked).
     final: Callable[[SweepTracker], str | None]
+    # The ranked trials raced on further validation blocks (the final stage's finalists).
+    race: Callable[[SweepTracker], None]
 
 
 def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
                 fingerprint: dict[str, Any], state: SweepState | None, stop_after: str | None,
                 warm: WarmStart | None, work: StageWork) -> None:
-    """The stage machine: search (the trials, each certified on validation), then final (the
-    top_k on test); the sweep's figures and summary once either ends. Each stage is saved in
+    """The stage machine: search (the trials, each certified on validation), racing (those it
+    cannot separate, on more of validation), then final (the finalists on test); the sweep's figures and summary once either ends. Each stage is saved in
     ``sweep.json`` before its work begins, so that a resumed sweep (``state``) skips the
     stages it finished."""
     from cadis.sweeps.choice import record_choice
@@ -241,6 +248,11 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
             print(f"rank stage done: certify the top {sweep.top_k} on the test set with "
                   f"cadis sweep ... --resume (results in {results})", flush=True)
             return
+        if state.stage != STAGE_FINAL:
+            state = dataclasses.replace(state, stage=STAGE_RACING)
+            state.write(results)
+            tracker.set_stage(STAGE_RACING)
+            work.race(tracker)
         state = dataclasses.replace(state, stage=STAGE_FINAL)
         state.write(results)
         tracker.set_stage(STAGE_FINAL)

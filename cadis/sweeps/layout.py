@@ -15,6 +15,10 @@ writer, and typed readers of the two records the sweep keeps there (:class:`Swee
     trials/<trial>/failure.txt    why the trial failed, when a retry cannot change it
     trials/<trial>/rank/     the rank stage (validation): records.tsv, summary.json, plot
     trials/<trial>/certify/  the final stage (test), for finalists: the same files
+    trials/<trial>/race/block-<k>/  the racing stage's k-th further block of validation
+                      images (k >= 1; block 0 is the rank stage's): the same files
+    race/race.json    the race's record: each look, why it stopped, the finalists, the
+                      validation images that decided each trial (cadis.sweeps.racing)
     trials/<trial>/seeds/<s>/  a finalist retrained with training seed s (certify.final.seeds):
                       its trained.json and certify/ (test, on the same draws)
     train/<trial>-seed<s>/     that retraining's Ray Train run and checkpoints
@@ -43,6 +47,8 @@ TRAINED_FILE: Final = "trained.json"
 SEEDS_DIR: Final = "seeds"
 FAILURE_FILE: Final = "failure.txt"
 DRAWS_DIR: Final = "draws"
+RACE_DIR: Final = "race"
+RACE_FILE: Final = "race.json"
 # The per-epoch time axis of ASHA and MLflow's step: an epoch survives resume, Tune's
 # iteration count does not.
 EPOCH: Final = "epoch"
@@ -81,6 +87,26 @@ def seed_run_name(trial_id: str, train_seed: int) -> str:
     """The Ray Train run (under ``results/train``) of a finalist retrained with
     ``train_seed``: named so that a resumed final stage resumes it."""
     return f"{trial_id}-seed{int(train_seed)}"
+
+
+def trial_race_block_dir(results: str | Path, trial_id: str, block: int) -> Path:
+    """Where the racing stage writes a trial's records of its ``block``-th further block of
+    validation images (``block`` >= 1)."""
+    return trial_folder(results, trial_id) / RACE_DIR / f"block-{int(block)}"
+
+
+def race_file(results: str | Path) -> Path:
+    """The race's record (:mod:`cadis.sweeps.racing`)."""
+    return Path(results) / RACE_DIR / RACE_FILE
+
+
+def race_finalists(results: str | Path) -> list[str] | None:
+    """The finalists the race left, leader first; None where no race ran (it was off, or the
+    sweep is older than racing): the final stage then takes the top_k by rank."""
+    path = race_file(results)
+    if not path.is_file():
+        return None
+    return list(_read_json_object(path, ("finalists",), "race record")["finalists"])
 
 
 def trained_file(results: str | Path, trial_id: str) -> Path:

@@ -31,6 +31,7 @@ from cadis.sweeps.spec import (
     AshaSettings,
     Distribution,
     MlflowSettings,
+    RaceSettings,
     RankSettings,
     ResourceSettings,
     SweepConfig,
@@ -63,15 +64,18 @@ ASHA_KEYS = ("metric", "mode", "grace_period", "reduction_factor", "max_t")
 RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")
 MLFLOW_KEYS = ("tracking_uri", "experiment")
 OBJECTIVE_KEYS = ("metric", "mode")
-# The two stages of certification: rank (validation hold-out, every trial that trains to the
-# end; the searcher's objective) and final (the test set, the top_k trials by rank).
-STAGES = ("rank", "final")
+# The stages of certification: rank (validation hold-out, every trial that trains to the
+# end; the searcher's objective), race (further blocks of the hold-out for the contenders the
+# rank stage cannot separate) and final (the test set, the finalists).
+STAGES = ("rank", "race", "final")
 RANK_KEYS = ("n", "n0", "alpha", "images", "batch_size", "sequential")
+RACE_KEYS = tuple(field.name for field in fields(RaceSettings))
 # The final stage's own keys; the others are the base's certify settings.
 FINAL_STAGE_KEYS = ("top_k", "seeds")
 FINAL_KEYS = (*(field.name for field in fields(CertifyConfig)), *FINAL_STAGE_KEYS)
-STAGE_KEYS = {"rank": RANK_KEYS, "final": FINAL_KEYS}
-STAGE_SETS = {"rank": "the validation hold-out", "final": "the test set"}
+STAGE_KEYS = {"rank": RANK_KEYS, "race": RACE_KEYS, "final": FINAL_KEYS}
+STAGE_SETS = {"rank": "the validation hold-out", "race": "more of the validation hold-out",
+              "final": "the test set"}
 # Top-level sections that are mappings, with their keys (search's are base keys, checked by
 # parse_search): ``--set section.key=value`` writes into them.
 SECTIONS = {"search": None, "objective": OBJECTIVE_KEYS, "scheduler": ASHA_KEYS,
@@ -161,6 +165,7 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     except CadisError as error:
         raise CadisError(str(error).replace("certify.", "certify.final.", 1)) from None
     rank = _parse_rank(stages["rank"], base)
+    race = _parse_race(stages["race"], base, rank)
     search = parse_search(data.get("search"), base)
     num_trials = positive_int(data.get("num_trials"), "num_trials",
                                    "trials to run; with a grid, repeats of the grid")
@@ -194,7 +199,7 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     sweep = SweepConfig(name=name, base=base, search=search, objective=objectives,
                         scheduler=scheduler, num_trials=num_trials,
                         max_concurrent_trials=max_concurrent, resources=resources,
-                        certify=base.certify, rank=rank, top_k=DEFAULT_TOP_K,
+                        certify=base.certify, rank=rank, race=race, top_k=DEFAULT_TOP_K,
                         store_draws=flag(data.get("store_draws", True), "store_draws"),
                         mlflow=MlflowSettings(tracking_uri, experiment), results_dir=results_dir,
                         draws_dir=draws_dir)
@@ -222,7 +227,7 @@ def _stages(section: Any) -> dict[str, dict[str, Any]]:
         if key not in STAGES:
             where = [f"certify.{stage}.{key} ({STAGE_SETS[stage]})" for stage in STAGES
                      if key in STAGE_KEYS[stage]]
-            hint = (f"; the certification has two stages: write {' or '.join(where)}"
+            hint = (f"; the certification has stages: write {' or '.join(where)}"
                     if where else "")
             raise CadisError(f"unknown key 'certify.{key}'; allowed: {', '.join(STAGES)}{hint}")
     for stage in STAGES:
@@ -251,6 +256,36 @@ def _parse_rank(values: Mapping[str, Any], base: TrainConfig) -> RankSettings:
         raise CadisError(f"certify.rank.images ({rank.images}) is larger than the validation "
                          f"hold-out (base.val_images = {base.val_images})")
     return rank
+
+
+def _parse_race(values: Mapping[str, Any], base: TrainConfig, rank: RankSettings
+                ) -> RaceSettings:
+    """``certify.race``: ``max_images`` defaults to the most of the hold-out the default
+    allows (``base.val_images`` when smaller) and lies between the rank stage's images and
+    the hold-out."""
+    default = RaceSettings()
+    budget = values.get("budget_seconds")
+    race = RaceSettings(
+        block=positive_int(values.get("block", default.block), "certify.race.block"),
+        max_images=positive_int(values.get("max_images",
+                                           min(default.max_images, base.val_images)),
+                                "certify.race.max_images"),
+        family_alpha=number(values.get("family_alpha", default.family_alpha),
+                            "certify.race.family_alpha"),
+        budget_seconds=None if budget is None else number(budget,
+                                                          "certify.race.budget_seconds"),
+        enabled=flag(values.get("enabled", default.enabled), "certify.race.enabled"))
+    if not 0.0 < race.family_alpha < 1.0:
+        raise CadisError(f"certify.race.family_alpha must lie in (0, 1), got "
+                         f"{race.family_alpha}")
+    if race.budget_seconds is not None and race.budget_seconds <= 0:
+        raise CadisError(f"certify.race.budget_seconds must be a number > 0 (seconds of "
+                         f"certification), or null for no limit; got {race.budget_seconds}")
+    if not rank.images <= race.max_images <= base.val_images:
+        raise CadisError(f"certify.race.max_images ({race.max_images}) must lie between "
+                         f"certify.rank.images ({rank.images}), where the race starts, and "
+                         f"the validation hold-out (base.val_images = {base.val_images})")
+    return race
 
 
 def _section(data: Mapping[str, Any], key: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from cadis.errors import CadisError
 from cadis.finetuning.config import TrainConfig
 from cadis.sweeps.layout import STATE_FILE, TUNE_NAME, SweepState
-from cadis.sweeps.spec import RankSettings, ResourceSettings, SweepConfig
+from cadis.sweeps.spec import RaceSettings, RankSettings, ResourceSettings, SweepConfig
 
 
 def sweep_fingerprint(sweep: SweepConfig) -> dict[str, Any]:
@@ -73,6 +73,7 @@ def setting_defaults() -> dict[str, Any]:
     base = TrainConfig().to_dict()
     return _plain({"base": base, "certify": base["certify"],
                    "rank": dataclasses.asdict(RankSettings()),
+                   "race": dataclasses.asdict(RaceSettings()),
                    "resources": dataclasses.asdict(ResourceSettings())})
 
 

@@ -109,6 +109,23 @@ class RankSettings:
 
 
 @dataclass(frozen=True)
+class RaceSettings:
+    """The racing stage (F-race, :mod:`cadis.sweeps.racing`), between rank and final: the
+    ranked trials not separated from the leader on the rank stage's images are certified on
+    further ``block``-image blocks of the validation hold-out, up to its first
+    ``max_images`` (at most ``base.val_images``), with the rank stage's n, n0 and alpha; a
+    contender significantly behind the leader (Holm within each look at ``family_alpha``)
+    leaves. It stops when one is left, the images are used up, or ``budget_seconds`` of
+    certification (None: no limit) are spent. ``enabled: false`` takes the top_k by rank."""
+
+    block: int = 100
+    max_images: int = 500
+    family_alpha: float = 0.05
+    budget_seconds: float | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class MlflowSettings:
     """``tracking_uri`` None means ``$MLFLOW_TRACKING_URI``, else the local SQLite store."""
 
@@ -135,6 +152,7 @@ class SweepConfig:
     resources: ResourceSettings
     certify: CertifyConfig
     rank: RankSettings
+    race: RaceSettings
     top_k: int
     store_draws: bool
     mlflow: MlflowSettings
