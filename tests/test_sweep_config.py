@@ -18,6 +18,7 @@ from cadis.sweeps.describe import describe
 from cadis.sweeps.parse import load_sweep, sweep_from_mapping
 from cadis.sweeps.search_space import trial_config
 from cadis.sweeps.spec import (
+    INCUMBENT_PARAM,
     SEARCHER_BASIC,
     SEARCHER_OPTUNA,
     AshaSettings,
@@ -219,6 +220,20 @@ BAD_CASES = [
                  id="bad-certify-value"),
     pytest.param(with_changes(mlflow={"tracking_uri": ""}), "mlflow.tracking_uri must be",
                  id="empty-tracking-uri"),
+    pytest.param(with_changes(incumbent="yes"), "incumbent must be true or false",
+                 id="incumbent-not-a-flag"),
+    pytest.param(search(lora_rank={"choice": [2, 8]}),
+                 "incumbent: the base's lora_rank (4) is outside search.lora_rank (choice [2, "
+                 "8]), so the base cannot run as a trial; widen search.lora_rank, change "
+                 "base.lora_rank, or set incumbent: false", id="incumbent-outside-a-choice"),
+    pytest.param(search(**{"lambda": {"uniform": [3, 8]}}),
+                 "incumbent: the base's lambda (2.0) is outside search.lambda (uniform [3.0, "
+                 "8.0])", id="incumbent-outside-a-range"),
+    pytest.param(search(num_noises={"int": [3, 4]}), "the base's num_noises (2) is outside",
+                 id="incumbent-outside-an-int-range"),
+    pytest.param(with_changes(incumbent=True, search={"lambda": {"grid": [1.0, 2.0]}}),
+                 "incumbent: true needs Optuna's search, but this sweep has a grid",
+                 id="incumbent-on-a-grid"),
 ]
 
 
@@ -260,6 +275,43 @@ def test_minimal_sweep_resolves_defaults(tmp_path):
     assert sweep.tracking_uri() == f"sqlite:///{Path('runs/sweeps/mlflow.db').resolve()}"
     assert sweep.base.certify is sweep.certify
     assert required_per_trial(sweep) == {"CPU": 1.25, "GPU": 0.0}
+
+
+def test_the_base_is_the_incumbent_of_an_optuna_sweep(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, search(
+        **{"lambda": {"uniform": [0.5, 8]}, "lora_rank": {"choice": [2, 4, 8]},
+           "num_noises": {"int": [1, 3]}})))
+    # On by default, one of num_trials; its point is the base's value of each searched key.
+    assert sweep.incumbent and sweep.total_trials == 2
+    assert sweep.incumbent_point == {"lambda": 2.0, "lora_rank": 4, "num_noises": 2}
+    assert ("incumbent: the base (lambda=2.0, lora_rank=4, num_noises=2) is trial 1 of 2, "
+            "never stopped by ASHA, certified on the test set in the final stage"
+            ) in describe(sweep).splitlines()
+
+
+@pytest.mark.parametrize("changes, reason", [
+    pytest.param({"incumbent": False, "search": {"lambda": {"uniform": [3, 8]}}},
+                 "incumbent: false", id="opted-out-even-outside-its-space"),
+    pytest.param({"search": {"lambda": {"grid": [1.0, 3.0]}}}, "a grid's arms are explicit",
+                 id="grid"),
+    pytest.param({"incumbent": False, "search": {"lambda": {"grid": [1.0, 3.0]}}},
+                 "a grid's arms are explicit", id="grid-opted-out"),
+])
+def test_a_sweep_without_an_incumbent(tmp_path, changes, reason):
+    sweep = load_sweep(write_sweep(tmp_path, with_changes(**changes)))
+    assert not sweep.incumbent and sweep.incumbent_point is None
+    assert f"incumbent: none ({reason})" in describe(sweep).splitlines()
+
+
+def test_set_turns_the_incumbent_off(tmp_path):
+    path = write_sweep(tmp_path, search(**{"lambda": {"uniform": [3, 8]}}))
+    assert not load_sweep(path, ["incumbent=false"]).incumbent
+
+
+def test_the_incumbents_marker_is_no_base_key():
+    sweep = sweep_from_mapping(MINIMAL)
+    assert trial_config(sweep, {"lambda": 1.5, INCUMBENT_PARAM: True}) == \
+        trial_config(sweep, {"lambda": 1.5})
 
 
 def test_name_defaults_to_the_file_stem(tmp_path):

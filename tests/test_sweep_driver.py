@@ -1,10 +1,12 @@
 """The sweep driver's Optuna adapter and stored draws, without a cluster: what Optuna is told
-of per-epoch and pruned trials, and what two sweeps sharing a draws_dir build. (How many
+of per-epoch and pruned trials, the incumbent (Optuna's first trial, marked through a
+restore, spared by ASHA), and what two sweeps sharing a draws_dir build. (How many
 trials run at once is tests/test_sweep_resources.py's; resuming, tests/test_sweep_resume.py's;
 the stage machine, tests/test_sweep_stages.py's.)"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,95 @@ def test_draws_dir_must_be_a_folder_path(draws_dir):
     with pytest.raises(CadisError, match="draws_dir must be a folder path, or null for "
                                          "results_dir/draws; got"):
         sweep_from_mapping({**SWEEP, "draws_dir": draws_dir})
+
+
+# ----------------------------------------------------------------------------- the incumbent
+
+INCUMBENT_SWEEP = {**SWEEP, "search": {"lambda": {"uniform": [0.5, 8]},
+                                       "lora_rank": {"choice": [2, 4, 8]},
+                                       "num_noises": {"int": [1, 3]}}}
+
+
+def ready_searcher(sweep, results, finished=()):
+    """The searcher as Tune sets it up: built, then given the search space."""
+    from cadis.sweeps.searcher import build_searcher, tune_search_space
+
+    results.mkdir(exist_ok=True)
+    searcher = build_searcher(sweep, results, finished)
+    searcher.set_search_properties(None, None, tune_search_space(sweep))
+    return searcher
+
+
+def test_the_first_suggestion_is_the_incumbent_and_a_restored_searcher_knows_it(tmp_path):
+    from cadis.sweeps.searcher import build_searcher
+    from cadis.sweeps.spec import INCUMBENT_PARAM
+
+    incumbent = sweep_from_mapping(INCUMBENT_SWEEP)
+    searcher = ready_searcher(incumbent, tmp_path / "results")
+    first = searcher.suggest("first")
+    assert first == {"lambda": 2.0, "lora_rank": 4, "num_noises": 2, INCUMBENT_PARAM: True}
+    assert INCUMBENT_PARAM not in searcher.suggest("second")
+    assert searcher.incumbent_trial_id == "first"
+    # Tune saves the searcher with the experiment and restores it into one built anew.
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = build_searcher(incumbent, tmp_path / "results")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.incumbent_trial_id == "first"
+    assert INCUMBENT_PARAM not in restored.suggest("third")
+
+
+def test_a_sweep_without_an_incumbent_marks_no_trial(tmp_path):
+    from cadis.sweeps.spec import INCUMBENT_PARAM
+
+    searcher = ready_searcher(sweep_from_mapping({**INCUMBENT_SWEEP, "incumbent": False}),
+                              tmp_path / "results")
+    assert not any(INCUMBENT_PARAM in searcher.suggest(str(index)) for index in range(4))
+    assert searcher.incumbent_trial_id is None
+
+
+def test_a_warm_started_sweep_still_evaluates_its_incumbent_first(tmp_path):
+    import optuna
+
+    from cadis.sweeps.spec import INCUMBENT_PARAM
+
+    incumbent = sweep_from_mapping(INCUMBENT_SWEEP)
+    finished = [({"lambda": 6.0, "lora_rank": 8, "num_noises": 3}, [0.7]),
+                ({"lambda": 1.0, "lora_rank": 2, "num_noises": 1}, [0.6])]
+    searcher = ready_searcher(incumbent, tmp_path / "results", finished)
+    assert len(searcher._ot_study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+    assert searcher.suggest("first") == {**incumbent.incumbent_point, INCUMBENT_PARAM: True}
+
+
+@dataclasses.dataclass
+class SchedulerTrial:
+    """What ASHA reads of a Tune trial."""
+
+    trial_id: str
+    config: dict
+
+
+def test_asha_never_stops_the_incumbent_but_ranks_the_others_against_it():
+    from ray.tune.schedulers import TrialScheduler
+
+    from cadis.sweeps.searcher import build_scheduler
+    from cadis.sweeps.spec import INCUMBENT_PARAM
+
+    scheduler = build_scheduler(sweep_from_mapping(INCUMBENT_SWEEP))
+    scheduler.set_search_properties("proxy_acr", "max")
+    leader = SchedulerTrial("leader", {"lambda": 1.0})
+    incumbent = SchedulerTrial("incumbent", {"lambda": 2.0, INCUMBENT_PARAM: True})
+    middle = SchedulerTrial("middle", {"lambda": 4.0})
+    weak = SchedulerTrial("weak", {"lambda": 7.0})
+    for trial in (leader, incumbent, middle, weak):
+        scheduler.on_trial_add(None, trial)
+
+    def report(trial, proxy):
+        return scheduler.on_trial_result(None, trial, {"epoch": 1, "proxy_acr": proxy})
+
+    assert report(leader, 0.9) == TrialScheduler.CONTINUE
+    # Below the rung's cut (the leader's 0.9): an ordinary trial stops, the incumbent goes on.
+    assert report(incumbent, 0.1) == TrialScheduler.CONTINUE
+    # Its result is in the rung: the cut is now the median of 0.9 and 0.1, which 0.6 passes.
+    assert report(middle, 0.6) == TrialScheduler.CONTINUE
+    assert report(weak, 0.05) == TrialScheduler.STOP
+    assert scheduler._num_stopped == 1

@@ -1,6 +1,7 @@
 """The Tune callback that writes each trial's MLflow run, driven the way Tune drives it (fake
 trials and results, no Ray cluster) against a SQLite tracking URI: the runs, params, metrics,
-tags and files it writes, and a resumed sweep finding its runs again."""
+tags and files it writes (the incumbent's name and tags too), and a resumed sweep finding
+its runs again."""
 
 from __future__ import annotations
 
@@ -160,3 +161,25 @@ def test_a_trial_stopped_early_and_one_that_failed(sweep_run, tmp_path):
     resumed.on_trial_error(2, [], failed)
     assert tracker.client.get_run(runs[0].info.run_id).data.tags[tracking.FAILURE_TAG] == \
         "Tune kept no error text for this trial"
+
+
+def test_the_incumbents_run_is_named_and_tagged_and_the_sweep_names_it(sweep_run):
+    from cadis.sweeps.spec import INCUMBENT_PARAM
+
+    sweep, tracker, callback = sweep_run
+    incumbent = FakeTrial("00003", {"lambda": 2.0, "confidence_threshold": "argmax",
+                                    INCUMBENT_PARAM: True})
+    other = FakeTrial("00004", {"lambda": 3.0, "confidence_threshold": 0.5})
+    for trial in (incumbent, other):
+        callback.on_trial_start(0, [], trial)
+    run = tracker.client.get_run(run_of(tracker, "00003").info.run_id)
+    assert run.info.run_name == "incumbent-00003"
+    assert run.data.tags[tracking.INCUMBENT_TAG] == "true"
+    # The marker is no param: the searched values and the config are the base's.
+    assert INCUMBENT_PARAM not in run.data.params and run.data.params["lambda"] == "2.0"
+    assert run.data.tags[tracking.SEARCHED_TAG] == "confidence_threshold,lambda"
+    parent = tracker.client.get_run(tracker.parent_run_id)
+    assert parent.data.tags[tracking.INCUMBENT_TRIAL_TAG] == "00003"
+    ordinary = tracker.client.get_run(run_of(tracker, "00004").info.run_id)
+    assert ordinary.info.run_name == "run_trial_00004"
+    assert tracking.INCUMBENT_TAG not in ordinary.data.tags

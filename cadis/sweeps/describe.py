@@ -7,8 +7,8 @@ from cadis.sweeps.spec import SEARCHER_BASIC, TRIAL_DRIVER_CPUS, SweepConfig, re
 
 
 def describe(sweep: SweepConfig) -> str:
-    """The resolved sweep in a few lines: trials and searcher, search space, objective,
-    scheduler, resources, certification and where it is tracked."""
+    """The resolved sweep in a few lines: trials and searcher, search space, the incumbent,
+    objective, scheduler, resources, certification and where it is tracked."""
     if sweep.searcher == SEARCHER_BASIC:
         trials = (f"{sweep.total_trials} trials ({sweep.grid_size} grid points x num_trials "
                   f"{sweep.num_trials}); Tune's grid and random search (Optuna cannot take a grid)")
@@ -21,6 +21,7 @@ def describe(sweep: SweepConfig) -> str:
     lines = [f"sweep {sweep.name}: {trials}; at most {sweep.max_concurrent_trials} at a time",
              "search:"]
     lines += [f"  {key}: {distribution.describe()}" for key, distribution in sweep.search.items()]
+    lines.append(_incumbent_line(sweep))
     lines.append("objective: " + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objective))
     if sweep.scheduler is None:
         lines.append("scheduler: none, every trial runs all its epochs")
@@ -60,3 +61,16 @@ def describe(sweep: SweepConfig) -> str:
     lines.append(f"mlflow: {sweep.tracking_uri()} (experiment {sweep.mlflow.experiment})")
     lines.append(f"results: {sweep.results_dir}")
     return "\n".join(lines)
+
+
+def _incumbent_line(sweep: SweepConfig) -> str:
+    """Whether the base runs as a trial of its own, and with which searched values."""
+    point = sweep.incumbent_point
+    if point is None:
+        why = ("a grid's arms are explicit" if sweep.searcher == SEARCHER_BASIC
+               else "incumbent: false")
+        return f"incumbent: none ({why})"
+    values = ", ".join(f"{key}={value}" for key, value in point.items())
+    spared = "" if sweep.scheduler is None else ", never stopped by ASHA"
+    return (f"incumbent: the base ({values}) is trial 1 of {sweep.num_trials}{spared}, "
+            f"certified on the test set in the final stage")

@@ -28,6 +28,7 @@ from cadis.sweeps.layout import DRAWS_DIR
 from cadis.sweeps.objective import Objective
 from cadis.sweeps.search_space import base_key_names, largest_value, parse_search
 from cadis.sweeps.spec import (
+    SEARCHER_OPTUNA,
     AshaSettings,
     Distribution,
     MlflowSettings,
@@ -82,8 +83,8 @@ SECTIONS = {"search": None, "objective": OBJECTIVE_KEYS, "scheduler": ASHA_KEYS,
             "resources": RESOURCE_KEYS, "certify": STAGES, "mlflow": MLFLOW_KEYS}
 DEFAULT_TOP_K = 2
 TOP_LEVEL_KEYS = ("name", "base", "search", "objective", "scheduler", "num_trials",
-                  "max_concurrent_trials", "resources", "certify", "store_draws", "draws_dir",
-                  "mlflow", "results_dir")
+                  "max_concurrent_trials", "resources", "certify", "incumbent", "store_draws",
+                  "draws_dir", "mlflow", "results_dir")
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
@@ -200,6 +201,7 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
                         scheduler=scheduler, num_trials=num_trials,
                         max_concurrent_trials=max_concurrent, resources=resources,
                         certify=base.certify, rank=rank, race=race, top_k=DEFAULT_TOP_K,
+                        incumbent=False,
                         store_draws=flag(data.get("store_draws", True), "store_draws"),
                         mlflow=MlflowSettings(tracking_uri, experiment), results_dir=results_dir,
                         draws_dir=draws_dir)
@@ -216,7 +218,30 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
                          "trials of the sweep")
     sweep.final_seeds = positive_int(stages["final"].get("seeds", 1), "certify.final.seeds",
                                      "training seeds of each finalist and the incumbent")
+    sweep.incumbent = _parse_incumbent(data.get("incumbent"), sweep)
     return sweep
+
+
+def _parse_incumbent(value: Any, sweep: SweepConfig) -> bool:
+    """``incumbent:`` (absent: true for Optuna, false for a grid). The incumbent runs the
+    base's own value of every searched key, so each must be one its distribution can draw
+    (Optuna refuses to evaluate a point outside its space)."""
+    if sweep.searcher != SEARCHER_OPTUNA:
+        if value is not None and flag(value, "incumbent"):
+            raise CadisError("incumbent: true needs Optuna's search, but this sweep has a grid, "
+                             "whose arms are explicit: add the base's arm to the grid and drop "
+                             "incumbent")
+        return False
+    if not flag(True if value is None else value, "incumbent"):
+        return False
+    base = sweep.base.to_dict()
+    for key, distribution in sweep.search.items():
+        if not distribution.contains(base[key]):
+            raise CadisError(f"incumbent: the base's {key} ({base[key]!r}) is outside "
+                             f"search.{key} ({distribution.describe()}), so the base cannot "
+                             f"run as a trial; widen search.{key}, change base.{key}, or set "
+                             f"incumbent: false")
+    return True
 
 
 def _stages(section: Any) -> dict[str, dict[str, Any]]:

@@ -29,6 +29,7 @@ from cadis.finetuning.config import IGNORED_BY_METHOD, RENAMED, TrainConfig, fro
 from cadis.sweeps.distribution_text import RANGE_KINDS
 from cadis.sweeps.spec import (
     DISTRIBUTIONS,
+    INCUMBENT_PARAM,
     VARIANT_KEY,
     Distribution,
     SweepConfig,
@@ -230,9 +231,12 @@ def largest_value(search: Mapping[str, Distribution], base: TrainConfig, key: st
 
 def trial_config(sweep: SweepConfig, params: Mapping[str, Any]) -> TrainConfig:
     """One trial's training configuration: the base with the values Tune chose (``params``,
-    keyed like :attr:`SweepConfig.search`). Validated; a combination of separately searched
-    keys that the base refuses (checked one key at a time at load) raises here."""
+    keyed like :attr:`SweepConfig.search`; the incumbent's marker
+    :data:`cadis.sweeps.spec.INCUMBENT_PARAM` is no base key and is left out). Validated; a
+    combination of separately searched keys that the base refuses (checked one key at a time
+    at load) raises here."""
+    searched = {key: value for key, value in params.items() if key != INCUMBENT_PARAM}
     try:
-        return _with(sweep.base.to_dict(), params)
+        return _with(sweep.base.to_dict(), searched)
     except CadisError as error:
-        raise CadisError(f"trial with {dict(params)}: {error}") from None
+        raise CadisError(f"trial with {searched}: {error}") from None

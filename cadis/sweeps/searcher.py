@@ -1,5 +1,10 @@
 """What searches a sweep: Tune's domains for the search space, Optuna's TPE (or Tune's grid
 and random search), and ASHA. Imported by the driver only when a sweep runs (it loads Ray).
+
+The incumbent (the sweep's base as a trial, :mod:`cadis.sweeps.spec`) is Optuna's first
+trial: the searcher enqueues its point, marks the suggestion that evaluates it with
+:data:`cadis.sweeps.spec.INCUMBENT_PARAM` and keeps its trial id in its saved state; the
+scheduler never stops a trial so marked.
 """
 
 from __future__ import annotations
@@ -9,11 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cadis.sweeps.layout import EPOCH, OPTUNA_DB
-from cadis.sweeps.spec import SEARCHER_OPTUNA, Distribution, SweepConfig
+from cadis.sweeps.spec import (
+    INCUMBENT_PARAM,
+    SEARCHER_OPTUNA,
+    Distribution,
+    SweepConfig,
+    is_incumbent,
+)
 from cadis.tracking.contract import PROXY_ACR
 
 
@@ -41,7 +52,8 @@ def build_searcher(sweep: SweepConfig, results: Path,
                    finished: Sequence[tuple[Mapping[str, Any], Sequence[float]]] = ()) -> Any:
     """Optuna's TPE (a Pareto front for two objectives), its study in ``optuna.db``, told
     the ``finished`` trials of a warm start (searched values, objective values) before its
-    first proposal; None (Tune's grid and random search) when the sweep has a grid."""
+    first proposal, its first trial the incumbent (when the sweep has one, warm-started or
+    not); None (Tune's grid and random search) when the sweep has a grid."""
     if sweep.searcher != SEARCHER_OPTUNA:
         return None
     import optuna
@@ -53,7 +65,7 @@ def build_searcher(sweep: SweepConfig, results: Path,
                                    mode=modes if len(modes) > 1 else modes[0], storage=storage,
                                    study_name=sweep.name, seed=sweep.base.seed,
                                    intermediate=intermediate_metric(sweep),
-                                   finished=finished)
+                                   finished=finished, incumbent=sweep.incumbent_point)
 
 
 def intermediate_metric(sweep: SweepConfig) -> str | None:
@@ -74,15 +86,36 @@ class FinalMetricOptunaSearch(OptunaSearch):
     result; a trial that ends without its objective (stopped by ASHA) is told as pruned, in
     one objective or two, with the intermediate values it reported. ``finished`` trials
     (a warm start) enter the study as complete before the first proposal, in one objective
-    or two (Ray's own ``evaluated_rewards`` takes one)."""
+    or two (Ray's own ``evaluated_rewards`` takes one).
+
+    ``incumbent`` (searched values) is enqueued as the study's first trial (Ray's
+    ``points_to_evaluate``; Optuna asks a waiting trial before it samples, finished trials
+    or not), and the suggestion that evaluates it carries ``INCUMBENT_PARAM: True``. Its
+    trial id, :attr:`incumbent_trial_id`, is part of the searcher's state, which Ray saves
+    whole (``save`` pickles the attributes) and a resumed sweep restores."""
 
     def __init__(self, *args: Any, intermediate: str | None = None,
                  finished: Sequence[tuple[Mapping[str, Any], Sequence[float]]] = (),
-                 **kwargs: Any) -> None:
+                 incumbent: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         # Set first: Ray sets up the study in __init__ when it is given a space.
         self.intermediate = intermediate
         self.finished = [(dict(point), list(values)) for point, values in finished]
-        super().__init__(*args, **kwargs)
+        self.incumbent = None if incumbent is None else dict(incumbent)
+        self.incumbent_trial_id: str | None = None
+        super().__init__(*args, points_to_evaluate=None if incumbent is None else [incumbent],
+                         **kwargs)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is None or self.incumbent is None:
+            return config
+        # The first suggestion is the enqueued point; matching on it too keeps a suggestion
+        # Tune lost (a driver killed before saving the searcher) from marking another trial.
+        if trial_id == self.incumbent_trial_id or (self.incumbent_trial_id is None
+                                                   and config == self.incumbent):
+            self.incumbent_trial_id = trial_id
+            return {**config, INCUMBENT_PARAM: True}
+        return config
 
     def _setup_study(self, mode: str | list[str]) -> None:
         import optuna
@@ -111,12 +144,29 @@ class FinalMetricOptunaSearch(OptunaSearch):
 
 
 def build_scheduler(sweep: SweepConfig) -> Any:
-    """ASHA on the per-epoch metric, or FIFO (every trial runs all its epochs)."""
+    """ASHA on the per-epoch metric, sparing the incumbent, or FIFO (every trial runs all its
+    epochs)."""
     asha = sweep.scheduler
     if asha is None:
         return FIFOScheduler()
     # ASHA stops a trial the moment it reports max_t; one more lets the last epoch's trial
     # go on to its certification, reported under the same epoch.
-    return ASHAScheduler(time_attr=EPOCH, metric=asha.metric, mode=asha.mode,
+    return IncumbentSparingASHA(time_attr=EPOCH, metric=asha.metric, mode=asha.mode,
                          grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
                          max_t=asha.max_t + 1)
+
+
+class IncumbentSparingASHA(ASHAScheduler):
+    """ASHA that never stops the incumbent (a trial whose config carries
+    :data:`INCUMBENT_PARAM`): it trains to the end and is ranked like any trial.
+
+    Its results still enter the rungs, as any trial's do: the recipe is a fair bar for the
+    others at each rung, and the cuts ASHA makes among them are the ones it would make with
+    the incumbent as an ordinary trial; only the incumbent's own stop is overruled."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and is_incumbent(trial.config):
+            self._num_stopped -= 1  # ASHA's count of the trials it stopped, in Tune's status
+            return TrialScheduler.CONTINUE
+        return action

@@ -13,11 +13,17 @@ point (the product over grid keys) is run ``num_trials`` times, the other distri
 at random for each. ``num_trials`` then counts repeats of the grid, not trials;
 :attr:`SweepConfig.total_trials` is what runs. Without a grid, Optuna's TPE proposes
 ``num_trials`` trials (two objectives: a Pareto front).
+
+The incumbent: an Optuna sweep runs its ``base`` as a trial of its own (``incumbent: true``,
+the default), the first Tune starts and one of ``num_trials``, so that the sweep can say
+whether its search beat the recipe it started from (docs/design.md §6.3). Grids have none:
+their arms are explicit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +44,11 @@ TRIAL_DRIVER_CPUS = 0.25
 
 SEARCHER_OPTUNA = "optuna"
 SEARCHER_BASIC = "basic-variant"
+
+# The key the searcher adds to the incumbent's Tune config: the scheduler, the MLflow
+# callback and the final stage know the incumbent by it (on resume too: Tune keeps a trial's
+# config); :func:`cadis.sweeps.search_space.trial_config` drops it.
+INCUMBENT_PARAM = "cadis_incumbent"
 
 # Base keys the stored draws depend on.
 DRAW_KEYS = ("models", "classifier", "denoiser", "dataset", "data_root", "image_size", "sigma",
@@ -62,6 +73,18 @@ class Distribution:
     def describe(self) -> str:
         """As the sweep's parent run logs it (:mod:`cadis.sweeps.distribution_text`)."""
         return describe_distribution(self.kind, self.values)
+
+    def contains(self, value: Any) -> bool:
+        """Whether this distribution can draw ``value``: a range's bounds are included (an
+        ``int`` range draws integers only), a choice or grid draws its options."""
+        if self.kind in ("choice", "grid"):
+            return value in self.values
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        low, high = self.values
+        return math.isfinite(value) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -140,7 +163,8 @@ class SweepConfig:
     ``base.cpus_per_worker == resources.cpus_per_worker``; ``search`` is not empty and every
     value it can produce is valid on ``base``; one or two objectives; ``scheduler`` (None:
     every trial runs all its epochs) stops on a per-epoch metric with ``max_t`` at least the
-    most epochs any trial runs."""
+    most epochs any trial runs; ``incumbent`` only on an Optuna sweep, and then the base's
+    value of every searched key lies in that key's distribution."""
 
     name: str
     base: TrainConfig
@@ -154,6 +178,8 @@ class SweepConfig:
     rank: RankSettings
     race: RaceSettings
     top_k: int
+    # Whether the base runs as a trial of its own (Optuna sweeps only; see the module).
+    incumbent: bool
     store_draws: bool
     mlflow: MlflowSettings
     results_dir: str
@@ -174,6 +200,15 @@ class SweepConfig:
         """:data:`SEARCHER_OPTUNA`, or :data:`SEARCHER_BASIC` when a grid is searched."""
         has_grid = any(d.kind == "grid" for d in self.search.values())
         return SEARCHER_BASIC if has_grid else SEARCHER_OPTUNA
+
+    @property
+    def incumbent_point(self) -> dict[str, Any] | None:
+        """The incumbent's searched values (the base's value of every searched key), the
+        first point Optuna evaluates; None for a sweep without an incumbent."""
+        if not self.incumbent:
+            return None
+        base = self.base.to_dict()
+        return {key: base[key] for key in self.search}
 
     @property
     def draws_vary_with(self) -> list[str]:
@@ -200,6 +235,11 @@ class SweepConfig:
         ``$MLFLOW_TRACKING_URI``, else the local SQLite store ``runs/sweeps/mlflow.db`` made
         absolute on the machine that calls this (the sweep's driver)."""
         return self.mlflow.tracking_uri or default_tracking_uri()
+
+
+def is_incumbent(params: Mapping[str, Any]) -> bool:
+    """Whether a trial's Tune config (``params``) is the incumbent's."""
+    return bool(params.get(INCUMBENT_PARAM, False))
 
 
 def required_per_trial(sweep: SweepConfig) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """The Tune callback in the sweep's driver that writes each trial's MLflow run: created (or
 found again on resume) with the trial's params, its per-epoch and rank-stage metrics, the
 rank stage's files, how it ended and, for a failed trial, why (read from Tune's error text,
-here beside the only thing that reads it). The names it writes are
-:mod:`cadis.tracking.contract`'s.
+here beside the only thing that reads it). The incumbent's run (the sweep's base as a trial,
+known by its Tune config) is named and tagged so, and the sweep's parent run names its
+trial. The names it writes are :mod:`cadis.tracking.contract`'s.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from ray.tune import Callback
 from cadis.errors import RepeatedFailure
 from cadis.sweeps.layout import EPOCH, TrainedTrial, trained_file, trial_rank_dir
 from cadis.sweeps.search_space import trial_config
-from cadis.sweeps.spec import SweepConfig
+from cadis.sweeps.spec import INCUMBENT_PARAM, SweepConfig, is_incumbent
 from cadis.tracking.client import PatientClient, log_files, log_metrics, log_params
 from cadis.tracking.contract import (
     ACR,
     CERTIFY_ARTIFACTS,
     ERROR_ARTIFACT,
     FAILURE_TAG,
+    INCUMBENT_TAG,
+    INCUMBENT_TRIAL_TAG,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_STOPPED,
@@ -42,6 +45,8 @@ from cadis.tracking.sweep_reader import find_trial_run, metric_history
 
 # The rank stage's results carry this: the per-epoch ones do not.
 RANKED = validation_metric(ACR)
+# The incumbent's run is named this and its trial id (other trials' runs, as Tune names them).
+INCUMBENT_RUN_PREFIX = "incumbent-"
 # Results that are Tune's bookkeeping, not the trial's metrics.
 TUNE_KEYS = {"training_iteration", "time_total_s", "time_this_iter_s", "timestamp",
              "time_since_restore", "iterations_since_restore", "timesteps_total",
@@ -100,17 +105,23 @@ class MlflowTrialCallback(Callback):
             if FAILURE_TAG in found.data.tags:
                 self.client.delete_tag(run_id, FAILURE_TAG)
         else:
+            incumbent = is_incumbent(trial.config)
             run = self.client.create_run(
-                self.experiment_id, run_name=str(trial),
+                self.experiment_id,
+                run_name=f"{INCUMBENT_RUN_PREFIX}{trial_id}" if incumbent else str(trial),
                 tags={PARENT_RUN_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
-                      TRIAL_ID_TAG: trial_id, SEARCHED_TAG: ",".join(sorted(self.sweep.search))})
+                      TRIAL_ID_TAG: trial_id, SEARCHED_TAG: ",".join(sorted(self.sweep.search)),
+                      **({INCUMBENT_TAG: "true"} if incumbent else {})})
             run_id = run.info.run_id
+            if incumbent:
+                self.client.set_tag(self.parent_run_id, INCUMBENT_TRIAL_TAG, trial_id)
             # The whole training config (searched values applied), and each searched value
             # under its own name: a variant's mapping too, as one param.
             config = trial_config(self.sweep, trial.config).to_dict()
             log_params(self.client, run_id, {
                 **flatten_params(config),
-                **{key: _param_text(value) for key, value in trial.config.items()}})
+                **{key: _param_text(value) for key, value in trial.config.items()
+                   if key != INCUMBENT_PARAM}})
         self._run_ids[trial_id] = run_id
         return run_id
 

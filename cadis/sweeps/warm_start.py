@@ -6,8 +6,8 @@ searched the same keys and every value its ranked trials ran lies inside this sw
 distribution of that key (a range's bounds, a choice's options); it must have measured this
 sweep's objectives on validation. Its ranked trials then enter Optuna's study as finished
 trials before the first new one is proposed: TPE models them as if this sweep had run them,
-and they are not run again. Anything else is refused before any work, naming the keys or
-values that differ. The earlier sweep is read by :mod:`cadis.tracking.sweep_reader`.
+and they are not run again; the new sweep's incumbent (its own base) is still its first
+trial. Anything else is refused before any work, naming the keys or values that differ. The earlier sweep is read by :mod:`cadis.tracking.sweep_reader`.
 
 What is reused is a *search* prior, never a result: the new sweep's trials are ranked on its
 own validation figures and only its own finalists are certified on test. MLflow is imported
@@ -16,7 +16,6 @@ when a warm start is loaded; Ray never (a dry run checks a warm start too).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,15 +114,12 @@ def typed_value(distribution: Distribution, text: str) -> Any:
     if distribution.kind in ("choice", "grid"):
         return next((option for option in distribution.values if str(option) == text), None)
     try:
-        number = float(text)
+        number: float | int = float(text)
     except ValueError:
         return None
-    low, high = distribution.values
-    if not (math.isfinite(number) and low <= number <= high):
-        return None
-    if distribution.kind == "int":
-        return int(number) if number.is_integer() else None
-    return number
+    if distribution.kind == "int" and number.is_integer():
+        number = int(number)
+    return number if distribution.contains(number) else None
 
 
 def _names(keys: set[str]) -> str:

@@ -49,6 +49,11 @@ ERROR_ARTIFACT = "error.txt"
 # RANK_ARTIFACTS_DIR, the test's at the run's root).
 CERTIFY_ARTIFACTS = ("records.tsv", "summary.json", "certified_accuracy.png")
 BEST_TRIAL_TAG = "cadis.best_trial_id"
+# The incumbent, the sweep file's base run as a trial of its own (first, never stopped early,
+# certified on test in the final stage): its trial run is tagged INCUMBENT_TAG = "true" and
+# the sweep's parent run names its trial id under INCUMBENT_TRIAL_TAG.
+INCUMBENT_TAG = "cadis.incumbent"
+INCUMBENT_TRIAL_TAG = "cadis.incumbent_trial_id"
 # On a warm-started sweep's run: the parent run id of the sweep its search started from.
 WARM_START_TAG = "cadis.warm_start_from"
 
