@@ -152,11 +152,21 @@ def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
     for run in trials:
         if run.data.tags["cadis.outcome"] == "stopped_early":
             assert run.info.status == "KILLED" and "val_acr" not in run.data.metrics
-    # ...and only the validation winner (top_k = 1) has test figures.
+    # The incumbent (the base as a trial of its own, searched values and all) trained all
+    # its epochs whatever ASHA did, was ranked, and its run and the sweep's say so.
+    [incumbent] = [run for run in trials if run.data.tags.get("cadis.incumbent") == "true"]
+    assert incumbent.info.run_name == f"incumbent-{incumbent.data.tags['cadis.trial_id']}"
+    assert parent.data.tags["cadis.incumbent_trial_id"] == incumbent.data.tags["cadis.trial_id"]
+    assert (incumbent.data.params["lambda"], incumbent.data.params["confidence_threshold"]) == \
+        ("2.0", "argmax")
+    assert incumbent.data.tags["cadis.outcome"] == "completed"
+    assert len(client.get_metric_history(incumbent.info.run_id, "proxy_acr")) == 2
+    # ...and only the validation winner (top_k = 1) and the incumbent have test figures.
     winner = max(completed, key=lambda run: (run.data.metrics["val_acr"],
                                              -run.info.start_time))
     finalists = [run for run in trials if "acr" in run.data.metrics]
-    assert [run.info.run_id for run in finalists] == [winner.info.run_id]
+    assert {run.info.run_id for run in finalists} == {winner.info.run_id,
+                                                      incumbent.info.run_id}
     assert winner.data.tags["cadis.finalist"] == "true"
     assert winner.data.metrics["clean_accuracy"] == winner.data.metrics["certified_accuracy_r0.0"]
     artifacts = {item.path for item in client.list_artifacts(winner.info.run_id)}
@@ -272,6 +282,8 @@ def test_resume_after_the_driver_is_killed_runs_no_trial_twice(tiny_models_dir, 
     trials = by_role(runs, "trial")
     trial_ids = [run.data.tags["cadis.trial_id"] for run in trials]
     assert len(trial_ids) == 3 == len(set(trial_ids))
+    # The resumed sweep kept its incumbent: one trial, and only one, is tagged so.
+    assert sum(run.data.tags.get("cadis.incumbent") == "true" for run in trials) == 1
     assert all(run.info.status == "FINISHED" for run in runs)
     assert all(run.data.tags["cadis.outcome"] == "completed" for run in trials)
     state = json.loads((tmp_path / "results" / "sweep.json").read_text())
