@@ -37,6 +37,7 @@ from cadis.certify_models import build_denoised_classifier  # noqa: E402
 from cadis.data import load_dataset, subset_indices  # noqa: E402
 from cadis.models.sources import ModelSources  # noqa: E402
 from cadis.smoothing.bounds import CertificationParameters  # noqa: E402
+from cadis.smoothing.image_noise import image_noise  # noqa: E402
 from cadis.smoothing.paired import paired_test  # noqa: E402
 from cadis.smoothing.precision import (  # noqa: E402
     AGREEMENT_DRAWS,
@@ -52,7 +53,7 @@ from cadis.smoothing.sequential import (  # noqa: E402
     forward_sizes,
     reachable_radii,
 )
-from cadis.smoothing.smooth import Smooth, check_draws, image_generators  # noqa: E402
+from cadis.smoothing.smooth import Smooth, check_draws  # noqa: E402
 
 SEQUENTIAL = ("(c) engine, sequential", "(d) sequential, bf16", "(e) sequential, compiled",
               "(f) sequential, bf16, compiled")
@@ -105,8 +106,8 @@ def main() -> None:
     bf16 = PRECISIONS["bf16"]
     compiled = compile_base(base)
     check = torch.stack(images[:20])
-    draws = check_draws(check, args.sigma, image_generators(0, range(len(check)),
-                                                            torch.device("cpu")),
+    draws = check_draws(check, args.sigma, image_noise(0, "test", range(len(check)),
+                                                       torch.device("cpu")),
                         AGREEMENT_DRAWS // len(check), args.batch)
     compile_seconds = [0.0, 0.0]
     for slot, precision in enumerate((FP32, bf16)):

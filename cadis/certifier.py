@@ -28,6 +28,7 @@ from cadis.draws.certification_store import DrawStore
 from cadis.errors import CadisError
 from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.image_noise import image_noise
 from cadis.smoothing.record_folder import claim_record_folder, complete_settings, summarise_records
 from cadis.smoothing.records import (
     NOISE_PER_IMAGE,
@@ -37,7 +38,7 @@ from cadis.smoothing.records import (
     read_records,
 )
 from cadis.smoothing.sequential import SequentialPlan
-from cadis.smoothing.smooth import Smooth, image_generators, images_per_forward
+from cadis.smoothing.smooth import Smooth, images_per_forward
 
 
 @dataclass(frozen=True)
@@ -89,29 +90,36 @@ class Draws(Protocol):
 
 class LiveDraws:
     """Draws denoised here: ``smooth`` (its base denoises, then classifies) over
-    ``dataset[i]``. With ``seed``, each image's noise comes from its own generator
-    (:func:`~cadis.smoothing.smooth.image_generators`, the data-set index naming it), not
-    from ``smooth``'s: an image's record is then the same whether it is certified alone,
-    resumed, or in another shard, and the records' settings gain ``noise``."""
+    ``dataset[i]``. With ``seed``, each image's noise is its own
+    (:func:`~cadis.smoothing.image_noise.image_noise`, named by ``split``, the data set's
+    split, and the data-set index), not ``smooth``'s: an image's record is then the same
+    whether it is certified alone, resumed, in another shard or from stored draws, and the
+    records' settings gain ``noise``."""
 
-    def __init__(self, smooth: Smooth, dataset: ImageDataset, seed: int | None = None) -> None:
+    def __init__(self, smooth: Smooth, dataset: ImageDataset, seed: int | None = None,
+                 split: str | None = None) -> None:
+        if (seed is None) != (split is None):
+            raise CadisError("a seeded certification names the split of its images, and only "
+                             "a seeded one: an image's noise depends on both")
         self.smooth = smooth
         self.dataset = dataset
         self.seed = seed
+        self.split = split
         self.settings = {} if seed is None else {"noise": NOISE_PER_IMAGE}
 
     def certify(self, group: list[int], settings: CertificationSettings) -> list[tuple]:
         device = self.smooth.device
         examples = [self.dataset[index] for index in group]
         images = torch.stack([image for image, _ in examples]).to(device)
-        generators = None if self.seed is None else image_generators(self.seed, group, device)
+        noise = (None if self.seed is None
+                 else image_noise(self.seed, self.split, group, device))
         if settings.plan is not None:
             return [(int(label), *self.smooth.certify_sequential(
                         image, settings.parameters.n0, settings.plan,
                         settings.parameters.batch_size,
-                        None if generators is None else generators[position]))
+                        None if noise is None else noise[position]))
                     for position, (image, (_, label)) in enumerate(zip(images, examples))]
-        results = self.smooth.certify_images(images, settings.parameters, generators)
+        results = self.smooth.certify_images(images, settings.parameters, noise)
         return [(int(label), prediction, radius)
                 for (_, label), (prediction, radius) in zip(examples, results)]
 

@@ -19,7 +19,7 @@ import torch
 from cadis.certifier import CertificationSettings, LiveDraws, StoredDraws, certify_into
 from cadis.data import load_dataset, stack_images, subset_indices
 from cadis.draws.certification_store import DrawStore, build_store
-from cadis.draws.keys import TEST_ROLE, certification_key, store_folder
+from cadis.draws.keys import TEST_ROLE, TEST_SPLIT, certification_key, store_folder
 from cadis.errors import CadisError
 from cadis.finetuning.checkpoint import load_trained
 from cadis.finetuning.config import TrainConfig
@@ -29,6 +29,7 @@ from cadis.models.devices import pick_device
 from cadis.models.sources import ModelSources
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
+from cadis.smoothing.image_noise import image_noise
 from cadis.smoothing.precision import (
     AGREEMENT_DRAWS,
     AGREEMENT_IMAGES,
@@ -46,12 +47,7 @@ from cadis.smoothing.sequential import (
     forward_sizes,
     reachable_radii,
 )
-from cadis.smoothing.smooth import (
-    Smooth,
-    check_draws,
-    default_batch_size,
-    image_generators,
-)
+from cadis.smoothing.smooth import Smooth, check_draws, default_batch_size
 from cadis.validation import check_sigma
 
 
@@ -143,7 +139,7 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
                 "checkpoint": checkpoint, "dataset": sources.dataset, "seed": seed,
                 "denoiser_timestep": base.denoiser.timestep,
                 "precision": chosen_precision.name, "compiled": compile}
-    draws: LiveDraws | StoredDraws = LiveDraws(smooth, test_set, seed)
+    draws: LiveDraws | StoredDraws = LiveDraws(smooth, test_set, seed, TEST_SPLIT)
     if draws_dir is not None:
         store = _test_store(base, sources, test_set, indices, sigma, seed, chosen_precision,
                             chosen_device, parameters, Path(draws_dir), progress)
@@ -190,7 +186,7 @@ def _test_store(base: DenoisedClassifier, sources: ModelSources, test_set: Any,
                 progress: bool) -> DrawStore:
     """The store of all ``indices``' draws under ``draws_dir``, built first (by ``base``'s
     denoiser) when missing: the whole subset, whichever shard asks."""
-    key = certification_key(dataset=sources.dataset, split="test", indices=indices,
+    key = certification_key(dataset=sources.dataset, split=TEST_SPLIT, indices=indices,
                             denoiser=sources.denoiser, sigma=sigma, n0=parameters.n0,
                             n=parameters.n, seed=seed, precision=precision.name)
     folder = store_folder(draws_dir.absolute(), TEST_ROLE, key)
@@ -245,7 +241,7 @@ def _fast_base(base: DenoisedClassifier, dataset: Any, indices: list[int], sigma
         return fast, {}
     check = indices[:AGREEMENT_IMAGES]
     images = torch.stack([dataset[index][0] for index in check]).to(device)
-    draws = check_draws(images, sigma, image_generators(seed, check, device),
+    draws = check_draws(images, sigma, image_noise(seed, TEST_SPLIT, check, device),
                         -(-AGREEMENT_DRAWS // len(check)), batch_size)
     if compile:
         # The first forward of each shape compiles: paid here, once per process, and said.

@@ -157,9 +157,9 @@ def test_the_proxy_from_stored_draws_equals_the_proxy_denoised_live(tiny_models_
 # --------------------------------------------------------------------------- the rank stage
 
 
-def rank_inputs(tiny_models_dir, tmp_path, sequential):
-    """A sweep's base config, its rank settings, a trained checkpoint and the sweep's stores,
-    as the driver has them when the rank stage starts (no Ray)."""
+def rank_inputs(tiny_models_dir, tmp_path, sequential, n0=5, n=60):
+    """A sweep's base config, its rank settings (``n0`` and ``n`` draws), a trained checkpoint
+    and the sweep's stores, as the driver has them when the rank stage starts (no Ray)."""
     from cadis.finetuning.checkpoint import save_trained
     from cadis.finetuning.lora import apply_finetuning
     from cadis.sweeps.spec import RankSettings
@@ -167,7 +167,7 @@ def rank_inputs(tiny_models_dir, tmp_path, sequential):
 
     config = from_mapping({"models": str(tiny_models_dir), "val_images": 20, "proxy_images": 4,
                            "proxy_n": 20, "proxy_n0": 5})
-    rank = RankSettings(n=60, n0=5, alpha=0.1, images=7, batch_size=50, sequential=sequential,
+    rank = RankSettings(n=n, n0=n0, alpha=0.1, images=7, batch_size=50, sequential=sequential,
                         radii=(0.25,) if sequential else ())
     classifier = load_classifier(ModelSources.resolve(str(tiny_models_dir)).classifier)
     apply_finetuning(classifier, config.finetune_config())
@@ -178,12 +178,15 @@ def rank_inputs(tiny_models_dir, tmp_path, sequential):
     return config.to_dict(), rank, str(checkpoint), stores["rank"]["folder"]
 
 
-@pytest.mark.parametrize("sequential", [False, True])
+# Sequentially at n0 = 100 the first look's estimation draws are read before the rest of the
+# selection draws, which a store holds first: each image's two streams keep them the same.
+@pytest.mark.parametrize("sequential, n0, n", [(False, 5, 60), (True, 5, 60), (True, 10, 60),
+                                               (True, 100, 200)])
 def test_the_rank_stage_from_stored_draws_makes_the_live_records(tiny_models_dir, tmp_path,
-                                                                 sequential):
+                                                                 sequential, n0, n):
     from cadis.sweeps.trial import certify_rank
 
-    config, rank, checkpoint, store = rank_inputs(tiny_models_dir, tmp_path, sequential)
+    config, rank, checkpoint, store = rank_inputs(tiny_models_dir, tmp_path, sequential, n0, n)
     live = certify_rank(config, rank, checkpoint, None, str(tmp_path / "live"))
     stored = certify_rank(config, rank, checkpoint, store, str(tmp_path / "stored"))
 

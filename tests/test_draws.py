@@ -16,12 +16,15 @@ from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
 from cadis.draws.certification_store import DrawStore, build_store
 from cadis.draws.folder import STORE_META
 from cadis.draws.keys import certification_key, store_folder
-from cadis.smoothing.smooth import Smooth, image_generators
+from cadis.smoothing.image_noise import image_noise
+from cadis.smoothing.sequential import SequentialPlan
+from cadis.smoothing.smooth import Smooth
 from tests.conftest import make_scheduler, make_tiny_unet
 from tests.test_attack import CountingModel
 
 SIGMA = 0.5
 CLASSES = 3
+CPU = torch.device("cpu")
 
 
 class Linear(nn.Module):
@@ -57,11 +60,15 @@ def test_stored_draws_give_the_counts_of_denoising_them_again(tmp_path, batch_si
     stored = store.certify(classifier, [3, 9, 4, 1, 7], 0.01, torch.device("cpu"))
     smooth = Smooth(DenoisedClassifier(denoiser, classifier), CLASSES, SIGMA)
     again = smooth.certify_many(images, CertificationParameters(6, 30, 0.01, batch_size),
-                                image_generators(5, [3, 9, 4, 1, 7], torch.device("cpu")))
+                                image_noise(5, "train", [3, 9, 4, 1, 7], CPU))
     assert [answer[1:] for answer in stored] == again
     assert [answer[0] for answer in stored] == [0, 1, 2, 0, 1]
     # The classifier really varies: not every image gets the same answer.
     assert len({prediction for prediction, _ in again}) > 1
+    # Live at another batch size draws the same noise, so it answers the same.
+    other = 500 if batch_size != 500 else 7
+    assert smooth.certify_many(images, CertificationParameters(6, 30, 0.01, other),
+                               image_noise(5, "train", [3, 9, 4, 1, 7], CPU)) == again
 
 
 def test_any_subset_and_order_of_images_gets_the_same_answers(tmp_path):
@@ -127,8 +134,6 @@ def test_the_store_says_its_dtype_and_batch_size(tmp_path):
 def test_sequential_from_a_store_with_one_look_agrees_with_certify_from_it(tmp_path):
     # One look at all n draws (alpha unsplit): the largest grid radius the sequential test
     # certifies is the largest grid radius at or below CERTIFY's radius, image by image.
-    from cadis.smoothing.sequential import SequentialPlan
-
     denoiser, classifier, images = parts()
     store = build_store(tmp_path / "store", key(n=300), denoiser, images, [0, 1, 2, 0, 1],
                         CLASSES, 36, progress=False)
@@ -150,6 +155,26 @@ def test_sequential_from_a_store_with_one_look_agrees_with_certify_from_it(tmp_p
     with pytest.raises(CadisError, match="may spend 400 draws but the store"):
         store.certify_sequential(classifier, indices, SequentialPlan(grid, SIGMA, 0.2, 400),
                                  torch.device("cpu"))
+
+
+# n0 = 10: the sequential test's first selection draws are all of them; n0 = 100: it reads its
+# first look's estimation draws before the rest of the selection draws, which the store holds
+# in CERTIFY's order (all n0 first).
+@pytest.mark.parametrize("n0", [10, 100])
+def test_sequential_live_and_from_a_store_read_the_same_draws_at_any_n0(tmp_path, n0):
+    denoiser, classifier, images = parts()
+    indices = [3, 9, 4, 1, 7]
+    store = build_store(tmp_path / "store", key(n0=n0, n=400), denoiser, images,
+                        [0, 1, 2, 0, 1], CLASSES, 36, progress=False)
+    plan = SequentialPlan((0.0, 0.1, 0.2), SIGMA, 0.2, 400)
+    stored = [answer[1:] for answer in store.certify_sequential(classifier, indices, plan, CPU)]
+    smooth = Smooth(DenoisedClassifier(denoiser, classifier), CLASSES, SIGMA)
+    for live_batch in (36, 100):  # the store's batch size, and another
+        live = [smooth.certify_sequential(image, n0, plan, live_batch, noise)
+                for image, noise in zip(images, image_noise(5, "train", indices, CPU))]
+        assert live == stored
+    # Some image runs past its first look, and some stops there: the looks are exercised.
+    assert len({spent for _, _, spent in stored}) > 1
 
 
 def test_builders_of_one_store_at_once_take_turns_and_denoise_once(tmp_path):

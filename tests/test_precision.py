@@ -11,6 +11,7 @@ from torch import nn
 
 from cadis.errors import CadisError
 from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.image_noise import image_noise
 from cadis.smoothing.precision import (
     AGREEMENT_DRAWS,
     FP32,
@@ -21,7 +22,7 @@ from cadis.smoothing.precision import (
     compile_base,
     resolve_precision,
 )
-from cadis.smoothing.smooth import Smooth, check_draws, image_generators
+from cadis.smoothing.smooth import Smooth, check_draws
 
 CPU = torch.device("cpu")
 SIGMA = 0.25
@@ -48,7 +49,7 @@ class Shuffled(Linear):
 
 def draws(count: int = AGREEMENT_DRAWS, images: int = 20) -> list[torch.Tensor]:
     batch = torch.rand(images, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    return check_draws(batch, SIGMA, image_generators(0, range(images), CPU), count // images,
+    return check_draws(batch, SIGMA, image_noise(0, "test", range(images), CPU), count // images,
                        100)
 
 
@@ -93,7 +94,7 @@ def test_bf16_changes_the_base_not_the_noise():
     image = torch.rand(1, 1, 4, 4)
     parameters = CertificationParameters(10, 200, 0.01, 50)
     answers = [Smooth(nn.Flatten(), 16, SIGMA, precision=precision).certify_many(
-                   image, parameters, image_generators(0, [7], CPU))
+                   image, parameters, image_noise(0, "test", [7], CPU))
                for precision in (FP32, PRECISIONS["bf16"])]
     assert answers[0] == answers[1]
 

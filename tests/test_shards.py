@@ -11,7 +11,12 @@ import pytest
 from cadis.certify_models import certify_models, shard_of
 from cadis.errors import CadisError
 from cadis.smoothing.record_folder import merge_records
-from cadis.smoothing.records import RECORDS_FILENAME, SETTINGS_FILENAME, read_records
+from cadis.smoothing.records import (
+    NOISE_PER_IMAGE,
+    RECORDS_FILENAME,
+    SETTINGS_FILENAME,
+    read_records,
+)
 from cadis.sweeps.shards import join_shards, shard_dirs
 
 CERTIFY = {"sigma": 0.25, "n": 60, "n0": 10, "alpha": 0.01, "skip": 7, "max_images": 9,
@@ -138,4 +143,4 @@ def test_the_final_stage_in_two_ray_tasks_equals_one(local_ray, models, tmp_path
             == without_seconds(tmp_path / "one" / RECORDS_FILENAME))
     assert two["certified_accuracy"] == one["certified_accuracy"] and two["shards"] == 2
     settings = json.loads((tmp_path / "two" / SETTINGS_FILENAME).read_text())
-    assert settings["noise"] == "per-image generators" and settings["precision"] == "fp32"
+    assert settings["noise"] == NOISE_PER_IMAGE and settings["precision"] == "fp32"

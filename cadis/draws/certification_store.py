@@ -32,6 +32,7 @@ from cadis.draws.folder import STORE_ARRAY, STORE_DTYPE, build_once, read_store_
 from cadis.errors import CadisError
 from cadis.progress import progress_bar
 from cadis.smoothing.bounds import CertificationParameters
+from cadis.smoothing.image_noise import image_noise
 from cadis.smoothing.precision import PRECISIONS, Precision
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.smoothing.smooth import (
@@ -39,7 +40,6 @@ from cadis.smoothing.smooth import (
     count_predictions,
     decide_certify,
     evaluating,
-    image_generators,
     images_per_forward,
     noisy_batches,
 )
@@ -70,8 +70,11 @@ class DrawStore:
     """The denoised draws of one seeded CERTIFY run over a fixed list of images.
 
     Guarantee: :meth:`certify` returns exactly what ``Smooth(classifier ∘ denoiser, sigma,
-    precision of the key).certify_many(images, parameters, image_generators(key's seed,
-    indices))`` returns, for any classifier, without running the denoiser.
+    precision of the key).certify_many(images, parameters, image_noise(key's seed, split,
+    indices))`` returns, for any classifier, without running the denoiser; and
+    :meth:`certify_sequential` what ``certify_sequential`` of each image with its
+    ``image_noise`` returns (each image's selection and estimation draws are streams of their
+    own: the store's rows are the first ``n0`` and ``n`` of them).
     """
 
     def __init__(self, folder: Path, info: StoreInfo) -> None:
@@ -212,7 +215,7 @@ def _denoise(staging: Path, key: Mapping[str, Any], size: int, denoiser: nn.Modu
     records of itself."""
     parameters = CertificationParameters(key["n0"], key["n"], 0.5, batch_size)
     device = images.device
-    generators = image_generators(int(key["seed"]), key["indices"], device)
+    noise = image_noise(int(key["seed"]), key["split"], key["indices"], device)
     precision = PRECISIONS[key["precision"]]
     per_image = parameters.n0 + parameters.n
     group_size = images_per_forward(parameters.n0, parameters.n, batch_size)
@@ -228,7 +231,7 @@ def _denoise(staging: Path, key: Mapping[str, Any], size: int, denoiser: nn.Modu
             group = images[start:start + group_size]
             segments = certify_segments(len(group), parameters)
             for noisy, _ in noisy_batches(group, segments, float(key["sigma"]),
-                                          generators[start:start + group_size], batch_size):
+                                          noise[start:start + group_size], batch_size):
                 tick = time.perf_counter()
                 denoised = denoiser(noisy).float()
                 denoiser_seconds += time.perf_counter() - tick

@@ -29,6 +29,7 @@ PROXY_ROLE: Final = "proxy"
 TEST_ROLE: Final = "test"
 TRAIN_ROLE: Final = "train"
 TRAIN_SPLIT: Final = "train"
+TEST_SPLIT: Final = "test"
 #: The split the held-out images (rank stage, proxy) are taken from.
 HELD_OUT_SPLIT: Final = TRAIN_SPLIT
 # Digits of the key's digest in a store's folder name.
@@ -39,8 +40,9 @@ def certification_key(*, dataset: str, split: str, indices: Sequence[int], denoi
                       sigma: float, n0: int, n: int, seed: int,
                       precision: str = FP32.name) -> dict[str, Any]:
     """Everything the draws of a seeded CERTIFY run depend on: data set, split, which images,
-    denoiser, sigma, draws, seed (each image's own generator,
-    :func:`~cadis.smoothing.smooth.image_generators`), and the precision the denoiser ran in."""
+    denoiser, sigma, draws, seed and noise scheme (each image's own noise,
+    :func:`~cadis.smoothing.image_noise.image_noise`, named by split and index), and the
+    precision the denoiser ran in."""
     return {"dataset": dataset, "split": split, "indices": [int(i) for i in indices],
             "denoiser": str(denoiser), "sigma": float(sigma), "n0": int(n0), "n": int(n),
             "seed": int(seed), "noise": NOISE_PER_IMAGE, "precision": precision,

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Subset
 from cadis.certifier import CertificationSettings, LiveDraws, StoredDraws, certified_records
 from cadis.data import load_dataset, stack_images, stratified_holdout
 from cadis.draws.certification_store import DrawStore
-from cadis.draws.keys import TRAIN_ROLE, store_folder
+from cadis.draws.keys import HELD_OUT_SPLIT, TRAIN_ROLE, store_folder
 from cadis.draws.training_store import TrainDrawStore, build_train_store, sample_draws
 from cadis.errors import CadisError
 from cadis.finetuning.attack import pgd_l2_denoised
@@ -375,7 +375,7 @@ def proxy_metrics(classifier: Classifier, denoiser: OneShotDenoiser, dataset,
             classifier, device)
     else:
         draws = LiveDraws(Smooth(DenoisedClassifier(denoiser, classifier), num_classes,
-                                 config.sigma), dataset, config.seed)
+                                 config.sigma), dataset, config.seed, HELD_OUT_SPLIT)
     radii = radius_grid(config.sigma, config.proxy_n, config.proxy_alpha, image_size)
     records = list(certified_records(draws, proxy_indices, CertificationSettings(
         config.sigma, parameters, tuple(radii))))

@@ -33,10 +33,13 @@ SUMMARY_FILENAME: Final = "summary.json"
 PLOT_FILENAME: Final = "certified_accuracy.png"
 #: What made the records beside it (written by cadis.smoothing.record_folder before any record).
 SETTINGS_FILENAME: Final = "settings.json"
-#: ``settings["noise"]`` (and a store key's) when each image has its own seeded generator
-#: (cadis.smoothing.smooth.image_generators). Here, torch-free, so that a reader of records can
-#: tell from the settings whether two runs drew the same noise.
-NOISE_PER_IMAGE: Final = "per-image generators"
+#: ``settings["noise"]`` (and a store key's) when each image has its own seeded noise
+#: (cadis.smoothing.image_noise), naming its scheme: records and stores of another scheme
+#: ("per-image generators": one generator per index, whatever the split, drawn in the batches
+#: asked for) drew other noise, so they are never taken for these, and a store of theirs is
+#: another key. Here, torch-free, so that a reader of records can tell from the settings
+#: whether two runs drew the same noise.
+NOISE_PER_IMAGE: Final = "per-image streams by split, selection and estimation, blocks of 10"
 
 RECORD_COLUMNS: Final = ("idx", "label", "predict", "radius", "correct", "seconds")
 RECORDS_HEADER: Final = "\t".join(RECORD_COLUMNS)

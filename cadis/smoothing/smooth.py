@@ -12,10 +12,9 @@ that they can be pinned without a model; :class:`Smooth` only draws the noise an
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from cadis.smoothing.bounds import (
     certify_from_counts,
     predict_from_counts,
 )
+from cadis.smoothing.image_noise import ESTIMATION, SELECTION, ImageNoise
 from cadis.smoothing.precision import Precision, autocast, resolve_precision
 from cadis.smoothing.sequential import SequentialPlan, run_sequential
 from cadis.validation import check_probability, check_sigma, integer_at_least, positive_int
@@ -35,13 +35,19 @@ from cadis.validation import check_probability, check_sigma, integer_at_least, p
 # 706 draws/s at 100 against 422 at 1000 with the default models (benchmarks/, docs/).
 CPU_BATCH_SIZE: Final = 100
 CUDA_BATCH_SIZE: Final = 1000
-# Seeds are 63-bit: what every torch generator takes.
-IMAGE_SEED_MASK: Final = 2 ** 63 - 1
 # A classifier tells at least two classes apart (a smoothed vote of one class means nothing).
 MIN_CLASSES: Final = 2
 
-# A (image index, number of draws) pair: one block of draws counted separately.
-Segment = tuple[int, int]
+
+
+class Segment(NamedTuple):
+    """One block of draws counted apart: ``draws`` draws of the image at position ``image`` of
+    the batch, from its ``stream`` (:mod:`cadis.smoothing.image_noise`; one generator shared
+    by all images has no streams: the next ``draws`` of it)."""
+
+    image: int
+    draws: int
+    stream: int = SELECTION
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -107,64 +113,54 @@ def certify_segments(num_images: int, parameters: CertificationParameters) -> li
     """CERTIFY's draws of ``num_images`` images, in the order they are drawn: per image the
     ``n0`` selection draws, then the ``n`` estimation draws, counted apart."""
     return [segment for index in range(num_images)
-            for segment in ((index, parameters.n0), (index, parameters.n))]
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The seed of data-set image ``index``'s noise in a run seeded ``seed``: a digest, so
-    that nearby images and runs get unrelated streams."""
-    digest = hashlib.sha256(f"{int(seed)}/{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & IMAGE_SEED_MASK
-
-
-def image_generators(seed: int, indices: Sequence[int],
-                     device: torch.device) -> list[torch.Generator]:
-    """One generator per image, seeded by :func:`image_seed`: an image's draws then do not
-    depend on which other images are certified with it, in which order, in which shard, or
-    whether the run was resumed."""
-    return [torch.Generator(device=device).manual_seed(image_seed(seed, index))
-            for index in indices]
+            for segment in (Segment(index, parameters.n0, SELECTION),
+                            Segment(index, parameters.n, ESTIMATION))]
 
 
 #: Where each image's noise comes from: one generator for all (None: torch's default), or
-#: one per image of the batch (:func:`image_generators`).
-NoiseSource = torch.Generator | Sequence[torch.Generator] | None
+#: each image's own (:func:`~cadis.smoothing.image_noise.image_noise`, one per image of the
+#: batch: a seeded run's draws).
+NoiseSource = torch.Generator | Sequence[ImageNoise] | None
 
 
 def noisy_batches(images: Tensor, segments: Sequence[Segment], sigma: float,
-                  generator: NoiseSource,
+                  noise: NoiseSource,
                   batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """``(x + delta, segment ids)`` in forwards of exactly ``batch_size`` draws (the last may
-    be smaller). The noise is drawn segment by segment in chunks of at most ``batch_size``
-    from the image's generator: that order defines a seeded run's draws, for :class:`Smooth`
-    and for stored draws (:mod:`cadis.smoothing.draws`) alike."""
-    per_image = generator is not None and not isinstance(generator, torch.Generator)
-    if per_image and len(generator) != len(images):
-        raise CadisError(f"{len(generator)} generators for {len(images)} images")
+    be smaller), segment by segment. With each image's own noise, a segment's draws are the
+    next of its stream, whatever the batch size: the same for :class:`Smooth`, its sequential
+    test and stored draws (:mod:`cadis.draws.certification_store`). From one shared generator
+    they are drawn in chunks of at most ``batch_size``."""
+    per_image = noise is not None and not isinstance(noise, torch.Generator)
+    if per_image and len(noise) != len(images):
+        raise CadisError(f"the noise of {len(noise)} images for {len(images)} images")
 
     def pieces() -> Iterator[tuple[Tensor, Tensor]]:
-        for segment_id, (image_index, draws) in enumerate(segments):
+        for segment_id, (image_index, draws, stream) in enumerate(segments):
             image = images[image_index]
-            source = generator[image_index] if per_image else generator
             for start in range(0, draws, batch_size):
                 size = min(batch_size, draws - start)
-                noise = torch.randn((size, *image.shape), generator=source,
-                                    device=image.device, dtype=image.dtype)
-                yield (image + sigma * noise,
+                if per_image:
+                    delta = noise[image_index].streams[stream].take(size, image)
+                else:
+                    delta = torch.randn((size, *image.shape), generator=noise,
+                                        device=image.device, dtype=image.dtype)
+                yield (image + sigma * delta,
                        torch.full((size,), segment_id, device=image.device, dtype=torch.long))
 
     return _rebatch(pieces(), batch_size)
 
 
-def check_draws(images: Tensor, sigma: float, generators: NoiseSource, per_image: int,
+def check_draws(images: Tensor, sigma: float, noise: NoiseSource, per_image: int,
                 batch_size: int) -> list[Tensor]:
-    """``per_image`` noisy draws of each of ``images``, in forwards of ``batch_size``: what a
+    """``per_image`` noisy draws of each of ``images`` (their selection draws, with each
+    image's own noise), in forwards of ``batch_size``: what a
     fast base is compared on (:func:`~cadis.smoothing.precision.check_agreement`). Made under
     ``torch.inference_mode`` as certification's draws are, so a compiled base that sees them
     first is not compiled again for those."""
-    segments = [(index, per_image) for index in range(len(images))]
+    segments = [Segment(index, per_image) for index in range(len(images))]
     with torch.inference_mode():
-        return [noisy for noisy, _ in noisy_batches(images, segments, sigma, generators,
+        return [noisy for noisy, _ in noisy_batches(images, segments, sigma, noise,
                                                     batch_size)]
 
 
@@ -214,8 +210,8 @@ class Smooth:
     ``num_classes`` classes; it is evaluated in eval mode (its modes are restored after) under
     ``torch.inference_mode``, autocast to ``precision`` (None: ``auto``, reduced precision on
     CUDA only). The noise is drawn in fp32 on the images' device from ``generator`` (the
-    default generator if None) or, where a method is given them, from one generator per image,
-    so a seeded run is reproducible. Guarantees, each with probability >= 1 - alpha over the
+    default generator if None) or, where a method is given it, from each image's own
+    (:mod:`cadis.smoothing.image_noise`), so a seeded run is reproducible. Guarantees, each with probability >= 1 - alpha over the
     noise: :meth:`predict` does not return a class other than ``g(x)``; :meth:`certify`
     returning ``(c, R)`` with ``c != ABSTAIN`` means ``g(x + e) = c`` for every
     ``||e||_2 < R``.
@@ -247,7 +243,8 @@ class Smooth:
         alpha = check_probability(alpha, "alpha")
         batch_size = positive_int(batch_size, "batch_size")
         images = self._check_images(self._one_image(x))
-        batches = noisy_batches(images, [(0, n)], self.sigma, self.generator, batch_size)
+        batches = noisy_batches(images, [Segment(0, n)], self.sigma, self.generator,
+                                batch_size)
         counts = count_predictions(self.base, batches, 1, self.num_classes, images.device,
                                    self.precision)
         return predict_from_counts(counts[0], alpha)
@@ -272,34 +269,34 @@ class Smooth:
         return self.certify_images(xs, CertificationParameters(n0, n, alpha, batch_size))
 
     def certify_images(self, xs: Tensor, parameters: CertificationParameters,
-                       generators: Sequence[torch.Generator] | None = None
+                       noise: Sequence[ImageNoise] | None = None
                        ) -> list[tuple[int, float]]:
         """:meth:`certify_batch` with parameters validated once by their constructor (a
-        certification run makes them once, not once per batch of images); ``generators``,
-        one per image, replace the shared generator."""
-        images = self._check_images(xs, generators)
+        certification run makes them once, not once per batch of images); ``noise``, each
+        image's own, replaces the shared generator."""
+        images = self._check_images(xs, noise)
         segments = certify_segments(len(images), parameters)
         batches = noisy_batches(images, segments, self.sigma,
-                                self.generator if generators is None else generators,
+                                self.generator if noise is None else noise,
                                 parameters.batch_size)
         counts = count_predictions(self.base, batches, len(segments), self.num_classes,
                                    images.device, self.precision)
         return decide_certify(counts, parameters, self.sigma)
 
     def certify_many(self, xs: Tensor, parameters: CertificationParameters,
-                     generators: Sequence[torch.Generator] | None = None
+                     noise: Sequence[ImageNoise] | None = None
                      ) -> list[tuple[int, float]]:
         """CERTIFY K images in groups of :func:`images_per_forward` (each group one
-        :meth:`certify_images`), as :mod:`cadis.certifier` does: the same draws, for the
-        same generators, as a run over those images or a store built from them."""
+        :meth:`certify_images`), as :mod:`cadis.certifier` does: with each image's own
+        ``noise``, the same draws as a run over those images or a store built from them."""
         size = images_per_forward(parameters.n0, parameters.n, parameters.batch_size)
         return [result for start in range(0, len(xs), size)
                 for result in self.certify_images(
                     xs[start:start + size], parameters,
-                    None if generators is None else generators[start:start + size])]
+                    None if noise is None else noise[start:start + size])]
 
     def certify_sequential(self, x: Tensor, n0: int, plan: SequentialPlan, batch_size: int,
-                           generator: torch.Generator | None = None
+                           noise: ImageNoise | None = None
                            ) -> tuple[int, float, int]:
         """Sequential CERTIFY of one C x H x W image at the radii of ``plan``: ``(class,
         largest certified radius of the grid, draws spent)``, or ``(ABSTAIN, 0.0, draws)``.
@@ -308,18 +305,18 @@ class Smooth:
         ``plan`` and stop once every radius is decided (:class:`SequentialPlan`; draws spent
         count both). With probability >= 1 - alpha over the noise, a returned ``(c, r)`` with
         ``c != ABSTAIN`` means ``g(x + e) = c`` for every ``||e||_2 < r``, over all looks
-        together. ``generator`` (this image's own) replaces the shared one.
+        together. ``noise``, this image's own, replaces the shared generator: the selection
+        and estimation draws are then CERTIFY's and a store's, whatever the looks.
         """
         n0 = positive_int(n0, "n0")
         batch_size = positive_int(batch_size, "batch_size")
-        generator = self.generator if generator is None else generator
-        images = self._check_images(self._one_image(x), None if generator is None
-                                    else [generator])
+        images = self._check_images(self._one_image(x), None if noise is None else [noise])
+        source = self.generator if noise is None else [noise]
 
         def draw(selection: int, estimation: int) -> tuple[np.ndarray, np.ndarray]:
             # Both kinds share forwards; each is counted apart.
-            batches = noisy_batches(images, [(0, selection), (0, estimation)], self.sigma,
-                                    generator, batch_size)
+            segments = [Segment(0, selection, SELECTION), Segment(0, estimation, ESTIMATION)]
+            batches = noisy_batches(images, segments, self.sigma, source, batch_size)
             counts = count_predictions(self.base, batches, 2, self.num_classes,
                                        images.device, self.precision)
             return counts[0], counts[1]
@@ -334,13 +331,13 @@ class Smooth:
         return x.unsqueeze(0)
 
     def _check_images(self, xs: Tensor,
-                      generators: Sequence[torch.Generator] | None = None) -> Tensor:
+                      noise: Sequence[ImageNoise] | None = None) -> Tensor:
         if not isinstance(xs, Tensor) or xs.dim() != 4 or not xs.is_floating_point():
             raise CadisError("images must be a floating-point K x C x H x W tensor in [0, 1], got "
                              f"{xs.dtype if isinstance(xs, Tensor) else type(xs).__name__} "
                              f"of shape {tuple(xs.shape) if isinstance(xs, Tensor) else '?'}")
-        for generator in generators if generators is not None else [self.generator]:
-            if generator is not None and generator.device.type != xs.device.type:
-                raise CadisError(f"the generator is on {generator.device} but the images are "
+        for source in noise if noise is not None else [self.generator]:
+            if source is not None and source.device.type != xs.device.type:
+                raise CadisError(f"the generator is on {source.device} but the images are "
                                  f"on {xs.device}; the noise is drawn on the images' device")
         return xs

@@ -220,6 +220,7 @@ def certify_block(config_dict: dict[str, Any], rank: RankSettings, checkpoint: s
     from cadis.certify_models import build_denoised_classifier, shard_of
     from cadis.data import load_dataset
     from cadis.draws.certification_store import DrawStore
+    from cadis.draws.keys import HELD_OUT_SPLIT
     from cadis.finetuning.checkpoint import load_trained
     from cadis.finetuning.config import from_mapping
     from cadis.finetuning.store_keys import held_out_store_key
@@ -260,7 +261,8 @@ def certify_block(config_dict: dict[str, Any], rank: RankSettings, checkpoint: s
     else:
         base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
                                          channels=info.channels, image_size=info.image_size)
-        draws = LiveDraws(Smooth(base, info.num_classes, config.sigma), train_set, config.seed)
+        draws = LiveDraws(Smooth(base, info.num_classes, config.sigma), train_set, config.seed,
+                          HELD_OUT_SPLIT)
     return certify_into(draws, shard_of(block, shard),
                         CertificationSettings(config.sigma, parameters, tuple(radii), plan),
                         out, settings, progress=False)

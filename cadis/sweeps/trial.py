@@ -18,6 +18,7 @@ from cadis.certifier import CertificationSettings, LiveDraws, StoredDraws, certi
 from cadis.certify_models import build_denoised_classifier, certify_trained, shard_of
 from cadis.data import load_dataset, stratified_holdout
 from cadis.draws.certification_store import DrawStore
+from cadis.draws.keys import HELD_OUT_SPLIT
 from cadis.errors import CadisError, RepeatedFailure, first_line
 from cadis.files import atomic_write_text
 from cadis.finetuning.checkpoint import load_trained, read_metadata
@@ -144,7 +145,8 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
     else:
         base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
                                          channels=info.channels, image_size=info.image_size)
-        draws = LiveDraws(Smooth(base, info.num_classes, config.sigma), train_set, config.seed)
+        draws = LiveDraws(Smooth(base, info.num_classes, config.sigma), train_set, config.seed,
+                          HELD_OUT_SPLIT)
     return certify_into(draws, indices, CertificationSettings(config.sigma, parameters,
                                                               tuple(radii), plan),
                         out, settings, progress=False)
