@@ -50,10 +50,10 @@ SEARCHER_BASIC = "basic-variant"
 # config); :func:`cadis.sweeps.search_space.trial_config` drops it.
 INCUMBENT_PARAM = "cadis_incumbent"
 
-# Base keys the stored draws depend on.
-DRAW_KEYS = ("models", "classifier", "denoiser", "dataset", "data_root", "image_size", "sigma",
-             "seed", "val_images", "val_seed", "proxy_images", "proxy_n", "proxy_n0",
-             "max_train_images")
+# Searchable base keys the stored draws depend on. The draws also depend on the images
+# (dataset, data_root, image_size, val_images, val_seed, proxy_images, max_train_images), but
+# those cannot be searched (cadis.sweeps.search_space.NOT_SEARCHABLE), so they never vary.
+DRAW_KEYS = ("models", "classifier", "denoiser", "sigma", "seed", "proxy_n", "proxy_n0")
 
 
 @dataclass(frozen=True)
@@ -212,8 +212,8 @@ class SweepConfig:
 
     @property
     def draws_vary_with(self) -> list[str]:
-        """The searched keys that the stored draws depend on (σ, the seed, the hold-out, the
-        proxy, the models): with any, every trial denoises its own draws."""
+        """The searched keys that the stored draws depend on (σ, the seed, the proxy's n and
+        n0, the models): with any, every trial denoises its own draws."""
         searched = set(self.search)
         variants = self.search.get(VARIANT_KEY)
         if variants is not None:
