@@ -24,7 +24,8 @@ That much is pure (:func:`look`, :func:`race`: records in, decisions out; tested
 :func:`run_race_stage` is its glue in a sweep: each further block is a store of draws keyed
 as the rank stage's (:func:`cadis.sweeps.stores.build_block_store`, built lazily, once, by
 the locked builder) and each survivor's block a Ray task per worker
-(:func:`certify_block`, :mod:`cadis.sweeps.shards`) into its own record folder
+(:func:`cadis.sweeps.trial.certify_block`, the rank stage's own certification of a block;
+:mod:`cadis.sweeps.shards`) into its own record folder
 (:func:`cadis.sweeps.layout.trial_race_block_dir`). A killed race resumes by running again:
 the looks are a function of the records, the finished blocks' folders hold them, and a
 block cut short resumes from its records.
@@ -45,7 +46,7 @@ from cadis.smoothing.paired import certified_matrix, certified_radii
 from cadis.smoothing.records import RECORDS_FILENAME, Record, read_records
 from cadis.smoothing.verdicts import Verdict, paired_verdicts
 from cadis.sweeps.objective import Objective
-from cadis.sweeps.spec import RaceSettings, RankSettings, SweepConfig
+from cadis.sweeps.spec import RaceSettings, SweepConfig
 from cadis.tracking.contract import ACR, TRIAL_ID_TAG, radius_of_metric
 
 if TYPE_CHECKING:
@@ -209,65 +210,6 @@ def why_not_raced(sweep: SweepConfig) -> str | None:
 # ------------------------------------------------------------------------- on Ray, in a sweep
 
 
-def certify_block(config_dict: dict[str, Any], rank: RankSettings, checkpoint: str,
-                  store: str | None, bounds: tuple[int, int], out: str,
-                  shard: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Certify a trained checkpoint on the validation images at positions ``bounds`` of the
-    hold-out (their ``shard``) into ``out``, as the rank stage certifies its images
-    (:func:`cadis.sweeps.trial.certify_rank`: its n, n0, alpha, sequential plan and radii),
-    from the block's stored draws in ``store`` when given. Returns the summary."""
-    from cadis.certifier import CertificationSettings, LiveDraws, StoredDraws, certify_into
-    from cadis.certify_models import build_denoised_classifier, shard_of
-    from cadis.data import load_dataset
-    from cadis.draws.certification_store import DrawStore
-    from cadis.draws.keys import HELD_OUT_SPLIT
-    from cadis.finetuning.checkpoint import load_trained
-    from cadis.finetuning.config import from_mapping
-    from cadis.finetuning.store_keys import held_out_store_key
-    from cadis.models.classifier import load_classifier
-    from cadis.models.devices import pick_device
-    from cadis.smoothing.bounds import CertificationParameters
-    from cadis.smoothing.records import radius_grid
-    from cadis.smoothing.sequential import SequentialPlan, reachable_radii
-    from cadis.smoothing.smooth import Smooth, default_batch_size
-    from cadis.sweeps.trial import discard_other_certification, validation_indices
-
-    config = from_mapping(config_dict)
-    sources = config.model_sources()
-    device = pick_device(config.device)
-    parameters = CertificationParameters(rank.n0, rank.n, rank.alpha,
-                                         rank.batch_size or default_batch_size(device))
-    train_set = load_dataset(sources.dataset, "train", sources.data_root,
-                             image_size=sources.image_size)
-    start, stop = bounds
-    block = validation_indices(config, train_set, stop)[start:stop]
-    info = train_set.info
-    discard_other_certification(Path(out), checkpoint)
-    settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
-                "checkpoint": checkpoint, "dataset": sources.dataset,
-                "split": "validation", "seed": config.seed, "stored_draws": store}
-    radii = radius_grid(config.sigma, rank.n, rank.alpha, info.image_size)
-    plan = None
-    if rank.sequential:
-        decided = reachable_radii(radii, config.sigma, rank.alpha, rank.n)
-        plan = SequentialPlan(sorted(set(decided) | set(rank.radii)), config.sigma,
-                              rank.alpha, rank.n)
-    if store is not None:
-        classifier, _ = load_trained(load_classifier(sources.classifier), Path(checkpoint))
-        draws: LiveDraws | StoredDraws = StoredDraws(
-            DrawStore.open(store, held_out_store_key(config, sources, block, rank.n0, rank.n,
-                                                     device)),
-            classifier.eval().to(device), device)
-    else:
-        base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
-                                         channels=info.channels, image_size=info.image_size)
-        draws = LiveDraws(Smooth(base, info.num_classes, config.sigma), train_set, config.seed,
-                          HELD_OUT_SPLIT)
-    return certify_into(draws, shard_of(block, shard),
-                        CertificationSettings(config.sigma, parameters, tuple(radii), plan),
-                        out, settings, progress=False)
-
-
 def _records(folder: Path) -> list[Record]:
     path = folder / RECORDS_FILENAME
     return read_records(path) if path.is_file() else []
@@ -289,6 +231,7 @@ def run_race_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> 
     )
     from cadis.sweeps.shards import join_shards, submit_shards
     from cadis.sweeps.stores import build_block_store
+    from cadis.sweeps.trial import certify_block
 
     contenders = [run.data.tags[TRIAL_ID_TAG] for run in tracker.ranked()]
     why = why_not_raced(sweep)

@@ -110,11 +110,22 @@ def validation_indices(config: TrainConfig, train_set: Any, count: int) -> list[
 def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: str,
                  store: str | None, out: str,
                  shard: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Certify a trained checkpoint on the first ``rank.images`` validation images (their
-    ``shard``: the k-th of K parts, :func:`~cadis.certify_models.shard_of`) into ``out``
-    (resumed if a previous attempt stopped midway), from the stored draws in ``store`` when
-    given (the classifier alone runs; the same counts as denoising them here), sequentially
-    when ``rank.sequential`` (the grid radii n can reach, and the objective's). Returns the
+    """The rank stage's certification: block 0 of the validation hold-out, its first
+    ``rank.images`` images (:func:`certify_block`)."""
+    return certify_block(config_dict, rank, checkpoint, store, (0, rank.images), out, shard)
+
+
+def certify_block(config_dict: dict[str, Any], rank: RankSettings, checkpoint: str,
+                  store: str | None, bounds: tuple[int, int], out: str,
+                  shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Certify a trained checkpoint on the validation images at positions ``bounds`` (start,
+    stop) of the hold-out (their ``shard``: the k-th of K parts,
+    :func:`~cadis.certify_models.shard_of`) into ``out`` (resumed if a previous attempt
+    stopped midway), from the stored draws in ``store`` when given (keyed by the block's
+    images; the classifier alone runs; the same counts as denoising them here), sequentially
+    when ``rank.sequential`` (the grid radii n can reach, and the objective's). The rank stage
+    is the block ``(0, rank.images)``, the racing stage's blocks those after it: every
+    validation image is certified with the same n, n0, alpha, plan and radii. Returns the
     summary."""
     config = from_mapping(config_dict)
     sources = config.model_sources()
@@ -123,8 +134,8 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
                                          rank.batch_size or default_batch_size(device))
     train_set = load_dataset(sources.dataset, "train", sources.data_root,
                              image_size=sources.image_size)
-    validation = validation_indices(config, train_set, rank.images)
-    indices = shard_of(validation, shard)
+    start, stop = bounds
+    block = validation_indices(config, train_set, stop)[start:stop]
     info = train_set.info
     discard_other_certification(Path(out), checkpoint)
     settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
@@ -139,16 +150,16 @@ def certify_rank(config_dict: dict[str, Any], rank: RankSettings, checkpoint: st
     if store is not None:
         classifier, _ = load_trained(load_classifier(sources.classifier), Path(checkpoint))
         draws: LiveDraws | StoredDraws = StoredDraws(
-            DrawStore.open(store, held_out_store_key(config, sources, validation, rank.n0,
-                                                     rank.n, device)),
+            DrawStore.open(store, held_out_store_key(config, sources, block, rank.n0, rank.n,
+                                                     device)),
             classifier.eval().to(device), device)
     else:
         base = build_denoised_classifier(sources, config.sigma, checkpoint, device,
                                          channels=info.channels, image_size=info.image_size)
         draws = LiveDraws(Smooth(base, info.num_classes, config.sigma), train_set, config.seed,
                           HELD_OUT_SPLIT)
-    return certify_into(draws, indices, CertificationSettings(config.sigma, parameters,
-                                                              tuple(radii), plan),
+    return certify_into(draws, shard_of(block, shard),
+                        CertificationSettings(config.sigma, parameters, tuple(radii), plan),
                         out, settings, progress=False)
 
 
