@@ -19,11 +19,13 @@ from cadis.smoothing.paired import (
     BOOTSTRAP_RESAMPLES,
     COMPARISON_COLUMNS,
     CORRECTION_COLUMNS,
+    Certification,
     aligned,
     compare,
     mcnemar_p,
     paired_bootstrap,
     paired_test,
+    shared_noise,
 )
 from cadis.smoothing.records import (
     NOISE_PER_IMAGE,
@@ -283,3 +285,57 @@ def test_analyze_refuses_another_correction_in_one_line(tmp_path, capsys, args, 
     b = folder(tmp_path, "b", records_of(HAND_B))
     code, out, err = _analyze(capsys, a, b, *args)
     assert code == 2 and out == "" and fragment in err and err.count("\n") == 1
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def _committed(path: str) -> Certification:
+    return Certification.read(path, COMMITTED / path / RECORDS_FILENAME)
+
+
+def test_committed_records_share_noise_under_their_own_scheme():
+    # The science tables' test records name an older noise scheme than today's; they share
+    # it, with the same seed, so they drew the same noise for each image.
+    tests = [_committed("science-sigma0.5/off_the_shelf"),
+             _committed("science-sigma0.5/ft_cadis/043eccc5/test"),
+             _committed("science-sigma0.5/denoised_ce/6d3a77a3/test")]
+    assert tests[0].settings["noise"] != NOISE_PER_IMAGE
+    for other in tests[1:]:
+        same, why = shared_noise(tests[0], other)
+        assert same and "seed 0" in why
+    # The two arms' rank records read stores of one key, kept in two folders.
+    ranks = [_committed("science-sigma0.5/ft_cadis/043eccc5/rank"),
+             _committed("science-sigma0.5/denoised_ce/6d3a77a3/rank")]
+    assert ranks[0].settings["stored_draws"] != ranks[1].settings["stored_draws"]
+    assert shared_noise(*ranks) == (True, "the same for each image (stored draws "
+                                          "rank-b3b8bc3182f6)")
+    # The first baseline names no scheme: independent of everything.
+    baseline = _committed("baseline-sigma0.5")
+    same, why = shared_noise(baseline, tests[0])
+    assert not same and "baseline-sigma0.5 name no per-image noise scheme" in why
+
+
+def _made(tmp_path: Path, name: str, **settings) -> Certification:
+    path = folder(tmp_path, name, records_of(HAND_A), **settings)
+    return Certification.read(name, path / RECORDS_FILENAME)
+
+
+def test_shared_noise_needs_one_scheme_and_one_seed_or_one_store_key(tmp_path):
+    now = _made(tmp_path, "now", noise=NOISE_PER_IMAGE)
+    assert shared_noise(now, _made(tmp_path, "again", noise=NOISE_PER_IMAGE))[0]
+    older = _made(tmp_path, "older", noise="per-image generators")
+    assert shared_noise(now, older) == (
+        False, f"independent: noise schemes differ ({NOISE_PER_IMAGE!r}, "
+               f"'per-image generators')")
+    assert shared_noise(now, _made(tmp_path, "seeded", noise=NOISE_PER_IMAGE, seed=1)) == (
+        False, "independent: seeds 0 and 1")
+    # A store's folder name is its key's digest: the same name wherever it lies is one key.
+    stored = _made(tmp_path, "stored", noise=NOISE_PER_IMAGE,
+                   stored_draws="/a/test-0123456789ab")
+    assert shared_noise(stored, _made(tmp_path, "moved", stored_draws="/b/test-0123456789ab"))[0]
+    # Another store of today's scheme and seed still draws the same noise per image.
+    assert shared_noise(stored, _made(tmp_path, "other", noise=NOISE_PER_IMAGE,
+                                      stored_draws="/a/test-ba9876543210"))[0]
+    older_store = _made(tmp_path, "old", stored_draws="/a/rank-ba9876543210")
+    assert not shared_noise(stored, older_store)[0]

@@ -41,7 +41,6 @@ from cadis.smoothing.records import (
     CERTIFICATION_SETTINGS,
     CSV_DIGITS,
     MARKDOWN_DIGITS,
-    NOISE_PER_IMAGE,
     Record,
     TableFormat,
     draw_certified_accuracy,
@@ -316,20 +315,25 @@ def check_pairable(reference: Certification, other: Certification) -> None:
 
 def shared_noise(reference: Certification, other: Certification) -> tuple[bool, str]:
     """Whether two pairable certifications drew the same noise for each image, and what shows
-    it: both settings say each image had its own generator (``noise``, or draws from a store,
-    which are drawn so) and give the same seed. The images, sigma, n0 and n being equal, each
-    image's noise is then the same stream in both (on the same kind of device: the device is
-    not in the settings, and a CPU and a CUDA generator give different streams). Records whose
-    settings do not say so are read as independent draws."""
-    def per_image(settings: Mapping[str, Any]) -> bool:
-        return (settings.get("noise") == NOISE_PER_IMAGE
-                or settings.get("stored_draws") is not None)
-
-    unseeded = [certification.label for certification in (reference, other)
-                if not per_image(certification.settings)]
-    if unseeded:
-        return False, (f"independent: the settings of {' and '.join(unseeded)} do not say "
-                       "each image's noise had its own seeded generator")
+    it: their settings name the same noise scheme (``noise``, equal and not None: whichever
+    scheme cadis then had, each image drew from its own seeded generator) with the same seed,
+    or both read their draws from stores of the same key (the store's folder name is its
+    key's digest, which holds the seed and the scheme; the folders may lie in different
+    places). The images, sigma, n0 and n being equal, each image's noise is then the same in
+    both (on the same kind of device: the device is not in the settings, and a CPU and a CUDA
+    generator give different streams). Records whose settings show neither are read as
+    independent draws."""
+    stores = [certification.settings.get("stored_draws") for certification in (reference, other)]
+    if None not in stores and Path(stores[0]).name == Path(stores[1]).name:
+        return True, f"the same for each image (stored draws {Path(stores[0]).name})"
+    schemes = [certification.settings.get("noise") for certification in (reference, other)]
+    if schemes[0] is None or schemes[0] != schemes[1]:
+        unnamed = [certification.label for certification, scheme in zip((reference, other),
+                                                                         schemes)
+                   if scheme is None]
+        why = (f"the settings of {' and '.join(unnamed)} name no per-image noise scheme"
+               if unnamed else f"noise schemes differ ({schemes[0]!r}, {schemes[1]!r})")
+        return False, f"independent: {why}"
     seeds = reference.settings.get("seed"), other.settings.get("seed")
     if seeds[0] is None or seeds[0] != seeds[1]:
         return False, f"independent: seeds {seeds[0]} and {seeds[1]}"
