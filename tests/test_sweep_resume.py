@@ -33,3 +33,37 @@ def test_the_known_defaults_are_those_of_the_settings_classes():
     defaults = setting_defaults()
     assert defaults["base"]["lr"] == TrainConfig().lr
     assert defaults["certify"]["draws_dir"] is None and defaults["rank"]["sequential"] is False
+
+
+def _saved_sweep(results, sweep):
+    from cadis.sweeps.layout import SweepState
+
+    SweepState("run", "0", "sqlite:///m.db", sweep, "search", {}).write(results)
+
+
+def test_a_sweep_begun_before_seeds_and_the_incumbent_resumes_as_it_ran(tmp_path):
+    from cadis.errors import CadisError
+    from cadis.sweeps.resume import check_results_dir
+
+    # Saved before certify.final.seeds and incumbent existed: one seed, no incumbent.
+    _saved_sweep(tmp_path, {"name": "s"})
+    state = check_results_dir(tmp_path, {"name": "s", "final_seeds": 1, "incumbent": False},
+                              resume=True)
+    assert state.sweep == {"name": "s", "final_seeds": 1, "incumbent": False}
+    with pytest.raises(CadisError, match="in final_seeds"):
+        check_results_dir(tmp_path, {"name": "s", "final_seeds": 3, "incumbent": False},
+                          resume=True)
+    # The new default (true with Optuna) would run another sweep: the refusal says the way.
+    with pytest.raises(CadisError) as refused:
+        check_results_dir(tmp_path, {"name": "s", "final_seeds": 1, "incumbent": True},
+                          resume=True)
+    message = str(refused.value)
+    assert "(in incumbent)" in message
+    assert message.endswith("; --set incumbent=false resumes a sweep begun without an "
+                            "incumbent")
+    # A sweep that saved its incumbent setting is simply another sweep with another one.
+    _saved_sweep(tmp_path, {"name": "s", "final_seeds": 1, "incumbent": True})
+    with pytest.raises(CadisError) as refused:
+        check_results_dir(tmp_path, {"name": "s", "final_seeds": 1, "incumbent": False},
+                          resume=True)
+    assert "--set incumbent=false" not in str(refused.value)

@@ -17,6 +17,10 @@ from cadis.finetuning.config import TrainConfig
 from cadis.sweeps.layout import STATE_FILE, TUNE_NAME, SweepState
 from cadis.sweeps.spec import RaceSettings, RankSettings, ResourceSettings, SweepConfig
 
+# Said when a sweep begun before the incumbent existed would resume with one (the default
+# with Optuna): it ran without one, and can resume only so.
+INCUMBENT_HINT = "--set incumbent=false resumes a sweep begun without an incumbent"
+
 
 def sweep_fingerprint(sweep: SweepConfig) -> dict[str, Any]:
     """The resolved sweep as plain data: a resumed sweep must be the same sweep."""
@@ -40,8 +44,10 @@ def check_results_dir(results: Path, fingerprint: dict[str, Any], resume: bool
     state = SweepState.read(results)
     changed = resume_differences(state.sweep, fingerprint, setting_defaults())
     if changed:
+        hint = (f"; {INCUMBENT_HINT}" if "incumbent" in changed and "incumbent" not in state.sweep
+                else "")
         raise CadisError(f"the sweep differs from the one in {results} (in {', '.join(changed)}): "
-                         f"resume it with the same file and --set values")
+                         f"resume it with the same file and --set values{hint}")
     # What a setting added since reads as, from now on.
     return dataclasses.replace(state, sweep=fingerprint)
 
@@ -69,9 +75,13 @@ def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any],
 
 
 def setting_defaults() -> dict[str, Any]:
-    """The defaults of the settings with one of their own, nested as a fingerprint is."""
+    """What a sweep begun before a setting existed ran as, nested as a fingerprint is: the
+    setting's default where it has one of its own, and no incumbent (``incumbent``'s default
+    depends on the searcher, and an Optuna sweep of old ran without one)."""
     base = TrainConfig().to_dict()
+    sweep_fields = {field.name: field for field in dataclasses.fields(SweepConfig)}
     return _plain({"base": base, "certify": base["certify"],
+                   "final_seeds": sweep_fields["final_seeds"].default, "incumbent": False,
                    "rank": dataclasses.asdict(RankSettings()),
                    "race": dataclasses.asdict(RaceSettings()),
                    "resources": dataclasses.asdict(ResourceSettings())})
