@@ -18,10 +18,11 @@ from cadis.sweeps.choice import (
     VALIDATION,
     Choice,
     decide,
+    record_blocks,
     verdict_fields,
     verdict_target,
 )
-from cadis.sweeps.layout import trial_certify_dir, trial_rank_dir
+from cadis.sweeps.layout import trial_certify_dir, trial_race_block_dir, trial_rank_dir
 from cadis.sweeps.objective import Objective
 from cadis.tracking import contract as tracking
 
@@ -151,3 +152,40 @@ def test_words_and_markdown_hold_every_decision_and_note(tmp_path):
     assert f"## on validation ({IMAGES} images), {ACCURACY.metric}" in markdown
     assert "| the incumbent |" in markdown and "| 50 / 0 |" in markdown
     assert "## Not decided\n\n- a note" in markdown
+
+
+def shifted(records_of_block: list[Record], offset: int) -> list[Record]:
+    """Records of the next block: the same outcomes on images ``offset`` further on."""
+    return [Record.from_prediction(record.idx + offset, (record.idx + offset) % 10,
+                                   (record.idx + offset) % 10 if record.correct else -1,
+                                   record.radius, 0.01) for record in records_of_block]
+
+
+def write_race_block(results: Path, trial: str, block: int, certified: int) -> None:
+    out = trial_race_block_dir(results, trial, block)
+    out.mkdir(parents=True)
+    write_records(out / RECORDS_FILENAME, shifted(records(certified), block * IMAGES))
+
+
+def test_validation_joins_the_race_blocks_and_a_trial_that_left_is_compared_on_its_own(tmp_path):
+    # The leader and the close contender raced two further blocks; the incumbent left after
+    # the rank stage's block (look 0) and has only it.
+    write_trials(tmp_path)
+    for block in (1, 2):
+        write_race_block(tmp_path, "leader", block, 150)
+        write_race_block(tmp_path, "close", block, 140)
+    assert [len(block) for block in record_blocks(tmp_path, VALIDATION, "leader")] == [IMAGES] * 3
+    decisions, notes = decide(tmp_path, VALIDATION, "leader", LABELS, [ACCURACY], "the race's")
+    assert notes == []
+    (decision,) = decisions
+    close, incumbent = decision.verdicts
+    assert (close.images, incumbent.images) == (3 * IMAGES, IMAGES)
+    assert close.difference == pytest.approx(-(2 + 10 + 10) / (3 * IMAGES))
+    assert close.discordant == (22, 0) and close.separated
+    assert incumbent.difference == pytest.approx(-50 / IMAGES) and incumbent.separated
+    # Holm across the decision: the smaller raw p is multiplied by the two comparisons.
+    assert min(close.p_adjusted, incumbent.p_adjusted) == pytest.approx(
+        2 * min(close.p, incumbent.p))
+    assert decision.heading() == f"on validation ({IMAGES} to {3 * IMAGES} images), " \
+                                 f"{ACCURACY.metric}"
+    assert decision.sentence().startswith("chosen trial_leader: ahead of")

@@ -1,14 +1,19 @@
 """The sweep's choice with its evidence: how far the data carry the trial the ranking chose.
 
-Which trial is chosen stays :mod:`cadis.sweeps.ranking`'s (best by the validation figure, ties
-to the earlier trial). What this module adds is what may be *said* of it (DESIGN.md §6.3):
-every ranked trial was certified on the same validation images from the same stored draws,
-so for each objective the chosen trial (the leader) is compared, paired, with every other
-ranked trial and with the incumbent (the sweep file's own base) by
+Which trial is chosen is the race's leader where the racing stage ran
+(:func:`cadis.sweeps.layout.race_finalists`, ordered by :data:`cadis.sweeps.racing.TIE_BREAK`),
+else :mod:`cadis.sweeps.ranking`'s (best by the validation figure, ties to the earlier
+trial). What this module adds is what may be *said* of it (DESIGN.md §6.3): every ranked
+trial was certified on the same validation images from the same stored draws, so for each
+objective the chosen trial (the leader) is compared, paired, with every other ranked trial
+and with the incumbent (the sweep file's own base) by
 :func:`~cadis.smoothing.verdicts.paired_verdicts`: the difference, a paired bootstrap 95%
 interval and McNemar's exact p (a sign-flip test for ACR), Holm-adjusted across that
-decision. After the final stage the same is done on test, over the trials certified there
-(the finalists and the incumbent). A trial is never called best where its interval against
+decision. On validation a trial's records are the rank stage's block and every race block it
+was certified on, joined; each pair is compared on the blocks both have (a contender that left
+the race early on its own, fewer, images: the verdict's ``images`` says how many). After the
+final stage the same is done on test, over the trials certified there (the finalists and the
+incumbent). A trial is never called best where its interval against
 another includes 0: :func:`~cadis.smoothing.verdicts.describe_verdicts` names those as
 inseparable and states the tie-break that chose among them.
 
@@ -21,15 +26,22 @@ names :mod:`cadis.tracking.contract`'s) and into the summary (:mod:`cadis.sweeps
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from cadis.errors import CadisError, first_line
 from cadis.smoothing.paired import CONFIDENCE, format_interval, format_p, format_signed
-from cadis.smoothing.records import RECORDS_FILENAME, read_records, render_table
+from cadis.smoothing.multiplicity import holm
+from cadis.smoothing.records import RECORDS_FILENAME, Record, read_records, render_table
 from cadis.smoothing.verdicts import FAMILY_ALPHA, Verdict, describe_verdicts, paired_verdicts
-from cadis.sweeps.layout import trial_certify_dir, trial_rank_dir
+from cadis.sweeps import racing
+from cadis.sweeps.layout import (
+    race_finalists,
+    trial_certify_dir,
+    trial_race_block_dir,
+    trial_rank_dir,
+)
 from cadis.sweeps.objective import Objective
 from cadis.tracking import contract as tracking
 
@@ -56,6 +68,8 @@ class Decision:
     leader: str
     labels: Mapping[str, str]
     verdicts: tuple[Verdict, ...]
+    #: How the leader was chosen among trials the data did not separate.
+    tie_break: str = TIE_BREAK
 
     def trial_of(self, label: str) -> str:
         """The trial id a verdict's label names."""
@@ -63,15 +77,20 @@ class Decision:
 
     @property
     def images(self) -> int:
-        return self.verdicts[0].images
+        """The most images a verdict was made on (the leader's, but for a race's leftovers)."""
+        return max(verdict.images for verdict in self.verdicts)
 
     def sentence(self) -> str:
         """``chosen X: ahead of the incumbent by ...; inseparable from Y (...)...``."""
         return f"chosen {self.labels[self.leader]}: " \
-               f"{describe_verdicts(self.verdicts, TIE_BREAK)}"
+               f"{describe_verdicts(self.verdicts, self.tie_break)}"
 
     def heading(self) -> str:
-        return f"on {self.split} ({self.images} images), {self.objective}"
+        fewest = min(verdict.images for verdict in self.verdicts)
+        # Trials that left the race early are compared on the images they were certified on.
+        images = (f"{self.images}" if fewest == self.images
+                  else f"{fewest} to {self.images}")
+        return f"on {self.split} ({images} images), {self.objective}"
 
 
 @dataclass(frozen=True)
@@ -92,13 +111,15 @@ class Choice:
 
     def markdown(self) -> str:
         """``choice.md``: how the verdicts were made, each decision's sentence and table."""
+        tie_break = self.decisions[0].tie_break if self.decisions else TIE_BREAK
         parts = [f"# The choice\n\nEach verdict is a trial against the chosen one on the same "
-                 f"images: the difference (the trial minus the chosen), a paired bootstrap "
-                 f"{CONFIDENCE:.0%} interval, the raw two-sided p (McNemar's exact test for "
-                 f"certified accuracy, a sign-flip permutation test for ACR) and Holm's "
+                 f"images (on validation, the rank stage's and the race blocks both were "
+                 f"certified on): the difference (the trial minus the chosen), a paired "
+                 f"bootstrap {CONFIDENCE:.0%} interval, the raw two-sided p (McNemar's exact "
+                 f"test for certified accuracy, a sign-flip permutation test for ACR) and Holm's "
                  f"adjusted p across the decision. Separated: Holm p < {FAMILY_ALPHA:g} and "
                  f"the interval excludes 0; among inseparable trials the choice is by "
-                 f"{TIE_BREAK}, not a finding.\n"]
+                 f"{tie_break}, not a finding.\n"]
         for decision in self.decisions:
             rows = [[verdict.other, format_signed(verdict.difference),
                      format_interval((verdict.low, verdict.high)), format_p(verdict.p),
@@ -137,31 +158,62 @@ def verdict_fields(verdict: Verdict, turned: bool = False) -> dict[str, float]:
     return {field: values[field] for field in tracking.VERDICT_FIELDS}
 
 
+def record_blocks(results: Path, split: str, trial: str) -> list[list[Record]]:
+    """A trial's records on ``split`` by block: on test the final stage's one; on validation
+    the rank stage's (block 0), then each race block it was certified on, in order.
+    :class:`CadisError` where the first is missing."""
+    blocks = [read_records(RECORDS_DIRS[split](results, trial) / RECORDS_FILENAME)]
+    while split == VALIDATION:
+        path = trial_race_block_dir(results, trial, len(blocks)) / RECORDS_FILENAME
+        if not path.is_file():
+            break
+        blocks.append(read_records(path))
+    return blocks
+
+
+def leader_verdicts(leader: str, blocks: Mapping[str, Sequence[Sequence[Record]]],
+                    metric: str, radius: float | None) -> list[Verdict]:
+    """The leader against every other entry of ``blocks`` (name -> its records by block),
+    each pair on the blocks both have (joined), Holm-adjusted across them all."""
+    def joined(name: str, count: int) -> list[Record]:
+        return [record for block in blocks[name][:count] for record in block]
+
+    pairs = [paired_verdicts(leader, {leader: joined(leader, shared),
+                                      other: joined(other, shared)}, metric, radius=radius)[0]
+             for other in blocks if other != leader
+             for shared in [min(len(blocks[leader]), len(blocks[other]))]]
+    adjusted = holm([verdict.p for verdict in pairs]) if pairs else []
+    return [replace(verdict, p_adjusted=float(p),
+                    separated=bool(p < FAMILY_ALPHA and (verdict.low > 0 or verdict.high < 0)))
+            for verdict, p in zip(pairs, adjusted)]
+
+
 def decide(results: Path, split: str, leader: str, labels: Mapping[str, str],
-           objectives: Sequence[Objective]) -> tuple[list[Decision], list[str]]:
+           objectives: Sequence[Objective], tie_break: str = TIE_BREAK
+           ) -> tuple[list[Decision], list[str]]:
     """The leader's decisions on ``split``, one per objective, against every trial of
-    ``labels`` (trial id -> label, the leader among them) that has records there; with notes
-    for what could not be decided."""
-    records, notes = {}, []
+    ``labels`` (trial id -> label, the leader among them) that has records there
+    (:func:`record_blocks`, :func:`leader_verdicts`); with notes for what could not be
+    decided. ``tie_break`` is how the leader was chosen."""
+    blocks, notes = {}, []
     for trial, label in labels.items():
-        path = RECORDS_DIRS[split](results, trial) / RECORDS_FILENAME
         try:
-            records[label] = read_records(path)
+            blocks[label] = record_blocks(results, split, trial)
         except CadisError as error:
             notes.append(f"{label} left out on {split} ({first_line(error)})")
-    if labels[leader] not in records or len(records) < 2:
+    if labels[leader] not in blocks or len(blocks) < 2:
         return [], notes
     decisions = []
     for objective in objectives:
         try:
-            verdicts = paired_verdicts(labels[leader], records, objective.metric,
-                                       radius=verdict_target(objective))
+            verdicts = leader_verdicts(labels[leader], blocks, objective.metric,
+                                       verdict_target(objective))
         except CadisError as error:
             notes.append(f"no {split} verdicts on {objective.metric} ({first_line(error)})")
             continue
         decisions.append(Decision(split, objective.metric, leader,
                                   {trial: label for trial, label in labels.items()
-                                   if label in records}, tuple(verdicts)))
+                                   if label in blocks}, tuple(verdicts), tie_break))
     return decisions, notes
 
 
@@ -178,19 +230,24 @@ def record_choice(tracker: SweepTracker, include_test: bool) -> Choice:
     labels = {trial: INCUMBENT_LABEL if trial == incumbent else (run.info.run_name or trial)
               for trial, run in zip(trials, ranked)}
     objectives = tracker.sweep.objective
-    decisions, notes = decide(tracker.results, VALIDATION, trials[0], labels, objectives)
+    raced = race_finalists(tracker.results)
+    chosen, tie_break = ((raced[0], racing.TIE_BREAK) if raced
+                         else (trials[0], TIE_BREAK))
+    decisions, notes = decide(tracker.results, VALIDATION, chosen, labels, objectives,
+                              tie_break)
     if include_test:
         tested = {trial: labels[trial] for trial, run in zip(trials, ranked)
                   if tracking.ACR in run.data.metrics}
-        if trials[0] in tested:
-            more, more_notes = decide(tracker.results, TEST, trials[0], tested, objectives)
+        if chosen in tested:
+            more, more_notes = decide(tracker.results, TEST, chosen, tested, objectives,
+                                      tie_break)
             decisions += more
             notes += more_notes
         else:
-            notes.append(f"{labels[trials[0]]} has no test figures: no test verdicts")
+            notes.append(f"{labels[chosen]} has no test figures: no test verdicts")
     if incumbent is None and tracker.sweep.incumbent:
         notes.append("the incumbent was not ranked (its trial did not finish): nothing says "
                      "whether the search beat the sweep file's base")
-    choice = Choice(trials[0], incumbent, tuple(decisions), tuple(notes))
+    choice = Choice(chosen, incumbent, tuple(decisions), tuple(notes))
     tracker.log_choice(choice)
     return choice
