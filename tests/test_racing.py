@@ -16,6 +16,7 @@ from cadis.sweeps.racing import (
     STOP_BUDGET,
     STOP_ONE_LEFT,
     STOP_USED_UP,
+    TIE_BREAK,
     block_bounds,
     look,
     race,
@@ -165,3 +166,20 @@ def test_race_defaults_fit_the_hold_out():
     small = sweep_with(objective={"metric": "acr", "mode": "max"},
                        base={"val_images": 200})
     assert small.race.max_images == 200
+
+
+def test_describe_shows_the_race_settings_or_why_there_is_none():
+    from cadis.sweeps.describe import describe
+
+    raced = describe(sweep_with(objective={"metric": "acr", "mode": "max"},
+                                certify={"race": {"block": 50, "budget_seconds": 600}}))
+    assert "racing stage: the ranked trials on blocks of 50 further validation images up to " \
+           "the first 500" in raced
+    assert "family_alpha 0.05); a budget of 600 s of certification; finalists ordered by " \
+           f"{TIE_BREAK}" in raced
+    assert "final stage: the race's finalists (at most 2) on the test set" in raced
+    off = describe(sweep_with(objective={"metric": "acr", "mode": "max"},
+                              certify={"race": {"enabled": False}}))
+    assert "racing stage: off (certify.race.enabled is false)" in off
+    assert "final stage: the top 2 by rank on the test set" in off
+

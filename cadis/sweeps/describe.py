@@ -3,12 +3,14 @@ and its MLflow parent run)."""
 
 from __future__ import annotations
 
+from cadis.sweeps.racing import TIE_BREAK, why_not_raced
 from cadis.sweeps.spec import SEARCHER_BASIC, TRIAL_DRIVER_CPUS, SweepConfig, required_per_trial
 
 
 def describe(sweep: SweepConfig) -> str:
     """The resolved sweep in a few lines: trials and searcher, search space, the incumbent,
-    objective, scheduler, resources, certification and where it is tracked."""
+    objective, scheduler, resources, certification (rank, racing, final stages) and where it
+    is tracked."""
     if sweep.searcher == SEARCHER_BASIC:
         trials = (f"{sweep.total_trials} trials ({sweep.grid_size} grid points x num_trials "
                   f"{sweep.num_trials}); Tune's grid and random search (Optuna cannot take a grid)")
@@ -40,7 +42,10 @@ def describe(sweep: SweepConfig) -> str:
                  f"n={rank.n} n0={rank.n0} alpha={rank.alpha:g}"
                  + (" (sequential: n at most)" if rank.sequential else "")
                  + ", every trial that trains to the end")
-    lines.append(f"final stage: the top {sweep.top_k} by rank on the test set, n={certify.n} "
+    lines.append(_race_line(sweep))
+    finalists = (f"the race's finalists (at most {sweep.top_k})" if why_not_raced(sweep) is None
+                 else f"the top {sweep.top_k} by rank")
+    lines.append(f"final stage: {finalists} on the test set, n={certify.n} "
                  f"n0={certify.n0} alpha={certify.alpha:g} skip={certify.skip} "
                  f"max_images={certify.max_images}"
                  + (" (sequential: n at most)" if certify.sequential else "")
@@ -61,6 +66,20 @@ def describe(sweep: SweepConfig) -> str:
     lines.append(f"mlflow: {sweep.tracking_uri()} (experiment {sweep.mlflow.experiment})")
     lines.append(f"results: {sweep.results_dir}")
     return "\n".join(lines)
+
+
+def _race_line(sweep: SweepConfig) -> str:
+    """The racing stage's settings, or why the sweep has none."""
+    why = why_not_raced(sweep)
+    if why is not None:
+        return f"racing stage: off ({why})"
+    race = sweep.race
+    budget = ("no budget" if race.budget_seconds is None
+              else f"a budget of {race.budget_seconds:g} s of certification")
+    return (f"racing stage: the ranked trials on blocks of {race.block} further validation "
+            f"images up to the first {race.max_images}, with the rank stage's n, n0 and alpha; "
+            f"a trial behind the leader leaves (Holm within each look, family_alpha "
+            f"{race.family_alpha:g}); {budget}; finalists ordered by {TIE_BREAK}")
 
 
 def _incumbent_line(sweep: SweepConfig) -> str:

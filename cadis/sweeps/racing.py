@@ -47,18 +47,17 @@ from cadis.smoothing.records import RECORDS_FILENAME, Record, read_records
 from cadis.smoothing.verdicts import Verdict, paired_verdicts
 from cadis.sweeps.objective import Objective
 from cadis.sweeps.spec import RaceSettings, SweepConfig
-from cadis.tracking.contract import ACR, TRIAL_ID_TAG, radius_of_metric
+from cadis.tracking.contract import (
+    ACR,
+    RACE_IMAGES,
+    RACE_IMAGES_CERTIFIED,
+    RACE_SECONDS,
+    TRIAL_ID_TAG,
+    radius_of_metric,
+)
 
 if TYPE_CHECKING:
     from cadis.sweeps.mlflow_writer import SweepTracker
-
-#: On each ranked trial's run: how many validation images decided it (the images of the look
-#: it left the race at, or of the race's last look).
-RACE_IMAGES: Final = "race_images"
-#: On the sweep's run: what the race cost beyond the rank stage (images certified, summed
-#: over contenders; seconds of certification and of denoising the blocks' stores).
-RACE_IMAGES_CERTIFIED: Final = "race.images_certified"
-RACE_SECONDS: Final = "race.seconds"
 
 STOP_ONE_LEFT: Final = "one contender is left"
 STOP_USED_UP: Final = "the validation images are used up"

@@ -79,9 +79,10 @@ BEST_PREFIX = "best."
 # The two stages of a sweep's certification. The rank stage certifies every trial that
 # trains to the end on the validation hold-out: its figures carry VALIDATION_PREFIX
 # (val_certified_accuracy_r0.5, val_acr, val_clean_accuracy) and the searcher optimises
-# them. The final stage certifies the top_k trials by rank on the test set: their figures
-# are the unprefixed names above, and a finalist's run is tagged FINALIST_TAG = "true". The
-# parent's best.* are the test figures of the trial the validation ranking put first.
+# them. The final stage certifies the finalists on the test set (the racing stage's, else the
+# top_k trials by rank): their figures are the unprefixed names above, and a finalist's run
+# is tagged FINALIST_TAG = "true". The parent's best.* are the test figures of the chosen
+# trial: the race's leader, else the trial the validation ranking put first.
 VALIDATION_PREFIX = "val_"
 FINALIST_TAG = "cadis.finalist"
 # The parent run's stage: search (trials run), ranked (stopped before the final stage),
@@ -100,6 +101,15 @@ RANK_ARTIFACTS_DIR = "rank"
 # incumbent as ``chosen_vs_incumbent.<objective>.<field>`` (the chosen minus the incumbent,
 # the interval turned round), and the decisions in words in the artifact CHOICE_ARTIFACT.
 # Validation's names carry VALIDATION_PREFIX (val_vs_leader.acr.p_holm), test's none.
+# The racing stage (cadis.sweeps.racing): on each ranked trial's run RACE_IMAGES, how many
+# validation images decided it (those of the look it left the race at, or of the race's last
+# look); on the parent run what the race cost beyond the rank stage, RACE_IMAGES_CERTIFIED
+# (images certified, summed over contenders) and RACE_SECONDS (seconds of certification and
+# of denoising the blocks' stores).
+RACE_IMAGES = "race_images"
+RACE_IMAGES_CERTIFIED = "race.images_certified"
+RACE_SECONDS = "race.seconds"
+
 VS_LEADER = "vs_leader"
 CHOSEN_VS_INCUMBENT = "chosen_vs_incumbent"
 VERDICT_FIELDS = ("difference", "low", "high", "p", "p_holm", "separated", "images")
