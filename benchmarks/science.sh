@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's science table at one sigma: the off-the-shelf pair, denoised fine-tuning and
-# FT-CADIS, the fine-tuned arms each chosen by its staged sweep on validation and only the
+# FT-CADIS, the fine-tuned arms each chosen by its staged sweep on validation and the
 # chosen trial certified on the test set; then `cadis analyze` pairs the three on the same
 # 1,000 test images and noise draws, each against the off-the-shelf pair and FT-CADIS against
 # denoised fine-tuning. The two sweeps share their stores of denoised draws
@@ -23,6 +23,7 @@ set -euo pipefail
 sigma=${1:?usage: benchmarks/science.sh SIGMA [OUT]}
 out=${2:-runs/science/sigma$sigma}
 cadis=${CADIS:-.venv/bin/cadis}
+python=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$out"
 store="sqlite:///$(cd "$out" && pwd)/mlflow.db"
@@ -53,16 +54,22 @@ fi
 wait $pair || failed=1
 [ $failed = 0 ] || { echo "science: a step failed; run the script again to resume" >&2; exit 1; }
 
-chosen() {  # the test folder of the one trial the sweep certified (top_k: 1)
-    local found=("$out/$1"/trials/*/certify)
-    [ ${#found[@]} = 1 ] && [ -f "${found[0]}/summary.json" ] \
-        || { echo "science: $out/$1 has ${#found[@]} certified trials, not 1" >&2; exit 1; }
-    echo "${found[0]}"
+chosen() {  # the test folder of the trial the sweep chose, as its sweep.json names it
+    # (the incumbent and further training seeds are certified on test too: not a glob)
+    "$python" -c "
+import sys
+from cadis.sweeps.layout import SweepState, trial_certify_dir
+state = SweepState.read(sys.argv[1])
+if state.chosen_trial is None:
+    sys.exit(f'science: {sys.argv[1]} names no chosen trial (stage {state.stage})')
+print(trial_certify_dir(sys.argv[1], state.chosen_trial))" "$out/$1"
 }
 # The radii the sequential test decided (n = 1,000 reaches 2.46 sigma): beyond them all are 0.
 radii=$(python3 -c "import json; print(','.join(str(r) for r in json.load(open('$out/off_the_shelf/summary.json'))['radii']))")
-"$cadis" analyze "$out/off_the_shelf" "$(chosen denoised_ce)" "$(chosen ft_cadis)" \
+denoised_ce=$(chosen denoised_ce)
+ft_cadis=$(chosen ft_cadis)
+"$cadis" analyze "$out/off_the_shelf" "$denoised_ce" "$ft_cadis" \
     --labels off-the-shelf denoised_ce ft_cadis --baseline off-the-shelf --radii "$radii" \
     --plot "$out/sigma$sigma.png" | tee "$out/analyze.md"
-"$cadis" analyze "$(chosen denoised_ce)" "$(chosen ft_cadis)" --labels denoised_ce ft_cadis \
+"$cadis" analyze "$denoised_ce" "$ft_cadis" --labels denoised_ce ft_cadis \
     --radii "$radii" | tee "$out/analyze-vs-denoised_ce.md"

@@ -4,6 +4,7 @@ keys sweeps already on disk have, and a one-line error for a file missing or bro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -39,6 +40,17 @@ def test_a_state_written_before_warm_starts_reads_as_a_cold_start(tmp_path):
     (tmp_path / STATE_FILE).write_text(json.dumps(
         {key: value for key, value in ON_DISK.items() if key != "warm_start"}))
     assert SweepState.read(tmp_path).warm_start is None
+
+
+def test_the_chosen_trial_is_written_once_chosen_and_old_states_read_none(tmp_path):
+    (tmp_path / STATE_FILE).write_text(json.dumps(ON_DISK))
+    state = SweepState.read(tmp_path)
+    assert state.chosen_trial is None
+    state.write(tmp_path)
+    assert "chosen_trial" not in json.loads((tmp_path / STATE_FILE).read_text())
+    dataclasses.replace(state, stage="done", chosen_trial="a1b2").write(tmp_path)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["chosen_trial"] == "a1b2"
+    assert SweepState.read(tmp_path).chosen_trial == "a1b2"
 
 
 @pytest.mark.parametrize("text,message", [

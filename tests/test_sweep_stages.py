@@ -68,7 +68,7 @@ class FakeStages:
 
     def final(self, tracker: Any) -> str | None:
         self._begin("final")
-        tracker.log_final(TRIAL, FINAL, self.results / "no-certify-files")
+        tracker.log_final(TRIAL, FINAL, self.results / "no-certify-files", finalist=True)
         return TRIAL
 
     def work(self) -> StageWork:
@@ -124,7 +124,9 @@ def test_the_stages_run_in_order_each_saved_before_its_work(sweep, tmp_path):
     # The file keeps the names --resume of a sweep already on disk reads.
     saved = json.loads((Path(sweep.results_dir) / STATE_FILE).read_text())
     assert list(saved) == ["parent_run_id", "experiment_id", "tracking_uri", "sweep", "stage",
-                           "stores", "warm_start"]
+                           "stores", "warm_start", "chosen_trial"]
+    # The chosen trial is the sweep's own record of it (benchmarks/science.sh reads it).
+    assert saved["chosen_trial"] == state.chosen_trial == TRIAL
 
 
 def test_a_sweep_interrupted_in_its_final_stage_resumes_there(sweep, tmp_path):
@@ -236,18 +238,23 @@ class JudgedStages(FakeStages):
             out.mkdir(parents=True, exist_ok=True)
             write_records(out / RECORDS_FILENAME, judged_records(certified))
             tracker.log_final(trial, {"acr": 0.75 * certified / JUDGED_IMAGES,
-                                      "num_images": float(JUDGED_IMAGES)}, out)
+                                      "num_images": float(JUDGED_IMAGES)}, out,
+                              finalist=trial == "leader")
         return "leader"
 
 
-def trial_metrics(sweep: SweepConfig, trial: str) -> dict[str, float]:
+def trial_run(sweep: SweepConfig, trial: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     from cadis.tracking.sweep_reader import find_trial_run
 
     state = SweepState.read(sweep.results_dir)
     return find_trial_run(MlflowClient(sweep.tracking_uri()), state.experiment_id,
-                          state.parent_run_id, trial).data.metrics
+                          state.parent_run_id, trial)
+
+
+def trial_metrics(sweep: SweepConfig, trial: str) -> dict[str, float]:
+    return trial_run(sweep, trial).data.metrics
 
 
 def verdict(metrics: dict[str, float], comparison: str, validation: bool) -> dict[str, float]:
@@ -263,6 +270,9 @@ def test_the_choice_is_judged_on_validation_and_test_in_mlflow_and_in_words(swee
     out = capsys.readouterr().out
     # The ranking's choice stands; what is said of it is the verdicts'.
     assert parent_run(sweep).data.tags[tracking.BEST_TRIAL_TAG] == "leader"
+    # Both were certified on test; only the finalist is tagged one.
+    assert trial_run(sweep, "leader").data.tags[tracking.FINALIST_TAG] == "true"
+    assert tracking.FINALIST_TAG not in trial_run(sweep, "incumbent").data.tags
     close = verdict(trial_metrics(sweep, "close"), tracking.VS_LEADER, validation=True)
     assert close["difference"] == pytest.approx(-0.75 * 2 / JUDGED_IMAGES)
     assert close["low"] <= 0 <= close["high"] and close["separated"] == 0.0

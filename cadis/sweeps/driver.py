@@ -273,7 +273,7 @@ def _run_stages(sweep: SweepConfig, path: Path, results: Path, uri: str,
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    state = dataclasses.replace(state, stage=STAGE_DONE)
+    state = dataclasses.replace(state, stage=STAGE_DONE, chosen_trial=best)
     state.write(results)
     tracker.set_stage(STAGE_DONE)
     figures = _figures(tracker)

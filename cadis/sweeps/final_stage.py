@@ -1,10 +1,12 @@
 """The final stage of a sweep: the finalists and the incumbent on the test set, on one store
 of test draws, each with ``certify.final.seeds`` training seeds.
 
-The configurations of the stage are the top_k trials by the rank stage (the finalists) and
-the incumbent (the trial tagged :data:`~cadis.tracking.contract.INCUMBENT_TAG`, the sweep
-file's own base) where it ranked. Every one is certified from ONE store of test draws
-(:mod:`cadis.draws`, role ``test``, keyed as ``cadis certify --draws-dir`` keys it) under
+The configurations of the stage are the finalists, the race's where the racing stage ran
+(:func:`~cadis.sweeps.layout.race_finalists`, its leader first), else the top_k trials by the
+rank stage, and the incumbent (the trial tagged
+:data:`~cadis.tracking.contract.INCUMBENT_TAG`, the sweep file's own base) where it ranked.
+Every one is certified from ONE store of test draws (:mod:`cadis.draws`, role ``test``, keyed
+as ``cadis certify --draws-dir`` keys it) under
 ``certify.final.draws_dir``, else the sweep's ``draws_dir``: every test comparison between
 them is then paired, on the same images and the same draws. The store is built once, in one
 task, before any of them is certified. Without it (``store_draws: false``, or
@@ -30,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,6 +43,7 @@ from cadis.sweeps.layout import (
     TRAIN_DIR,
     TRAINED_FILE,
     TrainedTrial,
+    race_finalists,
     seed_run_name,
     trained_file,
     trial_certify_dir,
@@ -61,19 +64,21 @@ TEST_STORE: Final = "test"
 def run_final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) -> str | None:
     """Certify the finalists and the incumbent on the test set from one store of test draws,
     each with ``sweep.final_seeds`` training seeds (the search's own first), certifying and
-    training only what is not done yet; returns the rank winner's trial id (None: no trial
-    ranked)."""
+    training only what is not done yet; returns the chosen trial's id (the race's leader,
+    else the rank winner; None: no trial ranked)."""
     import ray
 
     from cadis.sweeps.shards import join_shards, submit_shards
     from cadis.sweeps.trial import certify_final, discard_other_certification, figures_of
 
-    finalists, incumbent = stage_configurations(tracker.ranked(), sweep.top_k)
+    raced = race_finalists(results)
+    finalists, incumbent = stage_configurations(tracker.ranked(), sweep.top_k, raced)
     configurations = finalists + ([incumbent] if incumbent and incumbent not in finalists
                                   else [])
     pending = [trial_id for trial_id in configurations if not tracker.has_final(trial_id)]
-    print(f"final stage: the top {len(finalists)} by validation "
-          f"{sweep.objective[0].metric}: {', '.join(finalists) or 'none'}"
+    chosen_by = ("the race's finalists" if raced is not None else
+                 f"the top {len(finalists)} by validation {sweep.objective[0].metric}")
+    print(f"final stage: {chosen_by}: {', '.join(finalists) or 'none'}"
           + (f"; the incumbent {incumbent}" if incumbent else "")
           + f"; certifying {len(pending)} on the test set"
           + (f", each with {sweep.final_seeds} training seeds" if sweep.final_seeds > 1 else ""),
@@ -137,7 +142,8 @@ def run_final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) ->
         out = _certify_dir(results, trial_id, seed)
         summary = join_shards(out, ray.get(parts))
         if seed is None:
-            tracker.log_final(trial_id, figures_of(summary), out)
+            tracker.log_final(trial_id, figures_of(summary), out,
+                              finalist=trial_id in finalists)
             print(f"final stage: {trial_id} certified on the test set", flush=True)
         else:
             print(f"final stage: {trial_id} with training seed {seed} certified on the test "
@@ -145,11 +151,14 @@ def run_final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) ->
     return finalists[0] if finalists else None
 
 
-def stage_configurations(ranked: Iterable[Any], top_k: int) -> tuple[list[str], str | None]:
-    """The finalists (the trial ids of the first ``top_k`` ranked runs) and the incumbent's
-    trial id among the ranked runs (None: it did not rank, or the sweep has none)."""
+def stage_configurations(ranked: Iterable[Any], top_k: int,
+                         raced: Sequence[str] | None = None) -> tuple[list[str], str | None]:
+    """The finalists (``raced``, the race's, where it ran; else the trial ids of the first
+    ``top_k`` ranked runs) and the incumbent's trial id among the ranked runs (None: it did
+    not rank, or the sweep has none)."""
     ranked = list(ranked)
-    finalists = [run.data.tags[TRIAL_ID_TAG] for run in ranked[:top_k]]
+    finalists = (list(raced) if raced is not None
+                 else [run.data.tags[TRIAL_ID_TAG] for run in ranked[:top_k]])
     incumbent = next((run.data.tags[TRIAL_ID_TAG] for run in ranked
                       if run.data.tags.get(INCUMBENT_TAG) == "true"), None)
     return finalists, incumbent

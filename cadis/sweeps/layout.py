@@ -2,8 +2,8 @@
 writer, and typed readers of the two records the sweep keeps there (:class:`SweepState`,
 :class:`TrainedTrial`)::
 
-    sweep.json        the parent run, the tracking URI, the stage, the stored draws and the
-                      resolved sweep (what --resume checks)
+    sweep.json        the parent run, the tracking URI, the stage, the stored draws, the
+                      resolved sweep (what --resume checks) and, once done, the chosen trial
     sweep.yaml        the sweep file as given
     optuna.db         Optuna's study (optuna-dashboard sqlite:///.../optuna.db)
     tune/             Tune's experiment (Tuner.restore reads it)
@@ -143,10 +143,14 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 # sweeps already on disk, which --resume reads.
 STATE_KEYS: Final = {"parent_run_id": "parent_run_id", "experiment_id": "experiment_id",
                      "tracking_uri": "tracking_uri", "sweep": "sweep", "stage": "stage",
-                     "draw_stores": "stores", "warm_start": "warm_start"}
-# The keys every sweep.json has had since the draws were stored (warm_start came later).
+                     "draw_stores": "stores", "warm_start": "warm_start",
+                     "chosen_trial": "chosen_trial"}
+# The keys every sweep.json has had since the draws were stored (warm_start and chosen_trial
+# came later).
 STATE_REQUIRED_KEYS: Final = ("parent_run_id", "experiment_id", "tracking_uri", "sweep",
                               "stage", "stores")
+# Fields written only once they hold a value: a sweep not yet done has chosen nothing.
+WRITTEN_WHEN_SET: Final = ("chosen_trial",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +170,9 @@ class SweepState:
     draw_stores: dict[str, dict[str, Any]]
     # Where a warm-started search began (``WarmStart.record``); None for a cold start.
     warm_start: dict[str, Any] | None = None
+    # The trial the sweep chose, written when it is done (its test records are
+    # trial_certify_dir's); None before, and in sweeps that finished before it was kept.
+    chosen_trial: str | None = None
 
     @classmethod
     def read(cls, results: str | Path) -> SweepState:
@@ -176,9 +183,11 @@ class SweepState:
         return cls(**{field: data[key] for field, key in STATE_KEYS.items() if key in data})
 
     def write(self, results: str | Path) -> None:
-        """Write ``results/sweep.json`` whole (a reader never sees half of it)."""
+        """Write ``results/sweep.json`` whole (a reader never sees half of it); the chosen
+        trial only once there is one."""
         _write_json(Path(results) / STATE_FILE,
-                    {key: getattr(self, field) for field, key in STATE_KEYS.items()})
+                    {key: getattr(self, field) for field, key in STATE_KEYS.items()
+                     if field not in WRITTEN_WHEN_SET or getattr(self, field) is not None})
 
     def store_folders(self) -> dict[str, str]:
         """The folder of each stored draws' role (what a trial is given)."""

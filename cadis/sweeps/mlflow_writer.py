@@ -85,6 +85,8 @@ class SweepTracker:
                   "resources": json.dumps(dataclasses.asdict(sweep.resources)),
                   **{f"certify.rank.{key}": value
                      for key, value in dataclasses.asdict(sweep.rank).items()},
+                  **{f"certify.race.{key}": value
+                     for key, value in dataclasses.asdict(sweep.race).items()},
                   **{f"certify.final.{key}": value
                      for key, value in dataclasses.asdict(sweep.certify).items()},
                   "certify.final.top_k": sweep.top_k, "shares_draws": sweep.shares_draws,
@@ -116,12 +118,15 @@ class SweepTracker:
                            self.sweep.objective, lambda run: run.data.metrics,
                            lambda run: run.info.start_time)
 
-    def log_final(self, trial_id: str, figures: Mapping[str, float], certify_dir: Path) -> None:
-        """A finalist's test figures, files and finalist tag, on its trial run."""
+    def log_final(self, trial_id: str, figures: Mapping[str, float], certify_dir: Path,
+                  finalist: bool) -> None:
+        """A configuration's test figures and files on its trial run, and the finalist tag
+        where it is one (the incumbent is certified on test whether or not it is)."""
         run_id = self.run_of(trial_id)
         log_metrics(self.client, run_id, figures, step=0)
         log_files(self.client, run_id, certify_dir, CERTIFY_ARTIFACTS)
-        self.client.set_tag(run_id, FINALIST_TAG, "true")
+        if finalist:
+            self.client.set_tag(run_id, FINALIST_TAG, "true")
 
     def log_choice(self, choice: Choice) -> None:
         """The choice's verdicts: on each compared trial's run its ``vs_leader.*`` (``val_``
