@@ -117,6 +117,14 @@ def test_the_stage_certifies_the_finalists_and_the_incumbent():
     assert stage_configurations([], 2) == ([], None)
 
 
+def test_the_race_names_the_finalists_where_it_ran():
+    ranked = [run("a"), run("b", incumbent=True), run("c")]
+    # The race's leader first, whatever the rank order; the incumbent certified in any case.
+    assert stage_configurations(ranked, 1, ["c", "a"]) == (["c", "a"], "b")
+    assert stage_configurations(ranked, 2, ["c"]) == (["c"], "b")
+    assert stage_configurations(ranked, 2, None) == (["a", "b"], "b")
+
+
 def tiny_sweep_config(models: Path, tmp_path: Path, final: dict | None = None, **changes):
     from cadis.sweeps.parse import sweep_from_mapping
 

@@ -183,3 +183,22 @@ def test_describe_shows_the_race_settings_or_why_there_is_none():
     assert "racing stage: off (certify.race.enabled is false)" in off
     assert "final stage: the top 2 by rank on the test set" in off
 
+
+
+def test_the_sweeps_run_logs_the_race_settings_as_params(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from cadis.sweeps.mlflow_writer import SweepTracker
+
+    sweep = sweep_with(objective={"metric": "acr", "mode": "max"},
+                       certify={"race": {"block": 50}},
+                       mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               "experiment": "raced"})
+    tracker = SweepTracker(sweep.tracking_uri(), sweep, tmp_path, None)
+    (tmp_path / "sweep.yaml").write_text("name: race\n")
+    tracker.open_sweep(tmp_path / "sweep.yaml")
+    params = MlflowClient(sweep.tracking_uri()).get_run(tracker.parent_run_id).data.params
+    assert {key: value for key, value in params.items() if key.startswith("certify.race.")} \
+        == {"certify.race.block": "50", "certify.race.max_images": "500",
+            "certify.race.family_alpha": "0.05", "certify.race.budget_seconds": "None",
+            "certify.race.enabled": "True"}
