@@ -311,3 +311,66 @@ def test_stop_after_rank_says_the_validation_verdicts(sweep, tmp_path, capsys):
     assert "on test" not in out
     assert tracking.verdict_metric(tracking.CHOSEN_VS_INCUMBENT, "acr", "difference", True) \
         in parent_run(sweep).data.metrics
+
+
+class SeededStages(JudgedStages):
+    """JudgedStages whose final stage also certified the leader and the incumbent with a
+    second training seed (certify.final.seeds 2): seed 1's records beside each one's own."""
+
+    # (own, seed 1) images certified at r = 0 by each configuration on test.
+    SEEDS = {"leader": (150, 150), "incumbent": (150, 100)}
+
+    def final(self, tracker: Any) -> str | None:
+        from cadis.smoothing.records import RECORDS_FILENAME, write_records
+        from cadis.sweeps.layout import (
+            CERTIFY_DIR,
+            TrainedTrial,
+            trained_file,
+            trial_certify_dir,
+            trial_seed_folder,
+        )
+
+        chosen = super().final(tracker)
+        for trial, counts in self.SEEDS.items():
+            TrainedTrial("ckpt", {"seed": 0, "train_seed": None}).write(
+                trained_file(self.results, trial))
+            for folder, certified in zip((trial_certify_dir(self.results, trial),
+                                          trial_seed_folder(self.results, trial, 1) / CERTIFY_DIR),
+                                         counts):
+                folder.mkdir(parents=True, exist_ok=True)
+                write_records(folder / RECORDS_FILENAME, judged_records(certified))
+                (folder / "summary.json").write_text(json.dumps(
+                    {"certified_accuracy": {"0.0": certified / JUDGED_IMAGES},
+                     "acr": 0.75 * certified / JUDGED_IMAGES, "mean_draws": 100.0,
+                     "num_images": JUDGED_IMAGES}))
+        return chosen
+
+
+def test_each_training_seed_is_judged_on_test_in_mlflow_and_in_words(sweep, tmp_path, capsys):
+    run(sweep, tmp_path, SeededStages(Path(sweep.results_dir)))
+    out = capsys.readouterr().out
+    incumbent = trial_metrics(sweep, "incumbent")
+    # Each configuration's figures per training seed, their mean and range.
+    assert incumbent[tracking.seed_metric(0, "acr")] == pytest.approx(0.75 * 150 / 200)
+    assert incumbent[tracking.seed_metric(1, "acr")] == pytest.approx(0.75 * 100 / 200)
+    assert incumbent[tracking.SEEDS_MEAN_PREFIX + "acr"] == pytest.approx(0.75 * 125 / 200)
+    assert incumbent[tracking.SEEDS_LOW_PREFIX + "acr"] == pytest.approx(0.75 * 100 / 200)
+    assert incumbent[tracking.SEEDS_HIGH_PREFIX + "acr"] == pytest.approx(0.75 * 150 / 200)
+    # Seed 1's verdicts: on the incumbent's run and, turned round, on the parent.
+    seed1 = {field: incumbent[tracking.seed_metric(1, name)] for field, name in
+             ((field, tracking.verdict_metric(tracking.VS_LEADER, "acr", field, False))
+              for field in tracking.VERDICT_FIELDS)}
+    assert seed1["difference"] == pytest.approx(-0.75 * 50 / 200) and seed1["separated"] == 1.0
+    parent = parent_run(sweep).data.metrics
+    assert parent[tracking.seed_metric(1, tracking.verdict_metric(
+        tracking.CHOSEN_VS_INCUMBENT, "acr", "difference", False))] == pytest.approx(
+        0.75 * 50 / 200)
+    # Separated on one seed and not the other: the words call nothing better.
+    assert ("  test over 2 training seeds (200 images), acr: chosen leader 0.562 "
+            "[0.562-0.562] vs the incumbent 0.469 [0.375-0.562]") in out
+    assert "  per seed, chosen leader minus the incumbent: seed 0 +0.000 [" in out
+    assert "; seed 1 +0.188 [" in out
+    assert "separated on 1 of 2 seeds: the seeds do not separate them" in out
+    assert "ahead on every seed" not in out
+    # The close trial was not certified on test: no seed of it is judged.
+    assert "per seed, chosen leader minus close" not in out

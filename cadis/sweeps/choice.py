@@ -26,9 +26,9 @@ names :mod:`cadis.tracking.contract`'s) and into the summary (:mod:`cadis.sweeps
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cadis.errors import CadisError, first_line
 from cadis.smoothing.paired import CONFIDENCE, format_interval, format_p, format_signed
@@ -36,6 +36,7 @@ from cadis.smoothing.multiplicity import holm
 from cadis.smoothing.records import RECORDS_FILENAME, Record, read_records, render_table
 from cadis.smoothing.verdicts import FAMILY_ALPHA, Verdict, describe_verdicts, paired_verdicts
 from cadis.sweeps import racing
+from cadis.sweeps.final_stage import seed_figures
 from cadis.sweeps.layout import (
     race_finalists,
     trial_certify_dir,
@@ -70,6 +71,9 @@ class Decision:
     verdicts: tuple[Verdict, ...]
     #: How the leader was chosen among trials the data did not separate.
     tie_break: str = TIE_BREAK
+    #: The training seed of a further seed's test decision (certify.final.seeds), each
+    #: configuration's same-numbered seed on the same draws; None: the search's own training.
+    train_seed: int | None = None
 
     def trial_of(self, label: str) -> str:
         """The trial id a verdict's label names."""
@@ -90,7 +94,8 @@ class Decision:
         # Trials that left the race early are compared on the images they were certified on.
         images = (f"{self.images}" if fewest == self.images
                   else f"{fewest} to {self.images}")
-        return f"on {self.split} ({images} images), {self.objective}"
+        seed = "" if self.train_seed is None else f", training seed {self.train_seed}"
+        return f"on {self.split}{seed} ({images} images), {self.objective}"
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,16 @@ class Choice:
     incumbent: str | None
     decisions: tuple[Decision, ...]
     notes: tuple[str, ...]
+    #: The test figures per training seed of the configurations certified on test
+    #: (:func:`~cadis.sweeps.final_stage.seed_figures`); empty before the final stage.
+    seeds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def words(self) -> list[str]:
-        """The summary's lines: each decision's heading and sentence, then the notes."""
+        """The summary's lines: each decision's heading and sentence (the search's own
+        training; further seeds are :mod:`cadis.sweeps.summary`'s per-seed lines), then the
+        notes."""
         return [*(f"  {decision.heading()}: {decision.sentence()}"
-                  for decision in self.decisions),
+                  for decision in self.decisions if decision.train_seed is None),
                 *(f"  verdicts: {note}" for note in self.notes)]
 
     def markdown(self) -> str:
@@ -217,6 +227,43 @@ def decide(results: Path, split: str, leader: str, labels: Mapping[str, str],
     return decisions, notes
 
 
+def seed_decisions(figures: Mapping[str, Mapping[str, Any]], leader: str,
+                   labels: Mapping[str, str], objectives: Sequence[Objective],
+                   tie_break: str = TIE_BREAK) -> tuple[list[Decision], list[str]]:
+    """The leader's test decisions of each further training seed (the k-th seed of every
+    configuration of ``labels`` against the leader's k-th, on the final stage's shared test
+    draws, Holm across each seed's decision), named by the leader's seed; with notes for
+    configurations that lack a seed the leader has. ``figures``:
+    :func:`~cadis.sweeps.final_stage.seed_figures` of ``labels``' trials."""
+    # Each configuration's (training seed, records folder), its own training first.
+    seeds = {labels[trial]: [(int(seed), entry["folder"])
+                             for seed, entry in per_trial["seeds"].items()]
+             for trial, per_trial in figures.items()}
+    leader_label = labels[leader]
+    decisions: list[Decision] = []
+    notes: list[str] = []
+    for position, (train_seed, _) in enumerate(seeds.get(leader_label, [])[1:], start=1):
+        blocks = {label: [read_records(Path(found[position][1]) / RECORDS_FILENAME)]
+                  for label, found in seeds.items() if position < len(found)}
+        notes += [f"{label} has no training seed {position + 1} on test"
+                  for label in labels.values() if label not in blocks]
+        if len(blocks) < 2:
+            continue
+        for objective in objectives:
+            try:
+                verdicts = leader_verdicts(leader_label, blocks, objective.metric,
+                                           verdict_target(objective))
+            except CadisError as error:
+                notes.append(f"no test verdicts on {objective.metric} with training seed "
+                             f"{train_seed} ({first_line(error)})")
+                continue
+            decisions.append(Decision(TEST, objective.metric, leader,
+                                      {trial: label for trial, label in labels.items()
+                                       if label in blocks}, tuple(verdicts), tie_break,
+                                      train_seed))
+    return decisions, notes
+
+
 def record_choice(tracker: SweepTracker, include_test: bool) -> Choice:
     """The sweep's choice as its ranked trials now stand: the validation decisions and, with
     ``include_test``, the test decisions over the trials certified on test; logged on the
@@ -235,6 +282,7 @@ def record_choice(tracker: SweepTracker, include_test: bool) -> Choice:
                          else (trials[0], TIE_BREAK))
     decisions, notes = decide(tracker.results, VALIDATION, chosen, labels, objectives,
                               tie_break)
+    seeds: dict[str, dict[str, Any]] = {}
     if include_test:
         tested = {trial: labels[trial] for trial, run in zip(trials, ranked)
                   if tracking.ACR in run.data.metrics}
@@ -243,11 +291,22 @@ def record_choice(tracker: SweepTracker, include_test: bool) -> Choice:
                                       tie_break)
             decisions += more
             notes += more_notes
+            try:
+                seeds = seed_figures(tracker.results, tested)
+                seeded, seed_notes = seed_decisions(seeds, chosen, tested, objectives,
+                                                    tie_break)
+            except CadisError as error:
+                seeds = {}
+                notes.append(f"no test figures per training seed ({first_line(error)})")
+            else:
+                tracker.log_seed_figures(seeds)
+                decisions += seeded
+                notes += seed_notes
         else:
             notes.append(f"{labels[chosen]} has no test figures: no test verdicts")
     if incumbent is None and tracker.sweep.incumbent:
         notes.append("the incumbent was not ranked (its trial did not finish): nothing says "
                      "whether the search beat the sweep file's base")
-    choice = Choice(chosen, incumbent, tuple(decisions), tuple(notes))
+    choice = Choice(chosen, incumbent, tuple(decisions), tuple(notes), seeds)
     tracker.log_choice(choice)
     return choice

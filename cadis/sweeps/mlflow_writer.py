@@ -33,6 +33,9 @@ from cadis.tracking.contract import (
     ROLE_SWEEP,
     ROLE_TAG,
     SEARCHED_TAG,
+    SEEDS_HIGH_PREFIX,
+    SEEDS_LOW_PREFIX,
+    SEEDS_MEAN_PREFIX,
     STAGE_TAG,
     SWEEP_TAG,
     VS_LEADER,
@@ -40,6 +43,7 @@ from cadis.tracking.contract import (
     flatten_params,
     is_final_metric,
     is_validation_metric,
+    seed_metric,
     verdict_metric,
 )
 from cadis.tracking.server import artifact_location
@@ -137,18 +141,38 @@ class SweepTracker:
         parent: dict[str, float] = {}
         for decision in choice.decisions:
             validation = decision.split == VALIDATION
+
+            def name(comparison: str, field: str) -> str:
+                metric = verdict_metric(comparison, decision.objective, field, validation)
+                return metric if decision.train_seed is None else \
+                    seed_metric(decision.train_seed, metric)
+
             for verdict in decision.verdicts:
                 trial = decision.trial_of(verdict.other)
                 log_metrics(self.client, self.run_of(trial),
-                            {verdict_metric(VS_LEADER, decision.objective, field, validation):
-                             value for field, value in verdict_fields(verdict).items()}, step=0)
+                            {name(VS_LEADER, field): value
+                             for field, value in verdict_fields(verdict).items()}, step=0)
                 if trial == choice.incumbent:
-                    parent.update({verdict_metric(CHOSEN_VS_INCUMBENT, decision.objective,
-                                                  field, validation): value
+                    parent.update({name(CHOSEN_VS_INCUMBENT, field): value
                                    for field, value in verdict_fields(verdict, turned=True
                                                                       ).items()})
         log_metrics(self.client, self.parent_run_id, parent, step=0)
         self.client.log_text(self.parent_run_id, choice.markdown(), CHOICE_ARTIFACT)
+
+    def log_seed_figures(self, figures: Mapping[str, Mapping[str, Any]]) -> None:
+        """Each configuration's test figures per training seed on its trial run
+        (``seed<s>.<metric>``) and their mean, lowest and highest over its seeds
+        (``seeds_mean.*``, ``seeds_low.*``, ``seeds_high.*``); ``figures``:
+        :func:`~cadis.sweeps.final_stage.seed_figures`."""
+        for trial_id, per_trial in figures.items():
+            metrics = {seed_metric(seed, metric): value
+                       for seed, entry in per_trial["seeds"].items()
+                       for metric, value in entry["figures"].items()}
+            for metric, mean in per_trial["mean"].items():
+                low, high = per_trial["range"][metric]
+                metrics.update({SEEDS_MEAN_PREFIX + metric: mean, SEEDS_LOW_PREFIX + metric: low,
+                                SEEDS_HIGH_PREFIX + metric: high})
+            log_metrics(self.client, self.run_of(trial_id), metrics, step=0)
 
     def has_final(self, trial_id: str) -> bool:
         return ACR in self.client.get_run(self.run_of(trial_id)).data.metrics

@@ -1,6 +1,8 @@
 """What a person reads when a sweep ends: the trial it chose with its test figures, how far the
 evidence carries that choice (its paired verdicts against the incumbent and every other
-contender, on validation and on test: :mod:`cadis.sweeps.choice`), where its checkpoint and
+contender, on validation and on test: :mod:`cadis.sweeps.choice`; with several training
+seeds each configuration's test figure over its seeds and the verdicts seed by seed), where
+its checkpoint and
 records are, the trials that failed and why, the figures, and how to open MLflow's UI on the
 sweep. Read from the sweep's parent run and its results folder.
 """
@@ -9,18 +11,18 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from cadis.smoothing.paired import format_interval, format_p, format_signed
 from cadis.smoothing.records import RECORDS_FILENAME
+from cadis.smoothing.verdicts import Verdict
+from cadis.sweeps.choice import TEST, Choice, verdict_fields
 from cadis.sweeps.layout import TrainedTrial, trained_file, trial_certify_dir
 from cadis.sweeps.mlflow_writer import SweepTracker
 from cadis.tracking.contract import ACR, ERROR_ARTIFACT, NUM_IMAGES
 from cadis.tracking.server import SQLITE_SCHEME
 from cadis.tracking.sweep_reader import trial_row
-
-if TYPE_CHECKING:
-    from cadis.sweeps.choice import Choice
 
 
 def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path | None,
@@ -46,6 +48,8 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
                   f"acr {metrics.get(ACR, math.nan):.3f}"]
         if choice is not None:
             lines += choice.words()
+            for objective in sweep.objective:
+                lines += seed_lines(choice, objective.metric)
         trained = trained_file(tracker.results, best_trial)
         if trained.is_file():
             lines.append(f"  checkpoint: {TrainedTrial.read(trained).checkpoint}")
@@ -60,6 +64,65 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
     lines.append(f"MLflow: "
                  f"{mlflow_ui_hint(tracker.uri, tracker.experiment_id, tracker.parent_run_id)}")
     return "\n".join(lines)
+
+
+def seed_lines(choice: Choice, metric: str) -> list[str]:
+    """Where configurations were certified with several training seeds: each one's test
+    ``metric`` as the mean and range over its seeds, then the chosen trial against each other
+    configuration seed by seed (the same-numbered seeds, on the same test draws; Holm across
+    each seed's decision). A configuration is called ahead or behind only where every seed
+    separates it the same way; otherwise the words say the seeds do not decide it."""
+    chosen = choice.seeds.get(choice.chosen or "")
+    if chosen is None or len(chosen["seeds"]) < 2 or metric not in chosen["mean"]:
+        return []
+    decisions = [decision for decision in choice.decisions
+                 if decision.split == TEST and decision.objective == metric]
+    if not decisions:
+        return []
+    labels = decisions[0].labels
+
+    def spread(trial: str) -> str:
+        figures = choice.seeds[trial]
+        low, high = figures["range"][metric]
+        return (f"{labels.get(trial, trial)} {figures['mean'][metric]:.3f} "
+                f"[{low:.3f}-{high:.3f}]")
+
+    others = [trial for trial in labels if trial != choice.chosen and trial in choice.seeds]
+    lines = [f"  test over {len(chosen['seeds'])} training seeds ({decisions[0].images} "
+             f"images), {metric}: chosen {spread(choice.chosen)}"
+             + "".join(f" vs {spread(trial)}" for trial in others)]
+    own = next(iter(chosen["seeds"]))
+    for trial in others:
+        label = labels[trial]
+        verdicts = [(decision.train_seed, verdict) for decision in decisions
+                    for verdict in decision.verdicts if verdict.other == label]
+        seeds = "; ".join(f"seed {own if seed is None else seed} {turned(verdict)} "
+                          f"p={format_p(verdict.p_adjusted)} (Holm)"
+                          for seed, verdict in verdicts)
+        lines.append(f"  per seed, chosen {labels[choice.chosen]} minus {label}: {seeds}: "
+                     f"{seed_verdict(verdict for _, verdict in verdicts)}")
+    return lines
+
+
+def turned(verdict: Verdict) -> str:
+    """The chosen minus the other, with its interval: ``+0.020 [+0.010, +0.030]``."""
+    # + 0.0: a tie reads +0.000, not the -0.000 that negating 0.0 gives.
+    fields = verdict_fields(verdict, turned=True)
+    return (f"{format_signed(fields['difference'] + 0.0)} "
+            f"{format_interval((fields['low'] + 0.0, fields['high'] + 0.0))}")
+
+
+def seed_verdict(verdicts: Iterable[Verdict]) -> str:
+    """What the seeds say together: ahead (or behind) only where every seed separates the two
+    the same way (a verdict's difference is the other minus the chosen)."""
+    verdicts = list(verdicts)
+    separated = [verdict for verdict in verdicts if verdict.separated]
+    if len(separated) == len(verdicts) and all(v.difference < 0 for v in verdicts):
+        return "ahead on every seed"
+    if len(separated) == len(verdicts) and all(v.difference > 0 for v in verdicts):
+        return "behind on every seed"
+    return (f"separated on {len(separated)} of {len(verdicts)} seeds: the seeds do not "
+            f"separate them")
 
 
 def mlflow_ui_hint(uri: str, experiment_id: str, run_id: str) -> str:

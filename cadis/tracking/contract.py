@@ -114,6 +114,19 @@ VS_LEADER = "vs_leader"
 CHOSEN_VS_INCUMBENT = "chosen_vs_incumbent"
 VERDICT_FIELDS = ("difference", "low", "high", "p", "p_holm", "separated", "images")
 CHOICE_ARTIFACT = "choice.md"
+# The final stage's training seeds (certify.final.seeds): on each configuration's run its
+# test figures per training seed, seed<s>.<metric> (seed_metric: seed1.acr), and over its
+# seeds SEEDS_MEAN_PREFIX, SEEDS_LOW_PREFIX and SEEDS_HIGH_PREFIX (seeds_mean.acr, the lowest,
+# the highest). The test verdicts of each further seed, on the same shared draws, carry its
+# prefix too (seed1.vs_leader.acr.p_holm, on the parent seed1.chosen_vs_incumbent.acr.*).
+SEEDS_MEAN_PREFIX = "seeds_mean."
+SEEDS_LOW_PREFIX = "seeds_low."
+SEEDS_HIGH_PREFIX = "seeds_high."
+
+
+def seed_metric(train_seed: int, name: str) -> str:
+    """``seed1.acr``: ``name`` as measured with training seed ``train_seed``."""
+    return f"seed{int(train_seed)}.{name}"
 
 
 def validation_metric(name: str) -> str:
