@@ -1,7 +1,8 @@
 """Faults inside a sweep: a trial that fails is named with its reason, in MLflow and in the
 driver's last lines, while the other trials go on; a driver killed while building its stores
-resumes, and one killed in the rank or the final stage resumes without certifying an image twice (end to end: a real local Ray, Tune + Train,
-and an MLflow store); how the reason is read from Tune's error text."""
+resumes, and one killed in the rank, the racing or the final stage resumes without certifying
+an image twice (end to end: a real local Ray, Tune + Train, and an MLflow store); how the
+reason is read from Tune's error text."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import pytest
 
 from cadis.cli import main
 from cadis.smoothing.records import RECORDS_FILENAME
-from cadis.sweeps.layout import TUNE_NAME, trial_failure_file
+from cadis.sweeps.layout import (
+    TUNE_NAME,
+    race_file,
+    race_finalists,
+    trial_failure_file,
+    trial_race_block_dir,
+)
 from cadis.sweeps.trial_callback import MAX_REASON_CHARS, NO_ERROR_TEXT, failure_reason
 from tests.test_sweep import by_role, kill_driver_when, mlflow_runs, tiny_sweep, write
 
@@ -204,3 +211,43 @@ def test_a_driver_killed_in_the_rank_stage_resumes_without_redoing_certified_ima
     assert trial.data.metrics["val_num_images"] == 40 and "acr" in trial.data.metrics
     after = _lines(records)
     assert after[:len(before)] == before and len(after) == 1 + 40
+
+
+@pytest.mark.slow
+def test_a_driver_killed_while_the_race_certifies_a_block_resumes_without_redoing_it(
+        tiny_models_dir, tmp_path):
+    # Two trials ranked on 6 validation images (nothing separates the tiny models there), then
+    # raced on one further block of 40, denoised live at n = 2,000: long enough to be caught
+    # midway. Killed there, the resumed sweep keeps every block record written before the kill,
+    # certifies the rest once and takes its finalists from the race.
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, scheduler=None, store_draws=False)
+    sweep["base"]["val_images"] = 46
+    sweep["certify"]["rank"].update(n=2000, n0=20, images=6)
+    sweep["certify"]["race"] = {"block": 40, "max_images": 46}
+    path = write(tmp_path, sweep)
+    results = tmp_path / "results"
+    block = f"trials/*/race/block-1/{RECORDS_FILENAME}"
+    kill_driver_when([sys.executable, "-m", "cadis", "sweep", str(path)], tmp_path,
+                     lambda: any(len(_lines(records)) >= 3 for records in results.glob(block)),
+                     poll_s=0.2)
+    assert not race_file(results).exists()
+    before = {records.parent.parent.parent.name: _lines(records)[:-1]
+              for records in results.glob(block)}
+    assert any(len(lines) >= 2 for lines in before.values())
+    assert main(["sweep", str(path), "--resume"]) == 0
+    _, runs = mlflow_runs(tmp_path)
+    [parent], trials = by_role(runs, "sweep"), by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and parent.data.tags["cadis.stage"] == "done"
+    finalists = race_finalists(results)
+    assert finalists and parent.data.tags["cadis.best_trial_id"] == finalists[0]
+    raced = {records.parent.parent.parent.name for records in results.glob(block)}
+    assert set(before) <= raced
+    assert parent.data.metrics["race.images_certified"] == 40 * len(raced)
+    for trial_id, lines in before.items():
+        after = _lines(trial_race_block_dir(results, trial_id, 1) / RECORDS_FILENAME)
+        # Every image certified before the kill kept its record, seconds and all; none was
+        # certified again; the rest were added after them.
+        assert after[:len(lines)] == lines and len(after) == 1 + 40
+        assert len({line.split("\t")[0] for line in after}) == len(after)
+    assert all(run.data.metrics["race_images"] == 46 for run in trials
+               if run.data.tags["cadis.trial_id"] in raced)
