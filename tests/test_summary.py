@@ -32,3 +32,16 @@ def test_the_seeds_call_a_configuration_ahead_only_when_every_seed_does(seeds, w
 def test_a_verdict_reads_as_the_chosen_minus_the_other():
     assert turned(verdict(-0.05, True)) == "+0.050 [+0.040, +0.060]"
     assert turned(verdict(0.0, False)) == "+0.000 [-0.010, +0.010]"
+
+
+def test_a_configuration_alone_on_test_still_gets_its_spread_over_seeds():
+    from cadis.sweeps.choice import Choice
+    from cadis.sweeps.summary import seed_lines
+
+    seeds = {"t1": {"seeds": {0: {}, 1: {}}, "mean": {"acr": 0.5, "num_images": 3.0},
+                    "range": {"acr": [0.4, 0.6], "num_images": [3.0, 3.0]}}}
+    assert seed_lines(Choice("t1", "t1", (), (), seeds), "acr") == [
+        "  test over 2 training seeds (3 images), acr: chosen t1 0.500 [0.400-0.600]"]
+    # One seed: the test figures above say it all.
+    one = {"t1": {**seeds["t1"], "seeds": {0: {}}}}
+    assert seed_lines(Choice("t1", "t1", (), (), one), "acr") == []

@@ -77,9 +77,8 @@ def seed_lines(choice: Choice, metric: str) -> list[str]:
         return []
     decisions = [decision for decision in choice.decisions
                  if decision.split == TEST and decision.objective == metric]
-    if not decisions:
-        return []
-    labels = decisions[0].labels
+    # Alone on test (no other configuration), the chosen trial has no decision to name it.
+    labels = decisions[0].labels if decisions else {choice.chosen: choice.chosen}
 
     def spread(trial: str) -> str:
         figures = choice.seeds[trial]
@@ -88,8 +87,9 @@ def seed_lines(choice: Choice, metric: str) -> list[str]:
                 f"[{low:.3f}-{high:.3f}]")
 
     others = [trial for trial in labels if trial != choice.chosen and trial in choice.seeds]
-    lines = [f"  test over {len(chosen['seeds'])} training seeds ({decisions[0].images} "
-             f"images), {metric}: chosen {spread(choice.chosen)}"
+    lines = [f"  test over {len(chosen['seeds'])} training seeds "
+             f"({int(chosen['mean'][NUM_IMAGES])} images), {metric}: chosen "
+             f"{spread(choice.chosen)}"
              + "".join(f" vs {spread(trial)}" for trial in others)]
     own = next(iter(chosen["seeds"]))
     for trial in others:
