@@ -196,6 +196,51 @@ def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
 
 
 @pytest.mark.slow
+def test_final_seeds_retrain_and_certify_each_configuration_on_the_same_test_draws(
+        tiny_models_dir, tmp_path, capsys):
+    # The cheapest sweep with a final stage: one trial (the incumbent) of one 1-step epoch, no
+    # ASHA, no race, two training seeds.
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, num_trials=1, max_concurrent_trials=1,
+                       scheduler=None)
+    sweep["base"].update(epochs=1, max_steps_per_epoch=1, val_images=12)
+    sweep["certify"]["rank"].update(images=3)
+    sweep["certify"]["race"] = {"enabled": False}
+    sweep["certify"]["final"].update(top_k=1, draws_dir=str(tmp_path / "test-draws"), seeds=2)
+    assert main(["sweep", str(write(tmp_path, sweep))]) == 0
+    out = capsys.readouterr().out
+    from cadis.smoothing.records import RECORDS_FILENAME, SETTINGS_FILENAME, read_records
+    from cadis.sweeps.final_stage import seed_figures
+    from cadis.sweeps.layout import SweepState
+
+    _, runs = mlflow_runs(tmp_path)
+    [trial] = by_role(runs, "trial")
+    chosen = trial.data.tags["cadis.trial_id"]
+    results = tmp_path / "results"
+    # sweep.json names the chosen trial (benchmarks/science.sh reads it).
+    assert SweepState.read(results).chosen_trial == chosen
+    # certify.final.seeds 2: the configuration was also trained with the next training seed,
+    # into a checkpoint of its own, and certified on the same images from the same test
+    # draws as its first seed: paired.
+    figures = seed_figures(results, [chosen])[chosen]
+    assert list(figures["seeds"]) == [0, 1]
+    folders = [Path(entry["folder"]) for entry in figures["seeds"].values()]
+    made_with = [json.loads((folder / SETTINGS_FILENAME).read_text()) for folder in folders]
+    assert made_with[0]["stored_draws"] == made_with[1]["stored_draws"]
+    assert Path(made_with[0]["stored_draws"]).parent == tmp_path / "test-draws"
+    assert made_with[0]["checkpoint"] != made_with[1]["checkpoint"]
+    images = [[record.idx for record in read_records(folder / RECORDS_FILENAME)]
+              for folder in folders]
+    assert images[0] == images[1] and len(images[0]) == 3
+    low, high = figures["range"]["acr"]
+    assert low <= figures["mean"]["acr"] <= high
+    # Its run holds each seed's figures and their spread; the summary says them.
+    metrics = trial.data.metrics
+    assert metrics["seed1.acr"] == figures["seeds"][1]["figures"]["acr"]
+    assert (metrics["seeds_low.acr"], metrics["seeds_high.acr"]) == (low, high)
+    assert f"test over 2 training seeds (3 images), acr: chosen {chosen} " in out
+
+
+@pytest.mark.slow
 def test_stop_after_rank_then_resume_certifies_the_finalists_on_test(tiny_models_dir,
                                                                      tmp_path, capsys):
     # This sweep also trains from stored draws, ranks and certifies the finalists
