@@ -191,7 +191,8 @@ class StageWork:
     build_stores: Callable[[], dict[str, dict[str, Any]]]
     # The trials, each certified on validation: (tracker, store folders by role, resumed).
     search: Callable[[SweepTracker, Mapping[str, str], bool], None]
-    # The top_k on the test set: the rank winner's trial id (None: no trial ranked).
+    # The finalists and the incumbent on the test set: the chosen trial's id (the race's leader,
+    # else the rank winner; None: no trial ranked).
     final: Callable[[SweepTracker], str | None]
     # The ranked trials raced on further validation blocks (the final stage's finalists).
     race: Callable[[SweepTracker], None]
