@@ -29,6 +29,7 @@ from cadis.files import atomic_directory, atomic_write_text
 from cadis.finetuning.schedule import warmup_cosine
 from cadis.models.classifier import Classifier, count_parameters, load_classifier, save_classifier
 from cadis.models.denoiser import load_denoiser, save_denoiser
+from cadis.models.identity import models_folder_hashes
 from cadis.models.sources import CLASSIFIER_DIR, DENOISER_DIR, MANIFEST
 from cadis.overrides import coerce_like, parse_overrides
 from cadis.progress import progress_bar
@@ -134,6 +135,10 @@ def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
              progress: bool = True) -> dict[str, Any]:
     """Train (or reuse) the classifier and the denoiser, evaluate the pair, write the manifest.
 
+    The manifest lists the sha256 of every model file (``files``,
+    :func:`~cadis.models.identity.models_folder_hashes`); a rerun reuses it only while its
+    config and those hashes still match.
+
     Both splits are held in memory as uint8 (an imagefolder tree is read once, at
     ``image_size``). The manifest's config names the data with an absolute root, so the
     commands that read the models folder find the same images from anywhere.
@@ -177,9 +182,11 @@ def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
                          lambda d: save_denoiser(unet, scheduler, d))
 
     manifest_path = out_dir / MANIFEST
+    files = models_folder_hashes(out_dir)
     if not seconds and manifest_path.is_file() and not force:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config") == _jsonable(config):
+        # Its figures describe the files it hashes: other files are measured again.
+        if manifest.get("config") == _jsonable(config) and manifest.get("files") == files:
             return manifest
     # Evaluate what was saved, through the same loaders every other command uses.
     classifier = load_classifier(str(classifier_dir)).eval()
@@ -196,6 +203,7 @@ def pretrain(config: PretrainConfig, out_dir: Path, force: bool = False,
                        "denoiser": count_parameters(unet)},
         "denoiser_timesteps": _timestep_note(config.denoiser, scheduler),
         "config": _jsonable(config),
+        "files": files,
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -8,6 +8,7 @@ import torch
 from cadis.cli import main
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
+from cadis.models.identity import models_folder_hashes
 from tests.conftest import set_flags
 
 TINY_RECIPE = [
@@ -40,6 +41,8 @@ def test_pretrain_writes_loadable_models_and_a_manifest(pretrained):
     assert manifest["parameters"]["classifier"] > 0 and manifest["parameters"]["denoiser"] > 0
     assert manifest["denoiser_timesteps"]["focus_timesteps"] == [70, 396]
     assert set(manifest["train_seconds"]) == {"classifier", "denoiser"}
+    assert manifest["files"] == models_folder_hashes(pretrained)
+    assert "classifier/model.safetensors" in manifest["files"]
     classifier = load_classifier(str(pretrained / "classifier"))
     unet, scheduler = load_denoiser(str(pretrained / "denoiser"))
     assert classifier.input_size == (8, 8) and unet.config.sample_size == 8
@@ -73,6 +76,15 @@ def test_rerun_reuses_outputs_and_force_retrains(pretrained, capsys):
         != denoiser_before
     manifest = json.loads((pretrained / "manifest.json").read_text())
     assert manifest["config"]["denoiser"]["steps"] == 41
+    assert manifest["files"] == models_folder_hashes(pretrained)
+    # A manifest whose hashes are not the files' describes other models: measured again.
+    stale = {**manifest, "files": {}, "clean_accuracy": -1.0}
+    (pretrained / "manifest.json").write_text(json.dumps(stale))
+    assert _pretrain(pretrained, "denoiser.steps=41") == 0
+    manifest = json.loads((pretrained / "manifest.json").read_text())
+    assert manifest["files"] == models_folder_hashes(pretrained)
+    assert manifest["clean_accuracy"] >= 0
+    assert weights.stat().st_mtime_ns == before
     assert _pretrain(pretrained, "denoiser.steps=41", flags=["--force"]) == 0
     assert weights.stat().st_mtime_ns != before
 
