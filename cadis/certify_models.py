@@ -26,6 +26,7 @@ from cadis.finetuning.config import TrainConfig
 from cadis.models.classifier import load_classifier
 from cadis.models.denoiser import load_denoiser
 from cadis.models.devices import pick_device
+from cadis.models.identity import MODEL_HASHES, model_hashes
 from cadis.models.sources import ModelSources
 from cadis.smoothing.bounds import CertificationParameters
 from cadis.smoothing.denoise import DenoisedClassifier, OneShotDenoiser
@@ -98,6 +99,8 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     base must first agree with fp32 eager on the check draws
     (:func:`~cadis.smoothing.precision.check_agreement`), or :class:`CadisError` before any
     record. The settings say which precision made the records; the summary holds the share.
+    They name the off-the-shelf pair by the sha256 of its files
+    (:func:`~cadis.models.identity.model_hashes`), so records of other models do not pair.
 
     With ``draws_dir``, every draw of these images (``n0 + n`` each) is denoised once into a
     store under it (:mod:`cadis.draws.certification_store`), or found there, and only the
@@ -138,7 +141,8 @@ def certify_models(sources: ModelSources, sigma: float, out_dir: Path, *, n: int
     settings = {"classifier": sources.classifier, "denoiser": sources.denoiser,
                 "checkpoint": checkpoint, "dataset": sources.dataset, "seed": seed,
                 "denoiser_timestep": base.denoiser.timestep,
-                "precision": chosen_precision.name, "compiled": compile}
+                "precision": chosen_precision.name, "compiled": compile,
+                MODEL_HASHES: model_hashes(sources)}
     draws: LiveDraws | StoredDraws = LiveDraws(smooth, test_set, seed, TEST_SPLIT)
     if draws_dir is not None:
         store = _test_store(base, sources, test_set, indices, sigma, seed, chosen_precision,

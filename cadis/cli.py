@@ -59,6 +59,7 @@ def _analyze(args: argparse.Namespace) -> None:
         compare_certifications,
         format_comparison,
         plot_comparison,
+        unchecked_models,
     )
     from cadis.smoothing.records import (
         RECORDS_FILENAME,
@@ -103,6 +104,12 @@ def _analyze(args: argparse.Namespace) -> None:
     reference = certifications[labels.index(baseline)]
     others = [c for c in certifications if c is not reference]
     comparisons = compare_certifications(reference, others, radii)
+    unchecked = unchecked_models(certifications)
+    if unchecked:
+        print(f"cadis: warning: the settings of {', '.join(unchecked)} name no sha256 of their "
+              "models (records made before cadis recorded them, or models named rather than "
+              "held as files): whether all were made on the same models cannot be checked",
+              file=sys.stderr)
     print(format_comparison(reference, others, comparisons, radii, args.format,
                             args.correct).rstrip("\n"))
     if args.plot:

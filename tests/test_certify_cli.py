@@ -31,6 +31,23 @@ def test_certify_writes_records_summary_and_plot(tiny_models_dir, tmp_path, caps
     assert "sigma=0.5" in table and "ACR" in table
 
 
+def test_certify_settings_name_the_models_by_hash(tiny_models_dir, tmp_path):
+    import shutil
+
+    from cadis.models.identity import model_hashes
+    from cadis.models.sources import ModelSources
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_models_dir, moved)
+    for models, out in ((tiny_models_dir, tmp_path / "run"), (moved, tmp_path / "again")):
+        assert _certify(models, out, "--max-images", "1") == 0
+    named = [json.loads((tmp_path / run / "settings.json").read_text())["model_hashes"]
+             for run in ("run", "again")]
+    # The same files in another folder are the same models.
+    assert named[0] == named[1] == model_hashes(ModelSources.resolve(str(tiny_models_dir)))
+    assert all(len(named[0][role]) == 64 for role in ("classifier", "denoiser"))
+
+
 def test_certify_resumes_only_missing_images(tiny_models_dir, tmp_path):
     out = tmp_path / "run"
     assert _certify(tiny_models_dir, out, "--max-images", "2") == 0

@@ -287,6 +287,35 @@ def test_analyze_refuses_another_correction_in_one_line(tmp_path, capsys, args, 
     assert code == 2 and out == "" and fragment in err and err.count("\n") == 1
 
 
+MODELS = {"classifier": "a" * 64, "denoiser": "b" * 64}
+
+
+def test_analyze_refuses_records_made_on_other_models_in_one_line(tmp_path, capsys):
+    a = folder(tmp_path, "a", records_of(HAND_A), model_hashes=MODELS)
+    b = folder(tmp_path, "b", records_of(HAND_B), model_hashes={**MODELS, "denoiser": "c" * 64})
+    code, out, err = _analyze(capsys, a, b, "--plot", tmp_path / "never.png")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert ("cannot pair records made on other models (denoiser sha256 bbbbbbbbbbbb in "
+            f"{a / RECORDS_FILENAME}, cccccccccccc in {b / RECORDS_FILENAME})") in err
+    assert "classifier" not in err and not (tmp_path / "never.png").exists()
+
+
+def test_analyze_pairs_one_pair_silently_and_warns_once_where_hashes_are_missing(tmp_path,
+                                                                                 capsys):
+    a = folder(tmp_path, "a", records_of(HAND_A), model_hashes=MODELS)
+    b = folder(tmp_path, "b", records_of(HAND_B), model_hashes=dict(MODELS))
+    code, out, err = _analyze(capsys, a, b, "--radii", "0")
+    assert code == 0 and "| 0 | " in out and err == ""
+    # Old records name no hashes; a model named, not held as files, has none: paired, said.
+    old = folder(tmp_path, "old", records_of(HAND_B))
+    named = folder(tmp_path, "named", records_of(HAND_B),
+                   model_hashes={**MODELS, "classifier": None})
+    code, out, err = _analyze(capsys, a, old, named, "--radii", "0")
+    assert code == 0 and "| 0 | " in out and err.count("\n") == 1
+    assert err.startswith(f"cadis: warning: the settings of {old}, {named} name no sha256")
+    assert f"{a}," not in err
+
+
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 

@@ -12,11 +12,15 @@ every radius and for the ACR, seeded, so a table is reproducible).
 
 What may be paired (:func:`check_pairable`): records of the same images (the same data set
 and split, the same indices, each image once and with the same label in both) made with the
-same sigma, n, n0 and alpha. Different image sets have no pairs; different settings are
-refused too, because a difference in certified accuracy at other settings measures the
-settings (a larger n certifies larger radii with the same model) and not what the two
-records are meant to compare (a model, a checkpoint, a precision, a sequential or fixed
-test). Anything else may differ. Whether the two were also made from the same noise draws is
+same sigma, n, n0 and alpha, on the same off-the-shelf pair. Different image sets have no
+pairs; different settings are refused too, because a difference in certified accuracy at
+other settings measures the settings (a larger n certifies larger radii with the same model)
+and not what the two records are meant to compare (a checkpoint, a precision, a sequential
+or fixed test); so are records whose settings name other model hashes
+(:data:`~cadis.models.identity.MODEL_HASHES`): two pretrained pairs certify images
+differently, and a checkpoint fine-tuned from one does not pair with the other.
+Records that name no hashes (made before cadis recorded them) pair as before, unchecked
+(:func:`unchecked_models`). Anything else may differ. Whether the two were also made from the same noise draws is
 read from their settings (:func:`shared_noise`); the tests hold either way (the images are
 the unit), shared draws only make the difference less noisy.
 
@@ -36,6 +40,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from cadis.errors import CadisError
+from cadis.models.identity import MODEL_HASHES, MODEL_ROLES
 from cadis.smoothing.multiplicity import CORRECTION_CONTROLS, CORRECTION_NAMES, adjust
 from cadis.smoothing.records import (
     CERTIFICATION_SETTINGS,
@@ -74,6 +79,8 @@ SMALL_P: Final = 0.001
 #: `cadis certify` certifies the test split and writes no ``split``; the sweeps' rank stage
 #: writes ``"validation"``.
 DEFAULT_SPLIT: Final = "test"
+#: Hex digits of a model's sha256 shown when two records name other models.
+HASH_SHOWN: Final = 12
 #: What names the images besides their indices: an index of another data set or split is
 #: another image.
 IMAGE_SETTINGS: Final = ("dataset", "split")
@@ -285,6 +292,13 @@ class Certification:
             raise CadisError(f"{path} holds no records")
         return cls(label, Path(path), records, settings)
 
+    def model_hashes(self) -> dict[str, str | None]:
+        """The sha256 of each model its settings name (None where they name none)."""
+        named = self.settings.get(MODEL_HASHES)
+        named = named if isinstance(named, Mapping) else {}
+        return {role: named.get(role) if isinstance(named.get(role), str) else None
+                for role in MODEL_ROLES}
+
     def images(self) -> tuple[str, str]:
         """The data set and split the indices name."""
         return (str(self.settings.get("dataset", "?")),
@@ -294,7 +308,8 @@ class Certification:
 def check_pairable(reference: Certification, other: Certification) -> None:
     """:class:`CadisError`, in one line naming both files and how they differ, unless
     ``other`` can be paired with ``reference``: the same data set and split, the same images
-    (:func:`aligned`) and the same sigma, n, n0 and alpha (the module docstring says why)."""
+    (:func:`aligned`), the same sigma, n, n0 and alpha, and no model whose sha256 both name
+    and that differs (the module docstring says why)."""
     names = (str(reference.path), str(other.path))
     if reference.images() != other.images():
         raise CadisError(f"cannot pair {names[0]} with {names[1]}: they certify images of "
@@ -311,6 +326,23 @@ def check_pairable(reference: Certification, other: Certification) -> None:
         raise CadisError(f"cannot pair records made with other settings ({'; '.join(differing)}):"
                          " a paired test compares equal settings (--unpaired puts them side by "
                          "side)")
+    hashes = reference.model_hashes(), other.model_hashes()
+    other_models = [f"{role} sha256 {hashes[0][role][:HASH_SHOWN]} in {names[0]}, "
+                    f"{hashes[1][role][:HASH_SHOWN]} in {names[1]}" for role in MODEL_ROLES
+                    if None not in (hashes[0][role], hashes[1][role])
+                    and hashes[0][role] != hashes[1][role]]
+    if other_models:
+        raise CadisError(f"cannot pair records made on other models ({'; '.join(other_models)}):"
+                         " a paired test compares certifications of one off-the-shelf pair "
+                         "(--unpaired puts them side by side)")
+
+
+def unchecked_models(certifications: Sequence[Certification]) -> list[str]:
+    """The labels of those ``certifications`` whose settings do not name the sha256 of
+    both models (records made before cadis recorded them, or models named rather than held
+    as files): whether they were made on the same models cannot be checked."""
+    return [certification.label for certification in certifications
+            if None in certification.model_hashes().values()]
 
 
 def shared_noise(reference: Certification, other: Certification) -> tuple[bool, str]:
