@@ -23,6 +23,7 @@ from cadis.sweeps.spec import (
     SEARCHER_OPTUNA,
     AshaSettings,
     Distribution,
+    TpeSettings,
     required_per_trial,
 )
 
@@ -234,6 +235,33 @@ BAD_CASES = [
     pytest.param(with_changes(incumbent=True, search={"lambda": {"grid": [1.0, 2.0]}}),
                  "incumbent: true needs Optuna's search, but this sweep has a grid",
                  id="incumbent-on-a-grid"),
+    *(pytest.param(with_changes(searcher=section), expected, id=name)
+      for section, expected, name in (
+        ({"n_startup_trial": 4}, "unknown key 'searcher.n_startup_trial'; allowed: "
+         "n_startup_trials, multivariate, constant_liar, seed", "searcher-unknown-key"),
+        ([4], "searcher must be a mapping of n_startup_trials, multivariate, constant_liar, "
+         "seed", "searcher-not-a-mapping"),
+        ({"n_startup_trials": 0}, "searcher.n_startup_trials must be an integer >= 1",
+         "searcher-no-startup"),
+        ({"n_startup_trials": 2.5}, "searcher.n_startup_trials must be an integer >= 1",
+         "searcher-fractional-startup"),
+        ({"multivariate": "yes"}, "searcher.multivariate must be true or false",
+         "searcher-multivariate-not-a-flag"),
+        ({"constant_liar": 1}, "searcher.constant_liar must be true or false",
+         "searcher-constant-liar-not-a-flag"),
+        ({"seed": -1}, "searcher.seed must be an integer in [0, 4294967295], got -1",
+         "searcher-negative-seed"),
+        ({"seed": 2**32}, "searcher.seed must be an integer in [0, 4294967295]",
+         "searcher-seed-too-large"),
+        ({"seed": True}, "searcher.seed must be an integer in", "searcher-seed-a-flag"))),
+    pytest.param(with_changes(base={"seed": -1}), "searcher.seed (the base's seed, its "
+                 "default) must be an integer in [0, 4294967295], got -1",
+                 id="searcher-seed-from-a-negative-base-seed"),
+    pytest.param(with_changes(searcher={"seed": 1}, search={"lambda": {"grid": [1.0, 2.0]}}),
+                 "searcher: TPE's settings, but this sweep has a grid", id="searcher-on-a-grid"),
+    pytest.param(with_changes(searcher={}, search={"lambda": {"grid": [1.0, 2.0]}}),
+                 "searcher: TPE's settings, but this sweep has a grid",
+                 id="empty-searcher-on-a-grid"),
 ]
 
 
@@ -303,6 +331,50 @@ def test_a_sweep_without_an_incumbent(tmp_path, changes, reason):
     assert f"incumbent: none ({reason})" in describe(sweep).splitlines()
 
 
+@pytest.mark.parametrize("num_trials, at_once, startup, first_modelled", [
+    pytest.param(16, 1, 4, 5, id="default-one-at-a-time"),
+    pytest.param(16, 2, 3, 5, id="default-two-at-a-time"),
+    pytest.param(2, 1, 2, 3, id="tiny-never-models"),
+    pytest.param(40, 2, 9, 11, id="forty-trials"),
+    pytest.param(100, 1, 10, 11, id="capped-at-optunas-default"),
+    pytest.param(100, 12, 2, 14, id="many-at-once-floor"),
+])
+def test_tpe_defaults_scale_with_the_trials(num_trials, at_once, startup, first_modelled):
+    sweep = sweep_from_mapping(with_changes(num_trials=num_trials,
+                                            max_concurrent_trials=at_once))
+    assert sweep.tpe == TpeSettings(n_startup_trials=startup, multivariate=True,
+                                    constant_liar=True, seed=sweep.base.seed)
+    assert sweep.tpe.first_modelled_trial(at_once) == first_modelled
+
+
+def test_the_default_sweeps_tpe_models_from_its_fifth_trial():
+    sweep = load_sweep(REPO / "sweeps" / "default.yaml")
+    assert ("searcher: TPE, random until 3 finished trials (the incumbent among them): "
+            "trials 1-4: the incumbent and 3 random, then trials 5-16 from the model "
+            "(2 at a time); multivariate, constant liar, seed 0") in describe(sweep).splitlines()
+
+
+@pytest.mark.parametrize("changes, line", [
+    pytest.param({"searcher": {"n_startup_trials": 5, "seed": 3}, "incumbent": False},
+                 "searcher: TPE, random until 5 finished trials: trials 1-5: 5 random, then "
+                 "trials 6-8 from the model; multivariate, constant liar (idle: one trial at a "
+                 "time), seed 3", id="no-incumbent-one-at-a-time"),
+    pytest.param({"searcher": {"n_startup_trials": 8, "multivariate": False,
+                               "constant_liar": False}, "max_concurrent_trials": 2},
+                 "searcher: TPE, random until 8 finished trials (the incumbent among them): "
+                 "the incumbent and 7 random of 8 trials: it never models (2 at a time); one "
+                 "density per key, no constant liar, seed 0", id="never-models"),
+])
+def test_the_dry_run_says_what_tpe_does(changes, line):
+    sweep = sweep_from_mapping(with_changes(num_trials=8, **changes))
+    assert line in describe(sweep).splitlines()
+
+
+def test_a_grid_sweep_has_no_tpe():
+    sweep = sweep_from_mapping(search(**{"lambda": {"grid": [1.0, 2.0]}}))
+    assert sweep.tpe is None and "searcher:" not in describe(sweep)
+
+
 def test_set_turns_the_incumbent_off(tmp_path):
     path = write_sweep(tmp_path, search(**{"lambda": {"uniform": [3, 8]}}))
     assert not load_sweep(path, ["incumbent=false"]).incumbent
@@ -369,6 +441,9 @@ OVERRIDES = [
     pytest.param(["scheduler.grace_period=2"], lambda s: s.scheduler.grace_period == 2,
                  id="scheduler-key"),
     pytest.param(["scheduler=null"], lambda s: s.scheduler is None, id="scheduler-off"),
+    pytest.param(["searcher.seed=7", "searcher.n_startup_trials=6"],
+                 lambda s: (s.tpe.seed, s.tpe.n_startup_trials, s.base.seed) == (7, 6, 0),
+                 id="searcher-keys"),
     pytest.param(["search.epsilon={loguniform: [0.1, 0.5]}"],
                  lambda s: s.search["epsilon"] == Distribution("loguniform", (0.1, 0.5)),
                  id="search-key"),
@@ -514,3 +589,62 @@ def test_a_sequential_rank_stage_decides_the_objectives_radii():
         objective={"metric": ["certified_accuracy_r0.3", "acr"], "mode": ["max", "max"]},
         certify={"rank": {"sequential": True}}))
     assert sweep.rank.sequential and sweep.rank.radii == (0.3,)
+
+
+# ------------------------------------------------------------------------------ TPE as built
+
+
+def test_the_built_searchers_sampler_carries_the_tpe_settings(tmp_path):
+    import numpy as np
+
+    from cadis.sweeps.searcher import build_searcher, tune_search_space  # imports Ray
+
+    sweep = sweep_from_mapping(with_changes(num_trials=8, searcher={
+        "n_startup_trials": 5, "multivariate": False, "constant_liar": False, "seed": 11}))
+    searcher = build_searcher(sweep, tmp_path)
+    searcher.set_search_properties(None, None, tune_search_space(sweep))
+    sampler = searcher._ot_study.sampler
+    assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == \
+        (5, False, False)
+    assert sampler._rng.rng.random_sample() == np.random.RandomState(11).random_sample()
+
+
+@pytest.mark.parametrize("incumbent, at_once", [
+    pytest.param(True, 1, id="incumbent-one-at-a-time"),
+    pytest.param(False, 1, id="no-incumbent"),
+    pytest.param(True, 2, id="incumbent-two-at-a-time"),
+])
+def test_tpe_models_from_the_trial_the_dry_run_names(tmp_path, monkeypatch, incumbent, at_once):
+    """Optuna counts the incumbent (an enqueued trial) among its startup trials once it
+    finishes, and proposes trial k once k - at_once trials have finished."""
+    from collections import deque
+
+    from cadis.sweeps.searcher import build_searcher, tune_search_space  # imports Ray
+
+    sweep = sweep_from_mapping(with_changes(num_trials=9, max_concurrent_trials=at_once,
+                                            incumbent=incumbent,
+                                            searcher={"n_startup_trials": 3}))
+    searcher = build_searcher(sweep, tmp_path)
+    searcher.set_search_properties(None, None, tune_search_space(sweep))
+    sampler = searcher._ot_study.sampler
+    modelled: set[int] = set()
+    sample = sampler._sample
+
+    def recorded(study, trial, space):
+        modelled.add(trial.number + 1)
+        return sample(study, trial, space)
+
+    monkeypatch.setattr(sampler, "_sample", recorded)
+    live: deque[str] = deque()
+    first = None
+    for number in range(1, sweep.num_trials + 1):
+        if len(live) == at_once:  # Tune proposes a trial when one of at_once ends
+            done = live.popleft()
+            searcher.on_trial_complete(done, {sweep.objective[0].searched: 0.1 * int(done)})
+        config = searcher.suggest(str(number))
+        first = config if first is None else first
+        live.append(str(number))
+    assert (INCUMBENT_PARAM in first) == incumbent
+    expected = sweep.tpe.first_modelled_trial(at_once)
+    assert expected == 3 + at_once
+    assert sorted(modelled) == list(range(expected, sweep.num_trials + 1))

@@ -9,8 +9,8 @@ from cadis.sweeps.spec import SEARCHER_BASIC, TRIAL_DRIVER_CPUS, SweepConfig, re
 
 def describe(sweep: SweepConfig) -> str:
     """The resolved sweep in a few lines: trials and searcher, search space, the incumbent,
-    objective, scheduler, resources, certification (rank, racing, final stages) and where it
-    is tracked."""
+    which trials TPE proposes from its model, objective, scheduler, resources, certification
+    (rank, racing, final stages) and where it is tracked."""
     if sweep.searcher == SEARCHER_BASIC:
         trials = (f"{sweep.total_trials} trials ({sweep.grid_size} grid points x num_trials "
                   f"{sweep.num_trials}); Tune's grid and random search (Optuna cannot take a grid)")
@@ -24,6 +24,8 @@ def describe(sweep: SweepConfig) -> str:
              "search:"]
     lines += [f"  {key}: {distribution.describe()}" for key, distribution in sweep.search.items()]
     lines.append(_incumbent_line(sweep))
+    if sweep.tpe is not None:
+        lines.append(_tpe_line(sweep))
     lines.append("objective: " + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objective))
     if sweep.scheduler is None:
         lines.append("scheduler: none, every trial runs all its epochs")
@@ -80,6 +82,39 @@ def _race_line(sweep: SweepConfig) -> str:
             f"images up to the first {race.max_images}, with the rank stage's n, n0 and alpha; "
             f"a trial behind the leader leaves (Holm within each look, family_alpha "
             f"{race.family_alpha:g}); {budget}; finalists ordered by {TIE_BREAK}")
+
+
+def _tpe_line(sweep: SweepConfig) -> str:
+    """Which trials TPE proposes at random and which from its model, and how it models."""
+    tpe = sweep.tpe
+    assert tpe is not None
+    at_once = sweep.max_concurrent_trials
+    first = tpe.first_modelled_trial(at_once)
+    before = min(first - 1, sweep.num_trials)
+    randoms = before - (1 if sweep.incumbent else 0)
+    startup = [f"{randoms} random"] if randoms else []
+    if sweep.incumbent:
+        startup.insert(0, "the incumbent")
+    if first <= sweep.num_trials:
+        plan = (f"{_trials(1, before)}: {' and '.join(startup)}, then "
+                f"{_trials(first, sweep.num_trials)} from the model")
+    else:
+        plan = f"{' and '.join(startup)} of {sweep.num_trials} trials: it never models"
+    plan += f" ({at_once} at a time)" if at_once > 1 else ""
+    if not tpe.constant_liar:
+        liar = "no constant liar"
+    else:
+        liar = "constant liar" if at_once > 1 else "constant liar (idle: one trial at a time)"
+    waits = (f"{tpe.n_startup_trials} finished trial{'s' if tpe.n_startup_trials > 1 else ''}"
+             f"{' (the incumbent among them)' if sweep.incumbent else ''}")
+    return (f"searcher: TPE, random until {waits}: {plan}; "
+            f"{'multivariate' if tpe.multivariate else 'one density per key'}, {liar}, "
+            f"seed {tpe.seed}")
+
+
+def _trials(first: int, last: int) -> str:
+    """``trial 3`` or ``trials 3-5``."""
+    return f"trial {first}" if first == last else f"trials {first}-{last}"
 
 
 def _incumbent_line(sweep: SweepConfig) -> str:

@@ -28,6 +28,7 @@ from cadis.sweeps.layout import DRAWS_DIR
 from cadis.sweeps.objective import Objective
 from cadis.sweeps.search_space import base_key_names, largest_value, parse_search
 from cadis.sweeps.spec import (
+    MAX_SEARCHER_SEED,
     SEARCHER_OPTUNA,
     AshaSettings,
     Distribution,
@@ -36,6 +37,8 @@ from cadis.sweeps.spec import (
     RankSettings,
     ResourceSettings,
     SweepConfig,
+    TpeSettings,
+    default_startup_trials,
 )
 from cadis.tracking.contract import (
     ACR,
@@ -44,7 +47,7 @@ from cadis.tracking.contract import (
     PROXY_PREFIX,
     radius_of_metric,
 )
-from cadis.validation import direction, flag, integer, number, positive_int
+from cadis.validation import direction, flag, integer, integer_at_least, number, positive_int
 
 # Final metrics, known once a trial's model is certified: ACR and accuracy per radius.
 FINAL_ACR = ACR
@@ -65,6 +68,7 @@ ASHA_KEYS = ("metric", "mode", "grace_period", "reduction_factor", "max_t")
 RESOURCE_KEYS = ("workers_per_trial", "cpus_per_worker", "gpus_per_worker")
 MLFLOW_KEYS = ("tracking_uri", "experiment")
 OBJECTIVE_KEYS = ("metric", "mode")
+SEARCHER_KEYS = tuple(field.name for field in fields(TpeSettings))
 # The stages of certification: rank (validation hold-out, every trial that trains to the
 # end; the searcher's objective), race (further blocks of the hold-out for the contenders the
 # rank stage cannot separate) and final (the test set, the finalists).
@@ -80,11 +84,12 @@ STAGE_SETS = {"rank": "the validation hold-out", "race": "more of the validation
 # Top-level sections that are mappings, with their keys (search's are base keys, checked by
 # parse_search): ``--set section.key=value`` writes into them.
 SECTIONS = {"search": None, "objective": OBJECTIVE_KEYS, "scheduler": ASHA_KEYS,
-            "resources": RESOURCE_KEYS, "certify": STAGES, "mlflow": MLFLOW_KEYS}
+            "searcher": SEARCHER_KEYS, "resources": RESOURCE_KEYS, "certify": STAGES,
+            "mlflow": MLFLOW_KEYS}
 DEFAULT_TOP_K = 2
-TOP_LEVEL_KEYS = ("name", "base", "search", "objective", "scheduler", "num_trials",
-                  "max_concurrent_trials", "resources", "certify", "incumbent", "store_draws",
-                  "draws_dir", "mlflow", "results_dir")
+TOP_LEVEL_KEYS = ("name", "base", "search", "objective", "scheduler", "searcher",
+                  "num_trials", "max_concurrent_trials", "resources", "certify", "incumbent",
+                  "store_draws", "draws_dir", "mlflow", "results_dir")
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
@@ -92,7 +97,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
 
     Override keys: ``base.KEY`` (also ``base.certify.n``) or a bare base key (``lr=1e-3``) go
     to the base; ``section.KEY`` writes into ``search``, ``objective``, ``scheduler`` (turning
-    ASHA on if the file had ``scheduler: null``), ``resources``, ``certify`` or ``mlflow``;
+    ASHA on if the file had ``scheduler: null``), ``searcher``, ``resources``, ``certify`` or
+    ``mlflow``;
     other top-level keys are replaced whole. ``name`` defaults to the file's stem. Raises
     :class:`CadisError` with one line naming the key.
     """
@@ -219,7 +225,36 @@ def sweep_from_mapping(data: Mapping[str, Any]) -> SweepConfig:
     sweep.final_seeds = positive_int(stages["final"].get("seeds", 1), "certify.final.seeds",
                                      "training seeds of each finalist and the incumbent")
     sweep.incumbent = _parse_incumbent(data.get("incumbent"), sweep)
+    sweep.tpe = _parse_tpe(data.get("searcher"), sweep)
     return sweep
+
+
+def _parse_tpe(value: Any, sweep: SweepConfig) -> TpeSettings | None:
+    """``searcher:`` (absent or null: every default), TPE's settings; None on a grid sweep,
+    where a section is refused (Tune's grid and random search takes none)."""
+    if sweep.searcher != SEARCHER_OPTUNA:
+        if value is not None:
+            raise CadisError("searcher: TPE's settings, but this sweep has a grid, which Tune's "
+                             "grid and random search runs instead of Optuna; drop searcher")
+        return None
+    section = _section({"searcher": value}, "searcher")
+    startup = integer_at_least(
+        section.get("n_startup_trials",
+                    default_startup_trials(sweep.num_trials, sweep.max_concurrent_trials)),
+        "searcher.n_startup_trials", 1, "finished trials, the incumbent among them, before "
+        "TPE models")
+    seed = section.get("seed", sweep.base.seed)
+    if not (isinstance(seed, int) and not isinstance(seed, bool)
+            and 0 <= seed <= MAX_SEARCHER_SEED):
+        source = "" if "seed" in section else " (the base's seed, its default)"
+        raise CadisError(f"searcher.seed{source} must be an integer in [0, {MAX_SEARCHER_SEED}]"
+                         f", got {seed!r}")
+    return TpeSettings(n_startup_trials=startup,
+                       multivariate=flag(section.get("multivariate", True),
+                                         "searcher.multivariate"),
+                       constant_liar=flag(section.get("constant_liar", True),
+                                          "searcher.constant_liar"),
+                       seed=seed)
 
 
 def _parse_incumbent(value: Any, sweep: SweepConfig) -> bool:

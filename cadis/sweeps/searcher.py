@@ -50,7 +50,8 @@ def tune_search_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def build_searcher(sweep: SweepConfig, results: Path,
                    finished: Sequence[tuple[Mapping[str, Any], Sequence[float]]] = ()) -> Any:
-    """Optuna's TPE (a Pareto front for two objectives), its study in ``optuna.db``, told
+    """Optuna's TPE (a Pareto front for two objectives) with the sweep's ``searcher:``
+    settings (:class:`cadis.sweeps.spec.TpeSettings`), its study in ``optuna.db``, told
     the ``finished`` trials of a warm start (searched values, objective values) before its
     first proposal, its first trial the incumbent (when the sweep has one, warm-started or
     not); None (Tune's grid and random search) when the sweep has a grid."""
@@ -58,12 +59,20 @@ def build_searcher(sweep: SweepConfig, results: Path,
         return None
     import optuna
 
+    tpe = sweep.tpe
+    if tpe is None:
+        raise ValueError(f"sweep {sweep.name} searches with Optuna but has no TPE settings: "
+                         "build it with cadis.sweeps.parse")
     metrics = [objective.searched for objective in sweep.objective]
     modes = [objective.mode for objective in sweep.objective]
     storage = optuna.storages.RDBStorage(f"sqlite:///{results / OPTUNA_DB}")
+    # The sampler carries the seed: Ray ignores its own seed argument once given a sampler.
+    sampler = optuna.samplers.TPESampler(n_startup_trials=tpe.n_startup_trials,
+                                         multivariate=tpe.multivariate,
+                                         constant_liar=tpe.constant_liar, seed=tpe.seed)
     return FinalMetricOptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
                                    mode=modes if len(modes) > 1 else modes[0], storage=storage,
-                                   study_name=sweep.name, seed=sweep.base.seed,
+                                   study_name=sweep.name, sampler=sampler,
                                    intermediate=intermediate_metric(sweep),
                                    finished=finished, incumbent=sweep.incumbent_point)
 

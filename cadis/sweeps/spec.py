@@ -14,6 +14,10 @@ at random for each. ``num_trials`` then counts repeats of the grid, not trials;
 :attr:`SweepConfig.total_trials` is what runs. Without a grid, Optuna's TPE proposes
 ``num_trials`` trials (two objectives: a Pareto front).
 
+TPE's settings (``searcher:``, :class:`TpeSettings`): how many finished trials it waits for
+before it models, whether it models the searched keys jointly, whether running trials count
+as bad guesses, and its seed. Grids have none.
+
 The incumbent: an Optuna sweep runs its ``base`` as a trial of its own (``incumbent: true``,
 the default), the first Tune starts and one of ``num_trials``, so that the sweep can say
 whether its search beat the recipe it started from (docs/design.md §6.3). Grids have none:
@@ -148,6 +152,55 @@ class RaceSettings:
     enabled: bool = True
 
 
+# TPE's startup phase. Before the model, Optuna proposes at random until n_startup_trials
+# trials have finished (completed or pruned; an enqueued point such as the incumbent counts
+# once it finishes, and so do a warm start's trials). By default a quarter of num_trials is
+# proposed before the model (the incumbent among them): fewer leaves TPE's split into good
+# and bad trials resting on one or two values, more spends the small budgets cadis runs on
+# random search. Capped at Optuna's own default of 10, which larger sweeps need no more of,
+# and never below 2 finished trials, so that the first model has a good and a bad one.
+STARTUP_SHARE = 4
+MAX_STARTUP_TRIALS = 10
+MIN_STARTUP_TRIALS = 2
+# numpy's RandomState, which Optuna's samplers seed, takes seeds in [0, 2**32 - 1].
+MAX_SEARCHER_SEED = 2**32 - 1
+
+
+def default_startup_trials(num_trials: int, max_concurrent_trials: int) -> int:
+    """``searcher.n_startup_trials`` when the file leaves it out: a quarter of ``num_trials``
+    (at most :data:`MAX_STARTUP_TRIALS`) proposed before the model, less the trials proposed
+    while others still run (trial k is proposed once k - max_concurrent_trials have
+    finished), at least :data:`MIN_STARTUP_TRIALS`. 16 trials: the model proposes trial 5,
+    one at a time or two."""
+    proposed_before_model = min(MAX_STARTUP_TRIALS, math.ceil(num_trials / STARTUP_SHARE))
+    return max(MIN_STARTUP_TRIALS, proposed_before_model - (max_concurrent_trials - 1))
+
+
+@dataclass(frozen=True)
+class TpeSettings:
+    """Optuna's TPE as the sweep file's ``searcher:`` section sets it (Optuna sweeps only).
+
+    ``n_startup_trials``: finished trials (the incumbent among them) before TPE models; the
+    default is :func:`default_startup_trials`. ``multivariate``: one joint density over the
+    searched keys instead of one per key (Optuna's default for one objective, also used for
+    two here). ``constant_liar``: a running trial counts as a bad result, so that trials
+    proposed while others run are not proposed next to them (it changes nothing one trial at
+    a time). ``seed``: the sampler's, default the base's ``seed``; replicate sweeps change it
+    alone, keeping the stored draws the base's seed keys."""
+
+    n_startup_trials: int
+    multivariate: bool
+    constant_liar: bool
+    seed: int
+
+    def first_modelled_trial(self, max_concurrent_trials: int) -> int:
+        """The first trial (counted from 1) TPE proposes from its model: trial k is proposed
+        once k - ``max_concurrent_trials`` trials have finished (Tune keeps that many live;
+        fewer at a time, as on a cluster that holds fewer, models sooner). A warm start's
+        trials count as finished before the first, so a warm-started sweep models sooner."""
+        return self.n_startup_trials + max_concurrent_trials
+
+
 @dataclass(frozen=True)
 class MlflowSettings:
     """``tracking_uri`` None means ``$MLFLOW_TRACKING_URI``, else the local SQLite store."""
@@ -164,7 +217,8 @@ class SweepConfig:
     value it can produce is valid on ``base``; one or two objectives; ``scheduler`` (None:
     every trial runs all its epochs) stops on a per-epoch metric with ``max_t`` at least the
     most epochs any trial runs; ``incumbent`` only on an Optuna sweep, and then the base's
-    value of every searched key lies in that key's distribution."""
+    value of every searched key lies in that key's distribution; ``tpe`` set exactly on an
+    Optuna sweep."""
 
     name: str
     base: TrainConfig
@@ -189,6 +243,8 @@ class SweepConfig:
     # certify.final.seeds: the training seeds of each finalist and of the incumbent in the final
     # stage, the search's own and final_seeds - 1 more (cadis.sweeps.final_stage).
     final_seeds: int = 1
+    # The searcher: section, resolved (None on a grid sweep, which Optuna does not search).
+    tpe: TpeSettings | None = None
 
     @property
     def grid_size(self) -> int:
