@@ -8,6 +8,7 @@ and comparable across trials.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -33,6 +34,8 @@ AUGMENTATIONS = ("none", "flip", "crop", "crop-flip")
 
 # Where Debian's dataset-fashion-mnist package puts the IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# IDX files a process keeps decoded: a split's images and labels, of both splits.
+IDX_FILES_CACHED = 4
 FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -239,7 +242,16 @@ def stack_images(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not: once a process while the file is
+    unchanged (a sweep trial's worker reads the training split for its loop, its proxy and its
+    rank stage). The array is read-only: callers copy what they change."""
+    status = path.stat()
+    return _read_idx_once(str(path.resolve()), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=IDX_FILES_CACHED)
+def _read_idx_once(path_text: str, mtime_ns: int, size: int) -> np.ndarray:
+    path = Path(path_text)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         data = handle.read()

@@ -47,7 +47,9 @@ NOT_LOADED = {
               # `cadis compare` and its figures: the reader, the ranking, what to draw.
               "cadis.tracking.server", "cadis.tracking.client", "cadis.tracking.sweep_reader",
               "cadis.sweeps.ranking", "cadis.sweeps.distribution_text",
-              "cadis.sweeps.figure_data", "cadis.sweeps.figures"),
+              "cadis.sweeps.figure_data", "cadis.sweeps.figures",
+              # The driver's clock of each trial's phases.
+              "cadis.sweeps.trial_phases"),
     # What `cadis sweep --dry-run` loads before it stops.
     "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.parse", "cadis.sweeps.describe"),
 }

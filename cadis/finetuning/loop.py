@@ -65,7 +65,15 @@ from cadis.smoothing.records import (
     radius_key,
 )
 from cadis.smoothing.smooth import Smooth, default_batch_size
-from cadis.tracking.contract import PROXY_ACR, PROXY_PREFIX
+from cadis.tracking.contract import (
+    EPOCH_SECONDS,
+    FIRST_STEP,
+    LOOP_STARTED,
+    PROXY_ACR,
+    PROXY_PREFIX,
+    PROXY_SECONDS,
+    REPORTED,
+)
 
 
 # The loss terms a micro-step logs, by the names an error about them uses.
@@ -125,8 +133,22 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> None:
-    """Fine-tune per ``config``; reports metrics and a checkpoint after every epoch."""
+@dataclass
+class TrainedModels:
+    """What a finished loop holds: the fine-tuned classifier (the last checkpoint's weights),
+    the frozen denoiser, on the session's device, and every epoch's metrics (rank 0's)."""
+
+    classifier: Classifier
+    denoiser: OneShotDenoiser
+    history: list[dict[str, float]]
+
+
+def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> TrainedModels:
+    """Fine-tune per ``config``; reports metrics and a checkpoint after every epoch, each
+    result with the wall clocks of the loop's start and first step (a run resumed after its
+    last epoch takes none); returns the models as trained."""
+    loop_started = time.time()
+    first_step: float | None = None
     torch.manual_seed(config.training_seed + session.rank)
     sources = config.model_sources()
     train_set = load_dataset(sources.dataset, "train", sources.data_root, augment=config.augment,
@@ -184,6 +206,7 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
         sums: dict[str, float] = {}
         started = time.perf_counter()
         micro_batches = iter(loader)
+        first_step = first_step or time.time()
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", "step",
                            enabled=progress and session.rank == 0)
         for _ in range(steps_per_epoch):
@@ -222,23 +245,27 @@ def train_loop(config: TrainConfig, session: Session, progress: bool = True) -> 
         metrics = {key: value / micro_count for key, value in sums.items()}
         metrics.update(epoch=epoch + 1, global_step=state.global_step, lr=lr,
                        weight_decay=weight_decay,
-                       epoch_seconds=seconds,
+                       **{EPOCH_SECONDS: seconds},
                        images_per_second=micro_count * config.batch_size * session.world_size
                        / seconds,
                        trainable_fraction=trainable_fraction(classifier))
         state.epoch = epoch + 1
+        clocks = {LOOP_STARTED: loop_started, FIRST_STEP: first_step}
         if session.rank == 0:
+            proxy_started = time.perf_counter()
             metrics.update(proxy_metrics(classifier, denoiser, plain_set, val_indices, config,
                                      sources, info.num_classes, info.image_size))
+            metrics[PROXY_SECONDS] = time.perf_counter() - proxy_started
             state.history.append(metrics)
             with tempfile.TemporaryDirectory() as directory:
                 save_trained(classifier, Path(directory), config.finetune_config(),
                              {"epoch": state.epoch, "global_step": state.global_step,
                               "config": config.to_dict(), "metrics": metrics,
                               "history": state.history}, optimizer=optimizer)
-                session.report(metrics, Path(directory))
+                session.report({**metrics, **clocks, REPORTED: time.time()}, Path(directory))
         else:
             session.report(metrics, None)
+    return TrainedModels(classifier, denoiser, state.history)
 
 
 def denoise_draws(images: torch.Tensor, denoiser: OneShotDenoiser, sigma: float,

@@ -3,7 +3,8 @@ evidence carries that choice (its paired verdicts against the incumbent and ever
 contender, on validation and on test: :mod:`cadis.sweeps.choice`; with several training
 seeds each configuration's test figure over its seeds and the verdicts seed by seed), where
 its checkpoint and
-records are, the trials that failed and why, the figures, and how to open MLflow's UI on the
+records are, where the trials' time went (the median orchestration and phases), the trials
+that failed and why, the figures, and how to open MLflow's UI on the
 sweep. Read from the sweep's parent run and its results folder.
 """
 
@@ -20,9 +21,10 @@ from cadis.smoothing.verdicts import Verdict
 from cadis.sweeps.choice import TEST, Choice, verdict_fields
 from cadis.sweeps.layout import TrainedTrial, trained_file, trial_certify_dir
 from cadis.sweeps.mlflow_writer import SweepTracker
+from cadis.sweeps.trial_phases import median_line
 from cadis.tracking.contract import ACR, ERROR_ARTIFACT, NUM_IMAGES
 from cadis.tracking.server import SQLITE_SCHEME
-from cadis.tracking.sweep_reader import trial_row
+from cadis.tracking.sweep_reader import trial_row, trial_runs
 
 
 def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path | None,
@@ -55,6 +57,10 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
             lines.append(f"  checkpoint: {TrainedTrial.read(trained).checkpoint}")
         lines.append(f"  records: "
                      f"{trial_certify_dir(tracker.results, best_trial) / RECORDS_FILENAME}")
+    timing = median_line(run.data.metrics for run in trial_runs(
+        tracker.client, tracker.experiment_id, tracker.parent_run_id))
+    if timing is not None:
+        lines.append(timing)
     failures = tracker.failures()
     if failures:
         lines.append(f"{len(failures)} trial(s) failed ({ERROR_ARTIFACT} on their MLflow runs):")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,10 +20,12 @@ from cadis.errors import RepeatedFailure
 from cadis.sweeps.layout import EPOCH, TrainedTrial, trained_file, trial_rank_dir
 from cadis.sweeps.search_space import trial_config
 from cadis.sweeps.spec import INCUMBENT_PARAM, SweepConfig, is_incumbent
+from cadis.sweeps.trial_phases import TrialClock
 from cadis.tracking.client import PatientClient, log_files, log_metrics, log_params
 from cadis.tracking.contract import (
     ACR,
     CERTIFY_ARTIFACTS,
+    CLOCK_PREFIX,
     ERROR_ARTIFACT,
     FAILURE_TAG,
     INCUMBENT_TAG,
@@ -65,10 +68,12 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class MlflowTrialCallback(Callback):
-    """Tune callback in the driver: a child run per trial, its params, metrics and files.
+    """Tune callback in the driver: a child run per trial, its params, metrics, files and
+    where its slot went (:mod:`cadis.sweeps.trial_phases`).
 
     Holds only plain values and opens its MLflow client on first use: Tune pickles callbacks
-    into its experiment state, and a resumed sweep unpickles this one.
+    into its experiment state, and a resumed sweep unpickles this one (without the clocks of
+    trials begun before: their slots are not timed).
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: SweepConfig,
@@ -80,9 +85,13 @@ class MlflowTrialCallback(Callback):
         self.results = results
         self._client = None
         self._run_ids: dict[str, str] = {}
+        self._clocks: dict[str, TrialClock] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_clocks": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_clocks": {}, **state})
 
     @property
     def client(self) -> Any:
@@ -126,16 +135,20 @@ class MlflowTrialCallback(Callback):
         return run_id
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._clocks[trial.trial_id] = TrialClock(time.time())
         self.run_id(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         run_id = self.run_id(trial)
+        if trial.trial_id in self._clocks:
+            self._clocks[trial.trial_id].add(result)
         # The rank stage's result repeats the last epoch's metrics (ASHA reads them): log only
         # what the certification added.
         final = RANKED in result
         metrics = {key: value for key, value in result.items()
-                   if key not in TUNE_KEYS and isinstance(value, (int, float))
+                   if key not in TUNE_KEYS and not key.startswith(CLOCK_PREFIX)
+                   and isinstance(value, (int, float))
                    and not isinstance(value, bool) and math.isfinite(value)
                    and (not final or is_validation_metric(key))}
         log_metrics(self.client, run_id, metrics, step=int(result.get(EPOCH, 0)),
@@ -145,6 +158,9 @@ class MlflowTrialCallback(Callback):
         run_id = self.run_id(trial)
         certified = RANKED in (trial.last_result or {})
         rank_dir = trial_rank_dir(self.results, trial.trial_id)
+        clock = self._clocks.pop(trial.trial_id, None)
+        if clock is not None:
+            log_metrics(self.client, run_id, clock.phases(time.time()), step=0)
         if certified:
             self._log_missing_epochs(run_id, trial.trial_id)
         if certified:

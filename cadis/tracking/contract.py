@@ -63,6 +63,27 @@ WARM_START_TAG = "cadis.warm_start_from"
 PROXY_PREFIX = "proxy_certified_accuracy_r"
 PROXY_ACR = "proxy_acr"
 
+# Where a trial's slot went (cadis.sweeps.trial_callback logs these on its run when it ends,
+# the summary gives their medians). Each epoch's result carries EPOCH_SECONDS (its optimizer
+# steps) and PROXY_SECONDS (the proxy after it); the rank stage's result RANK_SECONDS (its
+# certification, in the trial's Train worker). Results also carry wall clocks (CLOCK_PREFIX,
+# seconds since the epoch, never logged as metrics): when the worker's loop began, when its
+# first step began and when the result was made. From these and the slot's own start and end
+# (the driver's clock) the run gets PHASE_PREFIX + ``start`` (slot to loop: the trial's
+# processes starting), ``setup`` (loop to first step: data, models, stores), ``epochs``,
+# ``proxy``, ``rank``, ``end`` (last result to the slot's end) in seconds, and ORCHESTRATION:
+# the slot less its epochs, proxy and rank stage, what the trial cost beyond its compute.
+EPOCH_SECONDS = "epoch_seconds"
+PROXY_SECONDS = "proxy_seconds"
+RANK_SECONDS = "rank_seconds"
+CLOCK_PREFIX = "clock."
+LOOP_STARTED = "clock.loop_started"
+FIRST_STEP = "clock.first_step"
+REPORTED = "clock.reported"
+PHASE_PREFIX = "phase."
+PHASES = ("start", "setup", "epochs", "proxy", "rank", "end")
+ORCHESTRATION = "orchestration_seconds"
+
 # Final metrics of a certified trial.
 CERTIFIED_ACCURACY_PREFIX = "certified_accuracy_r"
 ACR = "acr"
