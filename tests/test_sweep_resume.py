@@ -67,3 +67,16 @@ def test_a_sweep_begun_before_seeds_and_the_incumbent_resumes_as_it_ran(tmp_path
         check_results_dir(tmp_path, {"name": "s", "final_seeds": 1, "incumbent": False},
                           resume=True)
     assert "--set incumbent=false" not in str(refused.value)
+
+
+def test_a_sweep_begun_before_the_searcher_settings_resumes_under_any_of_them(tmp_path):
+    from cadis.sweeps.resume import check_results_dir
+
+    # Tune restores the saved sampler whatever the searcher settings now read as.
+    _saved_sweep(tmp_path, {"name": "s"})
+    now = {"name": "s", "tpe": {"n_startup_trials": 3, "seed": 0}}
+    assert check_results_dir(tmp_path, now, resume=True).sweep == now
+    # A sweep that saved them still refuses another value.
+    _saved_sweep(tmp_path, now)
+    assert resume_differences(now, {"name": "s", "tpe": {"n_startup_trials": 4, "seed": 0}},
+                              setting_defaults()) == ["tpe.n_startup_trials"]

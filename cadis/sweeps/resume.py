@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Final, Mapping
 
 from cadis.errors import CadisError
 from cadis.finetuning.config import TrainConfig
@@ -52,6 +52,10 @@ def check_results_dir(results: Path, fingerprint: dict[str, Any], resume: bool
     return dataclasses.replace(state, sweep=fingerprint)
 
 
+#: A setting that an old sweep resumes the same under whatever value it now reads as.
+ANY_SETTING: Final = "<any: restored as saved>"
+
+
 def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any],
                        defaults: Mapping[str, Any]) -> list[str]:
     """The settings (dotted paths to the leaves) in which the sweep ``now`` differs from the
@@ -62,7 +66,7 @@ def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any],
     changed = []
     for key in sorted(set(saved) | set(now)):
         if key not in saved:
-            if key not in known or known[key] != now[key]:
+            if key not in known or (known[key] is not ANY_SETTING and known[key] != now[key]):
                 changed.append(key)
         elif key not in now:
             changed.append(key)
@@ -80,11 +84,15 @@ def setting_defaults() -> dict[str, Any]:
     depends on the searcher, and an Optuna sweep of old ran without one)."""
     base = TrainConfig().to_dict()
     sweep_fields = {field.name: field for field in dataclasses.fields(SweepConfig)}
-    return _plain({"base": base, "certify": base["certify"],
-                   "final_seeds": sweep_fields["final_seeds"].default, "incumbent": False,
-                   "rank": dataclasses.asdict(RankSettings()),
-                   "race": dataclasses.asdict(RaceSettings()),
-                   "resources": dataclasses.asdict(ResourceSettings())})
+    defaults: dict[str, Any] = _plain({
+        "base": base, "certify": base["certify"],
+        "final_seeds": sweep_fields["final_seeds"].default, "incumbent": False,
+        "rank": dataclasses.asdict(RankSettings()), "race": dataclasses.asdict(RaceSettings()),
+        "resources": dataclasses.asdict(ResourceSettings())})
+    # Tune restores a sweep's searcher as it was saved, its sampler's settings with it: the
+    # searcher settings a sweep begun before them reads as now change nothing it does.
+    defaults["tpe"] = ANY_SETTING
+    return defaults
 
 
 def _plain(data: Mapping[str, Any]) -> dict[str, Any]:
