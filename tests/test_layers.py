@@ -33,7 +33,7 @@ LAYERS = (
 
 #: Orchestration libraries and the only modules that may import them (anywhere in the file).
 ORCHESTRATION = {
-    "ray": ("cadis.finetuning.ray_train", "cadis.sweeps"),
+    "ray": ("cadis.finetuning.ray_train", "cadis.finetuning.train_failures", "cadis.sweeps"),
     "mlflow": ("cadis.tracking.client", "cadis.tracking.sweep_reader", "cadis.sweeps"),
     "optuna": ("cadis.sweeps",),
 }
@@ -48,8 +48,8 @@ NOT_LOADED = {
               "cadis.tracking.server", "cadis.tracking.client", "cadis.tracking.sweep_reader",
               "cadis.sweeps.ranking", "cadis.sweeps.distribution_text",
               "cadis.sweeps.figure_data", "cadis.sweeps.figures",
-              # The driver's clock of each trial's phases.
-              "cadis.sweeps.trial_phases"),
+              # The driver's clock of each trial's phases; what Train's controller unpickles.
+              "cadis.sweeps.trial_phases", "cadis.finetuning.train_failures"),
     # What `cadis sweep --dry-run` loads before it stops.
     "ray": ("cadis.cli", "cadis.sweeps.driver", "cadis.sweeps.parse", "cadis.sweeps.describe"),
 }

@@ -196,6 +196,43 @@ def test_two_trial_sweep_chooses_on_validation_and_certifies_the_winner_on_test(
 
 
 @pytest.mark.slow
+def test_two_train_workers_certify_the_rank_stage_in_shards_and_time_the_trial(
+        tiny_models_dir, tmp_path):
+    # One trial on two Train workers: after the last epoch each certifies its half of the rank
+    # stage's images in its own process, rank 0 joins the halves; the trial's slot is split
+    # into phases on its run.
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, num_trials=1, max_concurrent_trials=1,
+                       scheduler=None,
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 0.5})
+    sweep["base"].update(epochs=1, max_steps_per_epoch=1, val_images=12)
+    sweep["certify"]["race"] = {"enabled": False}
+    assert main(["sweep", str(write(tmp_path, sweep)), "--stop-after", "rank"]) == 0
+    from cadis.smoothing.records import RECORDS_FILENAME, read_records
+    from cadis.sweeps.layout import TrainedTrial, trained_file, trial_rank_dir
+    from cadis.sweeps.shards import shard_dirs
+
+    _, runs = mlflow_runs(tmp_path)
+    [trial] = by_role(runs, "trial")
+    trial_id = trial.data.tags["cadis.trial_id"]
+    results = tmp_path / "results"
+    rank = trial_rank_dir(results, trial_id)
+    halves = [[record.idx for record in read_records(folder / RECORDS_FILENAME)]
+              for folder in shard_dirs(rank, 2)]
+    joined = [record.idx for record in read_records(rank / RECORDS_FILENAME)]
+    assert [len(half) for half in halves] == [3, 3] and joined == halves[0] + halves[1]
+    assert trial.data.metrics["val_num_images"] == 6
+    # The trained-trial file the final stage reads names the checkpoint the records name.
+    assert TrainedTrial.read(trained_file(results, trial_id)).checkpoint == \
+        json.loads((rank / "summary.json").read_text())["checkpoint"]
+    metrics = trial.data.metrics
+    phases = [f"phase.{name}" for name in ("start", "setup", "epochs", "proxy", "rank", "end")]
+    assert all(metrics[name] >= 0 for name in phases) and metrics["phase.rank"] > 0
+    slot = (trial.info.end_time - trial.info.start_time) / 1000
+    compute = metrics["phase.epochs"] + metrics["phase.proxy"] + metrics["phase.rank"]
+    assert metrics["orchestration_seconds"] == pytest.approx(slot - compute, abs=1.0)
+
+
+@pytest.mark.slow
 def test_final_seeds_retrain_and_certify_each_configuration_on_the_same_test_draws(
         tiny_models_dir, tmp_path, capsys):
     # The cheapest sweep with a final stage: one trial (the incumbent) of one 1-step epoch, no

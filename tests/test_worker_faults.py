@@ -19,7 +19,7 @@ from ray.train import ControllerError, WorkerGroupError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
 from cadis.finetuning.loop import NonFiniteLoss
-from cadis.finetuning.ray_train import deterministic_cause
+from cadis.finetuning.train_failures import deterministic_cause
 from tests.conftest import own_group, set_flags
 from tests.test_train import TINY
 

@@ -12,18 +12,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from cadis.errors import CadisError
 from cadis.finetuning.config import TrainConfig, from_mapping, portable_config
 from cadis.finetuning.loop import train_loop
+from cadis.finetuning.train_failures import deterministic_cause, stop_on_deterministic_failure
 
 RAY_RUN_NAME: Final = "train"
 # Worker failures (a lost node, say) restart the run from the last checkpoint this often; a
 # worker that raised a CadisError is not restarted (see deterministic_cause).
 RAY_MAX_FAILURES: Final = 2
-# Where Ray keeps the error a failure carries: a Train ControllerError's failure, a
-# WorkerGroupError's per-worker errors, the user exception inside a worker's traceback
-# wrapper (Ray 2.60), and Python's own chaining.
-RAY_ERROR_LINKS: Final = ("controller_failure", "worker_failures", "_base_exc", "__cause__")
 # The last checkpoint is what certification and resume read; each holds every epoch's
 # metrics, so older ones are not needed (a sweep of many trials must not fill the disk).
 CHECKPOINTS_TO_KEEP: Final = 1
@@ -86,45 +82,6 @@ class RaySession:
         gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, value)
         return gathered
-
-
-def deterministic_cause(error: BaseException) -> CadisError | None:
-    """The :class:`CadisError` a failed Train run carries, seen through Ray's wrappers, or
-    None. A CadisError is deterministic: a bad value, a loss gone non-finite, data that does
-    not fit; the same config on the same data raises it again, so retrying it only repeats the
-    failure (six times over, with Train's and Tune's retries). Anything else (a lost node, a
-    killed worker, a full disk) may pass and is retried as Ray does."""
-    seen: set[int] = set()
-    pending: list[Any] = [error]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, CadisError):
-            return item
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        for link in RAY_ERROR_LINKS:
-            linked = getattr(item, link, None)
-            pending.extend(linked.values() if isinstance(linked, dict) else [linked])
-    return None
-
-
-def stop_on_deterministic_failure() -> Any:
-    """A Train callback (run in the Train controller) that ends the run without restarting
-    its workers when a worker raised a :class:`CadisError`: the callback's error makes Train
-    raise rather than retry (its failure policy retries worker errors, not a controller's),
-    and the run's error carries that CadisError (:func:`deterministic_cause` finds it)."""
-    from ray.train import UserCallback
-
-    class StopOnDeterministicFailure(UserCallback):
-        def after_exception(self, run_context: Any,
-                            worker_exceptions: dict[int, Exception]) -> None:
-            for worker_error in worker_exceptions.values():
-                cause = deterministic_cause(worker_error)
-                if cause is not None:
-                    raise cause
-
-    return StopOnDeterministicFailure()
 
 
 def ray_train_worker(config_dict: dict[str, Any]) -> None:
