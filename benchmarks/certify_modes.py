@@ -5,18 +5,24 @@ one run.
 The same test images, models, sigma, n0, n (the sequential mode's most draws) and alpha for
 all: (a) the Cohen-style reference loop of benchmarks/certify_throughput.py (one image at a
 time, fixed batches, fp32, eager); (b) the engine (`Smooth.certify_images`, as `cadis
-certify` runs it); (c) the engine's sequential test at the grid radii n can reach
-(`Smooth.certify_sequential`); (d) that in bf16 autocast; (e) that compiled, fp32; (f)
-compiled and bf16 (compiles are done and timed before, as `cadis certify --compile` does it
-once a run). The modes take turns image by image, so a machine that gets busier or quieter
-during the run slows or speeds them alike. Prints images per second and draws per image of
-each, the ratios against (a), how often (d)-(f)'s base agrees with fp32 eager on the check
-draws `cadis certify` compares (2,000 draws of the first 20 images; it refuses a base below
-99.9%), and certified accuracy at each grid radius with McNemar's exact paired test of each
-sequential mode against (b) on the same images.
+certify` runs it); (c) the engine's sequential test at the grid radii n can reach, every grid
+radius fixed n can certify (`Smooth.certify_sequential`); (d) that in bf16 autocast; (e) that
+compiled, fp32; (f) compiled and bf16 (compiles are done and timed before, as `cadis certify
+--compile` does it once a run). The modes take turns image by image, so a machine that gets
+busier or quieter during the run slows or speeds them alike. Prints images per second and
+draws per image of each, the ratios against (a) (against (b) when (a) is not run), how often
+(d)-(f)'s base agrees with fp32 eager on the check draws `cadis certify` compares (2,000
+draws of the first 20 images; it refuses a base below 99.9%), certified accuracy at each
+radius of the table's grid (up to the first grid radius beyond what fixed n can certify) with
+McNemar's exact paired test of each sequential mode against (b) on the same images, and the
+ACRs: continuous for (a) and (b), over the grid for all (a sequential mode records grid
+radii, so its ACR is a grid ACR; a fixed-n radius counts as the largest grid radius at or
+below it).
 
     .venv/bin/python benchmarks/certify_modes.py --models models/fashion-mnist \\
         --images 200 --n 1000 --threads 2 --modes a,b,c,e
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/certify_modes.py --n 10000 --images 50 \\
+        --threads 1 --modes b,c
 """
 
 from __future__ import annotations
@@ -47,7 +53,12 @@ from cadis.smoothing.precision import (  # noqa: E402
     autocast,
     compile_base,
 )
-from cadis.smoothing.records import Record, radius_grid  # noqa: E402
+from cadis.smoothing.records import (  # noqa: E402
+    Record,
+    average_certified_radius,
+    radius_grid,
+    write_records,
+)
 from cadis.smoothing.sequential import (  # noqa: E402
     SequentialPlan,
     forward_sizes,
@@ -84,11 +95,13 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch", type=int, default=100, help="draws per forward, all three")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--records", type=Path,
+                        help="a folder to write each mode's records to (a.tsv, b.tsv, ...)")
     parser.add_argument("--modes", default="a,b,c,d,e,f",
-                        help="which of a-f to run (a and b always run: the ratios and the "
-                             "paired tests are against them)")
+                        help="which of a-f to run (b always runs: the paired tests are against "
+                             "it; the ratios are against a where it runs, else b)")
     args = parser.parse_args()
-    wanted = {mode.strip() for mode in args.modes.split(",")} | {"a", "b"}
+    wanted = {mode.strip() for mode in args.modes.split(",")} | {"b"}
     torch.set_num_threads(args.threads)
 
     sources = ModelSources.resolve(args.models)
@@ -98,8 +111,8 @@ def main() -> None:
     labels = [test_set[i][1] for i in indices]
     base = build_denoised_classifier(sources, args.sigma)
     classes = test_set.info.num_classes
-    grid = reachable_radii(radius_grid(args.sigma, args.n, args.alpha, test_set.info.image_size),
-                           args.sigma, args.alpha, args.n)
+    table = radius_grid(args.sigma, args.n, args.alpha, test_set.info.image_size)
+    grid = reachable_radii(table, args.sigma, args.alpha, args.n)
     plan = SequentialPlan(grid, args.sigma, args.alpha, args.n)
     parameters = CertificationParameters(args.n0, args.n, args.alpha, args.batch)
 
@@ -133,10 +146,14 @@ def main() -> None:
     engine = smooth()
     sequential = {mode: smooth(*fast_modes.get(mode, (base, FP32)))
                   for mode in SEQUENTIAL if mode[1] in wanted}
-    reference_certify(base, images[0], classes, args.sigma, args.n0, 50, args.alpha, args.batch)
+    reference = {REFERENCE: lambda x: reference_certify(
+        base, x, classes, args.sigma, args.n0, args.n, args.alpha, args.batch)
+    } if "a" in wanted else {}
+    if reference:
+        reference_certify(base, images[0], classes, args.sigma, args.n0, 50, args.alpha,
+                          args.batch)
     runs = interleaved({
-        REFERENCE: lambda x: reference_certify(base, x, classes, args.sigma, args.n0, args.n,
-                                               args.alpha, args.batch),
+        **reference,
         FIXED: lambda x: engine.certify_images(x[None], parameters)[0],
         **{mode: lambda x, mode=mode: sequential[mode].certify_sequential(
                x, args.n0, plan, args.batch) for mode in sequential},
@@ -144,15 +161,20 @@ def main() -> None:
     print(f"{args.images} test images (every {len(test_set) // args.images}th), "
           f"sigma={args.sigma}, n={args.n} (sequential: at most), n0={args.n0}, "
           f"alpha={args.alpha}, {args.batch} draws a forward, {args.threads} thread(s); "
-          f"radii {grid}; sequential looks {list(plan.looks)} at alphas "
-          f"{[float(f'{a:.3g}') for a in plan.alphas]}")
+          f"table radii {table}, sequential plan's radii {grid}; its looks "
+          f"{list(plan.looks)} at alphas {[float(f'{a:.3g}') for a in plan.alphas]}")
     print(f"torch.compile: {compile_seconds[0]:.0f} s (fp32) and {compile_seconds[1]:.0f} s "
           f"(bf16) before the runs, not in their rates; agreement with "
           f"fp32 eager on {sum(len(batch) for batch in draws)} check draws: "
           + ", ".join(f"{mode[:3]} {share:.4f}" for mode, share in agreements.items()))
-    print("| mode | images/s | draws an image | ratio to (a) |")
+    if args.records:
+        args.records.mkdir(parents=True, exist_ok=True)
+        for label, (records, _) in runs.items():
+            write_records(args.records / f"{label[1]}.tsv", records)
+    against = REFERENCE if reference else FIXED
+    print(f"| mode | images/s | draws an image | ratio to {against[:3]} |")
     print("|---|---:|---:|---:|")
-    reference_rate = args.images / runs[REFERENCE][1]
+    reference_rate = args.images / runs[against][1]
     for label, (records, seconds) in runs.items():
         draws = (sum(r.draws for r in records) / len(records) if records[0].draws is not None
                  else args.n0 + args.n)
@@ -163,13 +185,25 @@ def main() -> None:
           + " |")
     print("|---:|" + "---:|" * (len(runs) + len(sequential)))
     fixed = runs[FIXED][0]
-    for radius in grid:
+    for radius in table:
         cells = [f"{sum(r.correct and r.radius >= radius for r in records) / len(records):.3f}"
                  for records, _ in runs.values()]
         for mode in sequential:
             result = paired_test(runs[mode][0], fixed, radius)
             cells.append(f"{result.only_b}, {result.only_a}, {result.p_value:.3f}")
         print(f"| {radius:g} | " + " | ".join(cells) + " |")
+    print("| ACR (continuous) | " + " | ".join(
+        "-" if records[0].draws is not None else f"{average_certified_radius(records):.3f}"
+        for records, _ in runs.values()) + " |")
+    print("| grid ACR | " + " | ".join(f"{grid_acr(records, table):.3f}"
+                                      for records, _ in runs.values()) + " |")
+
+
+def grid_acr(records: list[Record], grid: list[float]) -> float:
+    """The ACR over ``grid``: the mean of the largest grid radius at or below each correct
+    record's radius (0 for the others), what a sequential mode's ACR is."""
+    return sum(max(r for r in grid if r <= record.radius) for record in records
+               if record.correct) / len(records)
 
 
 if __name__ == "__main__":

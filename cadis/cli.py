@@ -47,7 +47,8 @@ def _certify(args: argparse.Namespace) -> None:
     label = f"sigma={args.sigma:g}" + (", sequential" if args.sequential else "")
     print(format_table({label: records}, radii, fmt="markdown").rstrip("\n"))
     spent = (f"sequential, {summary['mean_draws']:.0f} draws an image on average (at most "
-             f"n0 + n = {args.n0 + args.n}; ACR over the grid)" if args.sequential else "fixed n")
+             f"n0 + n = {args.n0 + args.n}); its ACR is a grid ACR (acr_grid): the continuous "
+             f"ACR needs fixed n (no --sequential)" if args.sequential else "fixed n")
     print(f"{summary['num_images']} images, n={args.n}, n0={args.n0}, alpha={args.alpha:g}, "
           f"{spent}; records, summary and plot in {out}")
 

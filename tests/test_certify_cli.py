@@ -25,7 +25,7 @@ def test_certify_writes_records_summary_and_plot(tiny_models_dir, tmp_path, caps
     assert summary["num_images"] == 4 and summary["n"] == 40 and summary["sigma"] == 0.5
     assert summary["certified_accuracy"]["0.0"] == pytest.approx(
         sum(r.correct for r in records) / 4)
-    assert "0.25" in summary["certified_accuracy"]
+    assert "0.25" in summary["certified_accuracy"] and "acr_grid" not in summary
     assert (out / "certified_accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
     table = capsys.readouterr().out
     assert "sigma=0.5" in table and "ACR" in table
@@ -129,6 +129,9 @@ def test_sequential_certify_records_draws_and_keeps_its_own_folder(tiny_models_d
     assert all(r.radius in (0.0, 0.25) for r in records)  # grid radii
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "sequential" and summary["acr_over"] == "grid"
+    # Its ACR is a grid ACR, named so; the continuous one needs fixed n (no acr_grid there).
+    assert summary["acr_grid"] == summary["acr"] == pytest.approx(
+        sum(r.radius for r in records if r.correct) / 3)
     assert summary["mean_draws"] == pytest.approx(sum(r.draws for r in records) / 3)
     assert summary["looks"] == [21, 121, 200] and summary["radii"] == [0.0, 0.25]
     assert "sequential" in capsys.readouterr().out
@@ -186,7 +189,7 @@ def test_certify_from_stored_draws_makes_the_live_records_and_denoises_once(
     (["--sequential", "--radii", "0.5,0.25"], "radii must be strictly increasing"),
     (["--sequential", "--radii", "0,1.0", "--n", "100"],
      "n = 100 draws cannot certify radius 1 at sigma 0.5 sequentially (alpha 0.001); it "
-     "needs n >= 303"),
+     "needs n >= 301"),
     (["--sequential", "--radii", "0", "--n0", "20"],
      "n (10), the most estimation draws the sequential test may spend on an image, is below "
      "n0 (20)"),

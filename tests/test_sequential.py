@@ -16,13 +16,21 @@ import torch
 from torch import nn
 
 from cadis.errors import CadisError
-from cadis.smoothing.bounds import ABSTAIN, CertificationParameters, lower_confidence_bound
+from cadis.smoothing.bounds import (
+    ABSTAIN,
+    CertificationParameters,
+    lower_confidence_bound,
+    max_certifiable_radius,
+)
+from cadis.smoothing.records import radius_grid
 from cadis.smoothing.sequential import (
     SELECTION_FIRST,
     SequentialPlan,
+    _staged_schedule,
     draws_to_reach,
     forward_sizes,
     look_schedule,
+    reachable_radii,
     run_sequential,
     threshold,
 )
@@ -178,12 +186,35 @@ def test_the_draws_needed_for_a_radius_are_the_fewest_that_reach_it():
             SequentialPlan((radius,), SIGMA, 0.001, needed - 1)
 
 
+def test_just_above_fixed_ns_need_the_plan_is_one_look_with_the_whole_alpha():
+    # r = 1.5 at sigma 0.5 needs 5,114 unanimous draws at alpha, 5,152 at the last look of a
+    # staged plan (0.95 alpha): between the two, only fixed n's single look reaches it.
+    top, needed = threshold(1.5, SIGMA), draws_to_reach(1.5, SIGMA, 0.001)
+    assert lower_confidence_bound(needed, needed, 0.001) >= top
+    assert lower_confidence_bound(needed - 1, needed - 1, 0.001) < top
+    staged = _staged_schedule(needed, 0.001, top)
+    assert not any(lower_confidence_bound(n, n, a) >= top for n, a in zip(*staged))
+    plan = SequentialPlan((0.0, 1.5), SIGMA, 0.001, needed)
+    assert (plan.looks, plan.alphas) == ((needed,), (0.001,))
+    # Where the staged looks do reach it, they are kept.
+    assert len(SequentialPlan((0.0, 1.5), SIGMA, 0.001, 6000).looks) > 1
+
+
+@pytest.mark.parametrize("n", [1000, 5120, 10_000, 100_000])
+def test_the_sequential_grid_reaches_every_grid_radius_fixed_n_certifies(n):
+    grid = radius_grid(SIGMA, n, 0.001, 28)
+    reachable = reachable_radii(grid, SIGMA, 0.001, n)
+    assert reachable == [r for r in grid if r <= max_certifiable_radius(SIGMA, n, 0.001)]
+    assert reachable[-1] >= max_certifiable_radius(SIGMA, n, 0.001) - 0.25
+    SequentialPlan(reachable, SIGMA, 0.001, n)
+
+
 @pytest.mark.parametrize("radii,n_max,message", [
     ((), 1000, "needs radii to decide"),
     ((0.5, 0.25), 1000, "strictly increasing"),
     ((-0.25, 0.5), 1000, "finite numbers >= 0"),
     ((0.0, 1.25), 1000, "n = 1000 draws cannot certify radius 1.25 at sigma 0.5 sequentially "
-                        "(alpha 0.001); it needs n >= 1118"),
+                        "(alpha 0.001); it needs n >= 1109"),
 ])
 def test_plans_that_cannot_work_are_refused_with_what_they_need(radii, n_max, message):
     with pytest.raises(CadisError) as error:

@@ -26,6 +26,7 @@ from cadis.smoothing.records import (
     SUMMARY_FIELDS,
     SUMMARY_FILENAME,
     Record,
+    average_certified_radius,
     plot_certified_accuracy,
     read_records,
     read_settings,
@@ -93,8 +94,11 @@ def summarise_records(out_dir: Path, records: list[Record], run_settings: Mappin
     extra = {key: value for key, value in {**run_settings, **(notes or {})}.items()
              if key not in CERTIFICATION_SETTINGS}
     extra["mode"] = MODE_SEQUENTIAL if sequential else MODE_FIXED
-    # Sequential records hold grid radii: their ACR is an average over the grid.
+    # Sequential records hold grid radii: their ACR is an average over the grid, named so
+    # (``acr_grid``) beside ``acr``; a continuous ACR needs fixed n.
     extra["acr_over"] = "grid" if sequential else "radius"
+    if sequential:
+        extra["acr_grid"] = average_certified_radius(records)
     extra["mean_draws"] = (sum(record.draws for record in records) / len(records)
                            if sequential else n0 + n)
     summary = write_summary(out_dir / SUMMARY_FILENAME, records, radii, sigma=sigma,

@@ -40,11 +40,15 @@ the radii, sigma, alpha and n_max, never on the draws; the candidate depends onl
 selection draws. Neither selection nor giving up can add a false certificate.
 
 A plan whose first look would not come before n_max is a single look at n_max with the whole
-alpha: fixed-n CERTIFY with early selection. So the largest radius a plan can certify is the
-one fixed n can (:func:`draws_to_reach`).
+alpha: fixed-n CERTIFY with early selection. So is a plan whose looks, spending part of alpha
+early, would leave its last look short of the largest radius that n_max draws certify with
+the whole alpha (n_max within about 1% above what fixed n needs for it). So the largest radius
+a plan can certify is exactly the one fixed n can (:func:`draws_to_reach`), and the default grid
+of a sequential run reaches what fixed n reaches at the same n and alpha.
 
 The radius recorded is a grid radius, so the average certified radius of such records is an
-average over the grid (labelled so in summaries), not CERTIFY's continuous ACR. Torch-free:
+average over the grid (a *grid ACR*: ``acr_grid`` in summaries), not CERTIFY's continuous ACR;
+a continuous ACR needs fixed n. Torch-free:
 :meth:`cadis.smoothing.smooth.Smooth.certify_sequential` draws; everything decided is decided
 here.
 """
@@ -141,21 +145,17 @@ def unanimous_draws(p: float, alpha: float) -> int:
 
 
 def draws_to_reach(radius: float, sigma: float, alpha: float) -> int:
-    """The smallest ``n_max`` whose sequential plan can certify ``radius``: some look of its
-    schedule (:func:`look_schedule`) certifies it when every draw is the candidate. Never
-    fewer than fixed-n CERTIFY needs; as many when the plan is a single look. ``sigma`` is
-    trusted, as in :mod:`cadis.smoothing.bounds`."""
-    top = threshold(radius, sigma)
-    alpha = check_probability(alpha, "alpha")
-    n = unanimous_draws(top, alpha)
-    while not _certifies(*look_schedule(n, alpha, top), top):
-        n += 1
-    return n
+    """The smallest ``n_max`` whose sequential plan can certify ``radius``: exactly the draws
+    fixed-n CERTIFY needs, every one the candidate (from there on some look of
+    :func:`look_schedule` certifies it). ``sigma`` is trusted, as in
+    :mod:`cadis.smoothing.bounds`."""
+    return unanimous_draws(threshold(radius, sigma), check_probability(alpha, "alpha"))
 
 
 def reachable_radii(radii: Sequence[float], sigma: float, alpha: float, n_max: int
                     ) -> list[float]:
-    """The radii of ``radii`` a sequential plan of at most ``n_max`` draws can certify."""
+    """The radii of ``radii`` a sequential plan of at most ``n_max`` draws can certify: those
+    fixed-n CERTIFY with ``n_max`` draws can."""
     return [r for r in radii if draws_to_reach(r, sigma, alpha) <= n_max]
 
 
@@ -178,7 +178,19 @@ def look_schedule(n_max: int, alpha: float, top: float) -> tuple[tuple[int, ...]
     after it, and the last is ``n_max`` (``LAST_LOOK_ALPHA * alpha``); the early and later
     looks share what is left. When the main look would not come before ``n_max`` the last
     look takes its share too, and with no early look either the single look ``n_max`` has
-    the whole alpha: fixed-n CERTIFY."""
+    the whole alpha: fixed-n CERTIFY. So has a plan whose looks would certify ``top`` at no
+    look while ``n_max`` unanimous draws do at the whole alpha: a plan reaches every radius
+    fixed n reaches."""
+    looks, alphas = _staged_schedule(n_max, alpha, top)
+    if not _certifies(looks, alphas, top) and _certifies((n_max,), (alpha,), top):
+        return (n_max,), (alpha,)
+    return looks, alphas
+
+
+def _staged_schedule(n_max: int, alpha: float, top: float) -> tuple[tuple[int, ...],
+                                                                     tuple[float, ...]]:
+    """:func:`look_schedule` before its fallback to a single look: the early, main, later and
+    last looks, whether or not any of them certifies ``top``."""
     main = unanimous_draws(top, MAIN_LOOK_ALPHA * alpha)
     early = _growing(MIN_LOOK_STEP, EARLY_GROWTH, min(main, n_max))
     rest = (1 - MAIN_LOOK_ALPHA - LAST_LOOK_ALPHA) * alpha
