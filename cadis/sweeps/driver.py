@@ -368,10 +368,7 @@ def _search(sweep: SweepConfig, results: Path, concurrent: int, warm: WarmStart 
                                             list(zip(warm.points, warm.values))),
                                         scheduler=build_scheduler(sweep),
                                         num_samples=sweep.num_trials,
-                                        max_concurrent_trials=concurrent,
-                                        # A trial's Tune process serves the next trial:
-                                        # one process start and torch import less each.
-                                        reuse_actors=True),
+                                        max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(results),
                                       callbacks=[callback],
                                       failure_config=tune.FailureConfig(
