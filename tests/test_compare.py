@@ -24,6 +24,7 @@ from cadis.tracking.compare import (
 )
 from cadis.tracking.sweep_reader import TrialRow, load_trials
 from cadis.errors import CadisError
+from cadis.smoothing.bounds import max_certifiable_radius
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "ablation"
@@ -263,6 +264,58 @@ def test_each_trials_verdict_against_the_chosen_one_is_shown(fmt):
 def test_no_verdict_columns_without_verdicts():
     rows = [_row("a", 1, (0.5, 0.4, 0.3), x="1")]
     assert "chosen" not in format_trial_table(rows, by="x")
+
+
+# Radii a default sweep's tables once showed: n = 500 at alpha 0.001 and sigma 0.5 certifies
+# at most r = 1.10, so r = 1.25 was a column of zeros.
+FULL_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+CERTIFIED_UP_TO_1 = ["r=0.0", "r=0.25", "r=0.5", "r=0.75", "r=1.0"]
+
+
+def _certified_row(name: str, n: int) -> TrialRow:
+    """A trial at sigma 0.5 certified on test with ``n`` draws, its figures (validation and
+    test) on :data:`FULL_GRID`."""
+    metrics = {prefix + tracking.certified_accuracy_metric(radius): 0.5 - radius / 3
+               for radius in FULL_GRID for prefix in ("", tracking.VALIDATION_PREFIX)}
+    return TrialRow(name, "completed", {"sigma": "0.5", "certify.n": str(n),
+                                        "certify.alpha": "0.001"}, metrics)
+
+
+def test_no_column_beyond_what_n_can_certify():
+    rows = [_certified_row("a", 500)]
+    assert max_certifiable_radius(0.5, 500, 0.001) == pytest.approx(1.10, abs=0.01)
+    header = markdown_rows(format_trial_table(rows, val_reach=1.10))[0]
+    assert header[2:] == [f"val {label}" for label in CERTIFIED_UP_TO_1] + CERTIFIED_UP_TO_1
+    # One trial certified with more draws keeps the column: its r = 1.25 is measured.
+    header = markdown_rows(format_trial_table([*rows, _certified_row("b", 100_000)]))[0]
+    assert "r=1.25" in header and "val r=1.25" in header
+    csv_header = format_trial_table(rows, fmt="csv", val_reach=1.10).splitlines()[0]
+    assert "1.25" not in csv_header and "r=1.0" in csv_header
+
+
+@pytest.mark.parametrize("source", ["experiment", "sweep"])
+def test_compare_drops_each_stages_radii_beyond_its_n(tmp_path, capsys, source):
+    # The rank stage certified with n = 10,000 (reaches r = 1.6), the test with n = 500.
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("reach")
+    parent = client.create_run(experiment_id, tags={tracking.ROLE_TAG: tracking.ROLE_SWEEP})
+    client.log_batch(parent.info.run_id, params=[Param("certify.rank.n", "10000"),
+                                                 Param("certify.rank.alpha", "0.001")])
+    row = _certified_row("trial_0", 500)
+    trial = client.create_run(experiment_id, run_name=row.name,
+                              tags={tracking.ROLE_TAG: tracking.ROLE_TRIAL,
+                                    tracking.PARENT_RUN_TAG: parent.info.run_id})
+    client.log_batch(trial.info.run_id,
+                     metrics=[Metric(key, value, 0, 0) for key, value in row.metrics.items()],
+                     params=[Param(key, value) for key, value in row.params.items()])
+    run_compare(compare_args(uri, **({"experiment": "reach"} if source == "experiment" else
+                                     {"sweep": parent.info.run_id})))
+    header = markdown_rows(capsys.readouterr().out)[0]
+    assert header[2:] == ([f"val r={radius}" for radius in FULL_GRID] + CERTIFIED_UP_TO_1)
 
 
 # --------------------------------------------------------------------------- plots

@@ -92,6 +92,24 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tiny_models_dir, tmp_path, c
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_dry_run_in_the_default_folders_creates_nothing(tiny_models_dir, tmp_path,
+                                                          monkeypatch, capsys):
+    # Without results_dir or a tracking URI a sweep writes under the working directory's
+    # runs/sweeps/ (its results folder and the SQLite store): a dry run makes neither.
+    from cadis.tracking.server import TRACKING_URI_ENV
+
+    sweep = tiny_sweep(tiny_models_dir, tmp_path, mlflow={"experiment": "tiny"})
+    del sweep["results_dir"]
+    path = write(tmp_path, sweep)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert f"sqlite:///{cwd / 'runs' / 'sweeps' / 'mlflow.db'}" in capsys.readouterr().out
+    assert list(cwd.iterdir()) == []
+
+
 SHIPPED_SWEEPS = sorted(path.stem for path in (REPO / "sweeps").glob("*.yaml"))
 
 

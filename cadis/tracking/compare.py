@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from cadis.errors import CadisError
 from cadis.files import atomic_write_bytes
+from cadis.smoothing.bounds import max_certifiable_radius
 from cadis.smoothing.paired import format_interval, format_p, format_signed
 from cadis.smoothing.records import CSV_DIGITS, MARKDOWN_DIGITS, TableFormat, render_table
 from cadis.tracking import contract as tracking
@@ -29,8 +30,10 @@ from cadis.tracking.sweep_reader import (
     RunNotFound,
     TrialRow,
     load_trials,
+    read_sweep,
     reading_client,
     short_param,
+    sweep_runs,
 )
 
 MARKDOWN_MISSING: Final = "-"
@@ -46,6 +49,12 @@ EXTRA_METRICS: Final = (tracking.ACR, tracking.CLEAN_ACCURACY, tracking.HALLUCIN
 VERDICT_COLUMNS: Final = ("difference", "low", "high", "p_holm")
 #: Parameter values longer than this turn the plot's x labels sideways.
 LONG_LABEL: Final = 8
+#: A radius this far above a reach still counts as reached (a grid radius computed as, say,
+#: 3 * 0.25 against a reach computed from the bound).
+REACH_SLACK: Final = 1e-9
+#: The parent run's params that say how the rank stage certified (its figures are ``val_``).
+RANK_N_PARAM: Final = "certify.rank.n"
+RANK_ALPHA_PARAM: Final = "certify.rank.alpha"
 
 
 # --------------------------------------------------------------------------- ordering
@@ -109,6 +118,39 @@ def radii_of(rows: Sequence[TrialRow]) -> list[float]:
     return sorted({radius for row in rows for radius in row.accuracy})
 
 
+def reachable(radii: Sequence[float], reach: float) -> list[float]:
+    """The radii of ``radii`` up to ``reach``: beyond the largest radius a certification's n
+    can certify, every trial's accuracy is 0 because of n, not of the model."""
+    return [radius for radius in radii if radius <= reach + REACH_SLACK]
+
+
+def validation_reach(rows: Sequence[TrialRow], sweeps: Sequence[Mapping[str, str]]) -> float:
+    """The largest radius the rank stage of any of ``sweeps`` (their parent runs' params)
+    can certify at any row's sigma; infinite when a sweep or row does not say."""
+    try:
+        stages = {(int(params[RANK_N_PARAM]), float(params[RANK_ALPHA_PARAM]))
+                  for params in sweeps}
+        sigmas = {float(row.params["sigma"]) for row in rows}
+    except (KeyError, ValueError):
+        return math.inf
+    return max((max_certifiable_radius(sigma, n, alpha) for n, alpha in stages
+                for sigma in sigmas), default=math.inf)
+
+
+def compared_trials(client: Any, experiment: str | None = None,
+                    sweep_run_id: str | None = None) -> tuple[list[TrialRow], float]:
+    """The trial runs of an experiment (by name) or of one sweep (its parent run's id), as
+    :func:`~cadis.tracking.sweep_reader.load_trials` reads them, and the reach of their
+    validation figures (:func:`validation_reach` over the sweeps they belong to)."""
+    if sweep_run_id is not None and experiment is None:
+        sweep = read_sweep(client, sweep_run_id)
+        return list(sweep.trials), validation_reach(sweep.trials, [sweep.params])
+    # Refuses both or neither.
+    rows = load_trials(client, experiment=experiment, sweep_run_id=sweep_run_id)
+    parents = [run.data.params for run in sweep_runs(client, experiment)]
+    return rows, validation_reach(rows, parents)
+
+
 def radius_label(radius: float) -> str:
     """``r=0.25``: a certified-accuracy column's header and a plot's legend entry."""
     return f"r={float(radius)}"
@@ -132,14 +174,16 @@ def _objective_label(objective: str) -> str:
 
 
 def format_trial_table(rows: Sequence[TrialRow], by: str | None = None,
-                      fmt: TableFormat = "markdown") -> str:
+                      fmt: TableFormat = "markdown", val_reach: float = math.inf) -> str:
     """The table: one row per trial (ordered as :func:`sort_rows`), columns trial, outcome,
-    the searched params (and ``by``), the validation figures (``val r=<radius>`` per radius,
-    ``val_acr``) where trials have them, per objective the validation verdict against the
-    chosen trial where any trial has one (markdown: ``val r=0.5 − chosen`` as the difference
-    and its interval, then its Holm p; CSV: :data:`VERDICT_COLUMNS` under their MLflow
-    names), the test figures (``r=<radius>`` per radius), then those of
-    :data:`EXTRA_METRICS` that any trial has."""
+    the searched params (and ``by``), the validation figures (``val r=<radius>`` per radius
+    up to ``val_reach``, ``val_acr``) where trials have them, per objective the validation
+    verdict against the chosen trial where any trial has one (markdown: ``val r=0.5 −
+    chosen`` as the difference and its interval, then its Holm p; CSV:
+    :data:`VERDICT_COLUMNS` under their MLflow names), the test figures (``r=<radius>`` per
+    radius up to the largest :attr:`~cadis.tracking.sweep_reader.TrialRow.reach` of the
+    rows), then those of :data:`EXTRA_METRICS` that any trial has. No column is beyond what
+    its certification's n can certify."""
     if not rows:
         raise CadisError("no trial runs to compare")
     if by is not None:
@@ -147,8 +191,9 @@ def format_trial_table(rows: Sequence[TrialRow], by: str | None = None,
     params = searched_params(rows)
     if by is not None and by not in params:
         params.insert(0, by)
-    radii = radii_of(rows)
-    val_radii = sorted({radius for row in rows for radius in row.val_accuracy})
+    radii = reachable(radii_of(rows), max(row.reach for row in rows))
+    val_radii = reachable(sorted({radius for row in rows for radius in row.val_accuracy}),
+                          val_reach)
     val_extras = [name for name in VALIDATION_EXTRAS if any(name in row.metrics for row in rows)]
     extras = [name for name in EXTRA_METRICS if any(name in row.metrics for row in rows)]
     verdicts = leader_objectives(rows)
@@ -268,7 +313,7 @@ def within_reach(accuracy: Mapping[float, float], reach: float) -> list[tuple[fl
     """The (radius, certified accuracy) pairs at radii up to ``reach``, the largest radius
     the certification's n can certify: beyond it the accuracy is 0 because of n, not of the
     model."""
-    return [(radius, value) for radius, value in accuracy.items() if radius <= reach + 1e-9]
+    return [(radius, accuracy[radius]) for radius in reachable(list(accuracy), reach)]
 
 
 def reachable_points(row: TrialRow) -> list[tuple[float, float]]:
@@ -339,13 +384,15 @@ def run_compare(args: Any) -> None:
     """The ``compare`` command: print the table to stdout, write the plot if asked."""
     client = reading_client(args.tracking_uri)
     try:
-        rows = load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
+        rows, val_reach = compared_trials(client, experiment=args.experiment,
+                                          sweep_run_id=args.sweep)
     except RunNotFound as error:
         raise CadisError(f"{error}; pass a sweep's parent run id (the MLflow UI shows it) or "
                          f"use --experiment") from None
     if args.by is not None:
         check_by(rows, args.by)
-    sys.stdout.write(format_trial_table(rows, by=args.by, fmt=args.format))
+    sys.stdout.write(format_trial_table(rows, by=args.by, fmt=args.format,
+                                        val_reach=val_reach))
     if args.plot:
         _, left_out = plottable(rows, args.by)
         if left_out:

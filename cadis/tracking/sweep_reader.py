@@ -206,6 +206,13 @@ def sweep_run(client: Any, run_id: str) -> Any:
     return run
 
 
+def sweep_runs(client: Any, experiment: str) -> list[Any]:
+    """Every sweep's parent run in the experiment named ``experiment``; :class:`CadisError`
+    for an unknown experiment."""
+    query = f"tags.`{tracking.ROLE_TAG}` = '{tracking.ROLE_SWEEP}'"
+    return list(_all_runs(client, [_experiment_id(client, experiment)], query))
+
+
 def read_sweep(client: Any, run_id: str) -> SweepRecord:
     """The sweep whose parent run is ``run_id``; :class:`CadisError` when it is no sweep's
     run (:func:`sweep_run`) or has no trial runs."""
