@@ -194,6 +194,53 @@ def test_rungs_draw_every_trials_proxy_and_mark_the_stopped(one_objective):
     assert labels == ["1\n(4 trials)", "2\n(3 trials)", "3\n(3 trials)"]
 
 
+def log_proxy_noise(client, parent, se):
+    """The proxy's SE at every epoch of every trial, and the last trial (its proxy 0.1 at
+    epoch 1 only) tagged as ASHA stopped it, as the sweep's callback writes them."""
+    from mlflow.entities import Metric
+
+    from cadis.tracking.sweep_reader import load_trials
+
+    runs = {row.name: row.run_id for row in load_trials(client, sweep_run_id=parent)}
+    for name, (_, _, _, proxy) in TRIALS.items():
+        client.log_batch(runs[name], metrics=[Metric(tracking.PROXY_ACR_SE, se, 0, epoch + 1)
+                                              for epoch in range(len(proxy))])
+    client.set_tag(runs["run_trial_00003"], tracking.OUTCOME_TAG, tracking.OUTCOME_STOPPED)
+    return runs
+
+
+@pytest.mark.parametrize("se, within", [(0.1, True), (0.01, False)], ids=["within", "beyond"])
+def test_rungs_mark_the_cut_a_stopped_trial_met_and_whether_it_was_within_noise(
+        one_objective, se, within):
+    from cadis.sweeps.figure_data import asha_rungs, rung_marks
+
+    client, parent = one_objective
+    runs = log_proxy_noise(client, parent, se)
+    view = load_sweep_view(client, parent)
+    # Logged in the same instant, the trials reach rung 1 in start order: 00003's 0.1 meets
+    # the median of 0.2, 0.25 and 0.3, 0.25; its gap 0.15 is within 2 * hypot(0.1, 0.1) =
+    # 0.28, beyond 2 * hypot(0.01, 0.01) = 0.028.
+    [cut] = view.cuts
+    assert (cut.trial, cut.epoch, cut.cut, cut.cut_se) == (
+        runs["run_trial_00003"], 1, pytest.approx(0.25), pytest.approx(se))
+    assert view.stopped == 1 and asha_rungs(view.scheduler) == [1, 2]
+    marks = rung_marks(view)
+    assert marks.cuts == ((1, pytest.approx(0.25)),) and marks.judged == 1
+    assert marks.within == ({runs["run_trial_00003"]} if within else set())
+    figures, _ = sweep_figures(view)
+    [axes] = figures["rungs.png"].axes
+    [ticks] = [line for line in axes.get_lines() if line.get_marker() == "_"]
+    assert ticks.get_xydata().tolist() == [[1, pytest.approx(0.25)]]
+    hollow = [line.get_xydata().tolist() for line in axes.get_lines()
+              if line.get_marker() == "o" and line.get_markerfacecolor() == "none"
+              and len(line.get_xdata())]
+    crosses = [line.get_xydata().tolist() for line in axes.get_lines()
+               if line.get_marker() == "x" and len(line.get_xdata())]
+    assert (hollow, crosses) == (([[[1, 0.1]]], []) if within else ([], [[[1, 0.1]]]))
+    assert (f"ASHA stopped 1; {int(within)} of 1 within the proxy's noise of their cut "
+            f"(2 unpaired SEs)") in axes.get_title()
+
+
 def test_the_study_behind_optunas_plots_holds_the_runs(one_objective):
     import optuna
 

@@ -248,3 +248,35 @@ def test_the_loop_steps_with_the_recipe(tiny_models_dir, tmp_path, monkeypatch):
     assert calls["precision"] == ["bf16"] * 2
     [metrics] = reported
     assert metrics["weight_decay"] == cosine_between(1, 2, 0.04, 0.4)  # the last step's
+
+
+# ------------------------------------------------- the proxy's own noise
+
+
+@pytest.mark.parametrize("images, acr, se", [(4, 0.1875, 0.119678), (1, 0.5, None)])
+def test_the_proxy_reports_the_standard_error_of_its_mean_radius(tiny_models_dir, monkeypatch,
+                                                                 images, acr, se):
+    """Per-image radii 0.5, 0.25, 0 (wrong class) and 0 (abstained): ACR 0.1875 and SE
+    stdev / sqrt(4) = 0.2394 / 2; one image has no spread to estimate, so no SE."""
+    from cadis.data import load_dataset, stratified_holdout
+    from cadis.finetuning import loop
+    from cadis.models.denoiser import load_denoiser
+    from cadis.models.sources import ModelSources
+    from cadis.smoothing.records import ABSTAIN, Record
+    from cadis.tracking.contract import PROXY_ACR, PROXY_ACR_SE
+
+    outcomes = [(0, 0.5), (0, 0.25), (1, 0.75), (ABSTAIN, 0.0)][:images]
+    records = [Record.from_prediction(index, 0, predict, radius, 0.0)
+               for index, (predict, radius) in enumerate(outcomes)]
+    monkeypatch.setattr(loop, "certified_records", lambda *args: iter(records))
+    config = from_mapping({"models": str(tiny_models_dir), "val_images": 20,
+                           "proxy_images": images, "proxy_n": 30, "proxy_n0": 5})
+    sources = ModelSources.resolve(str(tiny_models_dir))
+    dataset = load_dataset("digits", "train")
+    _, validation = stratified_holdout(dataset.labels, config.val_images, config.val_seed)
+    unet, scheduler = load_denoiser(sources.denoiser)
+    metrics = loop.proxy_metrics(load_classifier(sources.classifier),
+                                 OneShotDenoiser(unet, scheduler, config.sigma), dataset,
+                                 validation, config, sources, 10, 8)
+    assert metrics[PROXY_ACR] == pytest.approx(acr)
+    assert metrics.get(PROXY_ACR_SE) == (None if se is None else pytest.approx(se, rel=1e-4))

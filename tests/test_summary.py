@@ -45,3 +45,41 @@ def test_a_configuration_alone_on_test_still_gets_its_spread_over_seeds():
     # One seed: the test figures above say it all.
     one = {"t1": {**seeds["t1"], "seeds": {0: {}}}}
     assert seed_lines(Choice("t1", "t1", (), (), one), "acr") == []
+
+
+def test_the_summary_says_how_many_of_ashas_stops_lay_within_the_proxys_noise(
+        tiny_models_dir, tmp_path):
+    from mlflow.entities import Metric
+
+    from cadis.sweeps.mlflow_writer import SweepTracker
+    from cadis.sweeps.parse import sweep_from_mapping
+    from cadis.sweeps.summary import sweep_summary
+    from cadis.tracking import contract as tracking
+    from tests.test_figures import sweep_mapping
+
+    sweep = sweep_from_mapping(sweep_mapping(tiny_models_dir, tmp_path, [("acr", "max")]))
+    tracker = SweepTracker(sweep.tracking_uri(), sweep, tmp_path, None)
+    (tmp_path / "sweep.yaml").write_text("name: pictured\n")
+    tracker.open_sweep(tmp_path / "sweep.yaml")
+    # Rung 1 (rf 2): C's 0.52 meets the median of A's and B's, 0.55 (SE 0.02): within
+    # 2 * hypot(0.01, 0.02). D's 0.40 meets C's 0.52 (the median of three): beyond. Rung 2:
+    # E's 0.55 meets the median of A's and B's, 0.65: 0.10 beyond 2 * hypot(0.02, 0.02).
+    trials = {"A": ([0.50, 0.60, 0.70], [0.02] * 3, tracking.OUTCOME_COMPLETED),
+              "B": ([0.60, 0.70, 0.80], [0.02] * 3, tracking.OUTCOME_COMPLETED),
+              "C": ([0.52], [0.01], tracking.OUTCOME_STOPPED),
+              "D": ([0.40], [0.01], tracking.OUTCOME_STOPPED),
+              "E": ([0.70, 0.55], [0.02, 0.02], tracking.OUTCOME_STOPPED)}
+    for order, (name, (proxy, errors, outcome)) in enumerate(trials.items()):
+        run = tracker.client.create_run(
+            tracker.experiment_id, run_name=name, start_time=1000 + order,
+            tags={tracking.PARENT_RUN_TAG: tracker.parent_run_id,
+                  tracking.ROLE_TAG: tracking.ROLE_TRIAL, tracking.TRIAL_ID_TAG: name,
+                  tracking.OUTCOME_TAG: outcome})
+        # Every trial's epoch e is logged before any trial's epoch e + 1.
+        tracker.client.log_batch(run.info.run_id, metrics=[
+            Metric(metric, logged, 1000 * (10 * epoch + order), epoch)
+            for epoch, (value, error) in enumerate(zip(proxy, errors), start=1)
+            for metric, logged in ((tracking.PROXY_ACR, value), (tracking.PROXY_ACR_SE, error))])
+    lines = sweep_summary(tracker, None, None).splitlines()
+    assert ("ASHA stopped 3 trials; within the proxy's noise of the cut they met "
+            "(2 unpaired SEs): at epoch 1, 1 of 2; at epoch 2, 0 of 1") in lines

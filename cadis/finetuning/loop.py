@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import tempfile
 import time
 from contextlib import nullcontext
@@ -70,6 +71,7 @@ from cadis.tracking.contract import (
     FIRST_STEP,
     LOOP_STARTED,
     PROXY_ACR,
+    PROXY_ACR_SE,
     PROXY_PREFIX,
     PROXY_SECONDS,
     REPORTED,
@@ -409,6 +411,11 @@ def proxy_metrics(classifier: Classifier, denoiser: OneShotDenoiser, dataset,
     classifier.train(was_training)
     metrics = {"val_denoised_accuracy": correct / len(images), PROXY_ACR:
                average_certified_radius(records)}
+    # The proxy's noise, from the same records (no more certification): the standard error
+    # of the mean radius; one image has no sample spread, so no SE.
+    per_image = [record.radius if record.correct else 0.0 for record in records]
+    if len(per_image) > 1:
+        metrics[PROXY_ACR_SE] = statistics.stdev(per_image) / math.sqrt(len(per_image))
     for radius, accuracy in certified_accuracy(records, radii).items():
         metrics[f"{PROXY_PREFIX}{radius_key(radius)}"] = accuracy
     return metrics

@@ -7,7 +7,9 @@ no matplotlib and no torch here (the drawing is :mod:`cadis.sweeps.figures`'s, a
 ranges, ASHA settings, the two certification stages and the trials ranked as the sweep ranked
 them. From the view alone: each trial's curve points up to the radius its stage's n can
 certify, each contender's paired interval against the chosen trial (the verdicts the sweep
-logged, :mod:`cadis.sweeps.choice`), its legend label, ASHA's rungs, whether the sweep supports a figure (else why not),
+logged, :mod:`cadis.sweeps.choice`), its legend label, ASHA's rungs and the cuts its
+stopped trials met with whether they lay within the proxy's noise
+(:mod:`cadis.sweeps.asha_cuts`), whether the sweep supports a figure (else why not),
 and the Optuna study behind Optuna's plots, rebuilt in memory (every ranked trial COMPLETE
 with its validation objective, the others PRUNED with their per-epoch values), so the
 pictures work for any sweep in the tracking server, on any machine.
@@ -24,6 +26,7 @@ from typing import Any, Final
 from cadis.errors import CadisError
 from cadis.smoothing.bounds import certified_radius, lower_confidence_bound
 from cadis.smoothing.sequential import draws_to_reach
+from cadis.sweeps.asha_cuts import NOISE_SES, Cut, sweep_cuts, sweep_milestones
 from cadis.sweeps.distribution_text import SearchRange, read_description
 from cadis.sweeps.objective import Objective
 from cadis.sweeps.ranking import rank_trials
@@ -93,6 +96,10 @@ class SweepView:
     trials: tuple[TrialRow, ...]
     histories: Mapping[str, Sequence[tuple[int, float]]]
     """The scheduler's metric per epoch, by trial run id."""
+    cuts: tuple[Cut, ...] = ()
+    """The cut each trial ASHA stopped met, rebuilt (:mod:`cadis.sweeps.asha_cuts`)."""
+    stopped: int = 0
+    """How many trials ASHA stopped."""
 
     @property
     def title(self) -> str:
@@ -123,6 +130,7 @@ def load_sweep_view(client: Any, parent_run_id: str) -> SweepView:
         json.loads(params["scheduler"])
     metric = scheduler["metric"] if scheduler else tracking.PROXY_ACR
     histories = {row.run_id: metric_history(client, row.run_id, metric) for row in sweep.trials}
+    cuts, stopped = sweep_cuts(client, sweep.trials, scheduler) if scheduler else ([], 0)
     finalist = next((row for row in sweep.trials if row.certified), None)
     return SweepView(
         name=sweep.name,
@@ -137,7 +145,7 @@ def load_sweep_view(client: Any, parent_run_id: str) -> SweepView:
                             _int_or_none(params.get("certify.rank.images"))),
         final=_certification("test", params, "certify.final.", None if finalist is None
                              else _int_or_none(finalist.metrics.get(tracking.NUM_IMAGES))),
-        trials=sweep.trials, histories=histories)
+        trials=sweep.trials, histories=histories, cuts=tuple(cuts), stopped=stopped)
 
 
 def _certification(name: str, params: Mapping[str, str], prefix: str, images: int | None
@@ -296,16 +304,43 @@ def interval_bars(view: SweepView, stage: StageCertification, rows: Sequence[Tri
     return first_value - first_verdict["difference"], bars
 
 
-def asha_rungs(scheduler: Mapping[str, Any] | None) -> list[int]:
-    """The epochs at which ASHA compares trials: grace_period, times reduction_factor, ...
-    below max_t."""
-    if not scheduler:
-        return []
-    rungs, epoch = [], float(scheduler["grace_period"])
-    while epoch < scheduler["max_t"]:
-        rungs.append(int(epoch))
-        epoch *= scheduler["reduction_factor"]
-    return rungs
+def asha_rungs(scheduler: Mapping[str, Any] | None) -> list[float]:
+    """The epochs at which ASHA compares trials, as Ray makes its rungs: grace_period, times
+    reduction_factor, ... up to max_t (a rung at max_t cuts at the last epoch)."""
+    return sweep_milestones(scheduler) if scheduler else []
+
+
+@dataclass(frozen=True)
+class RungMarks:
+    """What the rungs figure marks of ASHA's cuts: the cut each stopped trial met, as
+    (epoch, cut); the stopped trials that lay within the proxy's noise of theirs (drawn apart);
+    how many trials ASHA stopped, how many of those have a cut and SEs to judge by, and how
+    many of those lay within noise."""
+
+    cuts: tuple[tuple[int, float], ...]
+    within: frozenset[str]
+    stopped: int
+    judged: int
+
+    @property
+    def caption(self) -> str:
+        """``ASHA stopped 9; 6 of 8 within the proxy's noise of their cut (2 unpaired SEs), 1
+        not judged`` (no cut rebuilt, or no SE logged)."""
+        if not self.stopped:
+            return "ASHA stopped no trial"
+        text = (f"ASHA stopped {self.stopped}; {len(self.within)} of {self.judged} within the "
+                f"proxy's noise of their cut ({NOISE_SES:g} unpaired SEs)")
+        unjudged = self.stopped - self.judged
+        return text + (f", {unjudged} not judged" if unjudged else "")
+
+
+def rung_marks(view: SweepView) -> RungMarks:
+    """The cuts ASHA's stopped trials met and which of those trials lay within noise."""
+    return RungMarks(
+        cuts=tuple(sorted({(cut.epoch, cut.cut) for cut in view.cuts})),
+        within=frozenset(cut.trial for cut in view.cuts if cut.within_noise),
+        stopped=view.stopped,
+        judged=sum(cut.within_noise is not None for cut in view.cuts))
 
 
 # --------------------------------------------------------------------------- what a figure needs

@@ -14,7 +14,9 @@ this module draws it (matplotlib, and Optuna's matplotlib plots):
 * ``pareto_front.png``: for two objectives, Optuna's front with the trials certified on
   test marked and the chosen one named;
 * ``rungs.png``: ASHA's rungs, the scheduler's metric per epoch of every trial, stopped
-  trials in grey ending where ASHA stopped them.
+  trials in grey ending where ASHA stopped them; at each rung the cut each stopped trial met
+  (rebuilt, a short bar), and a stopped trial that lay within the proxy's noise of its cut
+  ends in a hollow circle, the count in the title (the cut itself ignores the noise).
 
 A figure the data cannot support (importances of fewer than two ranked trials) is skipped
 with its reason.
@@ -42,6 +44,7 @@ from cadis.sweeps.figure_data import (
     needs_spread,
     needs_two_objectives,
     rebuild_study,
+    rung_marks,
     trial_label,
 )
 from cadis.tracking import contract as tracking
@@ -50,6 +53,10 @@ from cadis.tracking.sweep_reader import reading_client
 #: The parent run's artifact folder of the figures, and the results folder's.
 FIGURES_DIR: Final = "figures"
 STOPPED_COLOUR: Final = "0.6"
+#: The cuts ASHA's stopped trials met, and the end of a stop within the proxy's noise.
+CUT_COLOUR: Final = "crimson"
+CUT_TICK_SIZE: Final = 18
+WITHIN_NOISE_SIZE: Final = 9
 TRIAL_COLOURMAP: Final = "viridis"
 DPI: Final = 110
 #: An interval bar's line width: thin where the contender is inseparable from the chosen.
@@ -107,10 +114,13 @@ def _draw_intervals(axes: Any, level: float | None, bars: Sequence[IntervalBar],
 
 def plot_rungs(view: SweepView) -> Any:
     """The scheduler's metric per epoch of every trial: ranked ones in colour, the others
-    grey with an x where they stopped; the rungs at which ASHA compares trials as lines."""
+    grey with an x where they stopped (a hollow circle where a stopped trial lay within the
+    proxy's noise of the cut it met); the rungs at which ASHA compares trials as shaded lines,
+    the cuts stopped trials met as short bars on them."""
     metric = view.scheduler["metric"] if view.scheduler else tracking.PROXY_ACR
     figure, (axes,) = _figure(ncols=1, width=8.0, height=5.0)
     ranked = {row.run_id for row in view.ranked()}
+    marks = rung_marks(view)
     colours = _colours([row.run_id for row in view.ranked()])
     reached: dict[int, int] = {}
     for row in view.trials:
@@ -125,12 +135,24 @@ def plot_rungs(view: SweepView) -> Any:
                       label=trial_label(view, row))
         else:
             axes.plot(epochs, values, color=STOPPED_COLOUR, linestyle="--", linewidth=1)
-            axes.plot(epochs[-1:], values[-1:], marker="x", color=STOPPED_COLOUR,
-                      linestyle="none")
+            if row.run_id in marks.within:
+                axes.plot(epochs[-1:], values[-1:], marker="o", markersize=WITHIN_NOISE_SIZE,
+                          markerfacecolor="none", color=CUT_COLOUR, linestyle="none")
+            else:
+                axes.plot(epochs[-1:], values[-1:], marker="x", color=STOPPED_COLOUR,
+                          linestyle="none")
     for rung in asha_rungs(view.scheduler):
         axes.axvline(rung, color="0.85", linewidth=6, zorder=0)
     axes.plot([], [], color=STOPPED_COLOUR, linestyle="--", marker="x",
               label="stopped early or failed")
+    if marks.cuts:
+        axes.plot([epoch for epoch, _ in marks.cuts], [cut for _, cut in marks.cuts],
+                  marker="_", markersize=CUT_TICK_SIZE, markeredgewidth=2, color=CUT_COLOUR,
+                  linestyle="none", label="cut a stopped trial met (rebuilt)")
+        axes.plot([], [], marker="o", markersize=WITHIN_NOISE_SIZE, markerfacecolor="none",
+                  color=CUT_COLOUR, linestyle="none",
+                  label=f"stopped within noise of its cut: {len(marks.within)} of "
+                        f"{marks.judged}")
     ticks = sorted(reached)
     axes.set_xticks(ticks)
     axes.set_xticklabels([f"{epoch}\n({reached[epoch]} trials)" for epoch in ticks])
@@ -140,7 +162,7 @@ def plot_rungs(view: SweepView) -> Any:
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     where = "" if not view.scheduler else (
         f"; ASHA rungs (shaded) at grace_period {view.scheduler['grace_period']}, "
-        f"reduction_factor {view.scheduler['reduction_factor']:g}")
+        f"reduction_factor {view.scheduler['reduction_factor']:g}\n{marks.caption}")
     axes.set_title(f"{view.title}\n{metric} per epoch{where}", fontsize="medium")
     return figure
 

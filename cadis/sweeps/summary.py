@@ -3,24 +3,29 @@ evidence carries that choice (its paired verdicts against the incumbent and ever
 contender, on validation and on test: :mod:`cadis.sweeps.choice`; with several training
 seeds each configuration's test figure over its seeds and the verdicts seed by seed), where
 its checkpoint and
-records are, where the trials' time went (the median orchestration and phases), the trials
+records are, where the trials' time went (the median orchestration and phases), how many
+trials ASHA stopped within the proxy's noise of the cut they met, the trials
 that failed and why, the figures, and how to open MLflow's UI on the
 sweep. Read from the sweep's parent run and its results folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cadis.smoothing.paired import format_interval, format_p, format_signed
 from cadis.smoothing.records import RECORDS_FILENAME
 from cadis.smoothing.verdicts import Verdict
+from cadis.sweeps.asha_cuts import stopped_line, sweep_cuts
 from cadis.sweeps.choice import TEST, Choice, verdict_fields
 from cadis.sweeps.layout import TrainedTrial, trained_file, trial_certify_dir
 from cadis.sweeps.mlflow_writer import SweepTracker
+from cadis.sweeps.spec import AshaSettings
 from cadis.sweeps.trial_phases import median_line
 from cadis.tracking.contract import ACR, ERROR_ARTIFACT, NUM_IMAGES
 from cadis.tracking.server import SQLITE_SCHEME
@@ -30,7 +35,8 @@ from cadis.tracking.sweep_reader import trial_row, trial_runs
 def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path | None,
                   choice: Choice | None = None) -> str:
     """The lines of the sweep's end: ``best_trial`` (None: nothing was ranked) and its test
-    figures, the ``choice``'s verdicts in words (:meth:`Choice.words`), the failed trials,
+    figures, the ``choice``'s verdicts in words (:meth:`Choice.words`), the trials' median
+    phases, ASHA's stops against the proxy's noise (:func:`asha_line`), the failed trials,
     ``figures`` (where the sweep's figures are, None: none) and the MLflow page."""
     sweep = tracker.sweep
     lines = [f"sweep {sweep.name} done."]
@@ -57,10 +63,12 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
             lines.append(f"  checkpoint: {TrainedTrial.read(trained).checkpoint}")
         lines.append(f"  records: "
                      f"{trial_certify_dir(tracker.results, best_trial) / RECORDS_FILENAME}")
-    timing = median_line(run.data.metrics for run in trial_runs(
-        tracker.client, tracker.experiment_id, tracker.parent_run_id))
+    runs = trial_runs(tracker.client, tracker.experiment_id, tracker.parent_run_id)
+    timing = median_line(run.data.metrics for run in runs)
     if timing is not None:
         lines.append(timing)
+    if sweep.scheduler is not None:
+        lines.append(asha_line(tracker.client, runs, sweep.scheduler))
     failures = tracker.failures()
     if failures:
         lines.append(f"{len(failures)} trial(s) failed ({ERROR_ARTIFACT} on their MLflow runs):")
@@ -70,6 +78,15 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
     lines.append(f"MLflow: "
                  f"{mlflow_ui_hint(tracker.uri, tracker.experiment_id, tracker.parent_run_id)}")
     return "\n".join(lines)
+
+
+def asha_line(client: Any, runs: Sequence[Any], scheduler: AshaSettings) -> str:
+    """How many trials ASHA stopped and, per rung, how many of them lay within the proxy's
+    noise of the cut they met (:mod:`cadis.sweeps.asha_cuts`), from the trial ``runs``'
+    per-epoch metric histories and outcomes."""
+    cuts, stopped = sweep_cuts(client, [trial_row(run) for run in runs],
+                               dataclasses.asdict(scheduler))
+    return stopped_line(cuts, stopped, scheduler.metric)
 
 
 def seed_lines(choice: Choice, metric: str) -> list[str]:

@@ -28,6 +28,18 @@ from typing import Any, Mapping
 
 # Tags. ``mlflow.parentRunId`` makes the MLflow UI nest trials under their sweep.
 PARENT_RUN_TAG = "mlflow.parentRunId"
+# Tags of a sweep's experiment for MLflow's UI. EXPERIMENT_KIND_TAG = EXPERIMENT_KIND_TRAINING
+# (the UI's "custom_model_development", "Machine learning") says the experiment trains models,
+# not GenAI apps: UIs without MLflow 3.17's sidebar switch open such an experiment on its runs.
+# MLflow 3.17.2's UI takes the kind from that switch instead (a page's
+# ?workflowType=machine_learning, else the browser's last choice, GenAI at first): a link
+# with that query opens on the runs. PRIMARY_METRIC_TAG names the metric the UI's charts lead
+# with (the first objective as the trial runs carry it, val_certified_accuracy_r0.5) and
+# PRIMARY_METRIC_GREATER_TAG its direction, "True" or "False" as MLflow's fluent API writes it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
+PRIMARY_METRIC_GREATER_TAG = "mlflow.experiment.primaryMetric.greaterIsBetter"
 ROLE_TAG = "cadis.role"
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"
@@ -62,6 +74,15 @@ WARM_START_TAG = "cadis.warm_start_from"
 # at every radius, for early stopping and ranking trials without a large n.
 PROXY_PREFIX = "proxy_certified_accuracy_r"
 PROXY_ACR = "proxy_acr"
+# The proxy's own noise, logged each epoch beside PROXY_ACR (absent when the proxy has one
+# image): the standard error of its mean over the proxy's images, the per-image certified
+# radii's sample standard deviation / sqrt(images). Two trials measured on the same stored
+# draws have positively correlated errors, so the noise of their difference is smaller than
+# their unpaired SEs combined: "within noise" judged by these SEs is conservative (it may call
+# noise a difference that a paired comparison would resolve).
+# PROXY_NOISE names the SE metric of each per-epoch metric that has one.
+PROXY_ACR_SE = "proxy_acr_se"
+PROXY_NOISE = {PROXY_ACR: PROXY_ACR_SE}
 
 # Where a trial's slot went (cadis.sweeps.trial_callback logs these on its run when it ends,
 # the summary gives their medians). Each epoch's result carries EPOCH_SECONDS (its optimizer
