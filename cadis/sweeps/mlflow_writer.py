@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cadis.errors import CadisError
 from cadis.sweeps.layout import SweepState
@@ -26,10 +26,14 @@ from cadis.tracking.contract import (
     CERTIFY_ARTIFACTS,
     CHOICE_ARTIFACT,
     CHOSEN_VS_INCUMBENT,
+    EXPERIMENT_KIND_TAG,
+    EXPERIMENT_KIND_TRAINING,
     FAILURE_TAG,
     FINALIST_TAG,
     OUTCOME_FAILED,
     OUTCOME_TAG,
+    PRIMARY_METRIC_GREATER_TAG,
+    PRIMARY_METRIC_TAG,
     ROLE_SWEEP,
     ROLE_TAG,
     SEARCHED_TAG,
@@ -47,11 +51,22 @@ from cadis.tracking.contract import (
     verdict_metric,
 )
 from cadis.tracking.server import artifact_location
-from cadis.tracking.sweep_reader import find_trial_run, load_trials, trial_runs
+from cadis.tracking.sweep_reader import find_trial_run, trial_runs
 
 if TYPE_CHECKING:
     from cadis.sweeps.choice import Choice
+    from cadis.sweeps.objective import Objective
     from cadis.sweeps.warm_start import WarmStart
+
+
+def experiment_tags(objectives: Sequence[Objective]) -> dict[str, str]:
+    """The tags that mark a sweep's experiment in MLflow as model training, its primary
+    metric the first objective as the trial runs carry it (``val_certified_accuracy_r0.5``)
+    and that metric's direction (:mod:`cadis.tracking.contract` says what MLflow's UI does
+    with them)."""
+    first = objectives[0]
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING, PRIMARY_METRIC_TAG: first.searched,
+            PRIMARY_METRIC_GREATER_TAG: str(first.mode == "max")}
 
 
 class SweepTracker:
@@ -73,6 +88,7 @@ class SweepTracker:
         self.experiment_id = experiment.experiment_id if experiment else \
             self.client.create_experiment(self.sweep.mlflow.experiment,
                                           artifact_location=artifact_location(self.uri))
+        self.tag_experiment()
         tags = {ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: self.sweep.name,
                 SEARCHED_TAG: ",".join(sorted(self.sweep.search))}
         if warm is not None:
@@ -103,7 +119,14 @@ class SweepTracker:
         self.client.log_text(self.parent_run_id, describe(sweep) + "\n", "sweep_resolved.txt")
 
     def reopen_sweep(self) -> None:
+        self.tag_experiment()
         self.client.update_run(self.parent_run_id, status="RUNNING")
+
+    def tag_experiment(self) -> None:
+        """Set :func:`experiment_tags` on the sweep's experiment, new or not: a tag it has
+        already is set again (the last sweep opened names the primary metric)."""
+        for key, value in experiment_tags(self.sweep.objective).items():
+            self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def set_stage(self, stage: str) -> None:
         self.client.set_tag(self.parent_run_id, STAGE_TAG, stage)
@@ -224,6 +247,7 @@ class SweepTracker:
 
     def comparison(self) -> str:
         """The table of ``cadis compare --sweep`` of this sweep."""
-        from cadis.tracking.compare import format_trial_table
+        from cadis.tracking.compare import compared_trials, format_trial_table
 
-        return format_trial_table(load_trials(self.client, sweep_run_id=self.parent_run_id))
+        rows, val_reach = compared_trials(self.client, sweep_run_id=self.parent_run_id)
+        return format_trial_table(rows, val_reach=val_reach)
