@@ -83,3 +83,12 @@ def test_the_summary_says_how_many_of_ashas_stops_lay_within_the_proxys_noise(
     lines = sweep_summary(tracker, None, None).splitlines()
     assert ("ASHA stopped 3 trials; within the proxy's noise of the cut they met "
             "(2 unpaired SEs): at epoch 1, 1 of 2; at epoch 2, 0 of 1") in lines
+
+
+def test_the_mlflow_hint_opens_the_model_training_view():
+    from cadis.sweeps.summary import mlflow_ui_hint
+
+    # MLflow 3.17's UI opens an experiment on its GenAI view unless the page names the workflow.
+    for uri in ("sqlite:///runs/sweeps/mlflow.db", "http://127.0.0.1:5000"):
+        assert mlflow_ui_hint(uri, "3", "abc").endswith(
+            "#/experiments/3/runs/abc?workflowType=machine_learning")

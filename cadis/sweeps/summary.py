@@ -148,10 +148,16 @@ def seed_verdict(verdicts: Iterable[Verdict]) -> str:
             f"separate them")
 
 
+#: The query that opens MLflow's UI on its model-training view (runs, not traces).
+MLFLOW_UI_WORKFLOW = "workflowType=machine_learning"
+
+
 def mlflow_ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     """How to see a run in MLflow's UI: the command that serves a local SQLite file on
-    loopback and the page, or the tracking server's page."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    loopback and the page, or the tracking server's page. The page asks for MLflow's model
+    training view: MLflow 3.17's UI opens every experiment on its GenAI view (traces) unless
+    the address names the workflow, whatever the experiment's tags say."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?{MLFLOW_UI_WORKFLOW}"
     if uri.startswith(SQLITE_SCHEME):
         mlflow = Path(sys.executable).with_name("mlflow")
         command = mlflow if mlflow.is_file() else "mlflow"
