@@ -66,7 +66,9 @@ def run_arm(name: str, code: Path, sweep: str, sets: list[str], scratch: Path,
     with open(out.with_suffix(".log"), "w") as log:
         subprocess.run(command, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT,
                        check=True)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    out.with_suffix(".seconds").write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def per_epoch_sum(client, run_id: str, key: str) -> float:
@@ -84,7 +86,7 @@ def trial_times(name: str, scratch: Path) -> list[dict[str, float]]:
     experiment = client.get_experiment_by_name(f"overhead-{name}")
     rows = []
     for run in client.search_runs([experiment.experiment_id],
-                                  f"tags.{ROLE_TAG} = '{ROLE_TRIAL}'"):
+                                  f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"):
         if run.info.end_time is None:
             continue
         rank_records = trial_rank_dir(out / "results", run.data.tags[TRIAL_ID_TAG]) / \
@@ -114,17 +116,23 @@ def main() -> None:
                         help=f"sweep overrides for both arms (default: {' '.join(DEFAULT_SETS)})")
     parser.add_argument("--models", default=str(ROOT / "models" / "fashion-mnist"))
     parser.add_argument("--scratch", required=True)
+    parser.add_argument("--report-only", action="store_true",
+                        help="read the two arms already in --scratch again, run nothing")
     args = parser.parse_args()
     scratch = Path(args.scratch).resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     sets = list(DEFAULT_SETS if args.sets is None else args.sets)
     worktree = scratch / "before-code"
-    if not worktree.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree),
-                        args.before], check=True, capture_output=True)
-    models = Path(args.models).resolve()
-    walls = {"before": run_arm("before", worktree, args.sweep, sets, scratch, models),
-             "after": run_arm("after", ROOT, args.sweep, sets, scratch, models)}
+    if args.report_only:
+        walls = {name: float((scratch / f"{name}.seconds").read_text())
+                 for name in ("before", "after")}
+    else:
+        if not worktree.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach",
+                            str(worktree), args.before], check=True, capture_output=True)
+        models = Path(args.models).resolve()
+        walls = {"before": run_arm("before", worktree, args.sweep, sets, scratch, models),
+                 "after": run_arm("after", ROOT, args.sweep, sets, scratch, models)}
     print(f"sweep {args.sweep} with {' '.join(sets)}; before = {args.before}, after = this "
           f"checkout; medians over each arm's trials, seconds")
     print(f"{'arm':<8}{'trials':>7}" + "".join(f"{c:>9}" for c in COLUMNS) + f"{'sweep':>9}")

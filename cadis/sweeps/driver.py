@@ -40,7 +40,7 @@ from cadis.sweeps.describe import describe
 from cadis.sweeps.final_stage import run_final_stage
 from cadis.sweeps.parse import load_sweep
 from cadis.sweeps.preflight import check_searched_sigma
-from cadis.sweeps.resources import concurrent_trials, store_build_cpus
+from cadis.sweeps.resources import concurrent_trials, store_cpus_now
 from cadis.sweeps.resume import check_results_dir, sweep_fingerprint
 from cadis.sweeps.search_space import trial_config
 from cadis.sweeps.spec import TRIAL_DRIVER_CPUS, VARIANT_KEY, SweepConfig
@@ -305,10 +305,7 @@ def _build_stores(sweep: SweepConfig) -> dict[str, dict[str, Any]]:
     from cadis.sweeps.stores import build_sweep_stores
 
     resources = sweep.resources
-    largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]),
-                  default=1.0)
-    cpus = store_build_cpus(largest, ray.available_resources().get("CPU", 0.0),
-                            resources.cpus_per_worker)
+    cpus = store_cpus_now(ray.nodes(), ray.available_resources(), resources.cpus_per_worker)
     task = ray.remote(build_sweep_stores).options(num_cpus=cpus,
                                                   num_gpus=resources.gpus_per_worker)
     stores = ray.get(task.remote(sweep.base.to_dict(), sweep.rank, sweep.draws_dir,

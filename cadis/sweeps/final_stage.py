@@ -50,7 +50,7 @@ from cadis.sweeps.layout import (
     trial_folder,
     trial_seed_folder,
 )
-from cadis.sweeps.resources import concurrent_trials
+from cadis.sweeps.resources import concurrent_trials, store_cpus_now
 from cadis.sweeps.spec import TRIAL_DRIVER_CPUS, SweepConfig
 from cadis.tracking.contract import INCUMBENT_TAG, TRIAL_ID_TAG
 
@@ -205,12 +205,17 @@ def retrain_seed(config_dict: dict[str, Any], run_name: str, storage: str,
     return str(result.checkpoint.path)
 
 
-def build_test_draws(config_dict: dict[str, Any], draws_dir: str) -> dict[str, Any]:
+def build_test_draws(config_dict: dict[str, Any], draws_dir: str,
+                     threads: int = 1) -> dict[str, Any]:
     """The store of test draws of ``config_dict``'s final certification under ``draws_dir``,
-    built or found (a Ray task with one worker's resources): its folder and what it cost, as
-    the sweep's other stores record theirs."""
+    built or found with ``threads`` torch threads (a Ray task holding as many CPUs): its
+    folder and what it cost, as the sweep's other stores record theirs."""
+    import torch
+
     from cadis.certify_models import build_test_store
     from cadis.finetuning.config import from_mapping
+
+    torch.set_num_threads(threads)
 
     store = build_test_store(from_mapping(config_dict), draws_dir)
     info = store.info
@@ -232,9 +237,11 @@ def _prepare_test_draws(sweep: SweepConfig, draws_dir: str | None,
               f"test comparisons are paired on images, not draw for draw", flush=True)
         return
     resources = sweep.resources
-    build = ray.remote(build_test_draws).options(num_cpus=resources.cpus_per_worker,
+    # The search has ended: the cluster is idle, and every configuration waits for this store.
+    cpus = store_cpus_now(ray.nodes(), ray.available_resources(), resources.cpus_per_worker)
+    build = ray.remote(build_test_draws).options(num_cpus=cpus,
                                                  num_gpus=resources.gpus_per_worker)
-    info = ray.get(build.remote(sweep.base.to_dict(), draws_dir))
+    info = ray.get(build.remote(sweep.base.to_dict(), draws_dir, threads=max(1, int(cpus))))
     tracker.log_stores({TEST_STORE: info})
     print(f"final stage: test draws in {info['folder']} ({info['bytes'] / 2 ** 20:.0f} MiB), "
           f"shared by every configuration and seed", flush=True)

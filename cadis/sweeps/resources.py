@@ -48,6 +48,16 @@ def concurrent_trials(sweep: SweepConfig, cluster: Mapping[str, float],
     return min(fits, sweep.max_concurrent_trials)
 
 
+def store_cpus_now(nodes: Sequence[Mapping], available: Mapping[str, float],
+                   per_worker: float) -> float:
+    """:func:`store_build_cpus` for the cluster as Ray reports it now (``ray.nodes()``,
+    ``ray.available_resources()``): the sweep's stores before its first trial, its test draws
+    once the search has ended and the cluster is idle."""
+    largest = max((node["Resources"].get("CPU", 0.0) for node in nodes if node["Alive"]),
+                  default=1.0)
+    return store_build_cpus(largest, available.get("CPU", 0.0), per_worker)
+
+
 def store_build_cpus(largest_node: float, free: float, per_worker: float) -> float:
     """The CPUs the store-building task asks for (torch runs as many threads): this sweep's
     trials wait for the stores, so it takes what the largest node has, at most
