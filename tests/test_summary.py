@@ -92,3 +92,29 @@ def test_the_mlflow_hint_opens_the_model_training_view():
     for uri in ("sqlite:///runs/sweeps/mlflow.db", "http://127.0.0.1:5000"):
         assert mlflow_ui_hint(uri, "3", "abc").endswith(
             "#/experiments/3/runs/abc?workflowType=machine_learning")
+
+
+def test_the_chosen_trials_test_line_stops_at_what_n_can_certify(tiny_models_dir, tmp_path):
+    from cadis.sweeps.mlflow_writer import SweepTracker
+    from cadis.sweeps.parse import sweep_from_mapping
+    from cadis.sweeps.summary import sweep_summary
+    from cadis.tracking import contract as tracking
+    from tests.test_figures import sweep_mapping
+
+    sweep = sweep_from_mapping(sweep_mapping(tiny_models_dir, tmp_path, [("acr", "max")]))
+    tracker = SweepTracker(sweep.tracking_uri(), sweep, tmp_path, None)
+    (tmp_path / "sweep.yaml").write_text("name: pictured\n")
+    tracker.open_sweep(tmp_path / "sweep.yaml")
+    run = tracker.client.create_run(
+        tracker.experiment_id, run_name="T",
+        tags={tracking.PARENT_RUN_TAG: tracker.parent_run_id,
+              tracking.ROLE_TAG: tracking.ROLE_TRIAL, tracking.TRIAL_ID_TAG: "T"})
+    for key, value in {"sigma": "0.5", "certify.n": "500", "certify.alpha": "0.001"}.items():
+        tracker.client.log_param(run.info.run_id, key, value)
+    # n = 500 at alpha 0.001 certifies at most ~1.21 at sigma 0.5: r = 1.25 is zero by
+    # construction and left out.
+    for name, value in {"certified_accuracy_r0.0": 0.8, "certified_accuracy_r1.0": 0.5,
+                        "certified_accuracy_r1.25": 0.0, tracking.ACR: 0.7}.items():
+        tracker.client.log_metric(run.info.run_id, name, value)
+    text = sweep_summary(tracker, "T", None)
+    assert "r=0 0.800, r=1 0.500; acr 0.700" in text and "r=1.25" not in text

@@ -47,8 +47,10 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
         metrics = run.data.metrics
         objective = sweep.objective[0]
         certify = sweep.certify
+        row = trial_row(run)
+        # Radii beyond what the test certification's n can certify are zero by construction.
         accuracy = ", ".join(f"r={radius:g} {value:.3f}"
-                             for radius, value in trial_row(run).accuracy.items())
+                             for radius, value in row.accuracy.items() if radius <= row.reach)
         lines += [f"chosen: {run.info.run_name} (trial {best_trial}), first by validation "
                   f"{objective.metric} = {metrics.get(objective.searched, math.nan):.3f}",
                   f"  test ({int(metrics.get(NUM_IMAGES, 0))} images, n={certify.n}, "
