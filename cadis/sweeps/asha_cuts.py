@@ -31,8 +31,8 @@ from cadis.tracking.sweep_reader import TrialRow
 #: and still count as within the proxy's noise: 2 (about z = 1.96), a ~95% two-sided band for
 #: the difference of two estimates, not corrected for the many cuts a sweep makes.
 NOISE_SES: Final = 2.0
-#: Tune's ``max_t`` is the sweep's ``max_t`` plus this (:func:`build_scheduler`: one more,
-#: so that the last epoch's trial goes on to its certification). It sets how many rungs Ray
+#: Tune's ``max_t`` is the sweep's ``max_t`` plus this (:func:`build_scheduler` adds it: one
+#: more, so that the last epoch's trial goes on to its certification). It sets how many rungs Ray
 #: makes; a rung at the sweep's ``max_t`` itself, if any, is a real cut.
 TUNE_MAX_T_EXTRA: Final = 1
 

@@ -17,6 +17,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from cadis.sweeps.asha_cuts import TUNE_MAX_T_EXTRA
 from cadis.sweeps.layout import EPOCH, OPTUNA_DB
 from cadis.sweeps.spec import (
     INCUMBENT_PARAM,
@@ -162,7 +163,7 @@ def build_scheduler(sweep: SweepConfig) -> Any:
     # go on to its certification, reported under the same epoch.
     return IncumbentSparingASHA(time_attr=EPOCH, metric=asha.metric, mode=asha.mode,
                          grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
-                         max_t=asha.max_t + 1)
+                         max_t=asha.max_t + TUNE_MAX_T_EXTRA)
 
 
 class IncumbentSparingASHA(ASHAScheduler):
