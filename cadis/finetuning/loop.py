@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import tempfile
 import time
 from contextlib import nullcontext
@@ -57,6 +56,7 @@ from cadis.smoothing.denoise import (
     to_diffusion_space,
     to_image_space,
 )
+from cadis.smoothing.paired import certified_radii
 from cadis.smoothing.precision import Precision
 from cadis.smoothing.precision import autocast as precision_autocast
 from cadis.smoothing.records import (
@@ -413,9 +413,9 @@ def proxy_metrics(classifier: Classifier, denoiser: OneShotDenoiser, dataset,
                average_certified_radius(records)}
     # The proxy's noise, from the same records (no more certification): the standard error
     # of the mean radius; one image has no sample spread, so no SE.
-    per_image = [record.radius if record.correct else 0.0 for record in records]
+    per_image = certified_radii(records)
     if len(per_image) > 1:
-        metrics[PROXY_ACR_SE] = statistics.stdev(per_image) / math.sqrt(len(per_image))
+        metrics[PROXY_ACR_SE] = float(per_image.std(ddof=1)) / math.sqrt(len(per_image))
     for radius, accuracy in certified_accuracy(records, radii).items():
         metrics[f"{PROXY_PREFIX}{radius_key(radius)}"] = accuracy
     return metrics
