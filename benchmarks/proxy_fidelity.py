@@ -1,0 +1,347 @@
+"""Does the per-epoch proxy rank trials the way the objective does, and does it see its own
+differences? Measured on trials that all train to the end (no scheduler).
+
+Trains ``--trials`` configurations of the sweep file's search space (default: the default
+sweep's), every one to its last epoch and none stopped: the first is the sweep file's base
+(the incumbent), the others drawn at random from the search space (``--seed``). Every trial
+trains on the sweep's stored training draws, exactly as a sweep trial's loop does (the same
+``train_loop``, here in this process, one trial after another), keeping the checkpoint of each
+epoch. Then, per trial:
+
+- the objective: the sweep's rank stage on the last checkpoint (the same function, the same
+  stored draws: the first ``certify.rank.images`` validation images, sequential, n at most
+  ``certify.rank.n``), the sweep objective's value;
+- every epoch's classifier on one store of the proxy's draws of the whole validation
+  hold-out (``proxy_n0 + proxy_n`` draws of each of ``val_images`` images, the first
+  ``proxy_images`` of them the very draws the sweep's proxy reads): each draw's predicted
+  class, kept in ``predictions/epoch_NNN.npy``.
+
+Each candidate proxy is computed from those predictions: a statistic per image, averaged over
+the first ``images`` images, reading the first ``n0`` selection and ``n`` estimation draws of
+each (:func:`candidates`). Per epoch and candidate it prints:
+
+- Spearman's rank correlation with the objective over the trials, with a percentile bootstrap
+  95% interval (trials resampled);
+- the proxy's paired noise (the standard error of the mean per-image difference between two
+  trials on the same draws, median over the pairs of trials) against its spread (the standard
+  deviation of the trials' values): a proxy whose spread is not well above its noise cuts
+  trials on noise;
+- its cost: the classifier forwards it reads, in seconds at the speed measured here.
+
+    .venv/bin/python benchmarks/proxy_fidelity.py --scratch /tmp/fidelity [--draws DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import beta, norm, spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cadis.draws.certification_store import DrawStore  # noqa: E402
+from cadis.draws.folder import STORE_ARRAY, STORE_META  # noqa: E402
+from cadis.draws.keys import PROXY_ROLE, RANK_ROLE, TRAIN_ROLE  # noqa: E402
+from cadis.finetuning.checkpoint import load_trained, read_metadata  # noqa: E402
+from cadis.finetuning.fit import CHECKPOINT_PATTERN, CHECKPOINTS_DIR, LocalSession  # noqa: E402
+from cadis.finetuning.loop import train_loop  # noqa: E402
+from cadis.models.classifier import load_classifier  # noqa: E402
+from cadis.models.devices import pick_device  # noqa: E402
+from cadis.smoothing.bounds import certified_radius, lower_confidence_bound  # noqa: E402
+from cadis.smoothing.smooth import evaluating  # noqa: E402
+from cadis.sweeps.parse import load_sweep  # noqa: E402
+from cadis.sweeps.search_space import trial_config  # noqa: E402
+from cadis.sweeps.stores import build_sweep_stores  # noqa: E402
+from cadis.sweeps.trial import certify_rank, figures_of  # noqa: E402
+from cadis.tracking.contract import PROXY_ACR  # noqa: E402
+
+#: Bootstrap resamples of the trials for each correlation's interval.
+BOOTSTRAP = 2000
+#: A count estimate of 0 or N draws is moved half a draw inward, so that Phi^-1 is finite.
+HALF_DRAW = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A proxy: ``statistic`` per image, averaged over the first ``images`` validation
+    images, each read through its first ``n0`` selection and ``n`` estimation draws."""
+
+    statistic: str
+    images: int
+    n0: int
+    n: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.statistic} {self.images}x({self.n0}+{self.n})"
+
+    @property
+    def draws(self) -> int:
+        return self.images * (self.n0 + self.n)
+
+
+def certified_radius_or_zero(selection: np.ndarray, estimation: np.ndarray, label: int,
+                             sigma: float, alpha: float) -> float:
+    """CERTIFY's radius when it certifies the true class, else 0: what ACR averages."""
+    candidate = int(np.argmax(selection))
+    n = int(estimation.sum())
+    p_lower = lower_confidence_bound(int(estimation[candidate]), n, alpha)
+    return certified_radius(p_lower, sigma) if candidate == label and p_lower > 0.5 else 0.0
+
+
+def smoothed_margin(selection: np.ndarray, estimation: np.ndarray, label: int, sigma: float,
+                    alpha: float) -> float:
+    """sigma * Phi^-1 of the share of all the image's draws that give the true class (moved
+    half a draw off 0 and 1): a continuous, signed radius, negative where the smoothed
+    classifier is wrong."""
+    draws = int(selection.sum() + estimation.sum())
+    share = (selection[label] + estimation[label]) / draws
+    share = min(max(share, HALF_DRAW / draws), 1 - HALF_DRAW / draws)
+    return sigma * float(norm.ppf(share))
+
+
+def lower_bound_radius(selection: np.ndarray, estimation: np.ndarray, label: int,
+                       sigma: float, alpha: float) -> float:
+    """sigma * Phi^-1 of the one-sided Clopper-Pearson lower bound of the true class's
+    probability from the estimation draws, signed (below 0 under one half), floored half a
+    draw above 0: the radius CERTIFY would give the true class, without its cut at 0."""
+    n = int(estimation.sum())
+    k = int(estimation[label])
+    low = float(beta.ppf(alpha, k, n - k + 1)) if k > 0 else 0.0
+    return sigma * float(norm.ppf(max(low, HALF_DRAW / n)))
+
+
+STATISTICS = {"acr": certified_radius_or_zero, "margin": smoothed_margin,
+              "lower_bound_radius": lower_bound_radius}
+#: How each candidate reads the draws, against today's proxy (P images, n0 + n draws each):
+#: (image factor, draw factor). The same draws over 2.5x and 5x the images, a fifth of them,
+#: five times as many.
+BUDGETS = ((1, 1), (2.5, 0.4), (5, 0.2), (1, 0.2), (5, 1))
+
+
+def candidates(images: int, n0: int, n: int, available: int) -> list[Candidate]:
+    """Today's proxy (``acr`` over ``images`` images at ``n0 + n``) first, then every
+    statistic at every budget of :data:`BUDGETS` that the ``available`` images allow."""
+    def scaled(value: int, factor: float) -> int:
+        return max(1, round(value * factor))
+    found = [Candidate("acr", images, n0, n)]
+    for statistic in STATISTICS:
+        for image_factor, draw_factor in BUDGETS:
+            candidate = Candidate(statistic, scaled(images, image_factor),
+                                  scaled(n0, draw_factor), scaled(n, draw_factor))
+            if candidate not in found and candidate.images <= available:
+                found.append(candidate)
+    return found
+
+
+def sample_params(search, count: int, seed: int) -> list[dict]:
+    """``count`` draws of the search space, uniformly (log-uniformly for loguniform)."""
+    rng = np.random.default_rng(seed)
+    drawn = []
+    for _ in range(count):
+        params = {}
+        for key, distribution in search.items():
+            values = distribution.values
+            if distribution.kind == "uniform":
+                params[key] = float(rng.uniform(*values))
+            elif distribution.kind == "loguniform":
+                params[key] = float(math.exp(rng.uniform(*np.log(values))))
+            elif distribution.kind == "int":
+                params[key] = int(rng.integers(values[0], values[1] + 1))
+            else:
+                params[key] = values[int(rng.integers(len(values)))]
+        drawn.append(params)
+    return drawn
+
+
+def draw_predictions(classifier: torch.nn.Module, store: DrawStore,
+                     device: torch.device) -> np.ndarray:
+    """The class ``classifier`` predicts for each stored draw: images x (n0 + n)."""
+    draws = np.load(store.folder / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
+    flat = draws.reshape(-1, *store.info.image_shape)
+    out = np.empty(len(flat), dtype=np.uint8)
+    size = store.info.batch_size
+    with evaluating(classifier, device, store.precision):
+        for start in range(0, len(flat), size):
+            batch = torch.from_numpy(np.array(flat[start:start + size])).to(device)
+            out[start:start + size] = classifier(batch).argmax(1).cpu().numpy()
+    return out.reshape(draws.shape[0], draws.shape[1])
+
+
+def proxy_values(predictions: np.ndarray, labels: np.ndarray, candidate: Candidate,
+                 store_n0: int, num_classes: int, sigma: float, alpha: float) -> np.ndarray:
+    """The candidate's statistic of each of its images."""
+    function = STATISTICS[candidate.statistic]
+    values = np.empty(candidate.images)
+    for image in range(candidate.images):
+        row = predictions[image]
+        selection = np.bincount(row[:candidate.n0], minlength=num_classes)
+        estimation = np.bincount(row[store_n0:store_n0 + candidate.n], minlength=num_classes)
+        values[image] = function(selection, estimation, int(labels[image]), sigma, alpha)
+    return values
+
+
+def bootstrap_spearman(x: np.ndarray, y: np.ndarray, rng: np.random.Generator
+                       ) -> tuple[float, float, float]:
+    """Spearman's rho and a percentile 95% interval over trials resampled with replacement
+    (resamples where either side is constant are skipped); NaN where ``x`` or ``y`` is
+    constant."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan, math.nan
+    rho = float(spearmanr(x, y).statistic)
+    samples = []
+    for _ in range(BOOTSTRAP):
+        pick = rng.integers(len(x), size=len(x))
+        if np.ptp(x[pick]) == 0 or np.ptp(y[pick]) == 0:
+            continue
+        samples.append(spearmanr(x[pick], y[pick]).statistic)
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return rho, float(low), float(high)
+
+
+def train_trials(sweep, trials: list[dict], stores: dict, scratch: Path, threads: int) -> None:
+    """Train every trial to its last epoch (resuming one begun), then its rank stage."""
+    torch.set_num_threads(threads)
+    for number, params in enumerate(trials):
+        out = scratch / "trials" / f"{number:02d}"
+        config = trial_config(sweep, params)
+        config.proxy_store = stores[PROXY_ROLE]["folder"]
+        config.train_store = stores[TRAIN_ROLE]["folder"]
+        checkpoints = out / CHECKPOINTS_DIR
+        if len(list(checkpoints.glob(CHECKPOINT_PATTERN))) < config.epochs:
+            print(f"trial {number}: training {json.dumps(params)}", flush=True)
+            train_loop(config, LocalSession(out, pick_device(config.device), resume=True),
+                       progress=False)
+        last = sorted(checkpoints.glob(CHECKPOINT_PATTERN))[-1]
+        summary = certify_rank(config.to_dict(), sweep.rank, str(last),
+                               stores[RANK_ROLE]["folder"], str(out / "rank"))
+        (out / "objective.json").write_text(json.dumps(figures_of(summary)) + "\n")
+
+
+def predict_trials(sweep, trials: list[dict], store: DrawStore, scratch: Path) -> float:
+    """Each epoch's draw predictions of every trial (kept; found again on a rerun); the
+    classifier's seconds per draw, as measured here."""
+    device = pick_device(sweep.base.device)
+    seconds, draws = 0.0, 0
+    for number in range(len(trials)):
+        out = scratch / "trials" / f"{number:02d}"
+        for checkpoint in sorted((out / CHECKPOINTS_DIR).glob(CHECKPOINT_PATTERN)):
+            path = out / "predictions" / f"{checkpoint.name}.npy"
+            if path.is_file():
+                continue
+            config = trial_config(sweep, trials[number])
+            classifier = load_trained(load_classifier(config.model_sources().classifier),
+                                      checkpoint)[0].to(device)
+            started = time.perf_counter()
+            predictions = draw_predictions(classifier, store, device)
+            seconds += time.perf_counter() - started
+            draws += predictions.size
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, predictions)
+    timing = scratch / "classifier_seconds_per_draw.json"
+    if draws:
+        timing.write_text(json.dumps({"seconds_per_draw": seconds / draws}) + "\n")
+    return json.loads(timing.read_text())["seconds_per_draw"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="sweeps/default.yaml")
+    parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0, help="draws the random trials")
+    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--draws", help="the draws folder (default: SCRATCH/draws)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    scratch = Path(args.scratch).resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    sweep = load_sweep(ROOT / args.sweep, args.sets)
+    if sweep.rank is None:
+        sys.exit("proxy_fidelity: the sweep has no rank stage, so no objective to rank by")
+    plan = scratch / "trials.json"
+    if not plan.is_file():
+        plan.write_text(json.dumps([{}] + sample_params(sweep.search, args.trials - 1,
+                                                          args.seed), indent=1) + "\n")
+    trials = json.loads(plan.read_text())
+    draws_dir = str(Path(args.draws).resolve() if args.draws else scratch / "draws")
+    base = sweep.base.to_dict()
+    stores = build_sweep_stores(base, sweep.rank, draws_dir, threads=args.threads)
+    # One store of the proxy's draws over the whole hold-out: its first proxy_images images
+    # hold the same draws as the sweep's proxy store (each image's noise is its own).
+    wide = build_sweep_stores({**base, "proxy_images": sweep.base.val_images}, sweep.rank,
+                              draws_dir, threads=args.threads)[PROXY_ROLE]["folder"]
+    train_trials(sweep, trials, stores, scratch, args.threads)
+    store = DrawStore.open(wide, json.loads((Path(wide) / STORE_META).read_text())["key"])
+    seconds_per_draw = predict_trials(sweep, trials, store, scratch)
+    report(sweep, trials, store, scratch, seconds_per_draw)
+
+
+def logged_proxy(scratch: Path, number: int, epoch: int) -> float:
+    """The proxy ACR the trial's own loop logged at ``epoch``."""
+    checkpoint = scratch / "trials" / f"{number:02d}" / CHECKPOINTS_DIR / f"epoch_{epoch:03d}"
+    return read_metadata(checkpoint)["metrics"][PROXY_ACR]
+
+
+def report(sweep, trials: list[dict], store: DrawStore, scratch: Path,
+           seconds_per_draw: float) -> None:
+    objective = sweep.objective[0].metric
+    values = np.array([json.loads((scratch / "trials" / f"{n:02d}" / "objective.json")
+                                  .read_text())[objective] for n in range(len(trials))])
+    labels = np.array(store.info.labels)
+    epochs = sweep.base.epochs
+    rng = np.random.default_rng(0)
+    rows = []
+    compared = candidates(sweep.base.proxy_images, sweep.base.proxy_n0, sweep.base.proxy_n,
+                          len(labels))
+    print(f"{len(trials)} trials trained to epoch {epochs} (the incumbent and "
+          f"{len(trials) - 1} random), none stopped; objective: the rank stage's {objective} "
+          f"(first {sweep.rank.images} validation images, n <= {sweep.rank.n}, sequential) "
+          f"at epoch {epochs}: {values.min():.3f}-{values.max():.3f}")
+    print(f"classifier: {seconds_per_draw * 1e3:.3f} ms a draw here")
+    for epoch in range(1, epochs + 1):
+        per_trial = [np.load(scratch / "trials" / f"{n:02d}" / "predictions"
+                             / f"epoch_{epoch:03d}.npy") for n in range(len(trials))]
+        today = [proxy_values(p, labels, compared[0], store.key["n0"],
+                              store.info.num_classes, sweep.base.sigma, sweep.base.proxy_alpha
+                              ).mean() for p in per_trial]
+        drift = max(abs(value - logged_proxy(scratch, n, epoch)) for n, value in enumerate(today))
+        print(f"epoch {epoch}: today's proxy recomputed from the stored predictions differs "
+              f"from what each trial's loop logged by at most {drift:.2e}")
+        for candidate in compared:
+            per_image = np.stack([proxy_values(p, labels, candidate, store.key["n0"],
+                                               store.info.num_classes, sweep.base.sigma,
+                                               sweep.base.proxy_alpha) for p in per_trial])
+            proxy = per_image.mean(axis=1)
+            rho, low, high = bootstrap_spearman(proxy, values, rng)
+            noise = float(np.median([
+                np.std(per_image[a] - per_image[b], ddof=1) / math.sqrt(candidate.images)
+                for a, b in itertools.combinations(range(len(trials)), 2)]))
+            spread = float(np.std(proxy, ddof=1))
+            rows.append({"epoch": epoch, "candidate": candidate.name,
+                         "statistic": candidate.statistic, "images": candidate.images,
+                         "n0": candidate.n0, "n": candidate.n, "spearman": rho,
+                         "low": low, "high": high, "paired_noise": noise, "spread": spread,
+                         "seconds": candidate.draws * seconds_per_draw,
+                         "values": proxy.tolist()})
+            print(f"epoch {epoch}  {candidate.name:<32} rho {rho:+.2f} [{low:+.2f}, "
+                  f"{high:+.2f}]  spread/noise {spread / noise if noise else math.nan:5.2f} "
+                  f"({spread:.4f}/{noise:.4f})  {candidate.draws * seconds_per_draw:5.1f} s",
+                  flush=True)
+    (scratch / "fidelity.json").write_text(json.dumps({
+        "objective": objective, "objective_values": values.tolist(), "trials": trials,
+        "seconds_per_draw": seconds_per_draw, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
