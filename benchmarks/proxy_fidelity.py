@@ -191,22 +191,26 @@ def proxy_values(predictions: np.ndarray, labels: np.ndarray, candidate: Candida
     return values
 
 
-def bootstrap_spearman(x: np.ndarray, y: np.ndarray, rng: np.random.Generator
-                       ) -> tuple[float, float, float]:
-    """Spearman's rho and a percentile 95% interval over trials resampled with replacement
-    (resamples where either side is constant are skipped); NaN where ``x`` or ``y`` is
-    constant."""
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho; NaN where either side is constant (no ranking to compare)."""
     if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan, math.nan
-    rho = float(spearmanr(x, y).statistic)
-    samples = []
-    for _ in range(BOOTSTRAP):
-        pick = rng.integers(len(x), size=len(x))
-        if np.ptp(x[pick]) == 0 or np.ptp(y[pick]) == 0:
-            continue
-        samples.append(spearmanr(x[pick], y[pick]).statistic)
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return rho, float(low), float(high)
+        return math.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def bootstrap_spearman(x: np.ndarray, y: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """Spearman's rho over each resample of trials in ``picks`` (one row of trial numbers a
+    resample); every candidate is resampled with the same rows, so two candidates' samples
+    pair and their difference has an interval too."""
+    return np.array([spearman(x[pick], y[pick]) for pick in picks])
+
+
+def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
+    """The percentile 95% interval of the bootstrap samples that are defined."""
+    if np.all(np.isnan(samples)):
+        return math.nan, math.nan
+    low, high = np.nanpercentile(samples, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def train_trials(sweep, trials: list[dict], stores: dict, scratch: Path, threads: int) -> None:
@@ -300,7 +304,7 @@ def report(sweep, trials: list[dict], store: DrawStore, scratch: Path,
                                   .read_text())[objective] for n in range(len(trials))])
     labels = np.array(store.info.labels)
     epochs = sweep.base.epochs
-    rng = np.random.default_rng(0)
+    picks = np.random.default_rng(0).integers(len(trials), size=(BOOTSTRAP, len(trials)))
     rows = []
     compared = candidates(sweep.base.proxy_images, sweep.base.proxy_n0, sweep.base.proxy_n,
                           len(labels))
@@ -308,22 +312,28 @@ def report(sweep, trials: list[dict], store: DrawStore, scratch: Path,
           f"{len(trials) - 1} random), none stopped; objective: the rank stage's {objective} "
           f"(first {sweep.rank.images} validation images, n <= {sweep.rank.n}, sequential) "
           f"at epoch {epochs}: {values.min():.3f}-{values.max():.3f}")
-    print(f"classifier: {seconds_per_draw * 1e3:.3f} ms a draw here")
+    print(f"classifier: {seconds_per_draw * 1e3:.3f} ms a draw here; rho: Spearman with the "
+          f"objective [bootstrap 95%, trials resampled {BOOTSTRAP}x]; vs today: rho minus "
+          f"today's on the same resamples; noise: the median paired SE between two trials")
     for epoch in range(1, epochs + 1):
         per_trial = [np.load(scratch / "trials" / f"{n:02d}" / "predictions"
                              / f"epoch_{epoch:03d}.npy") for n in range(len(trials))]
-        today = [proxy_values(p, labels, compared[0], store.key["n0"],
-                              store.info.num_classes, sweep.base.sigma, sweep.base.proxy_alpha
-                              ).mean() for p in per_trial]
-        drift = max(abs(value - logged_proxy(scratch, n, epoch)) for n, value in enumerate(today))
-        print(f"epoch {epoch}: today's proxy recomputed from the stored predictions differs "
-              f"from what each trial's loop logged by at most {drift:.2e}")
+        today_samples = None
         for candidate in compared:
             per_image = np.stack([proxy_values(p, labels, candidate, store.key["n0"],
                                                store.info.num_classes, sweep.base.sigma,
                                                sweep.base.proxy_alpha) for p in per_trial])
             proxy = per_image.mean(axis=1)
-            rho, low, high = bootstrap_spearman(proxy, values, rng)
+            if today_samples is None:
+                drift = max(abs(value - logged_proxy(scratch, n, epoch))
+                            for n, value in enumerate(proxy))
+                print(f"epoch {epoch}: today's proxy recomputed from the stored predictions "
+                      f"differs from what each trial's loop logged by at most {drift:.2e}")
+            rho = spearman(proxy, values)
+            samples = bootstrap_spearman(proxy, values, picks)
+            today_samples = samples if today_samples is None else today_samples
+            low, high = percentile_interval(samples)
+            gain_low, gain_high = percentile_interval(samples - today_samples)
             noise = float(np.median([
                 np.std(per_image[a] - per_image[b], ddof=1) / math.sqrt(candidate.images)
                 for a, b in itertools.combinations(range(len(trials)), 2)]))
@@ -331,13 +341,14 @@ def report(sweep, trials: list[dict], store: DrawStore, scratch: Path,
             rows.append({"epoch": epoch, "candidate": candidate.name,
                          "statistic": candidate.statistic, "images": candidate.images,
                          "n0": candidate.n0, "n": candidate.n, "spearman": rho,
-                         "low": low, "high": high, "paired_noise": noise, "spread": spread,
+                         "low": low, "high": high, "vs_today_low": gain_low,
+                         "vs_today_high": gain_high, "paired_noise": noise, "spread": spread,
                          "seconds": candidate.draws * seconds_per_draw,
                          "values": proxy.tolist()})
             print(f"epoch {epoch}  {candidate.name:<32} rho {rho:+.2f} [{low:+.2f}, "
-                  f"{high:+.2f}]  spread/noise {spread / noise if noise else math.nan:5.2f} "
-                  f"({spread:.4f}/{noise:.4f})  {candidate.draws * seconds_per_draw:5.1f} s",
-                  flush=True)
+                  f"{high:+.2f}]  vs today [{gain_low:+.2f}, {gain_high:+.2f}]  spread/noise "
+                  f"{spread / noise if noise else math.nan:5.2f} ({spread:.4f}/{noise:.4f})  "
+                  f"{candidate.draws * seconds_per_draw:5.1f} s", flush=True)
     (scratch / "fidelity.json").write_text(json.dumps({
         "objective": objective, "objective_values": values.tolist(), "trials": trials,
         "seconds_per_draw": seconds_per_draw, "rows": rows}, indent=1) + "\n")
