@@ -19,6 +19,13 @@ Across replicates: how often the same family was chosen, and how many chose a tr
 the incumbent on validation beyond noise without being behind it on test (issue 27's target:
 2 of 3).
 
+Where the chosen trial and the incumbent are inseparable, what hold-out would separate them:
+from the rates at which each certified, at the objective's radius, validation images the other
+did not (measured on the images the sweep compared them on), the number of paired validation
+images at which McNemar's exact test at Holm's first level (family alpha over the decision's
+comparisons) finds the chosen trial ahead with 80% power. A projection from measured rates,
+not a measurement: it assumes the rates hold on more images.
+
     .venv/bin/python benchmarks/selection_quality.py --scratch /tmp/selection --seeds 0 1 2
 """
 
@@ -33,9 +40,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from scipy.stats import binom
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cadis.smoothing.paired import certified_at  # noqa: E402
+from cadis.smoothing.verdicts import FAMILY_ALPHA  # noqa: E402
+from cadis.sweeps.choice import VALIDATION, record_blocks  # noqa: E402
 from cadis.sweeps.layout import STATE_FILE  # noqa: E402
 from cadis.tracking.contract import (  # noqa: E402
     CHOSEN_VS_INCUMBENT,
@@ -44,6 +57,8 @@ from cadis.tracking.contract import (  # noqa: E402
     ROLE_TAG,
     ROLE_TRIAL,
     TRIAL_ID_TAG,
+    radius_of_metric,
+    validation_metric,
     verdict_metric,
 )
 
@@ -51,6 +66,39 @@ from cadis.tracking.contract import (  # noqa: E402
 #: continuous ones (lambda, epsilon) vary within a family.
 FAMILY_KEYS = ("lora_rank", "confidence_threshold", "num_noises")
 DONE_STAGE = "done"
+#: The power at which a projected hold-out separates the chosen trial from the incumbent.
+POWER = 0.8
+#: Hold-out sizes tried for the projection, up to this many images (a geometric grid).
+MOST_IMAGES = 200_000
+
+
+def mcnemar_power(images: int, only_chosen: float, only_other: float, alpha: float) -> float:
+    """The probability that McNemar's exact two-sided test at ``alpha`` over ``images`` paired
+    images finds the chosen side ahead, when an image is certified by the chosen side only with
+    probability ``only_chosen`` and by the other only with ``only_other``."""
+    discordant_rate = only_chosen + only_other
+    share = only_chosen / discordant_rate
+    low, high = binom.ppf([1e-9, 1 - 1e-9], images, discordant_rate).astype(int)
+    power = 0.0
+    for discordant in range(max(low, 1), high + 1):
+        ahead = np.arange(discordant // 2 + 1, discordant + 1)
+        p = np.minimum(1.0, 2 * binom.sf(ahead - 1, discordant, 0.5))
+        power += binom.pmf(discordant, images, discordant_rate) * \
+            binom.pmf(ahead[p <= alpha], discordant, share).sum()
+    return float(power)
+
+
+def images_to_separate(only_chosen: float, only_other: float, alpha: float) -> int | None:
+    """The smallest hold-out on a geometric grid at which :func:`mcnemar_power` reaches
+    :data:`POWER`; None when the chosen side is not ahead or none up to MOST_IMAGES does."""
+    if only_chosen <= only_other:
+        return None
+    images = 100
+    while images <= MOST_IMAGES:
+        if mcnemar_power(images, only_chosen, only_other, alpha) >= POWER:
+            return images
+        images = int(images * 1.25)
+    return None
 
 
 def run_replicate(seed: int, sweep: str, sets: list[str], scratch: Path) -> None:
@@ -113,7 +161,12 @@ def replicate_report(seed: int, scratch: Path) -> dict:
     epochs = sum(len(client.get_metric_history(run.info.run_id, EPOCH_SECONDS))
                  for run in trials)
     searched = sorted(state["sweep"]["search"])
-    return {"seed": seed, "chosen": state["chosen_trial"],
+    incumbent = next((run.data.tags[TRIAL_ID_TAG] for run in trials
+                      if run.data.tags.get(INCUMBENT_TAG) == "true"), None)
+    ranked = [run for run in trials if validation_metric(objective) in run.data.metrics]
+    return {"projection": projection(out / "results", state["chosen_trial"], incumbent,
+                                     objective, len(ranked) - 1),
+            "seed": seed, "chosen": state["chosen_trial"],
             "incumbent_chosen": chosen.data.tags.get(INCUMBENT_TAG) == "true",
             "params": {key: chosen.data.params.get(key) for key in searched},
             "family": tuple(chosen.data.params.get(key) for key in FAMILY_KEYS),
@@ -122,6 +175,29 @@ def replicate_report(seed: int, scratch: Path) -> dict:
             "test": verdict(parent, objective, False),
             "trials": len(trials), "epochs": epochs,
             "wall_seconds": float((out / "wall_seconds").read_text())}
+
+
+def projection(results: Path, chosen: str, incumbent: str | None, objective: str,
+               comparisons: int) -> dict | None:
+    """The chosen trial against the incumbent on the validation images both were certified
+    on: how many each certified alone at the objective's radius, and the hold-out that would
+    separate them at those rates (:func:`images_to_separate` at FAMILY_ALPHA / comparisons,
+    Holm's first level)."""
+    radius = radius_of_metric(objective)
+    if incumbent is None or incumbent == chosen or radius is None:
+        return None
+    def certified(trial: str) -> dict[int, bool]:
+        return {record.idx: certified_at(record, radius)
+                for block in record_blocks(results, VALIDATION, trial) for record in block}
+    mine, theirs = certified(chosen), certified(incumbent)
+    shared = sorted(set(mine) & set(theirs))
+    only_chosen = sum(mine[i] and not theirs[i] for i in shared)
+    only_incumbent = sum(theirs[i] and not mine[i] for i in shared)
+    alpha = FAMILY_ALPHA / max(comparisons, 1)
+    needed = (images_to_separate(only_chosen / len(shared), only_incumbent / len(shared), alpha)
+              if only_chosen + only_incumbent else None)
+    return {"images": len(shared), "only_chosen": only_chosen,
+            "only_incumbent": only_incumbent, "alpha": alpha, "images_needed": needed}
 
 
 def interval(entry: dict | None) -> str:
@@ -166,6 +242,15 @@ def main() -> None:
         print(f"  validation: {said}, {interval(validation)}")
         print(f"  test:       {seen}, {interval(test)}; validation's direction agrees with "
               f"test: {agrees}")
+        shown = report["projection"]
+        if shown is not None:
+            needed = shown["images_needed"]
+            print(f"  on {shown['images']} validation images: certified by the chosen trial "
+                  f"only {shown['only_chosen']}, by the incumbent only "
+                  f"{shown['only_incumbent']}; at these rates "
+                  + (f"about {needed} validation images would show it ahead with "
+                     f"{POWER:.0%} power (McNemar at {shown['alpha']:.3g})" if needed else
+                     "no hold-out would show it ahead"))
         print(f"  compute: {report['wall_seconds'] / 60:.1f} min wall, {report['trials']} "
               f"trials, {report['epochs']} epochs trained")
     families = collections.Counter(report["family"] for report in reports)
