@@ -28,7 +28,12 @@ each (:func:`candidates`). Per epoch and candidate it prints:
   trials on noise;
 - its cost: the classifier forwards it reads, in seconds at the speed measured here.
 
-    .venv/bin/python benchmarks/proxy_fidelity.py --scratch /tmp/fidelity [--draws DIR]
+    .venv/bin/python benchmarks/proxy_fidelity.py --scratch /tmp/fidelity [--draws DIR] \\
+        --records docs/results/proxy-fidelity
+    .venv/bin/python benchmarks/proxy_fidelity.py --report-only docs/results/proxy-fidelity
+
+The records (``--records``, default SCRATCH/records) are what the report reads and nothing
+else: every epoch's draw predictions of every trial and a small ``inputs.json``.
 """
 
 from __future__ import annotations
@@ -58,13 +63,18 @@ from cadis.finetuning.loop import train_loop  # noqa: E402
 from cadis.models.classifier import load_classifier  # noqa: E402
 from cadis.models.devices import pick_device  # noqa: E402
 from cadis.smoothing.bounds import certified_radius, lower_confidence_bound  # noqa: E402
+from cadis.smoothing.paired import certified_at  # noqa: E402
+from cadis.smoothing.records import RECORDS_FILENAME, read_records  # noqa: E402
 from cadis.smoothing.smooth import evaluating  # noqa: E402
 from cadis.sweeps.parse import load_sweep  # noqa: E402
 from cadis.sweeps.search_space import trial_config  # noqa: E402
 from cadis.sweeps.stores import build_sweep_stores  # noqa: E402
 from cadis.sweeps.trial import certify_rank, figures_of  # noqa: E402
-from cadis.tracking.contract import PROXY_ACR  # noqa: E402
+from cadis.tracking.contract import PROXY_ACR, PROXY_SECONDS, radius_of_metric  # noqa: E402
 
+#: The report's records: every epoch's draw predictions, and everything else it reads.
+PREDICTIONS = "predictions.npz"
+INPUTS = "inputs.json"
 #: Bootstrap resamples of the trials for each correlation's interval.
 BOOTSTRAP = 2000
 #: A count estimate of 0 or N draws is moved half a draw inward, so that Phi^-1 is finite.
@@ -264,10 +274,19 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="sets")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0, help="draws the random trials")
-    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--scratch", help="where the trials, their checkpoints and stores go")
     parser.add_argument("--draws", help="the draws folder (default: SCRATCH/draws)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--records", help="write the records the report reads here "
+                        "(default: SCRATCH/records)")
+    parser.add_argument("--report-only", metavar="RECORDS",
+                        help="print the report from a records folder, run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        report(Path(args.report_only))
+        return
+    if not args.scratch:
+        parser.error("--scratch is required unless --report-only")
     scratch = Path(args.scratch).resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     sweep = load_sweep(ROOT / args.sweep, args.sets)
@@ -288,55 +307,110 @@ def main() -> None:
     train_trials(sweep, trials, stores, scratch, args.threads)
     store = DrawStore.open(wide, json.loads((Path(wide) / STORE_META).read_text())["key"])
     seconds_per_draw = predict_trials(sweep, trials, store, scratch)
-    report(sweep, trials, store, scratch, seconds_per_draw)
+    records = Path(args.records).resolve() if args.records else scratch / "records"
+    write_records(sweep, trials, store, scratch, seconds_per_draw, records)
+    report(records)
 
 
-def logged_proxy(scratch: Path, number: int, epoch: int) -> float:
-    """The proxy ACR the trial's own loop logged at ``epoch``."""
-    checkpoint = scratch / "trials" / f"{number:02d}" / CHECKPOINTS_DIR / f"epoch_{epoch:03d}"
-    return read_metadata(checkpoint)["metrics"][PROXY_ACR]
+def trial_history(scratch: Path, number: int) -> list[dict]:
+    """The per-epoch metrics the trial's own loop logged (its last checkpoint's history)."""
+    checkpoints = sorted((scratch / "trials" / f"{number:02d}" / CHECKPOINTS_DIR)
+                         .glob(CHECKPOINT_PATTERN))
+    return read_metadata(checkpoints[-1])["history"]
 
 
-def report(sweep, trials: list[dict], store: DrawStore, scratch: Path,
-           seconds_per_draw: float) -> None:
+def write_records(sweep, trials: list[dict], store: DrawStore, scratch: Path,
+                  seconds_per_draw: float, records: Path) -> None:
+    """What the report reads, small enough to commit: every epoch's draw predictions of every
+    trial (``predictions.npz``, keys ``tNN_eE``), and ``inputs.json``: the trials, the store's
+    labels and shape, what each trial's loop logged per epoch (its proxy and the proxy's
+    seconds), the objective per trial and which images it certified at its radius."""
     objective = sweep.objective[0].metric
-    values = np.array([json.loads((scratch / "trials" / f"{n:02d}" / "objective.json")
-                                  .read_text())[objective] for n in range(len(trials))])
-    labels = np.array(store.info.labels)
+    radius = radius_of_metric(objective)
     epochs = sweep.base.epochs
+    records.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(records / PREDICTIONS, **{
+        f"t{n:02d}_e{epoch}": np.load(scratch / "trials" / f"{n:02d}" / "predictions"
+                                      / f"epoch_{epoch:03d}.npy")
+        for n in range(len(trials)) for epoch in range(1, epochs + 1)})
+    histories = [trial_history(scratch, n) for n in range(len(trials))]
+    rank_records = [read_records(scratch / "trials" / f"{n:02d}" / "rank" / RECORDS_FILENAME)
+                    for n in range(len(trials))]
+    (records / INPUTS).write_text(json.dumps({
+        "sweep": sweep.name, "sigma": sweep.base.sigma, "alpha": sweep.base.proxy_alpha,
+        "proxy": [sweep.base.proxy_images, sweep.base.proxy_n0, sweep.base.proxy_n],
+        "epochs": epochs, "trials": trials, "labels": store.info.labels,
+        "store_n0": store.key["n0"], "store_n": store.key["n"],
+        "num_classes": store.info.num_classes, "seconds_per_draw": seconds_per_draw,
+        "objective": objective,
+        "rank": {"images": sweep.rank.images, "n": sweep.rank.n, "n0": sweep.rank.n0,
+                 "alpha": sweep.rank.alpha, "sequential": sweep.rank.sequential},
+        "objective_values": [json.loads((scratch / "trials" / f"{n:02d}" / "objective.json")
+                                        .read_text())[objective] for n in range(len(trials))],
+        "objective_certified": [[int(certified_at(record, radius)) for record in trial]
+                                for trial in rank_records],
+        "logged_proxy": [[entry[PROXY_ACR] for entry in history] for history in histories],
+        "proxy_seconds": [[entry[PROXY_SECONDS] for entry in history]
+                          for history in histories]}) + "\n")
+
+
+def paired_noise(per_image: np.ndarray) -> float:
+    """The median over pairs of trials of the standard error of their mean per-image
+    difference (trials x images)."""
+    images = per_image.shape[1]
+    return float(np.median([np.std(per_image[a] - per_image[b], ddof=1) / math.sqrt(images)
+                            for a, b in itertools.combinations(range(len(per_image)), 2)]))
+
+
+def report(records: Path) -> None:
+    """Print the fidelity of every candidate per epoch from ``records`` (write_records') and
+    write ``fidelity.json`` beside them."""
+    inputs = json.loads((records / INPUTS).read_text())
+    predictions = np.load(records / PREDICTIONS)
+    trials, epochs = inputs["trials"], inputs["epochs"]
+    values = np.array(inputs["objective_values"])
+    labels = np.array(inputs["labels"])
+    seconds_per_draw = inputs["seconds_per_draw"]
+    sigma, alpha, n0 = inputs["sigma"], inputs["alpha"], inputs["store_n0"]
+    rank = inputs["rank"]
     picks = np.random.default_rng(0).integers(len(trials), size=(BOOTSTRAP, len(trials)))
     rows = []
-    compared = candidates(sweep.base.proxy_images, sweep.base.proxy_n0, sweep.base.proxy_n,
-                          len(labels))
-    print(f"{len(trials)} trials trained to epoch {epochs} (the incumbent and "
-          f"{len(trials) - 1} random), none stopped; objective: the rank stage's {objective} "
-          f"(first {sweep.rank.images} validation images, n <= {sweep.rank.n}, sequential) "
-          f"at epoch {epochs}: {values.min():.3f}-{values.max():.3f}")
-    print(f"classifier: {seconds_per_draw * 1e3:.3f} ms a draw here; rho: Spearman with the "
-          f"objective [bootstrap 95%, trials resampled {BOOTSTRAP}x]; vs today: rho minus "
-          f"today's on the same resamples; noise: the median paired SE between two trials")
+    compared = candidates(*inputs["proxy"], len(labels))
+    certified = np.array(inputs["objective_certified"], dtype=float)
+    objective_noise = paired_noise(certified)
+    print(f"{len(trials)} trials of sweep {inputs['sweep']} trained to epoch {epochs} (the "
+          f"incumbent and {len(trials) - 1} random), none stopped. Objective: the rank stage's "
+          f"{inputs['objective']} at epoch {epochs} (first {rank['images']} validation images, "
+          f"n <= {rank['n']}, n0 = {rank['n0']}, alpha = {rank['alpha']}"
+          f"{', sequential' if rank['sequential'] else ''}): {values.min():.3f}-"
+          f"{values.max():.3f}, spread/noise {np.std(values, ddof=1) / objective_noise:.2f} "
+          f"({np.std(values, ddof=1):.4f}/{objective_noise:.4f})")
+    print(f"proxy seconds an epoch as the loop logged them (median; its classifier forwards "
+          f"and the denoised accuracy of the hold-out): "
+          f"{np.median(inputs['proxy_seconds']):.1f} s; classifier {seconds_per_draw * 1e3:.3f} "
+          f"ms a draw in the benchmark")
+    print(f"rho: Spearman with the objective [bootstrap 95%, trials resampled {BOOTSTRAP}x]; "
+          f"vs today: rho minus today's on the same resamples [95%]; noise: the median paired "
+          f"SE between two trials; seconds: the candidate's classifier forwards")
     for epoch in range(1, epochs + 1):
-        per_trial = [np.load(scratch / "trials" / f"{n:02d}" / "predictions"
-                             / f"epoch_{epoch:03d}.npy") for n in range(len(trials))]
+        per_trial = [predictions[f"t{n:02d}_e{epoch}"] for n in range(len(trials))]
         today_samples = None
         for candidate in compared:
-            per_image = np.stack([proxy_values(p, labels, candidate, store.key["n0"],
-                                               store.info.num_classes, sweep.base.sigma,
-                                               sweep.base.proxy_alpha) for p in per_trial])
+            per_image = np.stack([proxy_values(p, labels, candidate, n0,
+                                               inputs["num_classes"], sigma, alpha)
+                                  for p in per_trial])
             proxy = per_image.mean(axis=1)
             if today_samples is None:
-                drift = max(abs(value - logged_proxy(scratch, n, epoch))
-                            for n, value in enumerate(proxy))
-                print(f"epoch {epoch}: today's proxy recomputed from the stored predictions "
-                      f"differs from what each trial's loop logged by at most {drift:.2e}")
+                drift = max(abs(value - logged[epoch - 1])
+                            for value, logged in zip(proxy, inputs["logged_proxy"]))
+                print(f"epoch {epoch}: today's proxy recomputed from the predictions differs "
+                      f"from what each trial's loop logged by at most {drift:.2e}")
             rho = spearman(proxy, values)
             samples = bootstrap_spearman(proxy, values, picks)
             today_samples = samples if today_samples is None else today_samples
             low, high = percentile_interval(samples)
             gain_low, gain_high = percentile_interval(samples - today_samples)
-            noise = float(np.median([
-                np.std(per_image[a] - per_image[b], ddof=1) / math.sqrt(candidate.images)
-                for a, b in itertools.combinations(range(len(trials)), 2)]))
+            noise = paired_noise(per_image)
             spread = float(np.std(proxy, ddof=1))
             rows.append({"epoch": epoch, "candidate": candidate.name,
                          "statistic": candidate.statistic, "images": candidate.images,
@@ -349,9 +423,7 @@ def report(sweep, trials: list[dict], store: DrawStore, scratch: Path,
                   f"{high:+.2f}]  vs today [{gain_low:+.2f}, {gain_high:+.2f}]  spread/noise "
                   f"{spread / noise if noise else math.nan:5.2f} ({spread:.4f}/{noise:.4f})  "
                   f"{candidate.draws * seconds_per_draw:5.1f} s", flush=True)
-    (scratch / "fidelity.json").write_text(json.dumps({
-        "objective": objective, "objective_values": values.tolist(), "trials": trials,
-        "seconds_per_draw": seconds_per_draw, "rows": rows}, indent=1) + "\n")
+    (records / "fidelity.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
