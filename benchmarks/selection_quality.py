@@ -40,13 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import binom
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cadis.smoothing.paired import certified_at  # noqa: E402
+from cadis.smoothing.separation import POWER, images_to_separate  # noqa: E402
 from cadis.smoothing.verdicts import FAMILY_ALPHA  # noqa: E402
 from cadis.sweeps.choice import VALIDATION, record_blocks  # noqa: E402
 from cadis.sweeps.layout import STATE_FILE  # noqa: E402
@@ -66,41 +64,6 @@ from cadis.tracking.contract import (  # noqa: E402
 #: continuous ones (lambda, epsilon) vary within a family.
 FAMILY_KEYS = ("lora_rank", "confidence_threshold", "num_noises")
 DONE_STAGE = "done"
-#: The power at which a projected hold-out separates the chosen trial from the incumbent.
-POWER = 0.8
-#: Hold-out sizes tried for the projection, up to this many images (a geometric grid).
-MOST_IMAGES = 200_000
-
-
-def mcnemar_power(images: int, only_chosen: float, only_other: float, alpha: float) -> float:
-    """The probability that McNemar's exact two-sided test at ``alpha`` over ``images`` paired
-    images finds the chosen side ahead, when an image is certified by the chosen side only with
-    probability ``only_chosen`` and by the other only with ``only_other``."""
-    discordant_rate = only_chosen + only_other
-    share = only_chosen / discordant_rate
-    low, high = binom.ppf([1e-9, 1 - 1e-9], images, discordant_rate).astype(int)
-    power = 0.0
-    for discordant in range(max(low, 1), high + 1):
-        ahead = np.arange(discordant // 2 + 1, discordant + 1)
-        p = np.minimum(1.0, 2 * binom.sf(ahead - 1, discordant, 0.5))
-        power += binom.pmf(discordant, images, discordant_rate) * \
-            binom.pmf(ahead[p <= alpha], discordant, share).sum()
-    return float(power)
-
-
-def images_to_separate(only_chosen: float, only_other: float, alpha: float) -> int | None:
-    """The smallest hold-out on a geometric grid at which :func:`mcnemar_power` reaches
-    :data:`POWER`; None when the chosen side is not ahead or none up to MOST_IMAGES does."""
-    if only_chosen <= only_other:
-        return None
-    images = 100
-    while images <= MOST_IMAGES:
-        if mcnemar_power(images, only_chosen, only_other, alpha) >= POWER:
-            return images
-        images = int(images * 1.25)
-    return None
-
-
 def run_replicate(seed: int, sweep: str, sets: list[str], scratch: Path) -> None:
     """Run (or resume, or leave) replicate ``seed``'s sweep into ``scratch/seed-<seed>``."""
     out = scratch / f"seed-{seed}"
@@ -194,8 +157,7 @@ def projection(results: Path, chosen: str, incumbent: str | None, objective: str
     only_chosen = sum(mine[i] and not theirs[i] for i in shared)
     only_incumbent = sum(theirs[i] and not mine[i] for i in shared)
     alpha = FAMILY_ALPHA / max(comparisons, 1)
-    needed = (images_to_separate(only_chosen / len(shared), only_incumbent / len(shared), alpha)
-              if only_chosen + only_incumbent else None)
+    needed = images_to_separate(only_chosen, only_incumbent, len(shared), alpha)
     return {"images": len(shared), "only_chosen": only_chosen,
             "only_incumbent": only_incumbent, "alpha": alpha, "images_needed": needed}
 

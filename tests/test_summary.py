@@ -118,3 +118,38 @@ def test_the_chosen_trials_test_line_stops_at_what_n_can_certify(tiny_models_dir
         tracker.client.log_metric(run.info.run_id, name, value)
     text = sweep_summary(tracker, "T", None)
     assert "r=0 0.800, r=1 0.500; acr 0.700" in text and "r=1.25" not in text
+
+
+def decision_against_incumbent(discordant: tuple[int, int], separated: bool = False):
+    from cadis.sweeps.choice import VALIDATION, Choice, Decision
+
+    difference = (discordant[1] - discordant[0]) / 500
+    incumbent = Verdict("chosen", "the incumbent", "certified_accuracy_r0.5", 500, difference,
+                        difference - 0.01, difference + 0.01, 0.4, 0.4, separated, discordant)
+    other = Verdict("chosen", "other", "certified_accuracy_r0.5", 500, 0.0, -0.01, 0.01, 1.0,
+                    1.0, False, (2, 2))
+    decision = Decision(VALIDATION, "certified_accuracy_r0.5", "t1",
+                        {"t1": "chosen", "t0": "the incumbent", "t2": "other"},
+                        (incumbent, other))
+    return Choice("t1", "t0", (decision,), ())
+
+
+def test_an_inseparable_incumbent_gets_the_hold_out_that_would_separate_it():
+    from cadis.smoothing.separation import images_to_separate
+    from cadis.sweeps.summary import separation_line
+
+    line = separation_line(decision_against_incumbent((9, 5)), "certified_accuracy_r0.5")
+    # Two comparisons in the decision: Holm's first level is 0.05 / 2.
+    assert f"about {images_to_separate(9, 5, 500, 0.025):,} validation images" in line
+    assert "chosen trial alone certified 9" in line and "incumbent alone 5" in line
+    assert "projection" in line
+
+
+def test_no_projection_where_the_data_decided_or_nothing_leads():
+    from cadis.sweeps.summary import separation_line
+
+    metric = "certified_accuracy_r0.5"
+    assert separation_line(decision_against_incumbent((9, 5), separated=True), metric) is None
+    assert separation_line(decision_against_incumbent((9, 5)), "acr") is None
+    assert "no hold-out would show" in separation_line(decision_against_incumbent((4, 6)),
+                                                       metric)

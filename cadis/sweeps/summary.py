@@ -20,14 +20,15 @@ from typing import Any
 
 from cadis.smoothing.paired import format_interval, format_p, format_signed
 from cadis.smoothing.records import RECORDS_FILENAME
-from cadis.smoothing.verdicts import Verdict
+from cadis.smoothing.separation import MOST_IMAGES, POWER, images_to_separate
+from cadis.smoothing.verdicts import FAMILY_ALPHA, Verdict
 from cadis.sweeps.asha_cuts import stopped_line, sweep_cuts
-from cadis.sweeps.choice import TEST, Choice, verdict_fields
+from cadis.sweeps.choice import TEST, VALIDATION, Choice, verdict_fields
 from cadis.sweeps.layout import TrainedTrial, trained_file, trial_certify_dir
 from cadis.sweeps.mlflow_writer import SweepTracker
 from cadis.sweeps.spec import AshaSettings
 from cadis.sweeps.trial_phases import median_line
-from cadis.tracking.contract import ACR, ERROR_ARTIFACT, NUM_IMAGES
+from cadis.tracking.contract import ACR, ERROR_ARTIFACT, NUM_IMAGES, radius_of_metric
 from cadis.tracking.server import SQLITE_SCHEME
 from cadis.tracking.sweep_reader import trial_row, trial_runs
 
@@ -58,6 +59,9 @@ def sweep_summary(tracker: SweepTracker, best_trial: str | None, figures: Path |
                   f"acr {metrics.get(ACR, math.nan):.3f}"]
         if choice is not None:
             lines += choice.words()
+            separation = separation_line(choice, objective.metric)
+            if separation is not None:
+                lines.append(separation)
             for objective in sweep.objective:
                 lines += seed_lines(choice, objective.metric)
         trained = trained_file(tracker.results, best_trial)
@@ -89,6 +93,39 @@ def asha_line(client: Any, runs: Sequence[Any], scheduler: AshaSettings) -> str:
     cuts, stopped = sweep_cuts(client, [trial_row(run) for run in runs],
                                dataclasses.asdict(scheduler))
     return stopped_line(cuts, stopped, scheduler.metric)
+
+
+def separation_line(choice: Choice, metric: str) -> str | None:
+    """Where the chosen trial and the incumbent are inseparable on validation at the radius
+    of ``metric``: how many validation images each certified alone, and how large a hold-out
+    would show the chosen trial ahead at those rates
+    (:func:`~cadis.smoothing.separation.images_to_separate`, at Holm's first level over the
+    decision's comparisons), said to be a projection. None where there is nothing to project
+    (the incumbent chosen or not ranked, separated, or ``metric`` not a radius's)."""
+    if choice.incumbent in (None, choice.chosen) or radius_of_metric(metric) is None:
+        return None
+    decision = next((decision for decision in choice.decisions
+                     if decision.split == VALIDATION and decision.objective == metric
+                     and decision.train_seed is None), None)
+    if decision is None:
+        return None
+    label = decision.labels[choice.incumbent]
+    verdict = next((v for v in decision.verdicts if v.other == label), None)
+    if verdict is None or verdict.separated:
+        return None
+    only_chosen, only_incumbent = verdict.discordant
+    alpha = FAMILY_ALPHA / len(decision.verdicts)
+    needed = images_to_separate(only_chosen, only_incumbent, verdict.images, alpha)
+    measured = (f"  to separate from the incumbent: on {verdict.images} validation images the "
+                f"chosen trial alone certified {only_chosen} at {metric}, the incumbent alone "
+                f"{only_incumbent}; ")
+    if only_chosen <= only_incumbent:
+        return measured + "at those rates no hold-out would show the chosen trial ahead"
+    test = f"{POWER:.0%} power, McNemar at {alpha:.3g}, Holm's first level"
+    if needed is None:
+        return measured + f"at those rates more than {MOST_IMAGES:,} would ({test})"
+    return (measured + f"at those rates about {needed:,} validation images would show it "
+            f"ahead ({test}; a projection that assumes the rates hold)")
 
 
 def seed_lines(choice: Choice, metric: str) -> list[str]:
