@@ -195,15 +195,18 @@ def main() -> None:
     for report in reports:
         validation, test = report["validation"], report["test"]
         said, seen = reading(validation), reading(test)
-        agrees = ("-" if validation is None or test is None else
-                  "yes" if (said == "inseparable") or
-                  ((validation["difference"] > 0) == (test["difference"] > 0)) else "no")
+        same_sign = (None if validation is None or test is None else
+                     (validation["difference"] > 0) == (test["difference"] > 0))
+        agrees = ("-" if same_sign is None else
+                  f"the verdict: {said}; its direction {'holds' if same_sign else 'turns'} "
+                  f"on test" if said != "inseparable" else
+                  f"no direction claimed; the point estimates "
+                  f"{'agree' if same_sign else 'disagree'} in sign")
         print(f"seed {report['seed']}: chose {report['chosen']}"
               f"{' (the incumbent)' if report['incumbent_chosen'] else ''} "
               f"{json.dumps(report['params'])}")
         print(f"  validation: {said}, {interval(validation)}")
-        print(f"  test:       {seen}, {interval(test)}; validation's direction agrees with "
-              f"test: {agrees}")
+        print(f"  test:       {seen}, {interval(test)}; {agrees}")
         shown = report["projection"]
         if shown is not None:
             needed = shown["images_needed"]
