@@ -365,6 +365,7 @@ def test_resume_needs_a_sweep_to_resume(tiny_models_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_resume_after_the_driver_is_killed_runs_no_trial_twice(tiny_models_dir, tmp_path):
     sweep = tiny_sweep(tiny_models_dir, tmp_path, num_trials=3, max_concurrent_trials=1,
                        scheduler=None)

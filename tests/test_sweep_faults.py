@@ -144,6 +144,7 @@ def test_a_trial_whose_loss_goes_non_finite_fails_with_its_reason_and_the_others
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_a_driver_killed_building_its_stores_or_in_the_final_stage_resumes_without_redoing(
         tiny_models_dir, tmp_path):
     # The rank stage (in this process), then the final stage in a driver of its own,
@@ -185,6 +186,7 @@ def _lines(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_a_driver_killed_in_the_rank_stage_resumes_without_redoing_certified_images(
         tiny_models_dir, tmp_path):
     # One trial; its rank stage denoises its own draws (no store) for 40 validation images at
@@ -214,6 +216,7 @@ def test_a_driver_killed_in_the_rank_stage_resumes_without_redoing_certified_ima
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_a_driver_killed_while_the_race_certifies_a_block_resumes_without_redoing_it(
         tiny_models_dir, tmp_path):
     # Two trials ranked on 6 validation images (nothing separates the tiny models there), then
