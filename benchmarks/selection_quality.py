@@ -20,11 +20,9 @@ the incumbent on validation beyond noise without being behind it on test (issue 
 2 of 3).
 
 Where the chosen trial and the incumbent are inseparable, what hold-out would separate them:
-from the rates at which each certified, at the objective's radius, validation images the other
-did not (measured on the images the sweep compared them on), the number of paired validation
-images at which McNemar's exact test at Holm's first level (family alpha over the decision's
-comparisons) finds the chosen trial ahead with 80% power. A projection from measured rates,
-not a measurement: it assumes the rates hold on more images.
+the summary's own line (cadis.sweeps.summary.separation_line) over the sweep's validation
+decision made again from its records, which sweeps that ended before the line existed lack. A
+projection from measured rates, not a measurement: it assumes the rates hold on more images.
 
     .venv/bin/python benchmarks/selection_quality.py --scratch /tmp/selection --seeds 0 1 2
 """
@@ -43,11 +41,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cadis.smoothing.paired import certified_at  # noqa: E402
-from cadis.smoothing.separation import POWER, images_to_separate  # noqa: E402
-from cadis.smoothing.verdicts import FAMILY_ALPHA  # noqa: E402
-from cadis.sweeps.choice import VALIDATION, record_blocks  # noqa: E402
+from cadis.sweeps.choice import INCUMBENT_LABEL, VALIDATION, Choice, decide  # noqa: E402
+from cadis.sweeps.driver import STAGE_DONE  # noqa: E402
 from cadis.sweeps.layout import STATE_FILE  # noqa: E402
+from cadis.sweeps.objective import Objective  # noqa: E402
+from cadis.sweeps.summary import separation_line  # noqa: E402
 from cadis.tracking.contract import (  # noqa: E402
     CHOSEN_VS_INCUMBENT,
     EPOCH_SECONDS,
@@ -55,7 +53,6 @@ from cadis.tracking.contract import (  # noqa: E402
     ROLE_TAG,
     ROLE_TRIAL,
     TRIAL_ID_TAG,
-    radius_of_metric,
     validation_metric,
     verdict_metric,
 )
@@ -63,12 +60,13 @@ from cadis.tracking.contract import (  # noqa: E402
 #: The searched keys whose values name a configuration's family (the discrete choices); the
 #: continuous ones (lambda, epsilon) vary within a family.
 FAMILY_KEYS = ("lora_rank", "confidence_threshold", "num_noises")
-DONE_STAGE = "done"
+
+
 def run_replicate(seed: int, sweep: str, sets: list[str], scratch: Path) -> None:
     """Run (or resume, or leave) replicate ``seed``'s sweep into ``scratch/seed-<seed>``."""
     out = scratch / f"seed-{seed}"
     state = out / "results" / STATE_FILE
-    if state.is_file() and json.loads(state.read_text()).get("stage") == DONE_STAGE:
+    if state.is_file() and json.loads(state.read_text()).get("stage") == STAGE_DONE:
         return
     overrides = [f"searcher.seed={seed}", f"results_dir={out / 'results'}",
                  f"draws_dir={scratch / 'draws'}",
@@ -124,11 +122,12 @@ def replicate_report(seed: int, scratch: Path) -> dict:
     epochs = sum(len(client.get_metric_history(run.info.run_id, EPOCH_SECONDS))
                  for run in trials)
     searched = sorted(state["sweep"]["search"])
-    incumbent = next((run.data.tags[TRIAL_ID_TAG] for run in trials
-                      if run.data.tags.get(INCUMBENT_TAG) == "true"), None)
-    ranked = [run for run in trials if validation_metric(objective) in run.data.metrics]
-    return {"projection": projection(out / "results", state["chosen_trial"], incumbent,
-                                     objective, len(ranked) - 1),
+    # Every ranked trial, named as the sweep named it in its verdicts.
+    labels = {run.data.tags[TRIAL_ID_TAG]: INCUMBENT_LABEL
+              if run.data.tags.get(INCUMBENT_TAG) == "true" else run.data.tags[TRIAL_ID_TAG]
+              for run in trials if validation_metric(objective) in run.data.metrics}
+    return {"separation": separation(out / "results", state["chosen_trial"], labels,
+                                     state["sweep"]["objective"][0]),
             "seed": seed, "chosen": state["chosen_trial"],
             "incumbent_chosen": chosen.data.tags.get(INCUMBENT_TAG) == "true",
             "params": {key: chosen.data.params.get(key) for key in searched},
@@ -140,26 +139,17 @@ def replicate_report(seed: int, scratch: Path) -> dict:
             "wall_seconds": float((out / "wall_seconds").read_text())}
 
 
-def projection(results: Path, chosen: str, incumbent: str | None, objective: str,
-               comparisons: int) -> dict | None:
-    """The chosen trial against the incumbent on the validation images both were certified
-    on: how many each certified alone at the objective's radius, and the hold-out that would
-    separate them at those rates (:func:`images_to_separate` at FAMILY_ALPHA / comparisons,
-    Holm's first level)."""
-    radius = radius_of_metric(objective)
-    if incumbent is None or incumbent == chosen or radius is None:
-        return None
-    def certified(trial: str) -> dict[int, bool]:
-        return {record.idx: certified_at(record, radius)
-                for block in record_blocks(results, VALIDATION, trial) for record in block}
-    mine, theirs = certified(chosen), certified(incumbent)
-    shared = sorted(set(mine) & set(theirs))
-    only_chosen = sum(mine[i] and not theirs[i] for i in shared)
-    only_incumbent = sum(theirs[i] and not mine[i] for i in shared)
-    alpha = FAMILY_ALPHA / max(comparisons, 1)
-    needed = images_to_separate(only_chosen, only_incumbent, len(shared), alpha)
-    return {"images": len(shared), "only_chosen": only_chosen,
-            "only_incumbent": only_incumbent, "alpha": alpha, "images_needed": needed}
+def separation(results: Path, chosen: str, labels: dict[str, str],
+               objective: dict[str, str]) -> str | None:
+    """The summary's own line on the hold-out that would separate the chosen trial from the
+    incumbent (:func:`cadis.sweeps.summary.separation_line`), over the validation decision
+    the sweep made (:func:`cadis.sweeps.choice.decide` again, on its records); None where it
+    has none."""
+    incumbent = next((trial for trial, label in labels.items() if label == INCUMBENT_LABEL),
+                     None)
+    decisions, _ = decide(results, VALIDATION, chosen, labels, [Objective(**objective)])
+    return separation_line(Choice(chosen, incumbent, tuple(decisions), ()),
+                           objective["metric"])
 
 
 def interval(entry: dict | None) -> str:
@@ -207,15 +197,8 @@ def main() -> None:
               f"{json.dumps(report['params'])}")
         print(f"  validation: {said}, {interval(validation)}")
         print(f"  test:       {seen}, {interval(test)}; {agrees}")
-        shown = report["projection"]
-        if shown is not None:
-            needed = shown["images_needed"]
-            print(f"  on {shown['images']} validation images: certified by the chosen trial "
-                  f"only {shown['only_chosen']}, by the incumbent only "
-                  f"{shown['only_incumbent']}; at these rates "
-                  + (f"about {needed} validation images would show it ahead with "
-                     f"{POWER:.0%} power (McNemar at {shown['alpha']:.3g})" if needed else
-                     "no hold-out would show it ahead"))
+        if report["separation"] is not None:
+            print(report["separation"])
         print(f"  compute: {report['wall_seconds'] / 60:.1f} min wall, {report['trials']} "
               f"trials, {report['epochs']} epochs trained")
     families = collections.Counter(report["family"] for report in reports)
