@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import beta, norm, spearmanr
+from scipy.stats import norm, spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,7 +62,7 @@ from cadis.finetuning.fit import CHECKPOINT_PATTERN, CHECKPOINTS_DIR, LocalSessi
 from cadis.finetuning.loop import train_loop  # noqa: E402
 from cadis.models.classifier import load_classifier  # noqa: E402
 from cadis.models.devices import pick_device  # noqa: E402
-from cadis.smoothing.bounds import certified_radius, lower_confidence_bound  # noqa: E402
+from cadis.smoothing.bounds import certify_from_counts, lower_confidence_bound  # noqa: E402
 from cadis.smoothing.paired import certified_at  # noqa: E402
 from cadis.smoothing.records import RECORDS_FILENAME, read_records  # noqa: E402
 from cadis.smoothing.smooth import evaluating  # noqa: E402
@@ -104,9 +104,9 @@ def certified_radius_or_zero(selection: np.ndarray, estimation: np.ndarray, labe
                              sigma: float, alpha: float) -> float:
     """CERTIFY's radius when it certifies the true class, else 0: what ACR averages."""
     candidate = int(np.argmax(selection))
-    n = int(estimation.sum())
-    p_lower = lower_confidence_bound(int(estimation[candidate]), n, alpha)
-    return certified_radius(p_lower, sigma) if candidate == label and p_lower > 0.5 else 0.0
+    prediction, radius = certify_from_counts(candidate, int(estimation[candidate]),
+                                             int(estimation.sum()), alpha, sigma)
+    return radius if prediction == label else 0.0
 
 
 def smoothed_margin(selection: np.ndarray, estimation: np.ndarray, label: int, sigma: float,
@@ -126,8 +126,7 @@ def lower_bound_radius(selection: np.ndarray, estimation: np.ndarray, label: int
     probability from the estimation draws, signed (below 0 under one half), floored half a
     draw above 0: the radius CERTIFY would give the true class, without its cut at 0."""
     n = int(estimation.sum())
-    k = int(estimation[label])
-    low = float(beta.ppf(alpha, k, n - k + 1)) if k > 0 else 0.0
+    low = lower_confidence_bound(int(estimation[label]), n, alpha)
     return sigma * float(norm.ppf(max(low, HALF_DRAW / n)))
 
 
