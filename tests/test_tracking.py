@@ -54,3 +54,18 @@ def test_unusable_stores_are_one_line_errors(uri, message):
 def test_a_sqlite_store_folder_is_made(tmp_path):
     check_tracking_uri(f"sqlite:///{tmp_path}/a/b/mlflow.db")
     assert (tmp_path / "a" / "b").is_dir() and not (tmp_path / "a" / "b" / "mlflow.db").exists()
+
+
+def test_two_clients_opening_a_new_sqlite_store_at_once_both_succeed(tmp_path):
+    # Two sweeps started together on one new store (benchmarks/science.sh) raced in MLflow's
+    # schema migration and one failed; the client now creates the tables under a file lock.
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    opener = ("import sys; from cadis.tracking.client import PatientClient; "
+              "PatientClient(sys.argv[1]).search_experiments()")
+    processes = [subprocess.Popen([sys.executable, "-c", opener, uri], stderr=subprocess.PIPE,
+                                  text=True) for _ in range(3)]
+    errors = [process.communicate(timeout=120)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], errors

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Final, Mapping, Sequence
 
 from cadis.errors import CadisError, first_line
-from cadis.tracking.server import TRACKING_RETRY_ENV, tracking_retry_s
+from cadis.files import exclusive_lock
+from cadis.tracking.server import TRACKING_RETRY_ENV, sqlite_path, tracking_retry_s
 
 #: The waits between two attempts to reach an unreachable tracking server double from the
 #: first to the last, for up to tracking_retry_s() seconds in all.
@@ -53,7 +54,16 @@ class PatientClient:
         os.environ.setdefault(MLFLOW_RETRIES_ENV, "0")
         self.uri = uri
         self.retry_s = tracking_retry_s() if retry_s is None else retry_s
-        self._client = MlflowClient(uri)
+        database = sqlite_path(uri)
+        if database is None:
+            self._client = MlflowClient(uri)
+        else:
+            # MLflow creates and migrates a SQLite store's tables as the client is made; two
+            # sweeps doing it at once on a new store race ("table experiments already
+            # exists", alembic's "expected to match one row") and one fails. The first to
+            # take the lock creates them, the others find them made.
+            with exclusive_lock(database.parent / f".{database.name}.lock"):
+                self._client = MlflowClient(uri)
         self._gave_up: TrackingServerUnreachable | None = None
 
     def __getattr__(self, name: str) -> Any:
