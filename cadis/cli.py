@@ -11,9 +11,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cadis.errors import EXIT_USAGE, CadisError
 from cadis.files import atomic_write_text, check_creatable_folder
+
+if TYPE_CHECKING:
+    from cadis.smoothing.paired import Certification
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -98,10 +102,13 @@ def _analyze(args: argparse.Namespace) -> None:
             plot_certified_accuracy(record_sets, Path(args.plot))
             print(f"plot: {args.plot}", file=sys.stderr)
         return
+    certifications = [Certification.read(label, path) for label, path in zip(labels, paths)]
+    if args.over_seeds:
+        _analyze_seed_means(args, certifications, radii)
+        return
     baseline = labels[0] if args.baseline is None else args.baseline
     if baseline not in labels:
         raise CadisError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
-    certifications = [Certification.read(label, path) for label, path in zip(labels, paths)]
     reference = certifications[labels.index(baseline)]
     others = [c for c in certifications if c is not reference]
     comparisons = compare_certifications(reference, others, radii)
@@ -116,6 +123,37 @@ def _analyze(args: argparse.Namespace) -> None:
     if args.plot:
         plot_comparison(reference, others, comparisons, Path(args.plot))
         print(f"plot: {args.plot}", file=sys.stderr)
+
+
+def _analyze_seed_means(args: argparse.Namespace, certifications: list[Certification],
+                        radii: list[float]) -> None:
+    """`cadis analyze --over-seeds`: every seed side by side, then each arm's mean over its
+    seeds against the baseline arm's (:mod:`cadis.smoothing.seed_means`)."""
+    from cadis.smoothing.paired import compare_certifications, plot_comparison
+    from cadis.smoothing.records import format_table
+    from cadis.smoothing.seed_means import compare_seed_means, format_seed_means, group_by_arm
+
+    arms = group_by_arm([certification.label for certification in certifications])
+    baseline = args.baseline or next(iter(arms))
+    if baseline not in arms:
+        raise CadisError(f"--baseline {baseline!r} is none of the arms: {', '.join(arms)}")
+    if len(arms) < 2:
+        raise CadisError(f"--over-seeds compares arms: the labels name one ({baseline}); label "
+                         f"each seed ARM@SEED, e.g. ft_cadis@1 ft_cadis@2")
+    reference = [certifications[position] for position in arms[baseline]]
+    others = {arm: [certifications[position] for position in positions]
+              for arm, positions in arms.items() if arm != baseline}
+    comparisons = compare_seed_means(reference, others, radii)
+    if args.format == "markdown":
+        print("Certified accuracy of every seed:\n\n"
+              + format_table({c.label: c.records for c in certifications}, radii) + "\n")
+    print(format_seed_means(baseline, reference, comparisons, args.correct or "holm",
+                            args.format).rstrip("\n"))
+    if args.plot:
+        seeds = [c for c in certifications if c not in reference]
+        plot_comparison(reference[0], seeds,
+                        compare_certifications(reference[0], seeds, radii), Path(args.plot))
+        print(f"plot: {args.plot} (each seed against {reference[0].label})", file=sys.stderr)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -327,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "one family) by Holm's step-down (family-wise error) or "
                               "Benjamini-Hochberg (false discovery rate), shown beside the raw "
                               "p (default: none)")
+    analyze.add_argument("--over-seeds", action="store_true",
+                         help="label each training seed ARM@SEED (ft_cadis@1 ft_cadis@2 ...): "
+                              "every seed side by side, then each arm's mean over its seeds "
+                              "against the --baseline arm's, with a paired sign-flip p per "
+                              "radius adjusted over every arm and radius (--correct, default "
+                              "holm)")
     analyze.set_defaults(handler=_analyze)
     return parser
 
