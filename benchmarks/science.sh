@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The README's science table at one sigma: the off-the-shelf pair, denoised fine-tuning and
-# FT-CADIS, the fine-tuned arms each chosen by its staged sweep on validation and the
-# chosen trial certified on the test set; then `cadis analyze` pairs the three on the same
-# 1,000 test images and noise draws, each against the off-the-shelf pair and FT-CADIS against
-# denoised fine-tuning. The two sweeps share their stores of denoised draws
-# (draws_dir): the second denoises nothing.
+# FT-CADIS, the fine-tuned arms each chosen by its staged sweep on validation (the sweep
+# file's recipe as incumbent, paired verdicts, racing), its finalists and incumbent each
+# trained with 3 seeds and certified on the test set; then `cadis analyze` pairs every seed of
+# both arms with the off-the-shelf pair, Holm-corrected over the family, on the same 1,000
+# test images and the same noise draws: ONE store of test draws (draws/test-*) serves the
+# off-the-shelf pair and both sweeps' final stages, and the two sweeps share their other
+# stores too (draws_dir): the second denoises nothing.
 #
 #   benchmarks/science.sh SIGMA [OUT]        # OUT: runs/science/sigmaSIGMA
 #
 # Every arm certifies every 10th test image (1,000), sequentially at n at most 1,000, n0 = 100,
-# alpha = 0.001, seed 0. The sweeps' objective is certified accuracy at r = SIGMA on
-# validation. One torch thread per process; the off-the-shelf pair (no Ray) is certified
-# beside the sweeps. Each step resumes (a finished one is skipped) when the script is run
-# again.
+# alpha = 0.001, seed 0. The sweeps have two objectives, certified accuracy at r = SIGMA and
+# at r = 0 on validation (the first chooses; the second keeps the search and the verdicts
+# looking at clean accuracy). One torch thread per process; the off-the-shelf pair (no Ray)
+# builds the test store beside the sweeps and certifies from it. Each step resumes (a
+# finished one is skipped) when the script is run again.
 #
 # Two sweeps at once need one Ray: two local Rays on one machine break Ray Train's
 # placement-group cleanup ("Found multiple active Ray instances"). With RAY_ADDRESS set (a
@@ -33,14 +36,14 @@ sweep() {  # ARM
     local resume
     resume=$(test -f "$out/$1/sweep.json" && echo --resume || true)
     "$cadis" sweep "sweeps/science_$1.yaml" $resume --set "sigma=$sigma" \
-        --set "objective.metric=certified_accuracy_r$radius" \
+        --set "objective.metric=[certified_accuracy_r$radius, certified_accuracy_r0.0]" \
         --set "results_dir=$out/$1" --set "draws_dir=$out/draws" \
         --set "mlflow.tracking_uri=$store" \
         --set "mlflow.experiment=science-$1-sigma$sigma"
 }
 "$cadis" certify --models models/fashion-mnist --sigma "$sigma" --n 1000 --n0 100 \
     --alpha 0.001 --skip 10 --max-images 1000 --sequential --seed 0 --quiet \
-    --out "$out/off_the_shelf" &
+    --draws-dir "$out/draws" --out "$out/off_the_shelf" &
 pair=$!
 failed=0
 if [ -n "${RAY_ADDRESS:-}" ]; then
@@ -54,22 +57,28 @@ fi
 wait $pair || failed=1
 [ $failed = 0 ] || { echo "science: a step failed; run the script again to resume" >&2; exit 1; }
 
-chosen() {  # the test folder of the trial the sweep chose, as its sweep.json names it
-    # (the incumbent and further training seeds are certified on test too: not a glob)
+seeds() {  # ARM: "ARM@SEED FOLDER" per training seed of the trial the sweep chose (its
+    # sweep.json names it; the final stage certified it with every seed on the test store)
     "$python" -c "
 import sys
-from cadis.sweeps.layout import SweepState, trial_certify_dir
-state = SweepState.read(sys.argv[1])
+from cadis.sweeps.final_stage import seed_figures
+from cadis.sweeps.layout import SweepState
+arm, results = sys.argv[1:]
+state = SweepState.read(results)
 if state.chosen_trial is None:
-    sys.exit(f'science: {sys.argv[1]} names no chosen trial (stage {state.stage})')
-print(trial_certify_dir(sys.argv[1], state.chosen_trial))" "$out/$1"
+    sys.exit(f'science: {results} names no chosen trial (stage {state.stage})')
+for seed, entry in seed_figures(results, [state.chosen_trial])[state.chosen_trial]['seeds'].items():
+    print(f'{arm}@{seed}', entry['folder'])" "$1" "$out/$1"
 }
 # The radii the sequential test decided (n = 1,000 reaches 2.46 sigma): beyond them all are 0.
 radii=$(python3 -c "import json; print(','.join(str(r) for r in json.load(open('$out/off_the_shelf/summary.json'))['radii']))")
-denoised_ce=$(chosen denoised_ce)
-ft_cadis=$(chosen ft_cadis)
-"$cadis" analyze "$out/off_the_shelf" "$denoised_ce" "$ft_cadis" \
-    --labels off-the-shelf denoised_ce ft_cadis --baseline off-the-shelf --radii "$radii" \
+arms=$(seeds denoised_ce && seeds ft_cadis)
+labels=$(cut -d' ' -f1 <<<"$arms")
+folders=$(cut -d' ' -f2 <<<"$arms")
+# Each arm's mean over its training seeds against the off-the-shelf pair, then FT-CADIS's
+# against denoised fine-tuning's; Holm over every arm and radius of each command.
+"$cadis" analyze "$out/off_the_shelf" $folders --labels off-the-shelf $labels \
+    --baseline off-the-shelf --over-seeds --correct holm --radii "$radii" \
     --plot "$out/sigma$sigma.png" | tee "$out/analyze.md"
-"$cadis" analyze "$denoised_ce" "$ft_cadis" --labels denoised_ce ft_cadis \
-    --radii "$radii" | tee "$out/analyze-vs-denoised_ce.md"
+"$cadis" analyze $folders --labels $labels --baseline denoised_ce --over-seeds \
+    --correct holm --radii "$radii" | tee "$out/analyze-vs-denoised_ce.md"
