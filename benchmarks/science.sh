@@ -39,7 +39,7 @@ sweep() {  # ARM
         --set "objective.metric=[certified_accuracy_r$radius, certified_accuracy_r0.0]" \
         --set "results_dir=$out/$1" --set "draws_dir=$out/draws" \
         --set "mlflow.tracking_uri=$store" \
-        --set "mlflow.experiment=science-$1-sigma$sigma"
+        --set "mlflow.experiment=science-$1-sigma$sigma" 2>&1 | tee -a "$out/$1.log"
 }
 "$cadis" certify --models models/fashion-mnist --sigma "$sigma" --n 1000 --n0 100 \
     --alpha 0.001 --skip 10 --max-images 1000 --sequential --seed 0 --quiet \
@@ -82,3 +82,8 @@ folders=$(cut -d' ' -f2 <<<"$arms")
     --plot "$out/sigma$sigma.png" | tee "$out/analyze.md"
 "$cadis" analyze $folders --labels $labels --baseline denoised_ce --over-seeds \
     --correct holm --radii "$radii" | tee "$out/analyze-vs-denoised_ce.md"
+# Every trial of each sweep (stopped ones too) with its searched values and figures, from MLflow.
+for arm in denoised_ce ft_cadis; do
+    "$cadis" compare --experiment "science-$arm-sigma$sigma" --tracking-uri "$store" \
+        --format csv > "$out/$arm/trials.csv"
+done

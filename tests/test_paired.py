@@ -324,21 +324,23 @@ def _committed(path: str) -> Certification:
 
 
 def test_committed_records_share_noise_under_their_own_scheme():
-    # The science tables' test records name an older noise scheme than today's; they share
-    # it, with the same seed, so they drew the same noise for each image.
-    tests = [_committed("science-sigma0.5/off_the_shelf"),
-             _committed("science-sigma0.5/ft_cadis/043eccc5/test"),
-             _committed("science-sigma0.5/denoised_ce/6d3a77a3/test")]
+    # The sigma 0.25 science table's test records name an older noise scheme than today's;
+    # they share it, with the same seed, so they drew the same noise for each image.
+    tests = [_committed("science-sigma0.25/off_the_shelf"),
+             _committed("science-sigma0.25/ft_cadis/88707be0/test"),
+             _committed("science-sigma0.25/denoised_ce/2d90b072/test")]
     assert tests[0].settings["noise"] != NOISE_PER_IMAGE
     for other in tests[1:]:
         same, why = shared_noise(tests[0], other)
         assert same and "seed 0" in why
-    # The two arms' rank records read stores of one key, kept in two folders.
-    ranks = [_committed("science-sigma0.5/ft_cadis/043eccc5/rank"),
-             _committed("science-sigma0.5/denoised_ce/6d3a77a3/rank")]
-    assert ranks[0].settings["stored_draws"] != ranks[1].settings["stored_draws"]
-    assert shared_noise(*ranks) == (True, "the same for each image (stored draws "
-                                          "rank-b3b8bc3182f6)")
+    # The sigma 0.5 table's records, the off-the-shelf pair's and every seed's, read one store
+    # of test draws.
+    rebuilt = [_committed("science-sigma0.5/off_the_shelf"),
+               _committed("science-sigma0.5/ft_cadis/trials/d8ffca00/seeds/2/certify"),
+               _committed("science-sigma0.5/denoised_ce/trials/1aad0adc/seeds/1/certify")]
+    for other in rebuilt[1:]:
+        assert shared_noise(rebuilt[0], other) == (
+            True, "the same for each image (stored draws test-256822255c6c)")
     # The first baseline names no scheme: independent of everything.
     baseline = _committed("baseline-sigma0.5")
     same, why = shared_noise(baseline, tests[0])
