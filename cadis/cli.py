@@ -102,13 +102,14 @@ def _analyze(args: argparse.Namespace) -> None:
             plot_certified_accuracy(record_sets, Path(args.plot))
             print(f"plot: {args.plot}", file=sys.stderr)
         return
-    certifications = [Certification.read(label, path) for label, path in zip(labels, paths)]
     if args.over_seeds:
-        _analyze_seed_means(args, certifications, radii)
+        _analyze_seed_means(args, [Certification.read(label, path)
+                                   for label, path in zip(labels, paths)], radii)
         return
     baseline = labels[0] if args.baseline is None else args.baseline
     if baseline not in labels:
         raise CadisError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
+    certifications = [Certification.read(label, path) for label, path in zip(labels, paths)]
     reference = certifications[labels.index(baseline)]
     others = [c for c in certifications if c is not reference]
     comparisons = compare_certifications(reference, others, radii)

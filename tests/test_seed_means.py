@@ -27,6 +27,7 @@ def test_one_seed_a_side_is_the_paired_comparison(tmp_path):
     [means] = compare_seed_means([b], {"a": [a]}, RADII)
     paired = compare(a.records, b.records, RADII)
     assert means.seeds == 1
+    assert (means.resamples, means.seed) == (paired.resamples, paired.seed)
     assert means.accuracy[:-1] == pytest.approx([t.accuracy_a for t in paired.tests])
     assert means.reference_accuracy[:-1] == pytest.approx([t.accuracy_b for t in paired.tests])
     assert sum(means.intervals[:-1], ()) == pytest.approx(sum(paired.intervals, ()))

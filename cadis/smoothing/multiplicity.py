@@ -70,3 +70,10 @@ def adjust(p_values: Sequence[float], correction: str) -> np.ndarray:
     """``p_values`` adjusted by the correction named ``correction`` (a key of
     :data:`CORRECTIONS`), or :class:`CadisError` naming the allowed ones."""
     return CORRECTIONS[choice(correction, "correction", tuple(CORRECTIONS))](p_values)
+
+
+def adjust_grouped(groups: Sequence[Sequence[float]], correction: str) -> list[list[float]]:
+    """Every p-value of ``groups`` adjusted together, as one family, by ``correction``
+    (:func:`adjust`), returned in the groups' shape."""
+    flat = iter(adjust([p for group in groups for p in group], correction).tolist())
+    return [[next(flat) for _ in group] for group in groups]

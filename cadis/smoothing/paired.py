@@ -41,7 +41,7 @@ from scipy.stats import binomtest
 
 from cadis.errors import CadisError
 from cadis.models.identity import MODEL_HASHES, MODEL_ROLES
-from cadis.smoothing.multiplicity import CORRECTION_CONTROLS, CORRECTION_NAMES, adjust
+from cadis.smoothing.multiplicity import CORRECTION_CONTROLS, CORRECTION_NAMES, adjust_grouped
 from cadis.smoothing.records import (
     CERTIFICATION_SETTINGS,
     CSV_DIGITS,
@@ -417,9 +417,8 @@ def family_adjusted(comparisons: Sequence[Comparison], correction: str | None
     None when ``correction`` is None."""
     if correction is None:
         return None
-    raw = [test.p_value for comparison in comparisons for test in comparison.tests]
-    flat = iter(adjust(raw, correction).tolist())
-    return [[next(flat) for _ in comparison.tests] for comparison in comparisons]
+    return adjust_grouped([[test.p_value for test in comparison.tests]
+                           for comparison in comparisons], correction)
 
 
 def describe_family(comparisons: Sequence[Comparison], correction: str) -> str:

@@ -34,7 +34,7 @@ from typing import Final
 import numpy as np
 
 from cadis.errors import CadisError
-from cadis.smoothing.multiplicity import CORRECTION_CONTROLS, CORRECTION_NAMES, adjust
+from cadis.smoothing.multiplicity import CORRECTION_CONTROLS, CORRECTION_NAMES, adjust_grouped
 from cadis.smoothing.paired import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -62,7 +62,7 @@ class SeedMeanComparison:
     """An arm's certifications (one per training seed) against the reference's, per radius
     and in ACR (the last entry of every tuple): the arm's mean over its seeds, its lowest and
     highest seed, the reference's mean, the interval of the difference; a p-value per radius
-    (none for ACR)."""
+    (none for ACR); the ``resamples`` and ``seed`` of the bootstrap and the sign flips."""
 
     label: str
     seeds: int
@@ -72,6 +72,8 @@ class SeedMeanComparison:
     reference_accuracy: tuple[float, ...]
     intervals: tuple[tuple[float, float], ...]
     p_values: tuple[float, ...]
+    resamples: int
+    seed: int
 
 
 def group_by_arm(labels: Sequence[str]) -> dict[str, list[int]]:
@@ -118,9 +120,9 @@ def compare_seed_means(reference: Sequence[Certification],
     reference_mean = reference_values.mean(axis=0)
     comparisons = []
     for label, values in arm_values.items():
-        differences = values.mean(axis=0) - reference_mean
-        low, high = paired_bootstrap(values.mean(axis=0), reference_mean, resamples, seed)
-        p_values = sign_flip_p(differences[:, :-1], resamples, seed)
+        arm_mean = values.mean(axis=0)
+        low, high = paired_bootstrap(arm_mean, reference_mean, resamples, seed)
+        p_values = sign_flip_p((arm_mean - reference_mean)[:, :-1], resamples, seed)
         per_seed = values.mean(axis=1)
         comparisons.append(SeedMeanComparison(
             label, len(values), tuple(float(r) for r in radii),
@@ -129,7 +131,7 @@ def compare_seed_means(reference: Sequence[Certification],
                                                            per_seed.max(axis=0))),
             tuple(float(v) for v in reference_mean.mean(axis=0)),
             tuple((float(lo), float(hi)) for lo, hi in zip(low, high)),
-            tuple(float(p) for p in p_values)))
+            tuple(float(p) for p in p_values), resamples, seed))
     return comparisons
 
 
@@ -137,8 +139,7 @@ def adjusted_p_values(comparisons: Sequence[SeedMeanComparison], correction: str
                       ) -> list[list[float]]:
     """Every arm's p-values at every radius adjusted as one family by ``correction`` (a key
     of :data:`~cadis.smoothing.multiplicity.CORRECTIONS`), shaped as the comparisons'."""
-    flat = iter(adjust([p for c in comparisons for p in c.p_values], correction).tolist())
-    return [[next(flat) for _ in c.p_values] for c in comparisons]
+    return adjust_grouped([comparison.p_values for comparison in comparisons], correction)
 
 
 def format_seed_means(reference_label: str, reference: Sequence[Certification],
@@ -176,6 +177,6 @@ def format_seed_means(reference_label: str, reference: Sequence[Certification],
     return (f"Means over training seeds (the count in brackets), against {reference_label}: "
             f"{describe_settings(reference[0])}. Paired sign-flip permutation p of the "
             f"per-image difference of seed means, paired bootstrap {CONFIDENCE:.0%} interval "
-            f"({BOOTSTRAP_RESAMPLES:,} resamples of the images, seed {BOOTSTRAP_SEED}); "
+            f"({comparisons[0].resamples:,} resamples of the images, seed {comparisons[0].seed}); "
             f"{name} p adjusted over one family of {family} tests "
             f"({CORRECTION_CONTROLS[correction]}): every arm at every radius.\n\n" + table)
