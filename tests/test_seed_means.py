@@ -9,7 +9,12 @@ from cadis.errors import CadisError
 from cadis.smoothing.multiplicity import holm
 from cadis.smoothing.paired import Certification, compare
 from cadis.smoothing.records import NOISE_PER_IMAGE, RECORDS_FILENAME
-from cadis.smoothing.seed_means import adjusted_p_values, compare_seed_means, group_by_arm
+from cadis.smoothing.seed_means import (
+    adjusted_p_values,
+    compare_seed_means,
+    format_seed_means,
+    group_by_arm,
+)
 from tests.test_paired import HAND_A, HAND_B, _analyze, folder, records_of
 
 RADII = [0.0, 0.5]
@@ -54,6 +59,20 @@ def test_the_mean_over_seeds_its_range_and_the_family(tmp_path):
     # Holm over every arm and radius: one family of four.
     flat = [*means.p_values, *same.p_values]
     assert sum(adjusted_p_values([means, same], "holm"), []) == pytest.approx(holm(flat))
+
+
+def test_a_p_at_the_floor_of_the_resamples_reads_as_a_bound(tmp_path):
+    # 40 images that only the arm certifies: no flip of 10,000 reaches it, so p is the floor
+    # 1 / 10,001, a bound, and so is Holm's multiple of it; a twin's p = 1 is not a bound.
+    reference = certification(tmp_path, "ref", [None] * 40)
+    arm = [certification(tmp_path, "a1", [0.6] * 40)]
+    twin = [certification(tmp_path, "b1", [None] * 40)]
+    comparisons = compare_seed_means([reference], {"a": arm, "b": twin}, RADII)
+    assert comparisons[0].p_values == pytest.approx((1 / 10_001, 1 / 10_001))
+    table = format_seed_means("ref", [reference], comparisons, "holm")
+    row = next(line for line in table.splitlines() if line.startswith("| 0.5 |"))
+    assert "| ≤1.0e-04 | ≤4.0e-04 |" in row and row.endswith("| 1.000 | 1.000 |")
+    assert "≤: no resample reached the difference" in table
 
 
 def test_a_seed_on_other_settings_is_refused(tmp_path):

@@ -142,13 +142,22 @@ def adjusted_p_values(comparisons: Sequence[SeedMeanComparison], correction: str
     return adjust_grouped([comparison.p_values for comparison in comparisons], correction)
 
 
+def _bounded(comparison: SeedMeanComparison, row: int, p: float) -> str:
+    """``p`` (the raw or the corrected p of ``row``) as a cell, read as "at most" where the
+    raw p is the test's floor: no sign flip reached the observed difference, so the true p
+    is smaller than ``resamples`` flips can show, and Holm's multiple of it a bound too."""
+    at_floor = comparison.p_values[row] <= 1.0 / (1.0 + comparison.resamples)
+    return ("≤" if at_floor else "") + format_p(p)
+
+
 def format_seed_means(reference_label: str, reference: Sequence[Certification],
                       comparisons: Sequence[SeedMeanComparison], correction: str,
                       fmt: TableFormat = "markdown") -> str:
     """One table: per radius (and ACR) the reference's mean and, per arm, its mean over its
     seeds with the lowest and highest seed, its difference from the reference with the
-    interval, the raw p and the ``correction``'s p over the family of every arm and radius;
-    in markdown under a line naming the images, settings, seeds, test and family."""
+    interval, the raw p and the ``correction``'s p over the family of every arm and radius
+    (both marked ``≤`` where the raw p is the test's floor, a bound); in markdown under a line
+    naming the images, settings, seeds, test and family."""
     adjusted = adjusted_p_values(comparisons, correction)
     name = CORRECTION_NAMES[correction]
     digits = MARKDOWN_DIGITS
@@ -164,7 +173,8 @@ def format_seed_means(reference_label: str, reference: Sequence[Certification],
         for comparison, corrected in zip(comparisons, adjusted):
             low, high = comparison.seed_range[row]
             difference = comparison.accuracy[row] - comparison.reference_accuracy[row]
-            p_cells = ([format_p(comparison.p_values[row]), format_p(corrected[row])]
+            p_cells = ([_bounded(comparison, row, p)
+                        for p in (comparison.p_values[row], corrected[row])]
                        if row < len(radii) else ["", ""])
             cells += [f"{comparison.accuracy[row]:.{digits}f}",
                       f"{low:.{digits}f}–{high:.{digits}f}", format_signed(difference),
@@ -177,6 +187,7 @@ def format_seed_means(reference_label: str, reference: Sequence[Certification],
     return (f"Means over training seeds (the count in brackets), against {reference_label}: "
             f"{describe_settings(reference[0])}. Paired sign-flip permutation p of the "
             f"per-image difference of seed means, paired bootstrap {CONFIDENCE:.0%} interval "
-            f"({comparisons[0].resamples:,} resamples of the images, seed {comparisons[0].seed}); "
+            f"({comparisons[0].resamples:,} resamples of the images, seed {comparisons[0].seed}; "
+            f"≤: no resample reached the difference, p below what they show); "
             f"{name} p adjusted over one family of {family} tests "
             f"({CORRECTION_CONTROLS[correction]}): every arm at every radius.\n\n" + table)
