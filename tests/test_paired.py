@@ -317,33 +317,29 @@ def test_analyze_pairs_one_pair_silently_and_warns_once_where_hashes_are_missing
 
 
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
+# Every training seed's test records of each science table's chosen trials, by sigma.
+SCIENCE_SEEDS = {
+    "0.5": [f"{arm}/trials/{trial}/{seed}certify"
+            for arm, trial in (("ft_cadis", "d8ffca00"), ("denoised_ce", "1aad0adc"))
+            for seed in ("", "seeds/1/", "seeds/2/")],
+}
 
 
 def _committed(path: str) -> Certification:
     return Certification.read(path, COMMITTED / path / RECORDS_FILENAME)
 
 
-def test_committed_records_share_noise_under_their_own_scheme():
-    # The sigma 0.25 science table's test records name an older noise scheme than today's;
-    # they share it, with the same seed, so they drew the same noise for each image.
-    tests = [_committed("science-sigma0.25/off_the_shelf"),
-             _committed("science-sigma0.25/ft_cadis/88707be0/test"),
-             _committed("science-sigma0.25/denoised_ce/2d90b072/test")]
-    assert tests[0].settings["noise"] != NOISE_PER_IMAGE
-    for other in tests[1:]:
-        same, why = shared_noise(tests[0], other)
-        assert same and "seed 0" in why
-    # The sigma 0.5 table's records, the off-the-shelf pair's and every seed's, read one store
-    # of test draws.
-    rebuilt = [_committed("science-sigma0.5/off_the_shelf"),
-               _committed("science-sigma0.5/ft_cadis/trials/d8ffca00/seeds/2/certify"),
-               _committed("science-sigma0.5/denoised_ce/trials/1aad0adc/seeds/1/certify")]
-    for other in rebuilt[1:]:
-        assert shared_noise(rebuilt[0], other) == (
-            True, "the same for each image (stored draws test-256822255c6c)")
+def test_committed_science_records_read_one_store_of_test_draws():
+    # Each science table's records, the off-the-shelf pair's and every seed's, read one store
+    # of test draws: they pair draw for draw.
+    for sigma, seeds in SCIENCE_SEEDS.items():
+        pair = _committed(f"science-sigma{sigma}/off_the_shelf")
+        key = pair.settings["stored_draws"].rsplit("/", 1)[-1]
+        for seed in seeds:
+            assert shared_noise(pair, _committed(f"science-sigma{sigma}/{seed}")) == (
+                True, f"the same for each image (stored draws {key})")
     # The first baseline names no scheme: independent of everything.
-    baseline = _committed("baseline-sigma0.5")
-    same, why = shared_noise(baseline, tests[0])
+    same, why = shared_noise(_committed("baseline-sigma0.5"), pair)
     assert not same and "baseline-sigma0.5 name no per-image noise scheme" in why
 
 
@@ -356,6 +352,9 @@ def test_shared_noise_needs_one_scheme_and_one_seed_or_one_store_key(tmp_path):
     now = _made(tmp_path, "now", noise=NOISE_PER_IMAGE)
     assert shared_noise(now, _made(tmp_path, "again", noise=NOISE_PER_IMAGE))[0]
     older = _made(tmp_path, "older", noise="per-image generators")
+    # An older scheme pairs with itself at one seed: it drew the same noise for each image.
+    assert shared_noise(older, _made(tmp_path, "older_too", noise="per-image generators")) == (
+        True, "the same for each image (seed 0, per-image generators)")
     assert shared_noise(now, older) == (
         False, f"independent: noise schemes differ ({NOISE_PER_IMAGE!r}, "
                f"'per-image generators')")
