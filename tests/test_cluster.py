@@ -310,6 +310,35 @@ def _run_script(*args: str, state_dir: Path, **extra_env: str) -> subprocess.Com
                           timeout=60)
 
 
+CONNECT = """\
+import ray
+from cadis.finetuning.ray_train import init_ray
+init_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
+print("CONNECTED", ray.get_runtime_context().gcs_address)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_without_ray_address_cadis_starts_its_own_ray_not_the_one_ray_start_left():
+    # `ray stop` leaves <temp dir>/ray_current_cluster behind; Ray's default would try to join
+    # the dead head it names and wait minutes. Ray's temp dir here is a fresh one of the test's
+    # (short: Ray's socket paths must fit 107 bytes).
+    root = Path(tempfile.mkdtemp(prefix="cadis-ray-", dir="/tmp"))
+    try:
+        (root / "ray").mkdir()
+        (root / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
+        env = {**os.environ, "RAY_TMPDIR": str(root)}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run([sys.executable, "-c", CONNECT], env=env, cwd=REPO, text=True,
+                              capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        [line] = [line for line in done.stdout.splitlines() if line.startswith("CONNECTED")]
+        assert not line.endswith(":9")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_script_is_executable_bash_with_strict_mode():
     assert os.access(SCRIPT, os.X_OK)
     text = SCRIPT.read_text()

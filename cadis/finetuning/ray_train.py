@@ -33,6 +33,20 @@ HEALTH_CHECK_INTERVAL_S: Final = 0.5
 # until no worker fitted (seen with Ray 2.60). Train passes this on to its controller.
 WORKER_GROUP_START_TIMEOUT_ENV: Final = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 WORKER_GROUP_START_TIMEOUT_S: Final = 600
+# Ray's own default without an address joins the cluster that the machine's last `ray start`
+# named in <temp dir>/ray_current_cluster, which `ray stop` leaves behind: a run on a machine
+# where such a head has died waits minutes to connect to nothing. cadis joins a cluster only
+# when RAY_ADDRESS names it (as `ray job submit` does for its jobs); without, Ray's "local".
+PRIVATE_RAY: Final = "local"
+
+
+def init_ray(**options: Any) -> None:
+    """Connect this process to Ray: the cluster ``$RAY_ADDRESS`` names, else a private one
+    started for it, never one found on the machine unnamed (see :data:`PRIVATE_RAY`).
+    ``options`` go to ``ray.init``."""
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or PRIVATE_RAY, **options)
 
 
 class RaySession:
@@ -138,7 +152,7 @@ def fit_with_ray(config: TrainConfig, out_dir: Path, resume: bool) -> Path:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        init_ray(log_to_driver=True)
     wants_gpu = config.device == "cuda" or (
         config.device == "auto" and ray.cluster_resources().get("GPU", 0) >= config.workers)
     storage = (out_dir / "ray").absolute()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from cadis.errors import CadisError, first_line
 from cadis.files import check_creatable_folder
 from cadis.finetuning.config import portable_config
+from cadis.finetuning.ray_train import init_ray
 from cadis.sweeps.layout import (
     SWEEP_FILE_COPY,
     TUNE_NAME,
@@ -114,8 +115,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), resume: bool = Fa
     started_ray = not ray.is_initialized()
     working_dir = os.getcwd()
     if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
-                 log_to_driver=True)
+        init_ray(include_dashboard=True, log_to_driver=True)
     try:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         work = StageWork(
