@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cadis.draws.certification_store import DrawStore  # noqa: E402
-from cadis.draws.folder import STORE_ARRAY, STORE_META  # noqa: E402
+from cadis.draws.folder import STORE_META  # noqa: E402
 from cadis.draws.keys import PROXY_ROLE, RANK_ROLE, TRAIN_ROLE  # noqa: E402
 from cadis.finetuning.checkpoint import load_trained, read_metadata  # noqa: E402
 from cadis.finetuning.fit import CHECKPOINT_PATTERN, CHECKPOINTS_DIR, LocalSession  # noqa: E402
@@ -176,7 +176,7 @@ def sample_params(search, count: int, seed: int) -> list[dict]:
 def draw_predictions(classifier: torch.nn.Module, store: DrawStore,
                      device: torch.device) -> np.ndarray:
     """The class ``classifier`` predicts for each stored draw: images x (n0 + n)."""
-    draws = np.load(store.folder / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
+    draws = store.draws
     flat = draws.reshape(-1, *store.info.image_shape)
     out = np.empty(len(flat), dtype=np.uint8)
     size = store.info.batch_size

@@ -85,7 +85,8 @@ class DrawStore:
         self.parameters = CertificationParameters(info.key["n0"], info.key["n"], 0.5,
                                                   info.batch_size)
         self._positions = {index: position for position, index in enumerate(self.indices)}
-        self._draws = np.load(folder / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
+        #: Every stored draw, images x (n0 + n) x image shape: read-only, memory-mapped.
+        self.draws = np.load(folder / STORE_ARRAY, mmap_mode="r", allow_pickle=False)
 
     @classmethod
     def open(cls, folder: str | Path, key: Mapping[str, Any]) -> DrawStore:
@@ -147,7 +148,7 @@ class DrawStore:
         answers = []
         for index in indices:
             position = self._position(index)
-            rows = self._draws[position]
+            rows = self.draws[position]
             # Selection rows come first in a row, estimation rows after them: read in order.
             read = {"selection": 0, "estimation": n0}
 
@@ -177,7 +178,7 @@ class DrawStore:
         """The group's stored rows in the forwards they were denoised in, with the segment
         ids :func:`certify_segments` gives them."""
         per_image = parameters.n0 + parameters.n
-        rows = np.asarray(self._draws[group.start:group.stop]).reshape(
+        rows = np.asarray(self.draws[group.start:group.stop]).reshape(
             len(group) * per_image, *self.info.image_shape)
         segment_of_draw = torch.cat([
             torch.full((parameters.n0,), 0), torch.full((parameters.n,), 1)])
