@@ -8,7 +8,14 @@ import pytest
 
 from cadis.cli import main
 from cadis.smoothing.bounds import max_certifiable_radius
-from cadis.sweeps.figure_data import curve_points, load_sweep_view, rebuild_study, trial_label
+from cadis.smoothing.sequential import draws_to_reach
+from cadis.sweeps.figure_data import (
+    StageCertification,
+    curve_points,
+    load_sweep_view,
+    rebuild_study,
+    trial_label,
+)
 from cadis.sweeps.figures import sweep_figures, write_sweep_figures
 from cadis.sweeps.parse import sweep_from_mapping
 from cadis.tracking import contract as tracking
@@ -308,3 +315,13 @@ def test_importances_of_a_constant_objective_are_skipped_and_the_rest_drawn(one_
     assert skipped["importance.png"] == ("every ranked trial has the same val "
                                          "certified_accuracy_r0.5: nothing to attribute")
     assert {"certified_accuracy.png", "rungs.png", "parallel_coordinates.png"} <= set(figures)
+
+
+@pytest.mark.parametrize("n,sigma", [(100, 0.25), (500, 0.5), (1000, 0.25), (10_000, 1.0)])
+def test_a_sequential_stage_reaches_what_fixed_n_does(n, sigma):
+    # The sequential plan's last look is fixed-n CERTIFY: the same reach, within its n draws.
+    fixed = StageCertification("rank", n, 100, 0.001, None, sequential=False)
+    sequential = StageCertification("rank", n, 100, 0.001, None, sequential=True)
+    reach = sequential.reach(sigma)
+    assert reach == fixed.reach(sigma) == max_certifiable_radius(sigma, n, 0.001)
+    assert draws_to_reach(reach, sigma, 0.001) <= n

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cadis.errors import CadisError
-from cadis.smoothing.bounds import certified_radius, lower_confidence_bound
-from cadis.smoothing.sequential import draws_to_reach
+from cadis.smoothing.bounds import max_certifiable_radius
 from cadis.sweeps.asha_cuts import NOISE_SES, Cut, sweep_cuts, sweep_milestones
 from cadis.sweeps.distribution_text import SearchRange, read_description
 from cadis.sweeps.objective import Objective
@@ -41,9 +40,6 @@ SYMBOLS: Final = {"lambda": "λ", "epsilon": "ε", "num_noises": "M", "lora_rank
                   "confidence_threshold": "τ", "confidence_model": "scorer"}
 #: Significant digits of a sampled float in a legend.
 LEGEND_DIGITS: Final = 3
-#: How finely a sequential stage's reach is found below fixed n's (its plan may need a few
-#: more draws for the same radius).
-SEQUENTIAL_REACH_STEP: Final = 0.01
 #: How far apart, as a share of the stage's reach, the contenders' interval bars stand at the
 #: objective's radius (side by side, so that they do not hide one another).
 BAR_SPREAD: Final = 0.012
@@ -66,12 +62,10 @@ class StageCertification:
 
     def reach(self, sigma: float) -> float:
         """The largest radius this stage can certify: every draw the top class, its bound at
-        alpha (when sequential, the largest radius whose plan of n draws can, to 0.01)."""
-        reach = certified_radius(lower_confidence_bound(self.n, self.n, self.alpha), sigma)
-        while (self.sequential and reach > 0
-               and draws_to_reach(reach, sigma, self.alpha) > self.n):
-            reach = round(reach - SEQUENTIAL_REACH_STEP, 10)
-        return reach
+        alpha. A sequential stage reaches the same with at most n draws
+        (:func:`~cadis.smoothing.sequential.draws_to_reach`: its plan needs exactly the draws
+        fixed-n CERTIFY does)."""
+        return max_certifiable_radius(sigma, self.n, self.alpha)
 
     def caption(self) -> str:
         images = "" if self.images is None else f"{self.images} images, "

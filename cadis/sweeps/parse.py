@@ -432,7 +432,8 @@ def _check_reachable(where: str, metric: str, sweep_search: Mapping[str, Distrib
     sequential = {"certify.rank.n": rank is not None and rank.sequential,
                   "certify.final.n": base.certify.sequential}
     for n, alpha, source in [count for count in counts if sequential.get(count[2])]:
-        # The sequential test splits alpha over its looks: it needs a few more draws.
+        # Said as draws: a sequential plan reaches a radius when n_max holds the draws fixed-n
+        # CERTIFY needs for it, which is what the user can change.
         needed = draws_to_reach(radius, sigma, alpha)
         if needed > n:
             raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify "
