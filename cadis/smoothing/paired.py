@@ -202,6 +202,13 @@ def paired_bootstrap(values_a: np.ndarray, values_b: np.ndarray,
     return np.quantile(means, [tail, 1.0 - tail], axis=0)
 
 
+def sign_flip_floor(resamples: int) -> float:
+    """The smallest p :func:`sign_flip_p` gives with ``resamples`` flips (none as extreme as
+    the observed difference, as_extreme = 0 in its formula): a p there is a bound, the true
+    p may be smaller."""
+    return 1.0 / (1.0 + resamples)
+
+
 def sign_flip_p(differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
                 seed: int = BOOTSTRAP_SEED) -> np.ndarray:
     """The paired sign-flip permutation test's two-sided p-value of "the mean difference is 0"

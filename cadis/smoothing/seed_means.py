@@ -49,6 +49,7 @@ from cadis.smoothing.paired import (
     format_p,
     format_signed,
     paired_bootstrap,
+    sign_flip_floor,
     sign_flip_p,
 )
 from cadis.smoothing.records import MARKDOWN_DIGITS, TableFormat, radius_key, render_table
@@ -146,7 +147,7 @@ def _bounded(comparison: SeedMeanComparison, row: int, p: float) -> str:
     """``p`` (the raw or the corrected p of ``row``) as a cell, read as "at most" where the
     raw p is the test's floor: no sign flip reached the observed difference, so the true p
     is smaller than ``resamples`` flips can show, and Holm's multiple of it a bound too."""
-    at_floor = comparison.p_values[row] <= 1.0 / (1.0 + comparison.resamples)
+    at_floor = comparison.p_values[row] <= sign_flip_floor(comparison.resamples)
     return ("≤" if at_floor else "") + format_p(p)
 
 
