@@ -15,6 +15,7 @@ from cadis.errors import CadisError
 from cadis.smoothing.bounds import (ABSTAIN, certified_radius, certify_from_counts,
                                     lower_confidence_bound, max_certifiable_radius,
                                     predict_from_counts)
+from cadis.smoothing.sequential import draws_to_reach
 from cadis.smoothing.smooth import Smooth
 
 IMAGE_SHAPE = (1, 2, 2)
@@ -320,16 +321,13 @@ def test_wrong_image_shape_and_logits_shape():
 
 @pytest.mark.parametrize("radius,sigma,alpha", [(0.5, 0.5, 0.001), (1.0, 0.5, 0.001),
                                                 (0.25, 0.25, 0.01), (1.0, 0.25, 0.001)])
-def test_draws_needed_is_the_fewest_that_reach_the_radius(radius, sigma, alpha):
-    from cadis.smoothing.bounds import draws_needed
-
-    n = draws_needed(radius, sigma, alpha)
+def test_draws_to_reach_are_the_fewest_with_which_fixed_n_reaches_the_radius(radius, sigma,
+                                                                             alpha):
+    n = draws_to_reach(radius, sigma, alpha)
     assert max_certifiable_radius(sigma, n, alpha) >= radius
     assert n == 1 or max_certifiable_radius(sigma, n - 1, alpha) < radius
 
 
-def test_draws_needed_at_the_objective_of_the_paper_scale_sweeps():
-    from cadis.smoothing.bounds import draws_needed
-
+def test_draws_to_reach_the_objective_of_the_paper_scale_sweeps():
     # ln(0.001) / ln(Phi(2)) = 300.2: r = 1.0 at sigma = 0.5 needs 301 draws.
-    assert draws_needed(1.0, 0.5, 0.001) == 301
+    assert draws_to_reach(1.0, 0.5, 0.001) == 301

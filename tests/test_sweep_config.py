@@ -162,14 +162,14 @@ BAD_CASES = [
                               certify={"rank": {"n": 300, "sequential": True}},
                               base={"proxy_n": 1000}),
                  "certified_accuracy_r1.0 is beyond what certify.rank.n=300 can certify "
-                 "sequentially at sigma 0.5: certify.rank.n needs at least 301",
+                 "sequentially at sigma 0.5 (at most 0.999): certify.rank.n needs at least 301",
                  id="sequential-rank-cannot-reach"),
     pytest.param(with_changes(objective={"metric": "certified_accuracy_r1.0", "mode": "max"},
                               certify={"rank": {"n": 1000},
                                        "final": {"n": 300, "sequential": True}},
                               base={"proxy_n": 1000}),
                  "certified_accuracy_r1.0 is beyond what certify.final.n=300 can certify "
-                 "sequentially at sigma 0.5: certify.final.n needs at least 301",
+                 "sequentially at sigma 0.5 (at most 0.999): certify.final.n needs at least 301",
                  id="sequential-final-cannot-reach"),
     pytest.param(with_changes(certify={"final": {"n": 50, "n0": 100, "sequential": True}}),
                  "certify.final.n (50), the most estimation draws the sequential test may "

@@ -11,7 +11,6 @@ entered (a command line, a config, a :class:`~cadis.smoothing.smooth.Smooth` or
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Final
@@ -132,16 +131,3 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
         return ABSTAIN
     p_value = binomtest(top_count, top_count + runner_up_count, EVEN_SPLIT).pvalue
     return ABSTAIN if p_value > alpha else int(top)
-
-
-def draws_needed(radius: float, sigma: float, alpha: float) -> int:
-    """The fewest estimation draws with which CERTIFY can reach ``radius`` at ``sigma``: the
-    smallest n with ``max_certifiable_radius(sigma, n, alpha) >= radius``."""
-    alpha = check_probability(alpha, "alpha")
-    if radius <= 0:
-        return 1
-    # All n draws the top class: the bound is alpha^(1/n), which must reach Phi(radius/sigma).
-    n = max(1, math.ceil(math.log(alpha) / math.log(float(norm.cdf(radius / sigma)))))
-    while max_certifiable_radius(sigma, n, alpha) < radius:  # float rounding at the edge
-        n += 1
-    return n

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 from cadis.errors import CadisError
 from cadis.finetuning.config import CertifyConfig, TrainConfig, from_mapping, load_sweep_file
 from cadis.overrides import parse_overrides
-from cadis.smoothing.bounds import CertificationParameters, draws_needed, max_certifiable_radius
+from cadis.smoothing.bounds import CertificationParameters, max_certifiable_radius
 from cadis.smoothing.records import radius_key
 from cadis.smoothing.sequential import check_budget, draws_to_reach
 from cadis.sweeps.layout import DRAWS_DIR
@@ -431,20 +431,18 @@ def _check_reachable(where: str, metric: str, sweep_search: Mapping[str, Distrib
         return
     sequential = {"certify.rank.n": rank is not None and rank.sequential,
                   "certify.final.n": base.certify.sequential}
-    for n, alpha, source in [count for count in counts if sequential.get(count[2])]:
-        # Said as draws: a sequential plan reaches a radius when n_max holds the draws fixed-n
-        # CERTIFY needs for it, which is what the user can change.
+    for n, alpha, source in counts:
+        # One reach, fixed n or sequential: a sequential plan reaches a radius exactly when
+        # n_max holds the draws fixed-n CERTIFY needs for it. Said as draws, which the user
+        # can change.
         needed = draws_to_reach(radius, sigma, alpha)
         if needed > n:
+            how = "sequentially " if sequential.get(source) else ""
+            # Rounded down: a reach of 0.9999 is not "at most 1.000" of a radius 1.0 beyond it.
+            reach = math.floor(max_certifiable_radius(sigma, n, alpha) * 1000) / 1000
             raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify "
-                             f"sequentially at sigma {sigma}: {source} needs at least "
-                             f"{needed}, or pick a smaller radius")
-    for n, alpha, source in [count for count in counts if not sequential.get(count[2])]:
-        reach = max_certifiable_radius(sigma, n, alpha)
-        if radius > reach:
-            raise CadisError(f"{where}: {metric} is beyond what {source}={n} can certify at "
-                             f"sigma {sigma} (at most {reach:.3f}): {source} needs at least "
-                             f"{draws_needed(radius, sigma, alpha)}, or pick a smaller radius")
+                             f"{how}at sigma {sigma} (at most {reach:.3f}): {source} needs at "
+                             f"least {needed}, or pick a smaller radius")
 
 
 def _parse_objectives(spec: Any, base: TrainConfig, search: Mapping[str, Distribution],
