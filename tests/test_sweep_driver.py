@@ -122,7 +122,8 @@ def test_commands_turn_mlflow_telemetry_off(monkeypatch, tmp_path):
 
 def test_sweeps_of_two_methods_sharing_a_draws_dir_denoise_their_draws_once(tiny_models_dir,
                                                                             tmp_path):
-    from cadis.sweeps.stores import build_sweep_stores
+    from cadis.draws.keys import RANK_ROLE
+    from cadis.sweeps.stores import build_sweep_stores, build_training_stores
 
     shared = tmp_path / "draws"
     built = {}
@@ -138,6 +139,11 @@ def test_sweeps_of_two_methods_sharing_a_draws_dir_denoise_their_draws_once(tiny
     assert {Path(info["folder"]).parent for info in built["ft_cadis"].values()} == {shared}
     # The second sweep opened the first's stores (their recorded build times and all).
     assert built["denoised_ce"] == built["ft_cadis"]
+    # What a trial's training reads (a final stage's retraining elsewhere builds these alone)
+    # is the sweep's, found under the same keys.
+    assert build_training_stores(method_sweep.base.to_dict(), method_sweep.draws_dir,
+                                 progress=False) == {
+        role: info for role, info in built["denoised_ce"].items() if role != RANK_ROLE}
     assert sweep().draws_dir == f"{sweep().results_dir}/draws"
 
 

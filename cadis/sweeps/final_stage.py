@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -66,10 +66,7 @@ def run_final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) ->
     each with ``sweep.final_seeds`` training seeds (the search's own first), certifying and
     training only what is not done yet; returns the chosen trial's id (the race's leader,
     else the rank winner; None: no trial ranked)."""
-    import ray
-
-    from cadis.sweeps.shards import join_shards, submit_shards
-    from cadis.sweeps.trial import certify_final, discard_other_certification, figures_of
+    from cadis.sweeps.trial import figures_of
 
     raced = race_finalists(results)
     finalists, incumbent = stage_configurations(tracker.ranked(), sweep.top_k, raced)
@@ -83,13 +80,34 @@ def run_final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) ->
           + f"; certifying {len(pending)} on the test set"
           + (f", each with {sweep.final_seeds} training seeds" if sweep.final_seeds > 1 else ""),
           flush=True)
-    resources = sweep.resources
     draws_dir = final_draws_dir(sweep)
     if configurations:
         _prepare_test_draws(sweep, draws_dir, tracker)
-    trained = {trial_id: _shared_draws(TrainedTrial.read(trained_file(results, trial_id)),
+    trained = {trial_id: with_test_store(TrainedTrial.read(trained_file(results, trial_id)),
                                        draws_dir)
                for trial_id in configurations}
+
+    def logged(trial_id: str, summary: dict[str, Any], out: Path) -> None:
+        tracker.log_final(trial_id, figures_of(summary), out, finalist=trial_id in finalists)
+
+    certify_with_seeds(sweep, results, trained, pending, logged)
+    return finalists[0] if finalists else None
+
+
+def certify_with_seeds(sweep: SweepConfig, results: Path, trained: Mapping[str, TrainedTrial],
+                       pending: Sequence[str],
+                       on_certified: Callable[[str, dict[str, Any], Path], None]) -> None:
+    """Certify on the test set the search's own training of each of ``pending`` (calling
+    ``on_certified(trial, summary, records folder)`` as each ends) and, for every trial of
+    ``trained``, its ``sweep.final_seeds - 1`` further training seeds: each retrained as a
+    Ray Train run, then certified as ``trained`` says (its config's ``certify``, with the
+    stage's store), all at once as the cluster allows; what is done is not redone."""
+    import ray
+
+    from cadis.sweeps.shards import join_shards, submit_shards
+    from cadis.sweeps.trial import certify_final, discard_other_certification
+
+    resources = sweep.resources
     certify = ray.remote(certify_final).options(num_cpus=resources.cpus_per_worker,
                                                 num_gpus=resources.gpus_per_worker)
     # A certification's part futures by (trial, training seed; None: the search's own).
@@ -105,7 +123,7 @@ def run_final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) ->
         start_certification(trial_id, None, trained[trial_id])
     retrain = ray.remote(retrain_seed).options(num_cpus=TRIAL_DRIVER_CPUS)
     waiting = []  # (trial, seed, config) still to train, in order
-    for trial_id in configurations:
+    for trial_id in trained:
         for seed, config in further_seeds(trained[trial_id].config, sweep.final_seeds):
             folder = trial_seed_folder(results, trial_id, seed)
             if (folder / CERTIFY_DIR / SUMMARY_FILENAME).is_file():
@@ -142,13 +160,11 @@ def run_final_stage(sweep: SweepConfig, results: Path, tracker: SweepTracker) ->
         out = _certify_dir(results, trial_id, seed)
         summary = join_shards(out, ray.get(parts))
         if seed is None:
-            tracker.log_final(trial_id, figures_of(summary), out,
-                              finalist=trial_id in finalists)
+            on_certified(trial_id, summary, out)
             print(f"final stage: {trial_id} certified on the test set", flush=True)
         else:
             print(f"final stage: {trial_id} with training seed {seed} certified on the test "
                   f"set", flush=True)
-    return finalists[0] if finalists else None
 
 
 def stage_configurations(ranked: Iterable[Any], top_k: int,
@@ -247,7 +263,7 @@ def _prepare_test_draws(sweep: SweepConfig, draws_dir: str | None,
           f"shared by every configuration and seed", flush=True)
 
 
-def _shared_draws(model: TrainedTrial, draws_dir: str | None) -> TrainedTrial:
+def with_test_store(model: TrainedTrial, draws_dir: str | None) -> TrainedTrial:
     """``model`` certified from the store under ``draws_dir`` (None: as its config says)."""
     if draws_dir is None:
         return model

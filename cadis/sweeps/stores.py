@@ -35,28 +35,42 @@ from cadis.sweeps.trial import validation_indices
 
 def build_sweep_stores(config_dict: dict[str, Any], rank: RankSettings, draws_dir: str,
                        threads: int = 1, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Build (or find) under ``draws_dir`` the rank stage's and the proxy's stores for the
-    sweep's base config (and the training draws' when ``train_draws`` is set), with
-    ``threads`` torch threads;
-    returns per role its folder and what it cost (build seconds, bytes, per-draw
+    """Build (or find) under ``draws_dir`` the rank stage's store for the sweep's base config
+    and what its training reads (:func:`build_training_stores`), with ``threads`` torch
+    threads; returns per role its folder and what it cost (build seconds, bytes, per-draw
     milliseconds of the denoiser and, for certification stores, of the classifier)."""
     config, train_set, device, denoiser, classifier = _builder(config_dict, threads)
-    sources = config.model_sources()
-    count = max(rank.images, config.proxy_images)
-    indices = validation_indices(config, train_set, count)
-    plans = {
-        RANK_ROLE: (held_out_store_key(config, sources, indices[:rank.images], rank.n0, rank.n,
-                                       device), indices[:rank.images], rank.batch_size),
-        PROXY_ROLE: (proxy_store_key(config, sources, indices[:config.proxy_images], device),
-                     indices[:config.proxy_images], config.certify.batch_size),
-    }
-    built = {role: _build_held_out(role, key, role_indices, batch_size, train_set, denoiser,
-                                   classifier, Path(draws_dir), device, progress)
-             for role, (key, role_indices, batch_size) in plans.items()}
+    indices = validation_indices(config, train_set, rank.images)
+    key = held_out_store_key(config, config.model_sources(), indices, rank.n0, rank.n, device)
+    return {RANK_ROLE: _build_held_out(RANK_ROLE, key, indices, rank.batch_size, train_set,
+                                       denoiser, classifier, Path(draws_dir), device, progress),
+            **_training_stores(config, train_set, device, denoiser, classifier,
+                               Path(draws_dir), progress)}
+
+
+def build_training_stores(config_dict: dict[str, Any], draws_dir: str, threads: int = 1,
+                          progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Build (or find) under ``draws_dir`` the stores a trial's training reads: the proxy's
+    and, with ``train_draws`` set, the training draws'; per role as
+    :func:`build_sweep_stores` returns them."""
+    config, train_set, device, denoiser, classifier = _builder(config_dict, threads)
+    return _training_stores(config, train_set, device, denoiser, classifier, Path(draws_dir),
+                            progress)
+
+
+def _training_stores(config: TrainConfig, train_set: Any, device: torch.device,
+                     denoiser: OneShotDenoiser, classifier: torch.nn.Module, draws_dir: Path,
+                     progress: bool) -> dict[str, dict[str, Any]]:
+    """:func:`build_training_stores` with its models loaded."""
+    indices = validation_indices(config, train_set, config.proxy_images)
+    key = proxy_store_key(config, config.model_sources(), indices, device)
+    built = {PROXY_ROLE: _build_held_out(PROXY_ROLE, key, indices, config.certify.batch_size,
+                                         train_set, denoiser, classifier, draws_dir, device,
+                                         progress)}
     if config.train_draws:
         if progress:
             print(f"draws: training, {config.train_draws} per training image", flush=True)
-        train = build_training_draws(config, Path(draws_dir), device, progress)
+        train = build_training_draws(config, draws_dir, device, progress)
         built[TRAIN_ROLE] = {"folder": str(train.folder), "build_seconds": train.build_seconds,
                              "bytes": train.bytes,
                              "denoiser_ms_per_draw": train.denoiser_ms_per_draw,
