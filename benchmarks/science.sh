@@ -22,6 +22,10 @@
 # `ray start --head`; its RAY_AUTH_MODE too), the two run side by side (builders of one store
 # take turns: whichever comes second opens what the first built); without it, one after the
 # other.
+#
+# A final stage that did not finish leaves in its committed records what its further seeds
+# need (the sweep file, the race's choice, the chosen trial's config):
+# benchmarks/science_seeds.py makes them with the stage's own retraining and certification.
 set -euo pipefail
 sigma=${1:?usage: benchmarks/science.sh SIGMA [OUT]}
 out=${2:-runs/science/sigma$sigma}

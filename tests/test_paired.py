@@ -317,14 +317,14 @@ def test_analyze_pairs_one_pair_silently_and_warns_once_where_hashes_are_missing
 
 
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
-# Every training seed's test records of each science table's chosen trials, by sigma.
-# (sigma 0.25 has the search's own seed so far.)
+# Every training seed's test records of each science table's chosen trials, by sigma: the
+# search's own training, then the final stage's two further seeds.
+SEED_FOLDERS = ("", "seeds/1/", "seeds/2/")
 SCIENCE_SEEDS = {
-    sigma: [f"{arm}/trials/{trial}/{seed}certify" for arm, trial in chosen for seed in seeds]
-    for sigma, chosen, seeds in (
-        ("0.5", (("ft_cadis", "d8ffca00"), ("denoised_ce", "1aad0adc")),
-         ("", "seeds/1/", "seeds/2/")),
-        ("0.25", (("ft_cadis", "2d9975f1"), ("denoised_ce", "4a6077e0")), ("",)))
+    sigma: [f"{arm}/trials/{trial}/{seed}certify" for arm, trial in chosen
+            for seed in SEED_FOLDERS]
+    for sigma, chosen in (("0.5", (("ft_cadis", "d8ffca00"), ("denoised_ce", "1aad0adc"))),
+                          ("0.25", (("ft_cadis", "2d9975f1"), ("denoised_ce", "4a6077e0"))))
 }
 
 
