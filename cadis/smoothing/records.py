@@ -281,8 +281,10 @@ def radius_grid(sigma: float, n: int, alpha: float, image_size: int,
         return sorted(set(float(r) for r in radii))
     scale = "cifar" if image_size <= CIFAR_SCALE_MAX_SIZE else "imagenet"
     step = RADIUS_STEPS[scale]
-    reachable = math.ceil(max_certifiable_radius(sigma, n, alpha) / step) * step
-    return default_radii(scale, max_radius=max(reachable, step))
+    # Down to the grid: a radius beyond the reach is certified by no image, whatever the
+    # model, and a column of zeros there says nothing but n.
+    reach = max(max_certifiable_radius(sigma, n, alpha), 0.0)
+    return default_radii(scale, max_radius=math.floor(reach / step + 1e-9) * step)
 
 
 def radius_key(radius: float) -> str:
