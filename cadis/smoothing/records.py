@@ -280,11 +280,10 @@ def radius_grid(sigma: float, n: int, alpha: float, image_size: int,
             raise CadisError(f"radii must be >= 0, got {list(radii)}")
         return sorted(set(float(r) for r in radii))
     scale = "cifar" if image_size <= CIFAR_SCALE_MAX_SIZE else "imagenet"
-    step = RADIUS_STEPS[scale]
-    # Down to the grid: a radius beyond the reach is certified by no image, whatever the
-    # model, and a column of zeros there says nothing but n.
-    reach = max(max_certifiable_radius(sigma, n, alpha), 0.0)
-    return default_radii(scale, max_radius=math.floor(reach / step + 1e-9) * step)
+    # Up to the reach, not a step beyond it (default_radii stops on the grid below it): a
+    # radius beyond is certified by no image, whatever the model, and a column of zeros
+    # there says nothing but n.
+    return default_radii(scale, max_radius=max(max_certifiable_radius(sigma, n, alpha), 0.0))
 
 
 def radius_key(radius: float) -> str:
