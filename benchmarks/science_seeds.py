@@ -63,19 +63,24 @@ def chosen_trial(records: Path) -> str:
     return finalists[0]
 
 
+def check_same_store(committed: str, built: str, what: str) -> None:
+    """:class:`CadisError` unless the store this checkout ``built`` is the one the committed
+    records name (a store folder's name is its key's digest): other models, data or settings
+    make draws whose seeds would not pair with the committed records."""
+    if Path(built).name != Path(committed).name:
+        raise CadisError(f"the committed records read {Path(committed).name} but this checkout "
+                         f"keys its {what} as {Path(built).name}: other models, data or "
+                         "settings, whose seeds would not pair")
+
+
 def relocated_stores(config: dict, built: dict[str, dict]) -> dict:
-    """``config`` reading the stores just ``built``; :class:`CadisError` when one is keyed
-    otherwise than the store the config names (the folder's name is its key's digest)."""
+    """``config`` reading the stores just ``built``, each checked to be the one the config
+    names (:func:`check_same_store`)."""
     moved = dict(config)
     for role, key in STORE_KEYS.items():
-        if not config.get(key):
-            continue
-        folder = Path(built[role]["folder"])
-        if folder.name != Path(config[key]).name:
-            raise CadisError(f"the committed config trained on {Path(config[key]).name} but "
-                             f"this checkout keys its {role} draws as {folder.name}: other "
-                             "models, data or settings, whose seeds would not pair")
-        moved[key] = str(folder)
+        if config.get(key):
+            check_same_store(config[key], built[role]["folder"], f"{role} draws")
+            moved[key] = built[role]["folder"]
     return moved
 
 
@@ -111,9 +116,7 @@ def main() -> None:
     test = ray.get(ray.remote(build_test_draws).options(num_cpus=cpus).remote(
         model.config, draws_dir, threads=cpus))
     committed = json.loads((trial_certify_dir(records, trial) / SUMMARY_FILENAME).read_text())
-    if Path(test["folder"]).name != Path(committed["stored_draws"]).name:
-        raise CadisError(f"the committed test records read {Path(committed['stored_draws']).name} "
-                         f"but this checkout keys the test draws as {Path(test['folder']).name}")
+    check_same_store(committed["stored_draws"], test["folder"], "test draws")
     print(f"science seeds: test draws in {test['folder']}", flush=True)
     # The search's own training was certified when the row was made: only the seeds remain.
     certify_with_seeds(sweep, results, {trial: with_test_store(model, draws_dir)}, [],
